@@ -1,0 +1,450 @@
+"""The recipe: schema, loading, overrides and validation.
+
+A recipe is a YAML file whose keys follow the dataclasses below. The schema's
+defaults are the offline quickstart, so a recipe only writes what it changes.
+Command-line overrides use OmegaConf's dotlist form (``train.lr=1e-4``).
+
+Every problem in a recipe (an unknown key, a wrong type, an impossible value,
+a missing file) is collected and reported at once in one :class:`ConfigError`
+that names each key.
+
+Example::
+
+    >>> from pl_parablock.config import load_recipe
+    >>> recipe = load_recipe(None, ["mode=sync", "federation.clients=2"])
+    >>> recipe.mode, recipe.federation.clients
+    ('sync', 2)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pl_parablock.errors import ConfigError
+
+MODES = ("parablock", "sync", "fedavg")
+SCHEDULES = ("ascending", "descending", "random")
+DTYPES = ("float32", "bfloat16", "float16")
+WIRE_DTYPES = ("float32", "bfloat16", "float16")
+WEIGHTINGS = ("samples", "tokens", "uniform")
+DATA_FORMATS = ("synthetic", "alpaca", "gsm8k")
+PARTITIONS = ("iid", "dirichlet")
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
+
+
+def _quickstart_model() -> Dict[str, Any]:
+    """A small Llama-architecture causal LM that trains on a CPU in minutes."""
+    return {
+        "model_type": "llama",
+        "hidden_size": 128,
+        "intermediate_size": 352,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1.0e-5,
+        "tie_word_embeddings": False,
+    }
+
+
+def _help(text: str) -> Dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class ModelSection:
+    """Which causal LM to fine-tune."""
+
+    config: Optional[Dict[str, Any]] = field(
+        default_factory=_quickstart_model,
+        metadata=_help(
+            "Hugging Face config of a model built from scratch (needs `model_type`); "
+            "`vocab_size` defaults to the offline tokenizer's. Exclusive with `path`."
+        ),
+    )
+    path: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "Local directory of a Hugging Face causal LM (config.json + weights). "
+            "Set `model.config=null` to use it."
+        ),
+    )
+    tokenizer: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "Tokenizer directory; default: the project's offline byte-level tokenizer "
+            "for `config`, the checkpoint's own tokenizer for `path`."
+        ),
+    )
+    dtype: str = field(default="float32", metadata=_help("Parameter dtype: " + " | ".join(DTYPES)))
+    gradient_checkpointing: bool = field(
+        default=False, metadata=_help("Recompute activations in the backward pass to save memory.")
+    )
+
+
+@dataclass
+class BlocksSection:
+    """How the trainable parameters are split into blocks, and the order they train in."""
+
+    layers_per_block: int = field(
+        default=1, metadata=_help("Consecutive decoder layers per block.")
+    )
+    schedule: Any = field(
+        default="ascending",
+        metadata=_help(
+            "Active block per round: ascending | descending | random (a seeded "
+            "permutation per sweep) | an explicit list of block indices, repeated."
+        ),
+    )
+    embeddings: bool = field(
+        default=False, metadata=_help("Make the input embeddings a block of their own.")
+    )
+    head: bool = field(default=False, metadata=_help("Make the LM head a block of its own."))
+    patterns: Optional[List[str]] = field(
+        default=None,
+        metadata=_help(
+            "Explicit blocks: one regular expression per block, matched in full "
+            "against parameter names. Replaces the layer-based partition."
+        ),
+    )
+
+
+@dataclass
+class TrainSection:
+    """Local training of each client."""
+
+    local_steps: int = field(default=5, metadata=_help("Optimizer steps per round (K)."))
+    lr: float = field(default=3.0e-4, metadata=_help("AdamW learning rate."))
+    batch_size: int = field(default=8, metadata=_help("Sequences per batch."))
+    max_length: int = field(default=128, metadata=_help("Tokens per sequence; longer ones are truncated."))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
+    keep_optimizer_state: bool = field(
+        default=False,
+        metadata=_help(
+            "Keep each block's optimizer state across its rounds (default: reset it "
+            "when the block goes inactive, so only the active block holds state)."
+        ),
+    )
+    accumulate_grad_batches: int = field(
+        default=1, metadata=_help("Batches per optimizer step; rounds count optimizer steps.")
+    )
+    gradient_clip_val: Optional[float] = field(
+        default=None, metadata=_help("Clip the gradient norm to this value.")
+    )
+    precision: str = field(default="32-true", metadata=_help("Lightning precision: " + " | ".join(PRECISIONS)))
+    accelerator: str = field(default="auto", metadata=_help("Lightning accelerator of each client."))
+    threads: Optional[int] = field(
+        default=None,
+        metadata=_help("CPU threads per client process; default: the machine's cores shared among local clients."),
+    )
+
+
+@dataclass
+class FederationSection:
+    """The federation: clients, rounds and the server."""
+
+    clients: int = field(default=4, metadata=_help("Number of clients."))
+    rounds: int = field(default=12, metadata=_help("Global rounds; one active block per round."))
+    server_lr: float = field(
+        default=1.0, metadata=_help("Server learning rate (eta_g); 1.0 is FedAvg.")
+    )
+    weighting: str = field(
+        default="samples",
+        metadata=_help("Client weight in the aggregate: " + " | ".join(WEIGHTINGS) + " seen in the round."),
+    )
+    min_clients: Optional[int] = field(
+        default=None,
+        metadata=_help("Quorum to close a round at `round_timeout_s`; default: all clients."),
+    )
+    round_timeout_s: Optional[float] = field(
+        default=None,
+        metadata=_help("Close a round after this many seconds if `min_clients` arrived; null: wait for all."),
+    )
+    timeout_s: float = field(
+        default=600.0,
+        metadata=_help("Longest any single network wait may take before the run stops with an error."),
+    )
+    wire_dtype: Optional[str] = field(
+        default=None,
+        metadata=_help(
+            "Dtype blocks travel in: " + " | ".join(WIRE_DTYPES) + "; null: the parameters' own. "
+            "bfloat16 halves the bytes (updates then travel as deltas)."
+        ),
+    )
+    chunk_kb: int = field(default=1024, metadata=_help("Size of one streamed chunk, KiB."))
+
+
+@dataclass
+class LinkSection:
+    """Emulated network link of every client (for experiments on one machine)."""
+
+    uplink_mbps: Optional[float] = field(default=None, metadata=_help("Upload rate, Mbit/s; null: no emulation."))
+    downlink_mbps: Optional[float] = field(default=None, metadata=_help("Download rate, Mbit/s; null: no emulation."))
+    latency_ms: float = field(default=0.0, metadata=_help("One-way latency added to each transfer, ms."))
+
+
+@dataclass
+class PartitionSection:
+    """How the training data is split among clients."""
+
+    kind: str = field(default="iid", metadata=_help("iid | dirichlet (skew over `label`)."))
+    alpha: Optional[float] = field(default=None, metadata=_help("Dirichlet concentration; smaller is more skewed."))
+    label: str = field(default="category", metadata=_help("Record field the Dirichlet skew is drawn over."))
+
+
+@dataclass
+class DataSection:
+    """Training data."""
+
+    format: str = field(default="synthetic", metadata=_help("Data format: " + " | ".join(DATA_FORMATS)))
+    path: Optional[str] = field(default=None, metadata=_help("Data file (JSON or JSONL); not used by synthetic."))
+    partition: PartitionSection = field(default_factory=PartitionSection)
+    num_samples: int = field(default=2000, metadata=_help("Records the synthetic generator makes for training."))
+
+
+@dataclass
+class EvalSection:
+    """Evaluation of the global model."""
+
+    every: int = field(default=0, metadata=_help("Evaluate every N rounds on client 0; 0: only at the end."))
+    path: Optional[str] = field(
+        default=None,
+        metadata=_help("Held-out file in `data.format`; default: a held-out part of the data."),
+    )
+    max_samples: int = field(default=200, metadata=_help("Evaluation records at most."))
+    max_new_tokens: int = field(
+        default=24, metadata=_help("Greedy tokens generated per math question for exact match.")
+    )
+
+
+@dataclass
+class Recipe:
+    """A whole run. Defaults are the offline quickstart."""
+
+    mode: str = field(default="parablock", metadata=_help("parablock | sync | fedavg"))
+    seed: int = field(default=0, metadata=_help("Seed of model init, data and schedule."))
+    output_dir: str = field(default="runs/quickstart", metadata=_help("Where report.json and model/ go."))
+    model: ModelSection = field(default_factory=ModelSection)
+    blocks: BlocksSection = field(default_factory=BlocksSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    federation: FederationSection = field(default_factory=FederationSection)
+    link: LinkSection = field(default_factory=LinkSection)
+    data: DataSection = field(default_factory=DataSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+
+# ---------------------------------------------------------------------------
+# loading
+
+
+def _first_line(exc: OmegaConfBaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _leaves(base: DictConfig, value: Any, prefix: str) -> list[tuple[str, Any]]:
+    """Flatten a user mapping into (dotted key, value) pairs.
+
+    Recursion stops at keys whose schema node is not a section (a free-form
+    dict such as ``model.config`` is one leaf and replaces the default).
+    """
+    node = OmegaConf.select(base, prefix, throw_on_missing=False) if prefix else base
+    is_section = isinstance(node, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(node))
+    if isinstance(value, dict) and (is_section or not prefix):
+        out: list[tuple[str, Any]] = []
+        for k, v in value.items():
+            out.extend(_leaves(base, v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return [(prefix, value)]
+
+
+def _assign(cfg: DictConfig, key: str, value: Any, problems: list[str]) -> None:
+    try:
+        node = OmegaConf.select(cfg, key, throw_on_missing=False)
+        merge = isinstance(node, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(node))
+        OmegaConf.update(cfg, key, value, merge=merge)
+    except OmegaConfBaseException as exc:
+        problems.append(f"`{key}`: {_first_line(exc)}")
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override `{item}` is not of the form key=value (e.g. train.lr=1e-4)")
+    value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]))["v"]  # type: ignore[index]
+    return key.strip(), value
+
+
+def load_recipe(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> Recipe:
+    """Load, merge and validate a recipe.
+
+    Args:
+        path: YAML recipe; ``None`` starts from the schema defaults (the quickstart).
+        overrides: OmegaConf dotlist items such as ``["mode=sync", "train.lr=1e-4"]``.
+
+    Returns:
+        The validated :class:`Recipe`.
+
+    Raises:
+        ConfigError: listing every problem found, each naming its key.
+    """
+    source = str(path) if path is not None else None
+    user: dict[str, Any] = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"recipe file `{path}` not found; pass the path of a YAML recipe such as recipes/quickstart.yaml")
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"not valid YAML{where}: {getattr(exc, 'problem', exc)}", source) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError("the top level must be a mapping of keys (mode:, model:, ...)", source)
+        user = loaded
+
+    cfg = OmegaConf.structured(Recipe)
+    problems: list[str] = []
+    for key, value in _leaves(cfg, user, ""):
+        _assign(cfg, key, value, problems)
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        _assign(cfg, key, value, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    recipe = OmegaConf.to_object(cfg)
+    assert isinstance(recipe, Recipe)
+    problems = validate(recipe)
+    if problems:
+        raise ConfigError(problems, source)
+    return recipe
+
+
+def to_yaml(recipe: Recipe) -> str:
+    """The recipe as YAML (all keys, resolved), e.g. to record it next to a run."""
+    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+
+
+def to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as plain data."""
+    out = OmegaConf.to_container(OmegaConf.structured(recipe))
+    assert isinstance(out, dict)
+    return out  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------
+# validation
+
+
+def _one_of(problems: list[str], key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        problems.append(f"`{key}` is {value!r}; allowed: {', '.join(allowed)}")
+
+
+def _at_least(problems: list[str], key: str, value: float | int | None, low: float, strict: bool = False) -> None:
+    if value is None:
+        return
+    bad = value <= low if strict else value < low
+    if bad:
+        rel = ">" if strict else ">="
+        problems.append(f"`{key}` is {value}; it must be {rel} {low}")
+
+
+def validate(recipe: Recipe) -> list[str]:
+    """Semantic checks of a typed recipe; returns one line per problem."""
+    p: list[str] = []
+    _one_of(p, "mode", recipe.mode, MODES)
+    _at_least(p, "seed", recipe.seed, 0)
+    if not recipe.output_dir:
+        p.append("`output_dir` is empty; name a directory for report.json and model/")
+
+    m = recipe.model
+    if m.config is not None and m.path is not None:
+        p.append("`model.config` and `model.path` are exclusive: set model.config=null to load model.path")
+    elif m.config is None and m.path is None:
+        p.append("set `model.config` (build from a config) or `model.path` (load a local checkpoint)")
+    if m.config is not None and not m.config.get("model_type"):
+        p.append("`model.config` needs a `model_type` (e.g. llama, qwen2, mistral, gpt2)")
+    if m.path is not None and not os.path.isfile(os.path.join(m.path, "config.json")):
+        p.append(f"`model.path` {m.path!r} is not a model directory (no config.json there); save one with save_pretrained")
+    if m.tokenizer is not None and not os.path.isdir(m.tokenizer):
+        p.append(f"`model.tokenizer` {m.tokenizer!r} is not a directory")
+    _one_of(p, "model.dtype", m.dtype, DTYPES)
+
+    b = recipe.blocks
+    _at_least(p, "blocks.layers_per_block", b.layers_per_block, 1)
+    if isinstance(b.schedule, str):
+        _one_of(p, "blocks.schedule", b.schedule, SCHEDULES)
+    elif isinstance(b.schedule, list):
+        if not b.schedule or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in b.schedule):
+            p.append(f"`blocks.schedule` list {b.schedule!r} must hold block indices >= 0")
+    else:
+        p.append(f"`blocks.schedule` is {b.schedule!r}; give ascending, descending, random or a list of block indices")
+    if b.patterns is not None:
+        if not b.patterns:
+            p.append("`blocks.patterns` is empty; give one regular expression per block, or null")
+        for i, pat in enumerate(b.patterns):
+            try:
+                re.compile(pat)
+            except re.error as exc:
+                p.append(f"`blocks.patterns[{i}]` {pat!r} is not a regular expression: {exc}")
+
+    t = recipe.train
+    _at_least(p, "train.local_steps", t.local_steps, 1)
+    _at_least(p, "train.lr", t.lr, 0.0, strict=True)
+    _at_least(p, "train.batch_size", t.batch_size, 1)
+    _at_least(p, "train.max_length", t.max_length, 8)
+    _at_least(p, "train.weight_decay", t.weight_decay, 0.0)
+    _at_least(p, "train.accumulate_grad_batches", t.accumulate_grad_batches, 1)
+    _at_least(p, "train.gradient_clip_val", t.gradient_clip_val, 0.0, strict=True)
+    _one_of(p, "train.precision", t.precision, PRECISIONS)
+    _at_least(p, "train.threads", t.threads, 1)
+
+    f = recipe.federation
+    _at_least(p, "federation.clients", f.clients, 1)
+    _at_least(p, "federation.rounds", f.rounds, 1)
+    _at_least(p, "federation.server_lr", f.server_lr, 0.0, strict=True)
+    _one_of(p, "federation.weighting", f.weighting, WEIGHTINGS)
+    if f.min_clients is not None and not 1 <= f.min_clients <= max(f.clients, 1):
+        p.append(f"`federation.min_clients` is {f.min_clients}; it must be between 1 and federation.clients ({f.clients})")
+    _at_least(p, "federation.round_timeout_s", f.round_timeout_s, 0.0, strict=True)
+    _at_least(p, "federation.timeout_s", f.timeout_s, 0.0, strict=True)
+    if f.wire_dtype is not None:
+        _one_of(p, "federation.wire_dtype", f.wire_dtype, WIRE_DTYPES)
+    _at_least(p, "federation.chunk_kb", f.chunk_kb, 1)
+
+    ln = recipe.link
+    _at_least(p, "link.uplink_mbps", ln.uplink_mbps, 0.0, strict=True)
+    _at_least(p, "link.downlink_mbps", ln.downlink_mbps, 0.0, strict=True)
+    _at_least(p, "link.latency_ms", ln.latency_ms, 0.0)
+
+    d = recipe.data
+    _one_of(p, "data.format", d.format, DATA_FORMATS)
+    if d.format != "synthetic":
+        if d.path is None:
+            p.append(f"`data.path` is required for data.format={d.format}; give the data file")
+        elif not os.path.exists(d.path):
+            p.append(f"`data.path` {d.path!r} does not exist")
+    _one_of(p, "data.partition.kind", d.partition.kind, PARTITIONS)
+    if d.partition.kind == "dirichlet" and (d.partition.alpha is None or d.partition.alpha <= 0):
+        p.append(f"`data.partition.alpha` is {d.partition.alpha}; dirichlet needs alpha > 0 (e.g. 0.5)")
+    if d.format == "synthetic" and d.num_samples < max(f.clients, 1):
+        p.append(f"`data.num_samples` is {d.num_samples}; each of the {f.clients} clients needs at least one record")
+
+    e = recipe.eval
+    _at_least(p, "eval.every", e.every, 0)
+    _at_least(p, "eval.max_samples", e.max_samples, 1)
+    _at_least(p, "eval.max_new_tokens", e.max_new_tokens, 1)
+    if e.path is not None and not os.path.exists(e.path):
+        p.append(f"`eval.path` {e.path!r} does not exist")
+    return p

@@ -1,0 +1,23 @@
+"""Server side and transports of a federation."""
+
+from pl_parablock.federation.aggregate import RoundAccumulator, rebase
+from pl_parablock.federation.aggregator import Aggregator, Rejected
+from pl_parablock.federation.link import Link
+from pl_parablock.federation.server import FederationServer
+from pl_parablock.federation.service import FederationService
+from pl_parablock.federation.transport import GrpcTransport, InProcessTransport, Pulled, Pushed, Transport
+
+__all__ = [
+    "Aggregator",
+    "FederationServer",
+    "FederationService",
+    "GrpcTransport",
+    "InProcessTransport",
+    "Link",
+    "Pulled",
+    "Pushed",
+    "Rejected",
+    "RoundAccumulator",
+    "Transport",
+    "rebase",
+]

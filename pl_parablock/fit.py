@@ -1,0 +1,294 @@
+"""``python -m pl_parablock.fit``: run a federation from a recipe.
+
+Usage::
+
+    python -m pl_parablock.fit [RECIPE.yaml] [key=value ...]
+        [--role local|server|client] [--listen HOST:PORT]
+        [--server HOST:PORT] [--client-id I] [--inprocess]
+
+``--role local`` (the default) starts the server in this process and one
+process per client on this machine, shows the rounds as they close, and ends
+with a summary table, ``OUTPUT_DIR/report.json`` and the global model in
+``OUTPUT_DIR/model``. ``--inprocess`` runs the clients as threads of this
+process instead (one-process debugging). ``--role server`` serves a
+federation for clients on other machines and prints the address it listens
+on; ``--role client --client-id I --server HOST:PORT`` runs one client.
+
+A bad recipe, a missing file or an unreachable server prints one clear
+message and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pl_parablock.config import Recipe, load_recipe, to_yaml
+from pl_parablock.errors import ParaBlockError
+from pl_parablock.federation.aggregator import Aggregator
+from pl_parablock.federation.server import FederationServer
+from pl_parablock.federation.service import FederationService
+from pl_parablock.federation.transport import InProcessTransport
+from pl_parablock.federation.wire import DTYPES
+
+log = logging.getLogger("pl_parablock")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pl_parablock.fit",
+        description="Federated fine-tuning of a causal LM by block coordinate descent (ParaBlock).",
+        epilog="Example: python -m pl_parablock.fit recipes/quickstart.yaml mode=sync federation.clients=2",
+    )
+    p.add_argument("recipe", nargs="?", help="YAML recipe (default: the built-in quickstart defaults)")
+    p.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. train.lr=1e-4")
+    p.add_argument("--role", choices=("local", "server", "client"), default="local", help="what this process runs (default: local)")
+    p.add_argument("--listen", default="127.0.0.1:0", help="server: HOST:PORT to bind (default 127.0.0.1 and a free port)")
+    p.add_argument("--server", help="client: HOST:PORT of the federation server")
+    p.add_argument("--client-id", type=int, help="client: this client's id, 0..clients-1")
+    p.add_argument("--inprocess", action="store_true", help="local: run the clients as threads of this process")
+    return p
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("pl_parablock").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _aggregator(recipe: Recipe, progress: bool) -> Aggregator:
+    f = recipe.federation
+    total = f.rounds
+    start = time.time()
+
+    def show(rec: dict[str, Any]) -> None:
+        loss = rec.get("loss")
+        _say(
+            f"  round {rec['round'] + 1:>3}/{total}  block {rec['block']:>2}  {rec['arrived']}/{rec['expected']} clients  "
+            + (f"loss {loss:.4f}  " if loss is not None else "")
+            + f"t={time.time() - start:6.1f} s"
+        )
+
+    schedule = recipe.blocks.schedule if recipe.mode != "fedavg" else "ascending"
+    return Aggregator(
+        clients=f.clients,
+        rounds=f.rounds,
+        schedule=schedule,
+        seed=recipe.seed,
+        server_lr=f.server_lr,
+        mode=recipe.mode,
+        min_clients=f.min_clients,
+        round_timeout_s=f.round_timeout_s,
+        on_round_closed=show if progress else None,
+    )
+
+
+def _describe_data(recipe: Recipe) -> str:
+    from pl_parablock.data import client_shares, recipe_data
+
+    train, evals = recipe_data(recipe)
+    shares = client_shares(recipe, train)
+    sizes = "/".join(str(len(s)) for s in shares)
+    part = recipe.data.partition.kind + (f"(alpha={recipe.data.partition.alpha})" if recipe.data.partition.kind == "dirichlet" else "")
+    return f"data: {recipe.data.format}, {len(train)} training records split {part} as {sizes}; {len(evals)} eval records"
+
+
+def _finish(recipe: Recipe, agg: Aggregator, wall_s: float) -> int:
+    from pl_parablock.report import build_report, format_summary, write_report
+    from pl_parablock.runner import link_of
+
+    report = build_report(recipe, agg.report(), wall_s=wall_s, link=link_of(recipe), output_dir=recipe.output_dir)
+    path = write_report(report, recipe.output_dir)
+    _say("")
+    _say(format_summary(report, path))
+    return 0
+
+
+def _banner(recipe: Recipe, where: str) -> None:
+    from pl_parablock.runner import link_of
+
+    f = recipe.federation
+    _say(f"pl_parablock: mode={recipe.mode}, {f.clients} clients, {f.rounds} rounds, {recipe.train.local_steps} local steps per round ({where})")
+    _say(f"  {link_of(recipe).describe()}")
+    _say(f"  {_describe_data(recipe)}")
+
+
+def _local_processes(recipe: Recipe) -> int:
+    f = recipe.federation
+    if recipe.train.threads is None:
+        recipe.train.threads = max(1, (os.cpu_count() or 1) // f.clients)
+    out = recipe.output_dir
+    logs = os.path.join(out, "logs")
+    os.makedirs(logs, exist_ok=True)
+    resolved = os.path.join(out, "recipe.yaml")
+    with open(resolved, "w", encoding="utf-8") as fh:
+        fh.write(to_yaml(recipe))
+    agg = _aggregator(recipe, progress=True)
+    server = FederationServer(FederationService(agg, chunk_bytes=f.chunk_kb * 1024), listen="127.0.0.1:0")
+    address = server.start()
+    _banner(recipe, f"server {address}, client logs in {logs}")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(recipe.train.threads), "TOKENIZERS_PARALLELISM": "false"}
+    procs: list[tuple[int, subprocess.Popen[bytes], Any]] = []
+    start = time.perf_counter()
+    failed: tuple[int, int] | None = None
+    try:
+        for i in range(f.clients):
+            fh = open(os.path.join(logs, f"client_{i}.log"), "wb")
+            cmd = [sys.executable, "-m", "pl_parablock.fit", resolved, "--role", "client", "--client-id", str(i), "--server", address]
+            procs.append((i, subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env), fh))
+        while any(p.poll() is None for _, p, _ in procs):
+            for i, p, _ in procs:
+                rc = p.poll()
+                if rc not in (None, 0):
+                    failed = (i, rc)
+                    break
+            if failed:
+                break
+            time.sleep(0.2)
+        if failed is None:
+            failed = next(((i, p.returncode) for i, p, _ in procs if p.returncode != 0), None)
+    except KeyboardInterrupt:
+        _say("interrupted: stopping the clients")
+        failed = (-1, 130)
+    finally:
+        for _, p, _ in procs:
+            if p.poll() is None:
+                p.terminate()
+        for _, p, fh in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+            fh.close()
+        server.stop()
+    wall = time.perf_counter() - start
+    if failed is not None:
+        i, rc = failed
+        if i >= 0:
+            tail = _tail(os.path.join(logs, f"client_{i}.log"))
+            _say(f"client {i} failed (exit status {rc}); the end of its log ({os.path.join(logs, f'client_{i}.log')}):\n{tail}")
+        return 2 if rc in (2, 130) else 1
+    return _finish(recipe, agg, wall)
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return "".join(fh.readlines()[-lines:]).rstrip()
+    except OSError:
+        return "(no log)"
+
+
+def _local_inprocess(recipe: Recipe) -> int:
+    from pl_parablock.runner import link_of, prepare_client, quiet_third_party
+
+    quiet_third_party()
+    f = recipe.federation
+    agg = _aggregator(recipe, progress=True)
+    service = FederationService(agg, chunk_bytes=f.chunk_kb * 1024)
+    _banner(recipe, "one process, clients as threads")
+    wire = DTYPES[f.wire_dtype] if f.wire_dtype else None
+    runs = [
+        prepare_client(recipe, i, InProcessTransport(service, link=link_of(recipe), chunk_bytes=f.chunk_kb * 1024, wire_dtype=wire))
+        for i in range(f.clients)
+    ]
+    errors: dict[int, BaseException] = {}
+
+    def target(run: Any) -> None:
+        try:
+            run.fit()
+        except BaseException as exc:
+            errors[run.client_id] = exc
+            agg.shutdown()
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=target, args=(r,), name=f"pl_parablock-client-{r.client_id}") for r in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    if errors:
+        first = min(errors)
+        exc = errors[first]
+        if isinstance(exc, ParaBlockError):
+            raise exc
+        raise RuntimeError(f"client {first} failed") from exc
+    return _finish(recipe, agg, wall)
+
+
+def _serve(recipe: Recipe, listen: str) -> int:
+    f = recipe.federation
+    agg = _aggregator(recipe, progress=True)
+    server = FederationServer(FederationService(agg, chunk_bytes=f.chunk_kb * 1024), listen=listen)
+    address = server.start()
+    _say(f"listening on {address}")
+    _say(f"pl_parablock server: mode={recipe.mode}, waiting for {f.clients} clients, {f.rounds} rounds")
+    start = time.perf_counter()
+    try:
+        if not agg.wait_all_left(timeout=f.timeout_s * max(f.rounds, 1) * 3):
+            raise ParaBlockError(f"the federation did not finish: clients missing after {f.timeout_s * max(f.rounds, 1) * 3:g} s")
+    except KeyboardInterrupt:
+        _say("interrupted: stopping the server")
+        server.stop()
+        return 130
+    server.stop()
+    return _finish(recipe, agg, time.perf_counter() - start)
+
+
+def _client(recipe: Recipe, client_id: int | None, server: str | None) -> int:
+    from pl_parablock.runner import prepare_client, quiet_third_party
+
+    if client_id is None or server is None:
+        raise ParaBlockError("--role client needs --client-id I and --server HOST:PORT")
+    if not 0 <= client_id < recipe.federation.clients:
+        raise ParaBlockError(f"--client-id {client_id} is outside 0..{recipe.federation.clients - 1} (federation.clients={recipe.federation.clients})")
+    quiet_third_party()
+    run = prepare_client(recipe, client_id, server)
+    run.fit()
+    path = os.path.join(recipe.output_dir, "clients", f"client_{client_id}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(run.report(), fh, indent=1, default=str)
+    log.info("client %d done; report in %s", client_id, path)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    recipe_path = args.recipe
+    overrides = list(args.overrides)
+    if recipe_path is not None and "=" in recipe_path and not os.path.exists(recipe_path):
+        overrides.insert(0, recipe_path)
+        recipe_path = None
+    _setup_logging(verbose=args.role == "client")
+    try:
+        recipe = load_recipe(recipe_path, overrides)
+        if args.role == "client":
+            return _client(recipe, args.client_id, args.server)
+        if args.role == "server":
+            return _serve(recipe, args.listen)
+        if args.inprocess:
+            return _local_inprocess(recipe)
+        return _local_processes(recipe)
+    except ParaBlockError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

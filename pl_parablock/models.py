@@ -1,0 +1,124 @@
+"""Building and loading causal LMs and their tokenizers, offline.
+
+A model built from a config (``model.config``) gets the project's offline
+byte-level tokenizer: 256 byte tokens plus ``<|pad|>``, ``<|bos|>`` and
+``<|eos|>``, with no file to download. A model loaded from a local directory
+(``model.path``) gets the tokenizer saved in that directory unless
+``model.tokenizer`` names another. Nothing here reaches a hub.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders
+from tokenizers import models as tk_models
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from pl_parablock.config import ModelSection
+from pl_parablock.errors import ModelError
+
+__all__ = ["build_model", "load_tokenizer", "offline_tokenizer"]
+
+PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def offline_tokenizer() -> PreTrainedTokenizerBase:
+    """The project's byte-level tokenizer: any UTF-8 text, 259 tokens, no download.
+
+    Example::
+
+        >>> tok = offline_tokenizer()
+        >>> tok.decode(tok("12 + 7 = 19")["input_ids"])
+        '12 + 7 = 19'
+    """
+    specials = [PAD, BOS, EOS]
+    vocab = {s: i for i, s in enumerate(specials)}
+    for b, ch in sorted(_bytes_to_unicode().items()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(tk_models.BPE(vocab=vocab, merges=[]))
+    tok.add_special_tokens(specials)
+    tok.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """A tokenizer saved in a local directory, with a pad token.
+
+    Raises:
+        ModelError: no loadable tokenizer there.
+    """
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"no tokenizer could be loaded from {path!r} ({str(exc).splitlines()[0]}); "
+            "save one there with tokenizer.save_pretrained or set model.tokenizer to a tokenizer directory"
+        ) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_model(section: ModelSection, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The causal LM and tokenizer a recipe's ``model`` section describes.
+
+    Built models are initialised from ``seed``, so every client of a
+    federation builds the same weights.
+
+    Raises:
+        ModelError: unknown model type, bad config, unloadable checkpoint.
+    """
+    dtype = DTYPES[section.dtype]
+    if section.config is not None:
+        tokenizer = load_tokenizer(section.tokenizer) if section.tokenizer else offline_tokenizer()
+        cfg: dict[str, Any] = dict(section.config)
+        model_type = str(cfg.pop("model_type"))
+        cfg.setdefault("vocab_size", len(tokenizer))
+        if cfg["vocab_size"] < len(tokenizer):
+            raise ModelError(f"model.config.vocab_size={cfg['vocab_size']} is smaller than the tokenizer's {len(tokenizer)} tokens")
+        cfg.setdefault("pad_token_id", tokenizer.pad_token_id)
+        cfg.setdefault("bos_token_id", tokenizer.bos_token_id)
+        cfg.setdefault("eos_token_id", tokenizer.eos_token_id)
+        try:
+            config = AutoConfig.for_model(model_type, **cfg)
+        except ValueError as exc:
+            if "Unrecognized model identifier" in str(exc):
+                raise ModelError(f"model.config.model_type={model_type!r} is not a transformers model type (e.g. llama, qwen2, mistral, gpt2)") from None
+            raise ModelError(f"model.config is not a valid {model_type} config: {exc}") from None
+        torch.manual_seed(seed)
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except (ValueError, TypeError) as exc:
+            raise ModelError(f"cannot build a causal LM from model.config ({model_type}): {exc}") from None
+    else:
+        assert section.path is not None
+        if not os.path.isfile(os.path.join(section.path, "config.json")):
+            raise ModelError(f"model.path {section.path!r} holds no config.json; save a model there with save_pretrained")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(section.path, dtype=dtype, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load a causal LM from model.path {section.path!r}: {str(exc).splitlines()[0]}") from None
+        tokenizer = load_tokenizer(section.tokenizer or section.path)
+    model.config.use_cache = False
+    if section.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer

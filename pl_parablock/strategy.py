@@ -1,0 +1,573 @@
+"""FederatedBlockStrategy: federated block coordinate descent as a Lightning callback.
+
+Round ``t`` on a client: every parameter but block ``b_t`` is frozen, the
+optimizer state of the previous block is reset, ``local_steps`` optimizer
+steps train the block, and the finished block goes to the transmitter thread,
+which uploads it and fetches the server's aggregate. When the aggregate
+arrives the block is corrected (rebased): ``theta <- g' + (theta - e)``, the
+global value plus the local progress since the hand-off.
+
+``mode="sync"`` waits for round ``t``'s aggregate before round ``t+1``;
+``mode="parablock"`` starts round ``t+1`` at once and applies round ``t``'s
+aggregate before round ``t+2`` starts (staleness of one round, applied at the
+same point of every run, so runs are reproducible); ``mode="fedavg"`` trains
+every trainable parameter as one block and waits like ``sync``.
+
+Without a server the same callback runs centralized block coordinate descent
+(the BAdam way): the reference the federated modes are checked against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.data import extract_batch_size
+from torch import Tensor, nn
+from typing_extensions import override
+
+from pl_parablock.blocks import Partition, make_schedule, partition_model, whole_model_partition
+from pl_parablock.errors import ParaBlockError
+from pl_parablock.federation.aggregate import rebase
+from pl_parablock.federation.link import Link
+from pl_parablock.federation.transport import GrpcTransport, Transport
+from pl_parablock.federation.wire import DTYPES, dtype_name
+from pl_parablock.transmitter import Arrival, Handoff, Transmitter
+
+__all__ = ["FederatedBlockStrategy"]
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["parablock", "sync", "fedavg"]
+Weighting = Literal["samples", "tokens", "uniform"]
+
+
+def _cpu_copy(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+
+
+def model_fingerprint(module: nn.Module, partition: Partition, mode: str) -> dict[str, Any]:
+    """Names, shapes and dtypes of the block tensors plus a hash of every weight.
+
+    Clients of one federation must agree on all of it; the hash covers the
+    frozen weights too, since the global model is assembled from them.
+    """
+    params = dict(module.named_parameters())
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        if t.numel():
+            h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    tensors = {
+        n: {"dtype": dtype_name(params[n].dtype), "shape": list(params[n].shape), "nbytes": params[n].numel() * params[n].element_size()}
+        for n in partition.param_names
+    }
+    return {"mode": mode, "partition": partition.to_dict(), "tensors": tensors, "hash": h.hexdigest()}
+
+
+class FederatedBlockStrategy(Callback):
+    r"""Federated block coordinate descent with the ParaBlock schedule.
+
+    Add it to any ``Trainer`` whose LightningModule holds the model; blocks
+    are detected from the module's largest ``nn.ModuleList`` or given as name
+    patterns. Rounds count optimizer steps (``trainer.global_step``), so with
+    gradient accumulation a round is ``local_steps * accumulate_grad_batches``
+    batches.
+
+    Args:
+        server: ``"HOST:PORT"`` of a federation server, a
+            :class:`~pl_parablock.federation.transport.Transport`, or ``None``
+            for centralized block coordinate descent on this machine.
+        client_id: this client's id, ``0 <= client_id < clients``.
+        local_steps: optimizer steps per round (``K``), >= 1.
+        mode: ``parablock`` (overlap communication with the next round),
+            ``sync`` (wait every round) or ``fedavg`` (one block of every
+            trainable parameter, wait every round).
+        blocks: one regular expression per block, matched in full against
+            parameter names of the LightningModule; ``None`` detects layers.
+        layers_per_block: consecutive layers per block when detecting layers.
+        embeddings: make the input embeddings a block of their own.
+        head: make the output head a block of its own.
+        rounds: number of rounds without a server (the server decides otherwise).
+        schedule: block order without a server: ``ascending``, ``descending``,
+            ``random`` or a list of block indices.
+        seed: seed of a random schedule without a server.
+        keep_optimizer_state: keep a block's optimizer state when it goes
+            inactive (default: drop it, so only the active block holds state).
+        weighting: this client's weight in the aggregate: ``samples`` or
+            ``tokens`` seen in the round, or ``uniform``.
+        timeout_s: longest single network wait, seconds.
+        link: emulated link for a ``"HOST:PORT"`` server.
+        wire_dtype: dtype blocks travel in (e.g. ``"bfloat16"``); ``None``: their own.
+        chunk_kb: chunk size of streamed blocks, KiB.
+
+    Raises:
+        ParaBlockError: on an invalid argument (shown with the allowed range).
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> strategy = FederatedBlockStrategy(None, local_steps=2, rounds=4)
+        >>> trainer = pl.Trainer(callbacks=[strategy], max_steps=8, logger=False)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        server: str | Transport | None = None,
+        client_id: int = 0,
+        *,
+        local_steps: int = 5,
+        mode: Mode = "parablock",
+        blocks: Sequence[str] | None = None,
+        layers_per_block: int = 1,
+        embeddings: bool = False,
+        head: bool = False,
+        rounds: int | None = None,
+        schedule: str | Sequence[int] = "ascending",
+        seed: int = 0,
+        keep_optimizer_state: bool = False,
+        weighting: Weighting = "samples",
+        timeout_s: float = 600.0,
+        link: Link | None = None,
+        wire_dtype: str | None = None,
+        chunk_kb: int = 1024,
+    ) -> None:
+        problems = []
+        if not (isinstance(local_steps, int) and local_steps >= 1):
+            problems.append(f"local_steps={local_steps!r} must be an integer >= 1")
+        if mode not in ("parablock", "sync", "fedavg"):
+            problems.append(f"mode={mode!r} must be 'parablock', 'sync' or 'fedavg'")
+        if not (isinstance(layers_per_block, int) and layers_per_block >= 1):
+            problems.append(f"layers_per_block={layers_per_block!r} must be an integer >= 1")
+        if client_id < 0:
+            problems.append(f"client_id={client_id!r} must be >= 0")
+        if server is None and (rounds is None or rounds < 1):
+            problems.append(f"rounds={rounds!r}: without a server, give the number of rounds (>= 1)")
+        if server is not None and not isinstance(server, (str, Transport)):
+            problems.append(f"server={server!r} must be 'HOST:PORT', a Transport or None")
+        if weighting not in ("samples", "tokens", "uniform"):
+            problems.append(f"weighting={weighting!r} must be 'samples', 'tokens' or 'uniform'")
+        if not timeout_s > 0:
+            problems.append(f"timeout_s={timeout_s!r} must be > 0")
+        if wire_dtype is not None and wire_dtype not in DTYPES:
+            problems.append(f"wire_dtype={wire_dtype!r} must be one of {', '.join(DTYPES)} or None")
+        if chunk_kb < 1:
+            problems.append(f"chunk_kb={chunk_kb!r} must be >= 1")
+        if blocks is not None and not list(blocks):
+            problems.append("blocks=[] is empty: give one regular expression per block, or None to detect layers")
+        if problems:
+            raise ParaBlockError("FederatedBlockStrategy: " + "; ".join(problems))
+        self.server = server
+        self.client_id = client_id
+        self.local_steps = local_steps
+        self.mode = mode
+        self.block_patterns = list(blocks) if blocks is not None else None
+        self.layers_per_block = layers_per_block
+        self.embeddings = embeddings
+        self.head = head
+        self.rounds = rounds or 0
+        self.schedule_kind: str | list[int] = schedule if isinstance(schedule, str) else list(schedule)
+        self.seed = seed
+        self.keep_optimizer_state = keep_optimizer_state
+        self.weighting = weighting
+        self.timeout_s = timeout_s
+        self.link = link
+        self.wire_dtype = wire_dtype
+        self.chunk_kb = chunk_kb
+
+        self.partition: Partition | None = None
+        self.schedule: list[int] = []
+        self.records: list[dict[str, Any]] = []
+        self.final_metrics: dict[str, Any] = {}
+        self.round = 0
+        self._params: dict[str, nn.Parameter] = {}
+        self._block_params: list[dict[str, nn.Parameter]] = []
+        self._active: int | None = None
+        self._round_open = False
+        self._round_start_step = 0
+        self._round_t0 = 0.0
+        self._start: dict[str, Tensor] | None = None
+        self._start_clean = True
+        self._start_version = -1
+        self._samples = 0
+        self._tokens: Tensor | int = 0
+        self._losses: list[Tensor] = []
+        self._versions: list[int] = []
+        self._clean: list[bool] = []
+        self._inflight: dict[int, tuple[int, dict[str, Tensor]]] = {}
+        self._next_apply = 0
+        self._transport: Transport | None = None
+        self._owns_transport = False
+        self._transmitter: Transmitter | None = None
+        self._restored: dict[str, Any] | None = None
+        self._left = False
+        self._warned_tokens = False
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def federated(self) -> bool:
+        return self.server is not None
+
+    @property
+    def active_block(self) -> int | None:
+        """Index of the block being trained, if a round is open."""
+        return self._active if self._round_open else None
+
+    # ----------------------------------------------------------------- setup
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if trainer.world_size > 1:
+            raise ParaBlockError(
+                f"FederatedBlockStrategy runs one process per client; this trainer has {trainer.world_size} processes. "
+                "Use devices=1 per client (multi-device clients are not supported in this version)."
+            )
+        if self.mode == "fedavg":
+            self.partition = whole_model_partition(pl_module)
+        else:
+            self.partition = partition_model(
+                pl_module,
+                layers_per_block=self.layers_per_block,
+                embeddings=self.embeddings,
+                head=self.head,
+                patterns=self.block_patterns,
+            )
+        params = dict(pl_module.named_parameters())
+        in_blocks = set(self.partition.param_names)
+        for name, p in params.items():
+            p.requires_grad_(name in in_blocks)
+        self._params = {n: params[n] for n in self.partition.param_names}
+        self._block_params = [{n: params[n] for n in b.params} for b in self.partition.blocks]
+        n_frozen = sum(p.numel() for n, p in params.items() if n not in in_blocks)
+        log.info(
+            "client %d: %d blocks over %d parameters (%d frozen, never sent): %s",
+            self.client_id,
+            len(self.partition),
+            sum(p.numel() for p in self._params.values()),
+            n_frozen,
+            ", ".join(b.name for b in self.partition.blocks),
+        )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.partition is not None
+        self._cover_optimizers(trainer)
+        self._versions = [-1] * len(self.partition)
+        self._clean = [True] * len(self.partition)
+        if self.federated:
+            self._connect(pl_module)
+        else:
+            self.schedule = make_schedule(self.schedule_kind, len(self.partition), self.rounds, self.seed)
+        if self._restored is not None:
+            self._restore(self._restored)
+        needed = self.rounds * self.local_steps
+        max_steps = trainer.max_steps
+        if max_steps is not None and max_steps != -1 and trainer.global_step + (self.rounds - self.round) * self.local_steps > max_steps:
+            raise ParaBlockError(
+                f"Trainer(max_steps={max_steps}) stops before the federation's {self.rounds} rounds of "
+                f"{self.local_steps} steps end; set max_steps={needed} or -1"
+            )
+
+    def _cover_optimizers(self, trainer: pl.Trainer) -> None:
+        if not trainer.optimizers:
+            raise ParaBlockError("FederatedBlockStrategy needs an optimizer: return one from configure_optimizers()")
+        known = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+        missing = [p for p in self._params.values() if id(p) not in known]
+        if missing:
+            opt = trainer.optimizers[0]
+            template = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+            opt.add_param_group({**template, "params": missing})
+            rank_zero_warn(
+                f"FederatedBlockStrategy added {len(missing)} block parameters the optimizer did not hold, with the "
+                "settings of its first param group. Build the optimizer over the parameters that require grad after "
+                "setup (e.g. `AdamW(p for p in self.parameters() if p.requires_grad)`) to choose them yourself."
+            )
+
+    def _connect(self, pl_module: pl.LightningModule) -> None:
+        assert self.partition is not None
+        if isinstance(self.server, Transport):
+            self._transport = self.server
+        else:
+            assert isinstance(self.server, str)
+            self._transport = GrpcTransport(
+                self.server,
+                link=self.link,
+                chunk_bytes=self.chunk_kb * 1024,
+                wire_dtype=DTYPES[self.wire_dtype] if self.wire_dtype else None,
+                connect_timeout_s=min(self.timeout_s, 60.0),
+            )
+            self._owns_transport = True
+        fp = model_fingerprint(pl_module, self.partition, self.mode)
+        reply = self._transport.join(self.client_id, fp, self.timeout_s)
+        if reply.get("mode") not in (None, self.mode):
+            raise ParaBlockError(f"client {self.client_id} runs mode={self.mode} but the server runs mode={reply['mode']}")
+        self.schedule = [int(b) for b in reply["schedule"]]
+        self.rounds = int(reply["rounds"])
+        if reply.get("need_state"):
+            self._transport.upload_state(self.client_id, _cpu_copy(self._params), self.timeout_s)
+        self._catch_up([int(v) for v in reply.get("versions", [])])
+        self._transmitter = Transmitter(self._transport, self.client_id, timeout_s=self.timeout_s)
+        log.info("client %d joined via %s: %d rounds, schedule %s", self.client_id, self._transport.describe(), self.rounds, self.schedule)
+
+    def _catch_up(self, server_versions: Sequence[int]) -> None:
+        """Fetch every block whose global version is newer than this client's."""
+        assert self._transport is not None
+        for b, v in enumerate(server_versions):
+            if v > self._versions[b]:
+                pulled = self._transport.fetch(self.client_id, b, self.timeout_s)
+                self._copy_in(b, pulled.tensors)
+                self._versions[b] = pulled.version
+                self._clean[b] = True
+
+    def _copy_in(self, block: int, tensors: Mapping[str, Tensor]) -> None:
+        with torch.no_grad():
+            for n, p in self._block_params[block].items():
+                p.copy_(tensors[n])
+
+    # ---------------------------------------------------------------- rounds
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.round < self.rounds and not self._round_open:
+            self._begin_round(trainer)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Tensor | Mapping[str, Any] | None, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._round_open:
+            return
+        self._count(batch, outputs)
+        if trainer.global_step - self._round_start_step >= self.local_steps:
+            self._end_round(trainer)
+            if self.round < self.rounds:
+                self._begin_round(trainer)
+            else:
+                trainer.should_stop = True
+
+    def _count(self, batch: Any, outputs: Tensor | Mapping[str, Any] | None) -> None:
+        try:
+            self._samples += extract_batch_size(batch)
+        except Exception:
+            self._samples += 1
+        if self.weighting == "tokens":
+            labels = batch.get("labels") if isinstance(batch, Mapping) else None
+            mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+            if isinstance(labels, Tensor):
+                self._tokens = self._tokens + (labels != -100).sum()
+            elif isinstance(mask, Tensor):
+                self._tokens = self._tokens + mask.sum()
+            elif not self._warned_tokens:
+                self._warned_tokens = True
+                rank_zero_warn("weighting='tokens' needs batches with `labels` or `attention_mask`; counting samples instead")
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, Tensor):
+            self._losses.append(loss.detach())
+
+    def _activate(self, trainer: pl.Trainer, block: int) -> None:
+        previous = self._active
+        for b, params in enumerate(self._block_params):
+            for p in params.values():
+                p.requires_grad_(b == block)
+        if previous is not None and previous != block:
+            for p in self._block_params[previous].values():
+                p.grad = None
+                if not self.keep_optimizer_state:
+                    for opt in trainer.optimizers:
+                        opt.state.pop(p, None)
+        self._active = block
+
+    def _begin_round(self, trainer: pl.Trainer) -> None:
+        t = self.round
+        if self.federated and self.mode == "parablock" and t >= 2:
+            self._apply_through(t - 2)
+        b = self.schedule[t]
+        self._activate(trainer, b)
+        self._start_clean = self._clean[b] if self.federated else True
+        self._start_version = self._versions[b] if self.federated else -1
+        need_start = self.federated and (not self._start_clean or self.wire_dtype is not None)
+        self._start = _cpu_copy(self._block_params[b]) if need_start else None
+        self._round_start_step = trainer.global_step
+        self._samples = 0
+        self._tokens = 0
+        self._losses = []
+        self._round_open = True
+        self.records.append({"round": t, "block": b, "started_at": time.time()})
+        self._round_t0 = time.perf_counter()
+
+    def _end_round(self, trainer: pl.Trainer) -> None:
+        t, b = self.round, self._active
+        assert b is not None
+        compute_s = time.perf_counter() - self._round_t0
+        loss = float(torch.stack(self._losses).float().mean()) if self._losses else None
+        tokens = int(self._tokens) if isinstance(self._tokens, (int, Tensor)) else 0
+        weight = {"samples": float(self._samples), "tokens": float(tokens or self._samples), "uniform": 1.0}[self.weighting]
+        rec = self.records[-1]
+        rec.update(compute_s=compute_s, ended_at=time.time(), loss=loss, samples=self._samples, weight=weight)
+        self._round_open = False
+        self.round = t + 1
+        if self.federated:
+            assert self._transmitter is not None
+            end = _cpu_copy(self._block_params[b])
+            if self._start is None:
+                kind, payload = "value", end
+            else:
+                kind, payload = "delta", {n: end[n] - self._start[n] for n in end}
+            self._inflight[t] = (b, end)
+            self._clean[b] = False
+            rec.update(kind=kind)
+            self._transmitter.send(Handoff(t, b, kind, self._start_version, weight, payload, loss))
+            if self.mode in ("sync", "fedavg"):
+                self._apply_through(t)
+        log.info(
+            "client %d round %d/%d block %d: loss %s, compute %.2f s",
+            self.client_id,
+            t + 1,
+            self.rounds,
+            b,
+            f"{loss:.4f}" if loss is not None else "n/a",
+            compute_s,
+        )
+
+    def _apply_through(self, round_index: int) -> None:
+        """Wait for and apply every aggregate up to ``round_index``, in order."""
+        assert self._transmitter is not None
+        while self._next_apply <= round_index:
+            r = self._next_apply
+            t0 = time.perf_counter()
+            arrival = self._transmitter.wait(r)
+            blocked = time.perf_counter() - t0
+            self._apply(arrival)
+            rec = self.records[r]
+            rec.update(
+                blocked_s=blocked,
+                upload_s=arrival.upload_s,
+                server_wait_s=arrival.server_wait_s,
+                download_s=arrival.download_s,
+                bytes_up=arrival.bytes_up,
+                bytes_down=arrival.bytes_down,
+                version=arrival.version,
+                sent_at=arrival.sent_at,
+                arrived_at=arrival.arrived_at,
+                applied_at=time.time(),
+            )
+            self._next_apply = r + 1
+
+    def _apply(self, arrival: Arrival) -> None:
+        """Rebase block ``arrival.block`` onto its new global value."""
+        b, r, g = arrival.block, arrival.round, arrival.tensors
+        _, end = self._inflight.pop(r)
+        later = [q for q, (blk, _) in self._inflight.items() if blk == b and q > r]
+        trained_since = bool(later) or (self._round_open and self._active == b)
+        if not trained_since:
+            self._copy_in(b, g)
+            self._clean[b] = True
+        else:
+            with torch.no_grad():
+                for n, p in self._block_params[b].items():
+                    p.copy_(rebase(p, end[n], g[n]))
+            for q in later:
+                blk, e_q = self._inflight[q]
+                self._inflight[q] = (blk, {n: rebase(e_q[n], end[n], g[n]) for n in e_q})
+            if self._round_open and self._active == b and self._start is not None:
+                was_end = all(torch.equal(self._start[n], end[n]) for n in end)
+                self._start = {n: rebase(self._start[n], end[n], g[n]) for n in end}
+                self._start_clean = was_end and self.wire_dtype is None
+                self._start_version = arrival.version
+            self._clean[b] = False
+        self._versions[b] = max(self._versions[b], arrival.version)
+
+    # ------------------------------------------------------------------- end
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.round < self.rounds:
+            raise ParaBlockError(
+                f"client {self.client_id}: training stopped after {self.round} of {self.rounds} rounds; "
+                f"let the Trainer run {self.rounds * self.local_steps} optimizer steps (max_steps=-1 or larger, "
+                "max_epochs=-1 or enough epochs)"
+            )
+        if self.federated:
+            self._apply_through(self.rounds - 1)
+            assert self._transport is not None
+            self._catch_up(self._transport.versions(self.client_id, self.timeout_s)["versions"])
+        self._active = None
+
+    def report(self) -> dict[str, Any]:
+        """This client's per-round records and final metrics (plain data)."""
+        return {"client_id": self.client_id, "mode": self.mode, "rounds": [dict(r) for r in self.records], "final": dict(self.final_metrics)}
+
+    def leave(self) -> None:
+        """Tell the server this client is done, with its report; idempotent."""
+        if self._left or self._transport is None:
+            return
+        self._left = True
+        self._transport.leave(self.client_id, self.report(), self.timeout_s)
+
+    def _shutdown(self, *, cancel_pending: bool) -> None:
+        if self._transmitter is not None:
+            self._transmitter.close(timeout=self.timeout_s if not cancel_pending else 5.0, cancel_pending=cancel_pending)
+            self._transmitter = None
+        if self._owns_transport and self._transport is not None:
+            self._transport.close()
+        self._transport = None if self._owns_transport else self._transport
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or not self.federated:
+            return
+        try:
+            if self.round >= self.rounds and not self._left:
+                self.leave()
+        finally:
+            self._shutdown(cancel_pending=self.round < self.rounds)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._shutdown(cancel_pending=True)
+
+    # ----------------------------------------------------------- checkpoints
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "round_open": self._round_open,
+            "round_start_step": self._round_start_step,
+            "schedule": list(self.schedule),
+            "rounds": self.rounds,
+            "partition": self.partition.to_dict() if self.partition else None,
+            "versions": list(self._versions),
+            "records": [dict(r) for r in self.records],
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = dict(state_dict)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        assert self.partition is not None
+        if state.get("partition") not in (None, self.partition.to_dict()):
+            raise ParaBlockError("the checkpoint's block partition differs from this model's; resume with the same blocks settings")
+        if not self.federated:
+            self.schedule = list(state["schedule"])
+            self.rounds = int(state["rounds"])
+        self.round = int(state["round"])
+        self.records = [dict(r) for r in state.get("records", [])]
+        if state.get("round_open"):
+            # The interrupted round restarts from the checkpointed weights.
+            self.records = self.records[: self.round]
+        self._next_apply = self.round
+        self._restored = None
