@@ -147,7 +147,7 @@ def format_summary(report: dict[str, Any], report_path: str | None = None) -> st
         ("wall time", f"{report['wall_s']:.1f} s"),
         ("compute", f"{t['compute_s']:.1f} s over all clients"),
         ("communication", f"{t['comm_s']:.1f} s, blocked {t['blocked_s']:.1f} s"),
-        ("comm hidden", (f"{100 * hidden:.0f} %" if hidden is not None else "n/a") + "  (1 - blocked / communication)"),
+        ("comm hidden", (f"{max(0.0, 100 * hidden):.0f} %" if hidden is not None else "n/a") + "  (1 - blocked / communication)"),
         ("bytes moved", f"up {_mb(t['bytes_up'])}, down {_mb(t['bytes_down'])}"),
         ("link", report["link"]["description"]),
         ("model", str(report.get("model_dir") or "not saved")),

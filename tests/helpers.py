@@ -1,0 +1,88 @@
+"""Small builders the tests share: tiny models, synthetic shards, one-client trainers."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from pl_parablock import FederatedBlockStrategy, ParaBlockModule
+from pl_parablock.config import ModelSection
+from pl_parablock.data import ClientDataModule, synthetic_records
+from pl_parablock.federation import Aggregator, FederationService, InProcessTransport, Link
+from pl_parablock.models import build_model
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+}
+
+
+def tiny_module(seed: int = 0, config: dict[str, Any] | None = None, lr: float = 3e-3) -> ParaBlockModule:
+    model, tok = build_model(ModelSection(config=dict(config or TINY_LLAMA)), seed)
+    return ParaBlockModule(model, tok, lr=lr)
+
+
+def tiny_data(module: ParaBlockModule, n: int = 48, seed: int = 0, batch_size: int = 4) -> ClientDataModule:
+    assert module.tokenizer is not None
+    return ClientDataModule(synthetic_records(n, seed), None, module.tokenizer, batch_size=batch_size, max_length=96, seed=seed)
+
+
+def tiny_trainer(strategy: FederatedBlockStrategy, **kwargs: Any) -> pl.Trainer:
+    opts: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=-1,
+        max_steps=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    opts.update(kwargs)
+    callbacks = [strategy, *opts.pop("callbacks", [])]
+    return pl.Trainer(callbacks=callbacks, **opts)
+
+
+def params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def service(clients: int, rounds: int, mode: str = "parablock", **kwargs: Any) -> FederationService:
+    return FederationService(Aggregator(clients=clients, rounds=rounds, mode=mode, **kwargs))
+
+
+def run_clients(jobs: list[tuple[pl.Trainer, ParaBlockModule, ClientDataModule]], timeout: float = 120.0) -> None:
+    """Fit several trainers at once, one thread each; re-raise the first failure."""
+    errors: list[BaseException] = []
+
+    def fit(trainer: pl.Trainer, module: ParaBlockModule, data: ClientDataModule) -> None:
+        try:
+            trainer.fit(module, datamodule=data)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fit, args=job, name="test-client") for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a client thread did not finish in time"
+    if errors:
+        raise errors[0]
+
+
+def federated_client(svc: FederationService, client_id: int, mode: str, *, local_steps: int, seed: int = 0, link: Link | None = None, **kw: Any) -> tuple[pl.Trainer, ParaBlockModule, ClientDataModule, FederatedBlockStrategy]:
+    module = tiny_module(seed)
+    data = tiny_data(module, seed=seed)
+    strategy = FederatedBlockStrategy(InProcessTransport(svc, link=link), client_id, local_steps=local_steps, mode=mode, **kw)  # type: ignore[arg-type]
+    return tiny_trainer(strategy), module, data, strategy
