@@ -273,6 +273,11 @@ class Aggregator:
             if block != self._schedule[rnd_i]:
                 return self._reject(record, f"round {rnd_i} trains block {self._schedule[rnd_i]}, not {block}")
             rnd = self._rounds.setdefault(rnd_i, _Round(rnd_i, block))
+            if client in rnd.clients:
+                return True, "duplicate: already applied"
+            if rnd.closed:
+                rnd.late += 1
+                return self._reject(record, f"late: round {rnd_i} already closed", rnd)
             if kind not in ("value", "delta"):
                 return self._reject(record, f"unknown update kind {kind!r}", rnd)
             if not (weight > 0 and math.isfinite(weight)):

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pl_parablock.errors import FederationError
+from pl_parablock.federation.wire import decode, encode
+
+
+def tensors():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "a": torch.randn(33, 17, generator=g),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+        "half": torch.randn(101, generator=g).to(torch.bfloat16),
+        "f16": torch.randn(7, 3, generator=g).to(torch.float16),
+    }
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 20])
+def test_round_trip_is_exact_for_any_chunk_size(chunk):
+    src = tensors()
+    messages = list(encode({"round": 3}, src, chunk_bytes=chunk))
+    assert all(len(m) <= chunk for m in messages[1:])
+    header, out = decode(messages)
+    assert header["round"] == 3
+    assert list(out) == list(src)
+    for n, t in src.items():
+        assert out[n].dtype == t.dtype and out[n].shape == t.shape and torch.equal(out[n], t)
+
+
+def test_wire_dtype_casts_floating_tensors():
+    header, out = decode(encode({}, {"w": torch.randn(10)}, dtype=torch.bfloat16))
+    assert out["w"].dtype == torch.bfloat16
+    assert header["nbytes"] == 20
+
+
+def test_truncated_and_overlong_streams_are_refused():
+    messages = list(encode({}, {"w": torch.randn(100)}, chunk_bytes=64))
+    with pytest.raises(FederationError, match="cut short"):
+        decode(messages[:-1])
+    with pytest.raises(FederationError, match="longer"):
+        decode([*messages, b"extra"])
+
+
+def test_declared_size_above_the_bound_is_refused_before_reading():
+    def stream():
+        yield from encode({}, {"w": torch.randn(1000)})
+        raise AssertionError("the body must not be read")
+
+    with pytest.raises(FederationError, match="more than the"):
+        decode(stream(), max_bytes=100)
+
+
+def test_malformed_headers():
+    with pytest.raises(FederationError, match="malformed"):
+        decode([b"not json"])
+    with pytest.raises(FederationError, match="empty"):
+        decode([])
+    bad = b'{"tensors": [{"name": "w", "dtype": "float32", "shape": [4], "nbytes": 3}]}'
+    with pytest.raises(FederationError, match="do not match"):
+        decode([bad])
