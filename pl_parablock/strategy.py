@@ -272,12 +272,12 @@ class FederatedBlockStrategy(Callback):
             self.schedule = make_schedule(self.schedule_kind, len(self.partition), self.rounds, self.seed)
         if self._restored is not None:
             self._restore(self._restored)
-        needed = self.rounds * self.local_steps
         max_steps = trainer.max_steps
-        if max_steps is not None and max_steps != -1 and trainer.global_step + (self.rounds - self.round) * self.local_steps > max_steps:
+        remaining = (self.rounds - self.round) * self.local_steps
+        if self.federated and max_steps not in (None, -1) and trainer.global_step + remaining > max_steps:
             raise ParaBlockError(
                 f"Trainer(max_steps={max_steps}) stops before the federation's {self.rounds} rounds of "
-                f"{self.local_steps} steps end; set max_steps={needed} or -1"
+                f"{self.local_steps} steps end; set max_steps={self.rounds * self.local_steps} or -1"
             )
 
     def _cover_optimizers(self, trainer: pl.Trainer) -> None:
@@ -493,6 +493,10 @@ class FederatedBlockStrategy(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.round < self.rounds and not self.federated:
+            rank_zero_warn(f"training stopped after {self.round} of {self.rounds} rounds; resume from a checkpoint to finish them")
+            self._active = None
+            return
         if self.round < self.rounds:
             raise ParaBlockError(
                 f"client {self.client_id}: training stopped after {self.round} of {self.rounds} rounds; "
