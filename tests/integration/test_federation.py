@@ -1,0 +1,85 @@
+"""Whole federations through the launcher's entry point, in one process (clients as threads)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pl_parablock.fit import main
+
+RECIPE = """
+seed: 0
+model:
+  config: {model_type: llama, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 4,
+           num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 128}
+blocks: {embeddings: true, head: true}
+train: {local_steps: 4, lr: 3.0e-3, batch_size: 8, max_length: 64, threads: 1}
+federation: {clients: 2, rounds: 24}
+data: {num_samples: 400}
+eval: {max_samples: 32, max_new_tokens: 8}
+"""
+
+
+def run(tmp_path, name: str, *overrides: str) -> dict:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    out = tmp_path / name
+    assert main([str(recipe), f"output_dir={out}", *overrides, "--inprocess"]) == 0
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pair")
+    return {mode: run(tmp, mode, f"mode={mode}") for mode in ("sync", "parablock")}
+
+
+def test_report_has_the_design_fields(pair):
+    report = pair["parablock"]
+    for key in ("mode", "wall_s", "rounds", "clients", "final", "totals", "link"):
+        assert key in report
+    assert report["mode"] == "parablock" and len(report["rounds"]) == 24
+    rec = report["rounds"][3]
+    assert (rec["expected"], rec["arrived"], rec["rejected"], rec["late"]) == (2, 2, 0, 0)
+    assert "aggregation_s" in rec
+    for c in rec["client_records"]:
+        for field in ("compute_s", "upload_s", "server_wait_s", "download_s", "blocked_s", "bytes_up", "bytes_down", "loss"):
+            assert field in c, field
+        assert c["bytes_up"] > 0 and c["bytes_down"] > 0
+    final = report["final"]
+    assert final["loss"] is not None and final["eval_loss"] is not None and "exact_match" in final
+    assert 0.0 <= final["exact_match"] <= 1.0
+    assert report["link"]["emulated"] is False
+
+
+def test_parablock_learns_and_ends_near_sync(pair):
+    for report in pair.values():
+        losses = [r["loss"] for r in report["rounds"]]
+        assert losses[-1] < 0.8 * losses[0], "the loss must go down"
+    sync, para = pair["sync"]["final"], pair["parablock"]["final"]
+    # one-round staleness costs a little on the same rounds: within 10% (train) and 5% (eval)
+    assert abs(para["loss"] - sync["loss"]) <= 0.10 * sync["loss"]
+    assert abs(para["eval_loss"] - sync["eval_loss"]) <= 0.05 * sync["eval_loss"]
+    assert para["loss"] != sync["loss"], "with several clients staleness makes parablock differ from sync"
+
+
+def test_parablock_hides_communication_on_a_slow_link(tmp_path):
+    """Communication about as long as computation: parablock's wall time is clearly below sync's."""
+    link = ["blocks.embeddings=false", "blocks.head=false", "train.local_steps=8", "federation.rounds=16"]
+    link += ["link.uplink_mbps=24", "link.downlink_mbps=24", "link.latency_ms=5", "eval.max_samples=8"]
+    sync = run(tmp_path, "sync", "mode=sync", *link)
+    para = run(tmp_path, "para", "mode=parablock", *link)
+    assert sync["link"]["emulated"] and "emulated" in sync["link"]["description"]
+    comm, compute = sync["totals"]["comm_s"], sync["totals"]["compute_s"]
+    assert 0.4 < comm / compute < 2.5, "the link must make communication comparable to computation"
+    assert para["totals"]["comm_hidden_fraction"] > 0.6
+    assert sync["totals"]["comm_hidden_fraction"] < 0.2
+    train = {name: max(c["ended_at"] for r in rep["rounds"] for c in r["client_records"]) - min(c["started_at"] for r in rep["rounds"] for c in r["client_records"]) for name, rep in (("sync", sync), ("para", para))}
+    assert train["para"] < 0.85 * train["sync"], train
+
+
+def test_fedavg_trains_every_parameter_each_round(tmp_path):
+    report = run(tmp_path, "fedavg", "mode=fedavg", "federation.rounds=3")
+    assert report["federation"]["blocks"] == ["all"]
+    assert [r["block"] for r in report["rounds"]] == [0, 0, 0]
