@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from collections.abc import Sequence
@@ -148,7 +149,8 @@ def partition_model(
     prefix, layers = find_layer_list(module)
     groups: list[tuple[str, tuple[str, ...]]] = []
     if embeddings:
-        emb = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
+        getter = getattr(module, "get_input_embeddings", None)
+        emb = getter() if callable(getter) else None
         if emb is None:
             layer_ids = {id(p) for p in layers.parameters()}
             embs = [m for m in module.modules() if isinstance(m, nn.Embedding)]
@@ -165,7 +167,8 @@ def partition_model(
         if names:
             groups.append((label, names))
     if head:
-        out = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+        getter = getattr(module, "get_output_embeddings", None)
+        out = getter() if callable(getter) else None
         names = _params_of(out, names_by_id)
         taken = {n for _, g in groups for n in g}
         names = tuple(n for n in names if n not in taken)
@@ -234,7 +237,7 @@ def make_schedule(kind: str | Sequence[int], num_blocks: int, rounds: int, seed:
     if bad:
         raise ModelError(f"schedule names block(s) {bad} but the model has blocks 0..{num_blocks - 1}")
     cyc = order + order[:1] if len(order) > 1 else order + order
-    for a, b in zip(cyc, cyc[1:]):
+    for a, b in itertools.pairwise(cyc):
         if a == b:
             raise ModelError(
                 f"schedule {order} activates block {a} in two consecutive rounds (counting the wrap-around); "

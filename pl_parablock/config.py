@@ -22,7 +22,7 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -40,7 +40,7 @@ PARTITIONS = ("iid", "dirichlet")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
 
 
-def _quickstart_model() -> Dict[str, Any]:
+def _quickstart_model() -> dict[str, Any]:
     """A small Llama-architecture causal LM that trains on a CPU in minutes."""
     return {
         "model_type": "llama",
@@ -55,7 +55,7 @@ def _quickstart_model() -> Dict[str, Any]:
     }
 
 
-def _help(text: str) -> Dict[str, str]:
+def _help(text: str) -> dict[str, str]:
     return {"help": text}
 
 
@@ -63,21 +63,18 @@ def _help(text: str) -> Dict[str, str]:
 class ModelSection:
     """Which causal LM to fine-tune."""
 
-    config: Optional[Dict[str, Any]] = field(
+    config: dict[str, Any] | None = field(
         default_factory=_quickstart_model,
         metadata=_help(
             "Hugging Face config of a model built from scratch (needs `model_type`); "
             "`vocab_size` defaults to the offline tokenizer's. Exclusive with `path`."
         ),
     )
-    path: Optional[str] = field(
+    path: str | None = field(
         default=None,
-        metadata=_help(
-            "Local directory of a Hugging Face causal LM (config.json + weights). "
-            "Set `model.config=null` to use it."
-        ),
+        metadata=_help("Local directory of a Hugging Face causal LM (config.json + weights). Set `model.config=null` to use it."),
     )
-    tokenizer: Optional[str] = field(
+    tokenizer: str | None = field(
         default=None,
         metadata=_help(
             "Tokenizer directory; default: the project's offline byte-level tokenizer "
@@ -85,18 +82,14 @@ class ModelSection:
         ),
     )
     dtype: str = field(default="float32", metadata=_help("Parameter dtype: " + " | ".join(DTYPES)))
-    gradient_checkpointing: bool = field(
-        default=False, metadata=_help("Recompute activations in the backward pass to save memory.")
-    )
+    gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute activations in the backward pass to save memory."))
 
 
 @dataclass
 class BlocksSection:
     """How the trainable parameters are split into blocks, and the order they train in."""
 
-    layers_per_block: int = field(
-        default=1, metadata=_help("Consecutive decoder layers per block.")
-    )
+    layers_per_block: int = field(default=1, metadata=_help("Consecutive decoder layers per block."))
     schedule: Any = field(
         default="ascending",
         metadata=_help(
@@ -104,11 +97,9 @@ class BlocksSection:
             "permutation per sweep) | an explicit list of block indices, repeated."
         ),
     )
-    embeddings: bool = field(
-        default=False, metadata=_help("Make the input embeddings a block of their own.")
-    )
+    embeddings: bool = field(default=False, metadata=_help("Make the input embeddings a block of their own."))
     head: bool = field(default=False, metadata=_help("Make the LM head a block of its own."))
-    patterns: Optional[List[str]] = field(
+    patterns: list[str] | None = field(
         default=None,
         metadata=_help(
             "Explicit blocks: one regular expression per block, matched in full "
@@ -133,15 +124,11 @@ class TrainSection:
             "when the block goes inactive, so only the active block holds state)."
         ),
     )
-    accumulate_grad_batches: int = field(
-        default=1, metadata=_help("Batches per optimizer step; rounds count optimizer steps.")
-    )
-    gradient_clip_val: Optional[float] = field(
-        default=None, metadata=_help("Clip the gradient norm to this value.")
-    )
+    accumulate_grad_batches: int = field(default=1, metadata=_help("Batches per optimizer step; rounds count optimizer steps."))
+    gradient_clip_val: float | None = field(default=None, metadata=_help("Clip the gradient norm to this value."))
     precision: str = field(default="32-true", metadata=_help("Lightning precision: " + " | ".join(PRECISIONS)))
     accelerator: str = field(default="auto", metadata=_help("Lightning accelerator of each client."))
-    threads: Optional[int] = field(
+    threads: int | None = field(
         default=None,
         metadata=_help("CPU threads per client process; default: the machine's cores shared among local clients."),
     )
@@ -153,18 +140,16 @@ class FederationSection:
 
     clients: int = field(default=4, metadata=_help("Number of clients."))
     rounds: int = field(default=12, metadata=_help("Global rounds; one active block per round."))
-    server_lr: float = field(
-        default=1.0, metadata=_help("Server learning rate (eta_g); 1.0 is FedAvg.")
-    )
+    server_lr: float = field(default=1.0, metadata=_help("Server learning rate (eta_g); 1.0 is FedAvg."))
     weighting: str = field(
         default="samples",
         metadata=_help("Client weight in the aggregate: " + " | ".join(WEIGHTINGS) + " seen in the round."),
     )
-    min_clients: Optional[int] = field(
+    min_clients: int | None = field(
         default=None,
         metadata=_help("Quorum to close a round at `round_timeout_s`; default: all clients."),
     )
-    round_timeout_s: Optional[float] = field(
+    round_timeout_s: float | None = field(
         default=None,
         metadata=_help("Close a round after this many seconds if `min_clients` arrived; null: wait for all."),
     )
@@ -172,7 +157,7 @@ class FederationSection:
         default=600.0,
         metadata=_help("Longest any single network wait may take before the run stops with an error."),
     )
-    wire_dtype: Optional[str] = field(
+    wire_dtype: str | None = field(
         default=None,
         metadata=_help(
             "Dtype blocks travel in: " + " | ".join(WIRE_DTYPES) + "; null: the parameters' own. "
@@ -186,8 +171,8 @@ class FederationSection:
 class LinkSection:
     """Emulated network link of every client (for experiments on one machine)."""
 
-    uplink_mbps: Optional[float] = field(default=None, metadata=_help("Upload rate, Mbit/s; null: no emulation."))
-    downlink_mbps: Optional[float] = field(default=None, metadata=_help("Download rate, Mbit/s; null: no emulation."))
+    uplink_mbps: float | None = field(default=None, metadata=_help("Upload rate, Mbit/s; null: no emulation."))
+    downlink_mbps: float | None = field(default=None, metadata=_help("Download rate, Mbit/s; null: no emulation."))
     latency_ms: float = field(default=0.0, metadata=_help("One-way latency added to each transfer, ms."))
 
 
@@ -196,7 +181,7 @@ class PartitionSection:
     """How the training data is split among clients."""
 
     kind: str = field(default="iid", metadata=_help("iid | dirichlet (skew over `label`)."))
-    alpha: Optional[float] = field(default=None, metadata=_help("Dirichlet concentration; smaller is more skewed."))
+    alpha: float | None = field(default=None, metadata=_help("Dirichlet concentration; smaller is more skewed."))
     label: str = field(default="category", metadata=_help("Record field the Dirichlet skew is drawn over."))
 
 
@@ -205,7 +190,7 @@ class DataSection:
     """Training data."""
 
     format: str = field(default="synthetic", metadata=_help("Data format: " + " | ".join(DATA_FORMATS)))
-    path: Optional[str] = field(default=None, metadata=_help("Data file (JSON or JSONL); not used by synthetic."))
+    path: str | None = field(default=None, metadata=_help("Data file (JSON or JSONL); not used by synthetic."))
     partition: PartitionSection = field(default_factory=PartitionSection)
     num_samples: int = field(default=2000, metadata=_help("Records the synthetic generator makes for training."))
 
@@ -215,14 +200,12 @@ class EvalSection:
     """Evaluation of the global model."""
 
     every: int = field(default=0, metadata=_help("Evaluate every N rounds on client 0; 0: only at the end."))
-    path: Optional[str] = field(
+    path: str | None = field(
         default=None,
         metadata=_help("Held-out file in `data.format`; default: a held-out part of the data."),
     )
     max_samples: int = field(default=200, metadata=_help("Evaluation records at most."))
-    max_new_tokens: int = field(
-        default=24, metadata=_help("Greedy tokens generated per math question for exact match.")
-    )
+    max_new_tokens: int = field(default=24, metadata=_help("Greedy tokens generated per math question for exact match."))
 
 
 @dataclass
@@ -278,8 +261,9 @@ def _parse_override(item: str) -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override `{item}` is not of the form key=value (e.g. train.lr=1e-4)")
-    value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]))["v"]  # type: ignore[index]
-    return key.strip(), value
+    parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]))
+    assert isinstance(parsed, dict)
+    return key.strip(), parsed["v"]
 
 
 def load_recipe(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> Recipe:

@@ -34,6 +34,7 @@ from typing import Any
 from pl_parablock.config import Recipe, load_recipe, to_yaml
 from pl_parablock.errors import ParaBlockError
 from pl_parablock.federation.aggregator import Aggregator
+from pl_parablock.federation.link import Link
 from pl_parablock.federation.server import FederationServer
 from pl_parablock.federation.service import FederationService
 from pl_parablock.federation.transport import InProcessTransport
@@ -63,7 +64,9 @@ def _say(msg: str) -> None:
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr
+    )
     logging.getLogger("pl_parablock").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
@@ -106,9 +109,8 @@ def _describe_data(recipe: Recipe) -> str:
 
 def _finish(recipe: Recipe, agg: Aggregator, wall_s: float) -> int:
     from pl_parablock.report import build_report, format_summary, write_report
-    from pl_parablock.runner import link_of
 
-    report = build_report(recipe, agg.report(), wall_s=wall_s, link=link_of(recipe), output_dir=recipe.output_dir)
+    report = build_report(recipe, agg.report(), wall_s=wall_s, link=Link.from_section(recipe.link), output_dir=recipe.output_dir)
     path = write_report(report, recipe.output_dir)
     _say("")
     _say(format_summary(report, path))
@@ -116,11 +118,10 @@ def _finish(recipe: Recipe, agg: Aggregator, wall_s: float) -> int:
 
 
 def _banner(recipe: Recipe, where: str) -> None:
-    from pl_parablock.runner import link_of
-
     f = recipe.federation
-    _say(f"pl_parablock: mode={recipe.mode}, {f.clients} clients, {f.rounds} rounds, {recipe.train.local_steps} local steps per round ({where})")
-    _say(f"  {link_of(recipe).describe()}")
+    steps = recipe.train.local_steps
+    _say(f"pl_parablock: mode={recipe.mode}, {f.clients} clients, {f.rounds} rounds, {steps} local steps per round ({where})")
+    _say(f"  {Link.from_section(recipe.link).describe()}")
     _say(f"  {_describe_data(recipe)}")
 
 
@@ -144,9 +145,9 @@ def _local_processes(recipe: Recipe) -> int:
     failed: tuple[int, int] | None = None
     try:
         for i in range(f.clients):
-            fh = open(os.path.join(logs, f"client_{i}.log"), "wb")
+            log_file = open(os.path.join(logs, f"client_{i}.log"), "wb")
             cmd = [sys.executable, "-m", "pl_parablock.fit", resolved, "--role", "client", "--client-id", str(i), "--server", address]
-            procs.append((i, subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env), fh))
+            procs.append((i, subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env), log_file))
         while any(p.poll() is None for _, p, _ in procs):
             for i, p, _ in procs:
                 rc = p.poll()
@@ -165,13 +166,13 @@ def _local_processes(recipe: Recipe) -> int:
         for _, p, _ in procs:
             if p.poll() is None:
                 p.terminate()
-        for _, p, fh in procs:
+        for _, p, log_file in procs:
             try:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(5)
-            fh.close()
+            log_file.close()
         server.stop()
     wall = time.perf_counter() - start
     if failed is not None:
@@ -192,7 +193,7 @@ def _tail(path: str, lines: int = 15) -> str:
 
 
 def _local_inprocess(recipe: Recipe) -> int:
-    from pl_parablock.runner import link_of, prepare_client, quiet_third_party
+    from pl_parablock.runner import prepare_client, quiet_third_party
 
     quiet_third_party()
     f = recipe.federation
@@ -201,7 +202,9 @@ def _local_inprocess(recipe: Recipe) -> int:
     _banner(recipe, "one process, clients as threads")
     wire = DTYPES[f.wire_dtype] if f.wire_dtype else None
     runs = [
-        prepare_client(recipe, i, InProcessTransport(service, link=link_of(recipe), chunk_bytes=f.chunk_kb * 1024, wire_dtype=wire))
+        prepare_client(
+            recipe, i, InProcessTransport(service, link=Link.from_section(recipe.link), chunk_bytes=f.chunk_kb * 1024, wire_dtype=wire)
+        )
         for i in range(f.clients)
     ]
     errors: dict[int, BaseException] = {}
@@ -254,7 +257,9 @@ def _client(recipe: Recipe, client_id: int | None, server: str | None) -> int:
     if client_id is None or server is None:
         raise ParaBlockError("--role client needs --client-id I and --server HOST:PORT")
     if not 0 <= client_id < recipe.federation.clients:
-        raise ParaBlockError(f"--client-id {client_id} is outside 0..{recipe.federation.clients - 1} (federation.clients={recipe.federation.clients})")
+        raise ParaBlockError(
+            f"--client-id {client_id} is outside 0..{recipe.federation.clients - 1} (federation.clients={recipe.federation.clients})"
+        )
     quiet_third_party()
     run = prepare_client(recipe, client_id, server)
     run.fit()

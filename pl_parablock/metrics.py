@@ -18,8 +18,8 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+from torch.nn import functional
 from torchmetrics import Metric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -97,7 +97,9 @@ class TokenLoss(Metric):
     def update(self, logits: Tensor, labels: Tensor) -> None:
         shift_logits = logits[:, :-1].float()
         shift_labels = labels[:, 1:]
-        loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+        loss = functional.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
         self.nll += loss.double()
         self.count += (shift_labels != -100).sum()
 
@@ -148,7 +150,7 @@ def evaluate_exact_match(
         for j, p in enumerate(prompts):  # left padding for generation
             ids[j, width - len(p) :] = torch.tensor(p)
             mask[j, width - len(p) :] = 1
-        out = model.generate(
+        out = model.generate(  # type: ignore[operator]
             input_ids=ids.to(model.device),
             attention_mask=mask.to(model.device),
             max_new_tokens=max_new_tokens,

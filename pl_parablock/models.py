@@ -51,7 +51,7 @@ def offline_tokenizer() -> PreTrainedTokenizerBase:
     """
     specials = [PAD, BOS, EOS]
     vocab = {s: i for i, s in enumerate(specials)}
-    for b, ch in sorted(_bytes_to_unicode().items()):
+    for _b, ch in sorted(_bytes_to_unicode().items()):
         vocab[ch] = len(vocab)
     tok = Tokenizer(tk_models.BPE(vocab=vocab, merges=[]))
     tok.add_special_tokens(specials)
@@ -102,7 +102,9 @@ def build_model(section: ModelSection, seed: int = 0) -> tuple[PreTrainedModel, 
             config = AutoConfig.for_model(model_type, **cfg)
         except ValueError as exc:
             if "Unrecognized model identifier" in str(exc):
-                raise ModelError(f"model.config.model_type={model_type!r} is not a transformers model type (e.g. llama, qwen2, mistral, gpt2)") from None
+                raise ModelError(
+                    f"model.config.model_type={model_type!r} is not a transformers model type (e.g. llama, qwen2, mistral, gpt2)"
+                ) from None
             raise ModelError(f"model.config is not a valid {model_type} config: {exc}") from None
         torch.manual_seed(seed)
         try:

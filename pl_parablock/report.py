@@ -38,7 +38,7 @@ def build_report(recipe: Recipe, server: dict[str, Any], *, wall_s: float, link:
         totals = {k: 0.0 for k in ("compute_s", "upload_s", "server_wait_s", "download_s", "blocked_s", "bytes_up", "bytes_down")}
         for rec in rep.get("rounds", []):
             entry = {"client_id": int(cid)}
-            for k in CLIENT_FIELDS + ("samples", "weight", "kind", "version"):
+            for k in (*CLIENT_FIELDS, "samples", "weight", "kind", "version"):
                 if k in rec:
                     entry[k] = rec[k]
             for k in ("started_at", "ended_at", "sent_at", "arrived_at", "applied_at"):

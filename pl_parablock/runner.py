@@ -51,11 +51,6 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r".*litlogger.*")
 
 
-def link_of(recipe: Recipe) -> Link:
-    ln = recipe.link
-    return Link(ln.uplink_mbps, ln.downlink_mbps, ln.latency_ms)
-
-
 class GlobalEvaluation(Callback):
     """Evaluates the global model on client 0 and saves it.
 
@@ -109,7 +104,11 @@ class GlobalEvaluation(Callback):
             examples = [encode_example(self.tokenizer, r["prompt"], r["response"], self.max_length) for r in self.records]
             batches = [collate(examples[i : i + self.batch_size], int(pad)) for i in range(0, len(examples), self.batch_size)]
             metrics.update(evaluate_loss(pl_module.model, batches))
-            metrics.update(evaluate_exact_match(pl_module.model, self.tokenizer, self.records, max_new_tokens=self.max_new_tokens, batch_size=max(self.batch_size, 16)))
+            metrics.update(
+                evaluate_exact_match(
+                    pl_module.model, self.tokenizer, self.records, max_new_tokens=self.max_new_tokens, batch_size=max(self.batch_size, 16)
+                )
+            )
             metrics["eval_samples"] = len(self.records)
         if self.model_dir is not None:
             pl_module.save_pretrained(self.model_dir)
@@ -157,7 +156,9 @@ def prepare_client(recipe: Recipe, client_id: int, server: str | Transport | Non
     evaluate = client_id == 0 if evaluate is None else evaluate
     t = recipe.train
     eval_every = recipe.eval.every if evaluate and evals else 0
-    datamodule = ClientDataModule(shard, evals if eval_every else None, tokenizer, batch_size=t.batch_size, max_length=t.max_length, seed=recipe.seed)
+    datamodule = ClientDataModule(
+        shard, evals if eval_every else None, tokenizer, batch_size=t.batch_size, max_length=t.max_length, seed=recipe.seed
+    )
     module = ParaBlockModule(model, tokenizer, lr=t.lr, weight_decay=t.weight_decay)
     b, f = recipe.blocks, recipe.federation
     strategy = FederatedBlockStrategy(
@@ -175,7 +176,7 @@ def prepare_client(recipe: Recipe, client_id: int, server: str | Transport | Non
         keep_optimizer_state=t.keep_optimizer_state,
         weighting=f.weighting,  # type: ignore[arg-type]
         timeout_s=f.timeout_s,
-        link=link_of(recipe),
+        link=Link.from_section(recipe.link),
         wire_dtype=f.wire_dtype,
         chunk_kb=f.chunk_kb,
     )

@@ -511,7 +511,12 @@ class FederatedBlockStrategy(Callback):
 
     def report(self) -> dict[str, Any]:
         """This client's per-round records and final metrics (plain data)."""
-        return {"client_id": self.client_id, "mode": self.mode, "rounds": [dict(r) for r in self.records], "final": dict(self.final_metrics)}
+        return {
+            "client_id": self.client_id,
+            "mode": self.mode,
+            "rounds": [dict(r) for r in self.records],
+            "final": dict(self.final_metrics),
+        }
 
     def leave(self) -> None:
         """Tell the server this client is done, with its report; idempotent."""

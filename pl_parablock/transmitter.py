@@ -138,7 +138,9 @@ class Transmitter:
                 self._raise_if_failed()
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TransmitterError(f"client {self.client_id}: the aggregate of round {round_index} did not arrive within {limit:g} s")
+                    raise TransmitterError(
+                        f"client {self.client_id}: the aggregate of round {round_index} did not arrive within {limit:g} s"
+                    )
                 if not self._thread.is_alive() and self._started:
                     raise TransmitterError(f"client {self.client_id}: transmitter thread stopped before round {round_index} arrived")
                 self._cond.wait(min(left, 1.0))
@@ -152,7 +154,13 @@ class Transmitter:
             try:
                 arrival = self._transmit(job)
             except BaseException as exc:  # reported to the training thread
-                log.error("client %d: transmitter failed in round %d: %s", self.client_id, job.round, exc, exc_info=not isinstance(exc, ParaBlockError))
+                log.error(
+                    "client %d: transmitter failed in round %d: %s",
+                    self.client_id,
+                    job.round,
+                    exc,
+                    exc_info=not isinstance(exc, ParaBlockError),
+                )
                 with self._cond:
                     self._error = exc
                     self._error_round = job.round
@@ -213,4 +221,6 @@ class Transmitter:
             self._jobs.put(None)
             self._thread.join(timeout)
             if self._thread.is_alive():
-                log.warning("client %d: transmitter thread still busy after %g s; it is a daemon and ends with the process", self.client_id, timeout)
+                log.warning(
+                    "client %d: transmitter thread still busy after %g s; it is a daemon and ends with the process", self.client_id, timeout
+                )

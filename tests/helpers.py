@@ -81,7 +81,9 @@ def run_clients(jobs: list[tuple[pl.Trainer, ParaBlockModule, ClientDataModule]]
         raise errors[0]
 
 
-def federated_client(svc: FederationService, client_id: int, mode: str, *, local_steps: int, seed: int = 0, link: Link | None = None, **kw: Any) -> tuple[pl.Trainer, ParaBlockModule, ClientDataModule, FederatedBlockStrategy]:
+def federated_client(
+    svc: FederationService, client_id: int, mode: str, *, local_steps: int, seed: int = 0, link: Link | None = None, **kw: Any
+) -> tuple[pl.Trainer, ParaBlockModule, ClientDataModule, FederatedBlockStrategy]:
     module = tiny_module(seed)
     data = tiny_data(module, seed=seed)
     strategy = FederatedBlockStrategy(InProcessTransport(svc, link=link), client_id, local_steps=local_steps, mode=mode, **kw)  # type: ignore[arg-type]

@@ -24,7 +24,7 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, prompt: str, response: st
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     r = tokenizer(response, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
-        r = r + [tokenizer.eos_token_id]
+        r = [*r, tokenizer.eos_token_id]
     if len(p) + len(r) > max_length:
         keep_r = min(len(r), max(max_length // 2, max_length - len(p)))
         r = r[:keep_r]
@@ -123,5 +123,5 @@ class ClientDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader[Any]:
         self.setup("validate")
         if self._eval is None:
-            return DataLoader([], batch_size=self.batch_size)
+            return DataLoader(TokenizedDataset([], self.tokenizer, self.max_length), batch_size=self.batch_size)
         return DataLoader(self._eval, batch_size=self.batch_size, shuffle=False, collate_fn=self._collate)

@@ -19,16 +19,73 @@ from pl_parablock.data.formats import make_record
 
 __all__ = ["CATEGORIES", "MATH_CATEGORIES", "synthetic_records"]
 
-NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jo", "Kai", "Lea", "Max", "Nia", "Omar", "Pia", "Raj", "Sam", "Tom", "Uma"]
+NAMES = [
+    "Ana",
+    "Ben",
+    "Chen",
+    "Dara",
+    "Eli",
+    "Fay",
+    "Gus",
+    "Hana",
+    "Ivo",
+    "Jo",
+    "Kai",
+    "Lea",
+    "Max",
+    "Nia",
+    "Omar",
+    "Pia",
+    "Raj",
+    "Sam",
+    "Tom",
+    "Uma",
+]
 ITEMS = ["apples", "books", "coins", "pens", "cards", "shells", "stamps", "eggs", "cups", "plums", "keys", "beads"]
 WORDS = [
-    "river", "planet", "garden", "window", "yellow", "summer", "bridge", "forest", "silver", "rocket",
-    "pencil", "market", "orange", "island", "castle", "winter", "button", "candle", "dragon", "mirror",
-    "basket", "letter", "school", "flower", "ticket", "engine", "pocket", "travel", "cotton", "harbor",
-    "bottle", "tunnel", "marble", "violet", "copper", "lemon", "tiger", "cloud", "stone", "music",
+    "river",
+    "planet",
+    "garden",
+    "window",
+    "yellow",
+    "summer",
+    "bridge",
+    "forest",
+    "silver",
+    "rocket",
+    "pencil",
+    "market",
+    "orange",
+    "island",
+    "castle",
+    "winter",
+    "button",
+    "candle",
+    "dragon",
+    "mirror",
+    "basket",
+    "letter",
+    "school",
+    "flower",
+    "ticket",
+    "engine",
+    "pocket",
+    "travel",
+    "cotton",
+    "harbor",
+    "bottle",
+    "tunnel",
+    "marble",
+    "violet",
+    "copper",
+    "lemon",
+    "tiger",
+    "cloud",
+    "stone",
+    "music",
 ]
 MATH_CATEGORIES = ("add", "sub", "mul")
-CATEGORIES = MATH_CATEGORIES + ("reverse", "upper", "count", "sort")
+CATEGORIES = (*MATH_CATEGORIES, "reverse", "upper", "count", "sort")
 
 
 def _math(rng: random.Random, kind: str) -> tuple[str, str, str]:

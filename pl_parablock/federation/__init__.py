@@ -1,7 +1,7 @@
 """Server side and transports of a federation."""
 
 from pl_parablock.federation.aggregate import RoundAccumulator, rebase
-from pl_parablock.federation.aggregator import Aggregator, Rejected
+from pl_parablock.federation.aggregator import Aggregator, RefusedError
 from pl_parablock.federation.link import Link
 from pl_parablock.federation.server import FederationServer
 from pl_parablock.federation.service import FederationService
@@ -16,7 +16,7 @@ __all__ = [
     "Link",
     "Pulled",
     "Pushed",
-    "Rejected",
+    "RefusedError",
     "RoundAccumulator",
     "Transport",
     "rebase",

@@ -34,12 +34,12 @@ from pl_parablock.errors import FederationError
 from pl_parablock.federation.aggregate import RoundAccumulator
 from pl_parablock.federation.wire import DTYPES
 
-__all__ = ["Aggregator", "Rejected"]
+__all__ = ["Aggregator", "RefusedError"]
 
 log = logging.getLogger(__name__)
 
 
-class Rejected(FederationError):
+class RefusedError(FederationError):
     """A request the server refuses; ``code`` says why for the transport."""
 
     def __init__(self, message: str, code: str = "refused") -> None:
@@ -150,11 +150,13 @@ class Aggregator:
         this client must upload the initial state.
 
         Raises:
-            Rejected: bad client id, mismatching model or mode, or the initial
+            RefusedError: bad client id, mismatching model or mode, or the initial
                 state not arriving within ``timeout``.
         """
         if not 0 <= client_id < self.clients:
-            raise Rejected(f"client id {client_id} is outside 0..{self.clients - 1}: this federation has {self.clients} clients", "invalid")
+            raise RefusedError(
+                f"client id {client_id} is outside 0..{self.clients - 1}: this federation has {self.clients} clients", "invalid"
+            )
         deadline = time.monotonic() + timeout
         with self._cond:
             if self._fingerprint is None:
@@ -171,7 +173,7 @@ class Aggregator:
                 self._fingerprint.get("hash"),
             ):
                 why = _describe_mismatch(self._fingerprint, fingerprint)
-                raise Rejected(
+                raise RefusedError(
                     f"client {client_id} refused: its model does not match this federation's: {why}. "
                     "Every client must build the same model (same model.config or model.path, blocks and seed)",
                     "refused",
@@ -180,7 +182,7 @@ class Aggregator:
             while not self._ready and not need_state:
                 left = deadline - time.monotonic()
                 if left <= 0 or self._shutdown:
-                    raise Rejected(
+                    raise RefusedError(
                         f"client {client_id}: the initial model state from client {self._initializer} did not arrive within {timeout:g} s",
                         "unavailable",
                     )
@@ -200,17 +202,17 @@ class Aggregator:
         """Store the initial global value of every block (from the first client)."""
         with self._cond:
             if self._fingerprint is None or client_id != self._initializer:
-                raise Rejected(f"client {client_id} may not set the initial state (client {self._initializer} does)", "refused")
+                raise RefusedError(f"client {client_id} may not set the initial state (client {self._initializer} does)", "refused")
             if self._ready:
                 return
             specs = self._fingerprint["tensors"]
             if set(tensors) != set(specs):
                 missing = sorted(set(specs) - set(tensors))[:3]
                 extra = sorted(set(tensors) - set(specs))[:3]
-                raise Rejected(f"initial state does not match the fingerprint (missing {missing}, unexpected {extra})", "invalid")
+                raise RefusedError(f"initial state does not match the fingerprint (missing {missing}, unexpected {extra})", "invalid")
             for name, t in tensors.items():
                 if [str(t.dtype).removeprefix("torch."), list(t.shape)] != [specs[name]["dtype"], specs[name]["shape"]]:
-                    raise Rejected(f"initial tensor {name!r} does not match the fingerprint", "invalid")
+                    raise RefusedError(f"initial tensor {name!r} does not match the fingerprint", "invalid")
             assert self._partition is not None
             self._globals = [{n: tensors[n] for n in b.params} for b in self._partition.blocks]
             self._ready = True
@@ -234,9 +236,9 @@ class Aggregator:
     def expected_block(self, round_index: int) -> int:
         with self._cond:
             if not self._ready:
-                raise Rejected("the federation has no initial state yet; join first", "unavailable")
+                raise RefusedError("the federation has no initial state yet; join first", "unavailable")
             if not 0 <= round_index < self.rounds:
-                raise Rejected(f"round {round_index} is outside 0..{self.rounds - 1}", "invalid")
+                raise RefusedError(f"round {round_index} is outside 0..{self.rounds - 1}", "invalid")
             return self._schedule[round_index]
 
     def _reject(self, record: dict[str, Any], reason: str, rnd: _Round | None = None) -> tuple[bool, str]:
@@ -283,7 +285,11 @@ class Aggregator:
             if not (weight > 0 and math.isfinite(weight)):
                 return self._reject(record, f"weight {weight!r} is not a positive number", rnd)
             if kind == "value" and base != self._versions[block]:
-                return self._reject(record, f"stale base: the client started from version {base} of block {block}, the server holds {self._versions[block]}", rnd)
+                return self._reject(
+                    record,
+                    f"stale base: the client started from version {base} of block {block}, the server holds {self._versions[block]}",
+                    rnd,
+                )
             current = self._globals[block]
         problem = _check_tensors(current, tensors, exact_dtype=(kind == "value"))
         if problem:
@@ -368,9 +374,9 @@ class Aggregator:
         """Current version and global value of a block (do not modify the tensors)."""
         with self._cond:
             if not self._ready:
-                raise Rejected("the federation has no initial state yet", "unavailable")
+                raise RefusedError("the federation has no initial state yet", "unavailable")
             if not 0 <= block < len(self._globals):
-                raise Rejected(f"block {block} is outside 0..{len(self._globals) - 1}", "invalid")
+                raise RefusedError(f"block {block} is outside 0..{len(self._globals) - 1}", "invalid")
             return self._versions[block], self._globals[block]
 
     def versions(self) -> list[int]:

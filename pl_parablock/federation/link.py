@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["Link"]
 
@@ -30,6 +31,11 @@ class Link:
                 raise ValueError(f"{name} must be > 0 or None, not {v!r}")
         if self.latency_ms < 0:
             raise ValueError(f"latency_ms must be >= 0, not {self.latency_ms!r}")
+
+    @classmethod
+    def from_section(cls, section: Any) -> Link:
+        """The link of a recipe's ``link`` section (anything with the three fields)."""
+        return cls(section.uplink_mbps, section.downlink_mbps, section.latency_ms)
 
     @property
     def emulated(self) -> bool:

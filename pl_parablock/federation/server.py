@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 
 from pl_parablock.errors import FederationError, ParaBlockError
-from pl_parablock.federation.aggregator import Rejected
+from pl_parablock.federation.aggregator import RefusedError
 from pl_parablock.federation.service import METHODS, SERVICE_NAME, FederationService
 from pl_parablock.federation.transport import GRPC_OPTIONS
 
@@ -40,7 +40,7 @@ _CODES = {
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
-    if isinstance(exc, Rejected):
+    if isinstance(exc, RefusedError):
         context.abort(_CODES.get(exc.code, grpc.StatusCode.FAILED_PRECONDITION), str(exc))
     if isinstance(exc, ParaBlockError):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

@@ -22,7 +22,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from pl_parablock.federation.aggregator import Aggregator, Rejected
+from pl_parablock.federation.aggregator import Aggregator, RefusedError
 from pl_parablock.federation.wire import DTYPES, decode, encode, header_bytes, parse_header
 
 __all__ = ["METHODS", "SERVICE_NAME", "FederationService"]
@@ -45,7 +45,7 @@ def _int(header: dict[str, Any], key: str) -> int:
     try:
         return int(header[key])
     except (KeyError, TypeError, ValueError):
-        raise Rejected(f"request lacks a valid `{key}`", "invalid") from None
+        raise RefusedError(f"request lacks a valid `{key}`", "invalid") from None
 
 
 class FederationService:
@@ -64,7 +64,7 @@ class FederationService:
         h = parse_header(request, "join")
         fp = h.get("fingerprint")
         if not isinstance(fp, dict) or not {"partition", "tensors", "hash"} <= set(fp):
-            raise Rejected("join request lacks a model fingerprint", "invalid")
+            raise RefusedError("join request lacks a model fingerprint", "invalid")
         timeout = min(float(h.get("timeout_s", MAX_WAIT_S)), 3600.0)
         reply = self.aggregator.join(_int(h, "client_id"), fp, timeout)
         return header_bytes(reply)
@@ -80,7 +80,7 @@ class FederationService:
         try:
             first = next(it)
         except StopIteration:
-            raise Rejected("empty update stream", "invalid") from None
+            raise RefusedError("empty update stream", "invalid") from None
         h = parse_header(first, "update")
         block = self.aggregator.expected_block(_int(h, "round"))
         limit = self.aggregator.block_nbytes(block)
@@ -103,14 +103,16 @@ class FederationService:
             block = self.aggregator.expected_block(rnd)
             if not self.aggregator.wait_round(rnd, wait_s):
                 if self.aggregator.closed:
-                    raise Rejected("the federation server is shutting down", "unavailable")
+                    raise RefusedError("the federation server is shutting down", "unavailable")
                 yield header_bytes({"ready": False, "round": rnd, "block": block})
                 return
         else:
             rnd = None
             block = _int(h, "block")
         version, tensors = self.aggregator.block_value(block)
-        yield from encode({"ready": True, "round": rnd, "block": block, "version": version}, tensors, chunk_bytes=self.chunk_bytes, dtype=dtype)
+        yield from encode(
+            {"ready": True, "round": rnd, "block": block, "version": version}, tensors, chunk_bytes=self.chunk_bytes, dtype=dtype
+        )
 
     def Versions(self, request: bytes) -> bytes:  # noqa: N802
         return header_bytes({"versions": self.aggregator.versions(), "finished": self.aggregator.finished})

@@ -104,7 +104,7 @@ class Transport(ABC):
     @abstractmethod
     def _unary_stream(self, method: str, request: bytes, timeout: float) -> Iterator[bytes]: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a transport without connections has nothing to release
         """Release connections; the transport cannot be used afterwards."""
 
     def describe(self) -> str:

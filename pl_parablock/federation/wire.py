@@ -66,7 +66,7 @@ def tensor_specs(tensors: Mapping[str, Tensor]) -> list[dict[str, Any]]:
 
 def _as_bytes(t: Tensor) -> memoryview:
     flat = t.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
 def encode(

@@ -75,7 +75,11 @@ def test_parablock_hides_communication_on_a_slow_link(tmp_path):
     assert 0.4 < comm / compute < 2.5, "the link must make communication comparable to computation"
     assert para["totals"]["comm_hidden_fraction"] > 0.6
     assert sync["totals"]["comm_hidden_fraction"] < 0.2
-    train = {name: max(c["ended_at"] for r in rep["rounds"] for c in r["client_records"]) - min(c["started_at"] for r in rep["rounds"] for c in r["client_records"]) for name, rep in (("sync", sync), ("para", para))}
+    train = {
+        name: max(c["ended_at"] for r in rep["rounds"] for c in r["client_records"])
+        - min(c["started_at"] for r in rep["rounds"] for c in r["client_records"])
+        for name, rep in (("sync", sync), ("para", para))
+    }
     assert train["para"] < 0.85 * train["sync"], train
 
 

@@ -74,7 +74,7 @@ def test_two_different_clients_average_their_end_values():
     svc = service(2, 1, "sync")
     jobs = []
     for cid, seed in enumerate((0, 1)):
-        trainer, module, data, strategy = federated_client(svc, cid, "sync", local_steps=3)
+        trainer, module, _data, strategy = federated_client(svc, cid, "sync", local_steps=3)
         jobs.append((trainer, module, tiny_data(module, seed=seed), strategy))
     run_clients([job[:3] for job in jobs])
     total = sum(weights)
@@ -93,7 +93,7 @@ def test_after_the_last_aggregate_every_client_holds_the_global_model(mode):
     svc = service(2, 5, mode)
     jobs = []
     for cid in range(2):
-        trainer, module, data, strategy = federated_client(svc, cid, mode, local_steps=2)
+        trainer, module, _data, strategy = federated_client(svc, cid, mode, local_steps=2)
         jobs.append((trainer, module, tiny_data(module, seed=cid), strategy))
     run_clients([job[:3] for job in jobs])
     glob = svc.aggregator.global_state()

@@ -78,7 +78,20 @@ def test_separate_server_and_client_roles(recipe, tmp_path):
         for i in range(2):
             clients.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "pl_parablock.fit", str(recipe), f"output_dir={out}", "mode=sync", "--role", "client", "--client-id", str(i), "--server", address],
+                    [
+                        sys.executable,
+                        "-m",
+                        "pl_parablock.fit",
+                        str(recipe),
+                        f"output_dir={out}",
+                        "mode=sync",
+                        "--role",
+                        "client",
+                        "--client-id",
+                        str(i),
+                        "--server",
+                        address,
+                    ],
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
                     text=True,
@@ -114,7 +127,17 @@ def test_bad_recipe_exits_2_with_one_clear_message(tmp_path):
 
 def test_unreachable_server_exits_2(recipe, tmp_path):
     t0 = time.monotonic()
-    done = cli(str(recipe), f"output_dir={tmp_path / 'x'}", "federation.timeout_s=3", "--role", "client", "--client-id", "0", "--server", "127.0.0.1:9")
+    done = cli(
+        str(recipe),
+        f"output_dir={tmp_path / 'x'}",
+        "federation.timeout_s=3",
+        "--role",
+        "client",
+        "--client-id",
+        "0",
+        "--server",
+        "127.0.0.1:9",
+    )
     assert done.returncode == 2, done.stderr
     assert "cannot reach the federation server at 127.0.0.1:9" in done.stderr
     assert "Traceback" not in done.stderr

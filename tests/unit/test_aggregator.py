@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pl_parablock.blocks import Block, Partition
-from pl_parablock.federation import Aggregator, FederationService, InProcessTransport, Rejected
+from pl_parablock.federation import Aggregator, FederationService, InProcessTransport, RefusedError
 from pl_parablock.federation.wire import dtype_name
 
 STATE = {"l0.w": torch.ones(4, 3), "l0.b": torch.zeros(3), "l1.w": torch.full((2, 2), 2.0)}
@@ -18,7 +18,9 @@ def fingerprint(mode="parablock", h="abc", state=STATE):
     return {
         "mode": mode,
         "partition": PART.to_dict(),
-        "tensors": {n: {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "nbytes": t.numel() * t.element_size()} for n, t in state.items()},
+        "tensors": {
+            n: {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "nbytes": t.numel() * t.element_size()} for n, t in state.items()
+        },
         "hash": h,
     }
 
@@ -55,14 +57,14 @@ def test_round_closes_with_the_weighted_mean_and_bumps_the_version():
 
 def test_mismatching_model_is_refused_with_the_reason():
     agg = joined(clients=3)
-    with pytest.raises(Rejected, match="initial weights differ"):
+    with pytest.raises(RefusedError, match="initial weights differ"):
         agg.join(2, fingerprint(h="other"), 1)
-    with pytest.raises(Rejected, match="mode=sync"):
+    with pytest.raises(RefusedError, match="mode=sync"):
         agg.join(2, fingerprint(mode="sync"), 1)
     other = dict(STATE, **{"l1.w": torch.zeros(3, 3)})
-    with pytest.raises(Rejected, match="l1.w"):
+    with pytest.raises(RefusedError, match="l1.w"):
         agg.join(2, fingerprint(state=other), 1)
-    with pytest.raises(Rejected, match="outside 0..2"):
+    with pytest.raises(RefusedError, match="outside 0..2"):
         agg.join(5, fingerprint(), 1)
 
 

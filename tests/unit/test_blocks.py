@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -8,9 +10,30 @@ from pl_parablock.blocks import find_layer_list, make_schedule, partition_model,
 from pl_parablock.errors import ModelError
 
 CONFIGS = {
-    "llama": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64},
-    "qwen2": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64},
-    "mistral": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64},
+    "llama": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 64,
+    },
+    "qwen2": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 64,
+    },
+    "mistral": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 64,
+    },
     "gpt2": {"n_embd": 32, "n_layer": 4, "n_head": 4, "vocab_size": 64, "n_positions": 64},
 }
 
@@ -97,7 +120,7 @@ def test_random_is_a_seeded_permutation_per_sweep_without_back_to_back_repeats(b
     assert s != make_schedule("random", blocks, rounds, seed=8) or blocks == 2
     for k in range(0, rounds, blocks):
         assert sorted(s[k : k + blocks]) == list(range(blocks))
-    assert all(a != b for a, b in zip(s, s[1:]))
+    assert all(a != b for a, b in itertools.pairwise(s))
 
 
 def test_explicit_schedule_is_checked():

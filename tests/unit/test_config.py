@@ -33,7 +33,9 @@ def test_every_shipped_recipe_is_valid(path):
 
 
 def test_overrides_apply_in_dotlist_form():
-    recipe = load_recipe(None, ["mode=sync", "federation.clients=2", "train.lr=1e-4", "blocks.schedule=[1,0,2]", "model.config.hidden_size=64"])
+    recipe = load_recipe(
+        None, ["mode=sync", "federation.clients=2", "train.lr=1e-4", "blocks.schedule=[1,0,2]", "model.config.hidden_size=64"]
+    )
     assert recipe.mode == "sync"
     assert recipe.federation.clients == 2
     assert recipe.train.lr == pytest.approx(1e-4)
