@@ -66,7 +66,7 @@ def model_fingerprint(module: nn.Module, partition: Partition, mode: str) -> dic
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
         if t.numel():
-            h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
     tensors = {
         n: {"dtype": dtype_name(params[n].dtype), "shape": list(params[n].shape), "nbytes": params[n].numel() * params[n].element_size()}
         for n in partition.param_names

@@ -25,7 +25,7 @@ import grpc
 from pl_parablock.errors import FederationError, ParaBlockError
 from pl_parablock.federation.aggregator import RefusedError
 from pl_parablock.federation.service import METHODS, SERVICE_NAME, FederationService
-from pl_parablock.federation.transport import GRPC_OPTIONS
+from pl_parablock.federation.transport import SERVER_OPTIONS
 
 __all__ = ["FederationServer"]
 
@@ -87,7 +87,7 @@ class FederationServer:
         self.listen = listen
         workers = max_workers or max(8, 4 * service.aggregator.clients + 4)
         self._executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pl_parablock-server")
-        self._server = grpc.server(self._executor, options=GRPC_OPTIONS)
+        self._server = grpc.server(self._executor, options=SERVER_OPTIONS)
         handlers = {m: _wrap(m, kind, getattr(service, m)) for m, kind in METHODS.items()}
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         self.address: str | None = None

@@ -34,10 +34,17 @@ from pl_parablock.federation.wire import decode, encode, header_bytes, parse_hea
 __all__ = ["GrpcTransport", "InProcessTransport", "Pulled", "Pushed", "Transport"]
 
 POLL_S = 20.0
-GRPC_OPTIONS = [
+MESSAGE_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),
     ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.keepalive_time_ms", 30_000),
+]
+# Clients ping every 30 s so a dead peer is noticed during long polls; the
+# server accepts pings that often (its default would answer "too many pings").
+CLIENT_OPTIONS = [*MESSAGE_OPTIONS, ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 20_000)]
+SERVER_OPTIONS = [
+    *MESSAGE_OPTIONS,
+    ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
 ]
 
 
@@ -208,7 +215,7 @@ class GrpcTransport(Transport):
         super().__init__(**kwargs)
         self.address = address
         self.connect_timeout_s = connect_timeout_s
-        self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self._channel = grpc.insecure_channel(address, options=CLIENT_OPTIONS)
         self._ready = False
         self._calls: dict[str, Any] = {}
         for method, kind in METHODS.items():
