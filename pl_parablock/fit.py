@@ -207,13 +207,13 @@ def _local_inprocess(recipe: Recipe) -> int:
         )
         for i in range(f.clients)
     ]
-    errors: dict[int, BaseException] = {}
+    errors: list[tuple[int, BaseException]] = []  # in the order they happened: the first is the cause
 
     def target(run: Any) -> None:
         try:
             run.fit()
         except BaseException as exc:
-            errors[run.client_id] = exc
+            errors.append((run.client_id, exc))
             agg.shutdown()
 
     start = time.perf_counter()
@@ -224,8 +224,7 @@ def _local_inprocess(recipe: Recipe) -> int:
         t.join()
     wall = time.perf_counter() - start
     if errors:
-        first = min(errors)
-        exc = errors[first]
+        first, exc = errors[0]
         if isinstance(exc, ParaBlockError):
             raise exc
         raise RuntimeError(f"client {first} failed") from exc

@@ -87,3 +87,12 @@ def test_fedavg_trains_every_parameter_each_round(tmp_path):
     report = run(tmp_path, "fedavg", "mode=fedavg", "federation.rounds=3")
     assert report["federation"]["blocks"] == ["all"]
     assert [r["block"] for r in report["rounds"]] == [0, 0, 0]
+
+
+def test_bfloat16_on_the_wire_halves_the_bytes(tmp_path):
+    full = run(tmp_path, "fp32", "federation.rounds=3", "eval.max_samples=8")
+    half = run(tmp_path, "bf16", "federation.rounds=3", "eval.max_samples=8", "federation.wire_dtype=bfloat16")
+    ratio = half["totals"]["bytes_up"] / full["totals"]["bytes_up"]
+    assert 0.45 < ratio < 0.6, ratio
+    assert all(c["kind"] == "delta" for r in half["rounds"] for c in r["client_records"])
+    assert half["final"]["loss"] < half["rounds"][0]["loss"]
