@@ -37,6 +37,7 @@ WIRE_DTYPES = ("float32", "bfloat16", "float16")
 WEIGHTINGS = ("samples", "tokens", "uniform")
 DATA_FORMATS = ("synthetic", "alpaca", "gsm8k")
 PARTITIONS = ("iid", "dirichlet")
+AGGREGATIONS = ("mean", "trimmed_mean", "median")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
 
 
@@ -132,6 +133,24 @@ class TrainSection:
         default=None,
         metadata=_help("CPU threads per client process; default: the machine's cores shared among local clients."),
     )
+    checkpoint_every: int = field(
+        default=0,
+        metadata=_help(
+            "Save the client's Lightning checkpoint (model, optimizer, rounds) every N rounds to "
+            "OUTPUT_DIR/checkpoints/client_I.ckpt; a restarted client resumes from it. 0: never."
+        ),
+    )
+
+
+@dataclass
+class TLSSection:
+    """TLS files. Server: cert and key. Clients: ca (the server's certificate or its CA)."""
+
+    cert: str | None = field(default=None, metadata=_help("Server certificate (PEM); with `key`, the server serves TLS only."))
+    key: str | None = field(default=None, metadata=_help("Server private key (PEM)."))
+    ca: str | None = field(
+        default=None, metadata=_help("CA certificate (PEM) clients verify the server with; a self-signed server's own certificate.")
+    )
 
 
 @dataclass
@@ -165,6 +184,28 @@ class FederationSection:
         ),
     )
     chunk_kb: int = field(default=1024, metadata=_help("Size of one streamed chunk, KiB."))
+    token: Any = field(
+        default=None,
+        metadata=_help(
+            "Shared secret every client presents; or a mapping client id -> that client's own token. "
+            "The environment variable PL_PARABLOCK_TOKEN, when set, wins. null: no authentication."
+        ),
+    )
+    tls: TLSSection = field(default_factory=TLSSection)
+    clients_per_round: int | None = field(
+        default=None, metadata=_help("Clients sampled (seeded) to train each round; the others only fetch the aggregate.")
+    )
+    checkpoint_every: int = field(
+        default=0,
+        metadata=_help("Write the server checkpoint (OUTPUT_DIR/server) every N rounds; a restarted server resumes from it. 0: never."),
+    )
+    aggregation: str = field(
+        default="mean",
+        metadata=_help("mean (weighted FedAvg) | trimmed_mean | median (coordinate-wise over the round's deltas, for untrusted clients)."),
+    )
+    trim_fraction: float = field(default=0.1, metadata=_help("Share of values trimmed at each end by trimmed_mean."))
+    clip_norm: float | None = field(default=None, metadata=_help("Scale every client's delta down to this L2 norm."))
+    max_update_norm: float | None = field(default=None, metadata=_help("Refuse updates whose delta has a larger L2 norm."))
 
 
 @dataclass
@@ -314,6 +355,28 @@ def load_recipe(path: str | os.PathLike[str] | None, overrides: list[str] | None
     return recipe
 
 
+TOKEN_ENV = "PL_PARABLOCK_TOKEN"
+
+
+def server_token(recipe: Recipe) -> str | dict[int, str] | None:
+    """The token(s) the server accepts: PL_PARABLOCK_TOKEN if set, else federation.token."""
+    env = os.environ.get(TOKEN_ENV)
+    if env:
+        return env
+    token = recipe.federation.token
+    if isinstance(token, dict):
+        return {int(k): str(v) for k, v in token.items()}
+    return token  # type: ignore[no-any-return]
+
+
+def client_token(recipe: Recipe, client_id: int) -> str | None:
+    """The token client ``client_id`` presents: PL_PARABLOCK_TOKEN if set, else its federation.token."""
+    token = server_token(recipe)
+    if isinstance(token, dict):
+        return token.get(client_id)
+    return token
+
+
 def to_yaml(recipe: Recipe) -> str:
     """The recipe as YAML (all keys, resolved), e.g. to record it next to a run."""
     return OmegaConf.to_yaml(OmegaConf.structured(recipe))
@@ -393,6 +456,7 @@ def validate(recipe: Recipe) -> list[str]:
     _at_least(p, "train.gradient_clip_val", t.gradient_clip_val, 0.0, strict=True)
     _one_of(p, "train.precision", t.precision, PRECISIONS)
     _at_least(p, "train.threads", t.threads, 1)
+    _at_least(p, "train.checkpoint_every", t.checkpoint_every, 0)
 
     f = recipe.federation
     _at_least(p, "federation.clients", f.clients, 1)
@@ -406,6 +470,32 @@ def validate(recipe: Recipe) -> list[str]:
     if f.wire_dtype is not None:
         _one_of(p, "federation.wire_dtype", f.wire_dtype, WIRE_DTYPES)
     _at_least(p, "federation.chunk_kb", f.chunk_kb, 1)
+    if f.chunk_kb > 32768:
+        p.append(f"`federation.chunk_kb` is {f.chunk_kb}; at most 32768 (32 MiB) fits a message")
+    if f.token is not None:
+        if isinstance(f.token, dict):
+            for k, v in f.token.items():
+                if not (str(k).isdigit() and isinstance(v, str) and v):
+                    p.append(f"`federation.token` maps {k!r} to {v!r}; give client id -> non-empty token string")
+        elif not (isinstance(f.token, str) and f.token):
+            p.append("`federation.token` must be a non-empty string, a mapping client id -> token, or null")
+    tls = f.tls
+    if (tls.cert is None) != (tls.key is None):
+        p.append("`federation.tls.cert` and `federation.tls.key` go together (the server needs both)")
+    for key in ("cert", "key", "ca"):
+        path = getattr(tls, key)
+        if path is not None and not os.path.isfile(path):
+            p.append(f"`federation.tls.{key}` {path!r} is not a file")
+    if f.clients_per_round is not None and not 1 <= f.clients_per_round <= max(f.clients, 1):
+        p.append(f"`federation.clients_per_round` is {f.clients_per_round}; it must be between 1 and federation.clients ({f.clients})")
+    if f.clients_per_round is not None and f.min_clients is not None and f.min_clients > f.clients_per_round:
+        p.append(f"`federation.min_clients` ({f.min_clients}) exceeds federation.clients_per_round ({f.clients_per_round})")
+    _at_least(p, "federation.checkpoint_every", f.checkpoint_every, 0)
+    _one_of(p, "federation.aggregation", f.aggregation, AGGREGATIONS)
+    if not 0.0 <= f.trim_fraction < 0.5:
+        p.append(f"`federation.trim_fraction` is {f.trim_fraction}; it must be in [0, 0.5)")
+    _at_least(p, "federation.clip_norm", f.clip_norm, 0.0, strict=True)
+    _at_least(p, "federation.max_update_norm", f.max_update_norm, 0.0, strict=True)
 
     ln = recipe.link
     _at_least(p, "link.uplink_mbps", ln.uplink_mbps, 0.0, strict=True)

@@ -45,5 +45,13 @@ class FederationError(ParaBlockError):
     """The federation cannot go on: refused join, unreachable server, rejected update."""
 
 
+class TransportError(FederationError):
+    """The connection to the server failed (lost, timed out, corrupted in transit); retrying may help."""
+
+
+class ServerRestarted(FederationError):  # noqa: N818 - names the event
+    """The server answering now is another instance than the one this client joined."""
+
+
 class TransmitterError(FederationError):
     """The transmitter thread failed; raised on the training thread with the cause attached."""

@@ -31,11 +31,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pl_parablock.config import Recipe, load_recipe, to_yaml
+from pl_parablock.config import Recipe, load_recipe, server_token, to_yaml
 from pl_parablock.errors import ParaBlockError
 from pl_parablock.federation.aggregator import Aggregator
 from pl_parablock.federation.link import Link
-from pl_parablock.federation.server import FederationServer
+from pl_parablock.federation.server import TLS, FederationServer
 from pl_parablock.federation.service import FederationService
 from pl_parablock.federation.transport import InProcessTransport
 from pl_parablock.federation.wire import DTYPES
@@ -71,20 +71,24 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _aggregator(recipe: Recipe, progress: bool) -> Aggregator:
+    """The server state of a recipe, resumed from OUTPUT_DIR/server when a checkpoint is there."""
     f = recipe.federation
     total = f.rounds
     start = time.time()
 
     def show(rec: dict[str, Any]) -> None:
         loss = rec.get("loss")
+        missing = f" ({rec['arrived']}/{rec['expected']}: {rec['close_reason']})" if rec["arrived"] < rec["expected"] else ""
         _say(
             f"  round {rec['round'] + 1:>3}/{total}  block {rec['block']:>2}  {rec['arrived']}/{rec['expected']} clients  "
             + (f"loss {loss:.4f}  " if loss is not None else "")
             + f"t={time.time() - start:6.1f} s"
+            + missing
         )
 
     schedule = recipe.blocks.schedule if recipe.mode != "fedavg" else "ascending"
-    return Aggregator(
+    checkpoint_dir = os.path.join(recipe.output_dir, "server")
+    agg = Aggregator(
         clients=f.clients,
         rounds=f.rounds,
         schedule=schedule,
@@ -93,8 +97,38 @@ def _aggregator(recipe: Recipe, progress: bool) -> Aggregator:
         mode=recipe.mode,
         min_clients=f.min_clients,
         round_timeout_s=f.round_timeout_s,
+        clients_per_round=f.clients_per_round,
+        aggregation=f.aggregation,
+        trim_fraction=f.trim_fraction,
+        clip_norm=f.clip_norm,
+        max_update_norm=f.max_update_norm,
+        checkpoint_dir=checkpoint_dir if f.checkpoint_every > 0 else None,
+        checkpoint_every=f.checkpoint_every,
         on_round_closed=show if progress else None,
     )
+    if f.checkpoint_every > 0 and os.path.isfile(os.path.join(checkpoint_dir, "state.json")):
+        resumed = agg.load_checkpoint(checkpoint_dir)
+        if resumed >= f.rounds:
+            raise ParaBlockError(f"the federation in {recipe.output_dir} already finished its {f.rounds} rounds; use another output_dir")
+        _say(f"resuming the federation at round {resumed + 1}/{f.rounds} from the checkpoint in {checkpoint_dir}")
+    return agg
+
+
+def _server(recipe: Recipe, agg: Aggregator, listen: str) -> FederationServer:
+    f = recipe.federation
+    service = FederationService(agg, chunk_bytes=f.chunk_kb * 1024, token=server_token(recipe))
+    tls = TLS(cert=f.tls.cert, key=f.tls.key) if f.tls.cert else None
+    return FederationServer(service, listen=listen, tls=tls)
+
+
+def _client_address(address: str, recipe: Recipe) -> str:
+    """Where local client processes reach a server bound to ``address``."""
+    host, _, port = address.rpartition(":")
+    if host in ("0.0.0.0", "[::]", "::"):
+        host = "127.0.0.1"
+    if recipe.federation.tls.cert:
+        host = "localhost"  # certificates name hosts; a self-signed one for local runs names localhost
+    return f"{host}:{port}"
 
 
 def _describe_data(recipe: Recipe) -> str:
@@ -125,6 +159,11 @@ def _banner(recipe: Recipe, where: str) -> None:
     _say(f"  {_describe_data(recipe)}")
 
 
+def _quorum_survives(recipe: Recipe, alive: int) -> bool:
+    f = recipe.federation
+    return f.round_timeout_s is not None and alive >= (f.min_clients or f.clients)
+
+
 def _local_processes(recipe: Recipe) -> int:
     f = recipe.federation
     if recipe.train.threads is None:
@@ -136,37 +175,45 @@ def _local_processes(recipe: Recipe) -> int:
     with open(resolved, "w", encoding="utf-8") as fh:
         fh.write(to_yaml(recipe))
     agg = _aggregator(recipe, progress=True)
-    server = FederationServer(FederationService(agg, chunk_bytes=f.chunk_kb * 1024), listen="127.0.0.1:0")
-    address = server.start()
+    server = _server(recipe, agg, "127.0.0.1:0")
+    address = _client_address(server.start(), recipe)
     _banner(recipe, f"server {address}, client logs in {logs}")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(recipe.train.threads), "TOKENIZERS_PARALLELISM": "false"}
-    procs: list[tuple[int, subprocess.Popen[bytes], Any]] = []
+    procs: dict[int, tuple[subprocess.Popen[bytes], Any]] = {}
     start = time.perf_counter()
     failed: tuple[int, int] | None = None
+    dropped: list[int] = []
     try:
         for i in range(f.clients):
             log_file = open(os.path.join(logs, f"client_{i}.log"), "wb")
             cmd = [sys.executable, "-m", "pl_parablock.fit", resolved, "--role", "client", "--client-id", str(i), "--server", address]
-            procs.append((i, subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env), log_file))
-        while any(p.poll() is None for _, p, _ in procs):
-            for i, p, _ in procs:
+            procs[i] = (subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env), log_file)
+        while any(p.poll() is None for p, _ in procs.values()):
+            for i, (p, _) in procs.items():
                 rc = p.poll()
-                if rc not in (None, 0):
+                if rc in (None, 0) or i in dropped:
+                    continue
+                alive = sum(1 for q, _ in procs.values() if q.poll() is None)
+                if _quorum_survives(recipe, alive):
+                    dropped.append(i)
+                    where = os.path.join(logs, f"client_{i}.log")
+                    _say(f"client {i} exited with status {rc} (log: {where}); the federation goes on with {alive}")
+                else:
                     failed = (i, rc)
                     break
             if failed:
                 break
             time.sleep(0.2)
         if failed is None:
-            failed = next(((i, p.returncode) for i, p, _ in procs if p.returncode != 0), None)
+            failed = next(((i, p.returncode) for i, (p, _) in procs.items() if p.returncode != 0 and i not in dropped), None)
     except KeyboardInterrupt:
         _say("interrupted: stopping the clients")
         failed = (-1, 130)
     finally:
-        for _, p, _ in procs:
+        for p, _ in procs.values():
             if p.poll() is None:
                 p.terminate()
-        for _, p, log_file in procs:
+        for p, log_file in procs.values():
             try:
                 p.wait(10)
             except subprocess.TimeoutExpired:
@@ -234,19 +281,24 @@ def _local_inprocess(recipe: Recipe) -> int:
 def _serve(recipe: Recipe, listen: str) -> int:
     f = recipe.federation
     agg = _aggregator(recipe, progress=True)
-    server = FederationServer(FederationService(agg, chunk_bytes=f.chunk_kb * 1024), listen=listen)
+    server = _server(recipe, agg, listen)
     address = server.start()
     _say(f"listening on {address}")
-    _say(f"pl_parablock server: mode={recipe.mode}, waiting for {f.clients} clients, {f.rounds} rounds")
+    auth = "token required" if server_token(recipe) else "no token (trusted network only)"
+    tls = ", TLS" if f.tls.cert else ""
+    _say(f"pl_parablock server: mode={recipe.mode}, waiting for {f.clients} clients, {f.rounds} rounds, {auth}{tls}")
     start = time.perf_counter()
+    limit = f.timeout_s * (f.rounds + 2)
+    grace = max(30.0, f.round_timeout_s or 0.0)
     try:
-        if not agg.wait_all_left(timeout=f.timeout_s * max(f.rounds, 1) * 3):
-            raise ParaBlockError(f"the federation did not finish: clients missing after {f.timeout_s * max(f.rounds, 1) * 3:g} s")
+        finished = agg.wait_finished(timeout=limit, grace_s=grace)
     except KeyboardInterrupt:
         _say("interrupted: stopping the server")
         server.stop()
         return 130
     server.stop()
+    if not finished:
+        raise ParaBlockError(f"the federation did not finish within {limit:g} s: rounds closed {agg.next_round()}/{f.rounds}")
     return _finish(recipe, agg, time.perf_counter() - start)
 
 

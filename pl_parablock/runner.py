@@ -20,9 +20,11 @@ from lightning.pytorch.callbacks import Callback
 from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
-from pl_parablock.config import Recipe
+from pl_parablock.config import Recipe, client_token
 from pl_parablock.data import ClientDataModule, client_shares, collate, encode_example, recipe_data
+from pl_parablock.errors import ParaBlockError
 from pl_parablock.federation.link import Link
+from pl_parablock.federation.server import TLS
 from pl_parablock.federation.transport import Transport
 from pl_parablock.metrics import evaluate_exact_match, evaluate_loss
 from pl_parablock.models import build_model
@@ -119,6 +121,30 @@ class GlobalEvaluation(Callback):
         log.info("global model: %s", {k: v for k, v in metrics.items() if k != "eval_curve"})
 
 
+class RoundCheckpoint(Callback):
+    """Saves the client's Lightning checkpoint every ``every`` rounds, atomically.
+
+    The file is written next to its final name and renamed over it, so a
+    crash while saving leaves the previous checkpoint whole.
+    """
+
+    def __init__(self, strategy: FederatedBlockStrategy, path: str, *, every: int = 1) -> None:
+        self.strategy = strategy
+        self.path = path
+        self.every = every
+        self._saved_round = -1
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        r = self.strategy.round
+        if r != self._saved_round and r > 0 and r % self.every == 0 and trainer.global_step == self.strategy.round_start_step:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            tmp = self.path + ".tmp"
+            trainer.save_checkpoint(tmp)
+            os.replace(tmp, self.path)
+            self._saved_round = r
+
+
 @dataclass
 class ClientRun:
     """A client ready to train: call :meth:`fit`, then read :meth:`report`."""
@@ -130,9 +156,19 @@ class ClientRun:
     strategy: FederatedBlockStrategy
     shard_size: int
     extra: dict[str, Any] = field(default_factory=dict)
+    ckpt_path: str | None = None
 
     def fit(self) -> None:
-        self.trainer.fit(self.module, datamodule=self.datamodule)
+        """Train; resumes from this client's checkpoint when one exists."""
+        try:
+            self.trainer.fit(self.module, datamodule=self.datamodule, ckpt_path=self.ckpt_path)
+        except (RuntimeError, KeyError, EOFError) as exc:
+            if self.ckpt_path is None or self.trainer.global_step > 0:
+                raise
+            raise ParaBlockError(
+                f"client {self.client_id}: cannot resume from {self.ckpt_path} ({type(exc).__name__}: {exc}); "
+                "it is corrupt or from another model: move it away to start this client afresh"
+            ) from None
 
     def report(self) -> dict[str, Any]:
         return {**self.strategy.report(), "shard_size": self.shard_size, **self.extra}
@@ -179,8 +215,19 @@ def prepare_client(recipe: Recipe, client_id: int, server: str | Transport | Non
         link=Link.from_section(recipe.link),
         wire_dtype=f.wire_dtype,
         chunk_kb=f.chunk_kb,
+        token=client_token(recipe, client_id),
+        tls=TLS(ca=f.tls.ca) if f.tls.ca else None,
     )
     callbacks: list[Callback] = [strategy]
+    ckpt_path = None
+    if t.checkpoint_every > 0:
+        ckpt = RoundCheckpoint(
+            strategy, os.path.join(recipe.output_dir, "checkpoints", f"client_{client_id}.ckpt"), every=t.checkpoint_every
+        )
+        callbacks.append(ckpt)
+        if os.path.isfile(ckpt.path):
+            ckpt_path = ckpt.path
+            log.info("client %d resumes from its checkpoint %s", client_id, ckpt.path)
     if evaluate:
         model_dir = os.path.join(recipe.output_dir, "model")
         callbacks.append(
@@ -213,4 +260,4 @@ def prepare_client(recipe: Recipe, client_id: int, server: str | Transport | Non
         limit_val_batches=None if eval_every else 0,
         default_root_dir=recipe.output_dir,
     )
-    return ClientRun(client_id, trainer, module, datamodule, strategy, len(shard))
+    return ClientRun(client_id, trainer, module, datamodule, strategy, len(shard), ckpt_path=ckpt_path)

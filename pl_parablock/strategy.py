@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -34,9 +35,10 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from pl_parablock.blocks import Partition, make_schedule, partition_model, whole_model_partition
-from pl_parablock.errors import ParaBlockError
+from pl_parablock.errors import ParaBlockError, ServerRestarted, TransmitterError, TransportError
 from pl_parablock.federation.aggregate import rebase
 from pl_parablock.federation.link import Link
+from pl_parablock.federation.server import TLS
 from pl_parablock.federation.transport import GrpcTransport, Transport
 from pl_parablock.federation.wire import DTYPES, dtype_name
 from pl_parablock.transmitter import Arrival, Handoff, Transmitter
@@ -109,6 +111,9 @@ class FederatedBlockStrategy(Callback):
         link: emulated link for a ``"HOST:PORT"`` server.
         wire_dtype: dtype blocks travel in (e.g. ``"bfloat16"``); ``None``: their own.
         chunk_kb: chunk size of streamed blocks, KiB.
+        token: the federation's (or this client's) token for a ``"HOST:PORT"``
+            server; ``None`` reads ``PL_PARABLOCK_TOKEN`` from the environment.
+        tls: CA certificate (and optional client certificate) of a TLS server.
 
     Raises:
         ParaBlockError: on an invalid argument (shown with the allowed range).
@@ -140,6 +145,8 @@ class FederatedBlockStrategy(Callback):
         link: Link | None = None,
         wire_dtype: str | None = None,
         chunk_kb: int = 1024,
+        token: str | None = None,
+        tls: TLS | None = None,
     ) -> None:
         problems = []
         if not (isinstance(local_steps, int) and local_steps >= 1):
@@ -183,6 +190,8 @@ class FederatedBlockStrategy(Callback):
         self.link = link
         self.wire_dtype = wire_dtype
         self.chunk_kb = chunk_kb
+        self.token = token
+        self.tls = tls
 
         self.partition: Partition | None = None
         self.schedule: list[int] = []
@@ -205,6 +214,11 @@ class FederatedBlockStrategy(Callback):
         self._clean: list[bool] = []
         self._inflight: dict[int, tuple[int, dict[str, Tensor]]] = {}
         self._next_apply = 0
+        self._fingerprint: dict[str, Any] | None = None
+        self._instance: str | None = None
+        self._participants: list[list[int]] | None = None
+        self._done = False
+        self.events: list[dict[str, Any]] = []
         self._transport: Transport | None = None
         self._owns_transport = False
         self._transmitter: Transmitter | None = None
@@ -217,6 +231,11 @@ class FederatedBlockStrategy(Callback):
     @property
     def federated(self) -> bool:
         return self.server is not None
+
+    @property
+    def round_start_step(self) -> int:
+        """``trainer.global_step`` when the current round began."""
+        return self._round_start_step
 
     @property
     def active_block(self) -> int | None:
@@ -266,12 +285,12 @@ class FederatedBlockStrategy(Callback):
         self._cover_optimizers(trainer)
         self._versions = [-1] * len(self.partition)
         self._clean = [True] * len(self.partition)
-        if self.federated:
-            self._connect(pl_module)
-        else:
-            self.schedule = make_schedule(self.schedule_kind, len(self.partition), self.rounds, self.seed)
         if self._restored is not None:
             self._restore(self._restored)
+        if self.federated:
+            self._connect(pl_module)
+        elif not self.schedule:
+            self.schedule = make_schedule(self.schedule_kind, len(self.partition), self.rounds, self.seed)
         max_steps = trainer.max_steps
         remaining = (self.rounds - self.round) * self.local_steps
         if self.federated and max_steps not in (None, -1) and trainer.global_step + remaining > max_steps:
@@ -295,6 +314,8 @@ class FederatedBlockStrategy(Callback):
                 "setup (e.g. `AdamW(p for p in self.parameters() if p.requires_grad)`) to choose them yourself."
             )
 
+    # -------------------------------------------------------------- joining
+
     def _connect(self, pl_module: pl.LightningModule) -> None:
         assert self.partition is not None
         if isinstance(self.server, Transport):
@@ -307,29 +328,85 @@ class FederatedBlockStrategy(Callback):
                 chunk_bytes=self.chunk_kb * 1024,
                 wire_dtype=DTYPES[self.wire_dtype] if self.wire_dtype else None,
                 connect_timeout_s=min(self.timeout_s, 60.0),
+                token=os.environ.get("PL_PARABLOCK_TOKEN") or self.token,
+                tls=self.tls,
             )
             self._owns_transport = True
-        fp = model_fingerprint(pl_module, self.partition, self.mode)
-        reply = self._transport.join(self.client_id, fp, self.timeout_s)
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(pl_module, self.partition, self.mode)
+        reply = self._join()
+        if reply.get("need_state"):
+            self._transport.upload_state(self.client_id, _cpu_copy(self._params), self.timeout_s)
+        self._sync_to(reply)
+        log.info(
+            "client %d joined via %s: %d rounds, from round %d, schedule %s",
+            self.client_id,
+            self._transport.describe(),
+            self.rounds,
+            self.round,
+            self.schedule,
+        )
+
+    def _join(self) -> dict[str, Any]:
+        """Join (or rejoin) the federation, retrying while the server is unreachable."""
+        assert self._transport is not None and self._fingerprint is not None
+        deadline = time.monotonic() + self.timeout_s
+        backoff = 0.5
+        while True:
+            try:
+                reply = self._transport.join(self.client_id, self._fingerprint, self.timeout_s)
+                break
+            except TransportError as exc:
+                if time.monotonic() + backoff > deadline:
+                    raise
+                log.warning("client %d: cannot join yet (%s); retrying in %.1f s", self.client_id, exc, backoff)
+                time.sleep(backoff)
+                backoff = min(2 * backoff, 10.0)
         if reply.get("mode") not in (None, self.mode):
             raise ParaBlockError(f"client {self.client_id} runs mode={self.mode} but the server runs mode={reply['mode']}")
         self.schedule = [int(b) for b in reply["schedule"]]
         self.rounds = int(reply["rounds"])
-        if reply.get("need_state"):
-            self._transport.upload_state(self.client_id, _cpu_copy(self._params), self.timeout_s)
-        self._catch_up([int(v) for v in reply.get("versions", [])])
-        self._transmitter = Transmitter(self._transport, self.client_id, timeout_s=self.timeout_s)
-        log.info("client %d joined via %s: %d rounds, schedule %s", self.client_id, self._transport.describe(), self.rounds, self.schedule)
+        self._participants = reply.get("participants")
+        self._instance = reply.get("instance")
+        return reply
 
-    def _catch_up(self, server_versions: Sequence[int]) -> None:
-        """Fetch every block whose global version is newer than this client's."""
+    def _sync_to(self, reply: Mapping[str, Any]) -> None:
+        """Adopt the server's state: every block whose global version differs, and its next round.
+
+        A client joining late, restarting from a crash, or facing a server
+        restarted from an older checkpoint ends up holding exactly the
+        server's global blocks and continues at the first round not yet
+        aggregated; its in-flight hand-offs are dropped (the server either
+        has them or rolled them back).
+        """
         assert self._transport is not None
-        for b, v in enumerate(server_versions):
-            if v > self._versions[b]:
+        fetched = []
+        for b, v in enumerate(int(v) for v in reply.get("versions", [])):
+            if v != self._versions[b] or not self._clean[b]:
                 pulled = self._transport.fetch(self.client_id, b, self.timeout_s)
                 self._copy_in(b, pulled.tensors)
                 self._versions[b] = pulled.version
                 self._clean[b] = True
+                fetched.append(b)
+        self._inflight.clear()
+        self._round_open = False
+        self._start = None
+        next_round = int(reply.get("next_round", 0))
+        if fetched or next_round != self.round:
+            self.events.append(
+                {"event": "synced", "at": time.time(), "from_round": self.round, "to_round": next_round, "fetched_blocks": fetched}
+            )
+        self.round = self._next_apply = next_round
+        self._done = False
+        self._transmitter = Transmitter(self._transport, self.client_id, timeout_s=self.timeout_s, instance=self._instance)
+
+    def _resync(self) -> None:
+        """The server restarted: rejoin it and adopt its state."""
+        log.warning("client %d: the server restarted; rejoining and adopting its state", self.client_id)
+        if self._transmitter is not None:
+            self._transmitter.close(timeout=5.0, cancel_pending=True)
+        self._clean = [False] * len(self._clean)
+        self._sync_to(self._join())
 
     def _copy_in(self, block: int, tensors: Mapping[str, Tensor]) -> None:
         with torch.no_grad():
@@ -340,8 +417,8 @@ class FederatedBlockStrategy(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.round < self.rounds and not self._round_open:
-            self._begin_round(trainer)
+        if not self._round_open and not self._done:
+            self._advance(trainer, end=False)
 
     @override
     def on_train_batch_end(
@@ -351,11 +428,34 @@ class FederatedBlockStrategy(Callback):
             return
         self._count(batch, outputs)
         if trainer.global_step - self._round_start_step >= self.local_steps:
-            self._end_round(trainer)
-            if self.round < self.rounds:
-                self._begin_round(trainer)
-            else:
-                trainer.should_stop = True
+            self._advance(trainer, end=True)
+
+    def _advance(self, trainer: pl.Trainer, *, end: bool) -> None:
+        """End the open round (if ``end``), then start the next one or finish.
+
+        A server restart noticed on the way makes the client rejoin and
+        continue from the server's next round.
+        """
+        for _ in range(100):
+            try:
+                if end:
+                    end = False
+                    self._end_round(trainer)
+                self._skip_rounds(trainer)
+                if self.round < self.rounds:
+                    self._begin_round(trainer)
+                else:
+                    self._finish_rounds()
+                break
+            except TransmitterError as exc:
+                if not isinstance(exc.__cause__, ServerRestarted):
+                    raise
+                self._resync()
+        if self._done:
+            trainer.should_stop = True
+
+    def _participates(self, round_index: int) -> bool:
+        return self._participants is None or self.client_id in self._participants[round_index]
 
     def _count(self, batch: Any, outputs: Tensor | Mapping[str, Any] | None) -> None:
         try:
@@ -389,16 +489,33 @@ class FederatedBlockStrategy(Callback):
                         opt.state.pop(p, None)
         self._active = block
 
+    def _skip_rounds(self, trainer: pl.Trainer) -> None:
+        """Rounds this client is not sampled for: no training, only the aggregate."""
+        while self.federated and self.round < self.rounds and not self._participates(self.round):
+            assert self._transmitter is not None
+            t, b = self.round, self.schedule[self.round]
+            if self.mode == "parablock" and t >= 2:
+                self._apply_through(t - 2)
+            self.records.append({"round": t, "block": b, "participated": False, "started_at": time.time()})
+            self._inflight[t] = (b, _cpu_copy(self._block_params[b]))
+            self._transmitter.send(Handoff(t, b, "none", self._versions[b], 0.0, None))
+            self.round = t + 1
+            if self.mode in ("sync", "fedavg"):
+                self._apply_through(t)
+
     def _begin_round(self, trainer: pl.Trainer) -> None:
         t = self.round
         if self.federated and self.mode == "parablock" and t >= 2:
             self._apply_through(t - 2)
         b = self.schedule[t]
         self._activate(trainer, b)
-        self._start_clean = self._clean[b] if self.federated else True
-        self._start_version = self._versions[b] if self.federated else -1
-        need_start = self.federated and (not self._start_clean or self.wire_dtype is not None)
-        self._start = _cpu_copy(self._block_params[b]) if need_start else None
+        if self.federated:
+            # Values travel (exact aggregation) only when the block starts from a global value
+            # and no earlier round of it is still pending; otherwise the round's delta does.
+            pending = any(blk == b for blk, _ in self._inflight.values())
+            self._start_clean = self._clean[b] and not pending and self.wire_dtype is None
+            self._start_version = self._versions[b]
+            self._start = None if self._start_clean else _cpu_copy(self._block_params[b])
         self._round_start_step = trainer.global_step
         self._samples = 0
         self._tokens = 0
@@ -429,8 +546,6 @@ class FederatedBlockStrategy(Callback):
             self._clean[b] = False
             rec.update(kind=kind)
             self._transmitter.send(Handoff(t, b, kind, self._start_version, weight, payload, loss))
-            if self.mode in ("sync", "fedavg"):
-                self._apply_through(t)
         log.info(
             "client %d round %d/%d block %d: loss %s, compute %.2f s",
             self.client_id,
@@ -440,6 +555,25 @@ class FederatedBlockStrategy(Callback):
             f"{loss:.4f}" if loss is not None else "n/a",
             compute_s,
         )
+        if self.federated and self.mode in ("sync", "fedavg"):
+            self._apply_through(t)
+
+    def _finish_rounds(self) -> None:
+        """After the last round: apply every outstanding aggregate, then check nothing is newer."""
+        if self.federated:
+            self._apply_through(self.rounds - 1)
+            assert self._transport is not None
+            reply = self._transport.versions(self.client_id, self.timeout_s)
+            if reply.get("instance") not in (None, self._instance):
+                raise TransmitterError(f"client {self.client_id}: the server restarted") from ServerRestarted("instance changed")
+            for b, v in enumerate(int(v) for v in reply["versions"]):
+                if v > self._versions[b]:
+                    pulled = self._transport.fetch(self.client_id, b, self.timeout_s)
+                    self._copy_in(b, pulled.tensors)
+                    self._versions[b] = pulled.version
+                    self._clean[b] = True
+        self._active = None
+        self._done = True
 
     def _apply_through(self, round_index: int) -> None:
         """Wait for and apply every aggregate up to ``round_index``, in order."""
@@ -450,7 +584,7 @@ class FederatedBlockStrategy(Callback):
             arrival = self._transmitter.wait(r)
             blocked = time.perf_counter() - t0
             self._apply(arrival)
-            rec = self.records[r]
+            rec = next(x for x in reversed(self.records) if x["round"] == r)
             rec.update(
                 blocked_s=blocked,
                 upload_s=arrival.upload_s,
@@ -463,6 +597,10 @@ class FederatedBlockStrategy(Callback):
                 arrived_at=arrival.arrived_at,
                 applied_at=time.time(),
             )
+            if arrival.late:
+                rec["late"] = True
+            if arrival.retries:
+                rec["retries"] = arrival.retries
             self._next_apply = r + 1
 
     def _apply(self, arrival: Arrival) -> None:
@@ -482,10 +620,7 @@ class FederatedBlockStrategy(Callback):
                 blk, e_q = self._inflight[q]
                 self._inflight[q] = (blk, {n: rebase(e_q[n], end[n], g[n]) for n in e_q})
             if self._round_open and self._active == b and self._start is not None:
-                was_end = all(torch.equal(self._start[n], end[n]) for n in end)
                 self._start = {n: rebase(self._start[n], end[n], g[n]) for n in end}
-                self._start_clean = was_end and self.wire_dtype is None
-                self._start_version = arrival.version
             self._clean[b] = False
         self._versions[b] = max(self._versions[b], arrival.version)
 
@@ -493,28 +628,23 @@ class FederatedBlockStrategy(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.round < self.rounds and not self.federated:
+        if not self._done and not self.federated:
             rank_zero_warn(f"training stopped after {self.round} of {self.rounds} rounds; resume from a checkpoint to finish them")
-            self._active = None
-            return
-        if self.round < self.rounds:
+        elif not self._done:
             raise ParaBlockError(
                 f"client {self.client_id}: training stopped after {self.round} of {self.rounds} rounds; "
                 f"let the Trainer run {self.rounds * self.local_steps} optimizer steps (max_steps=-1 or larger, "
                 "max_epochs=-1 or enough epochs)"
             )
-        if self.federated:
-            self._apply_through(self.rounds - 1)
-            assert self._transport is not None
-            self._catch_up(self._transport.versions(self.client_id, self.timeout_s)["versions"])
         self._active = None
 
     def report(self) -> dict[str, Any]:
-        """This client's per-round records and final metrics (plain data)."""
+        """This client's per-round records, events and final metrics (plain data)."""
         return {
             "client_id": self.client_id,
             "mode": self.mode,
             "rounds": [dict(r) for r in self.records],
+            "events": [dict(e) for e in self.events],
             "final": dict(self.final_metrics),
         }
 
@@ -538,10 +668,10 @@ class FederatedBlockStrategy(Callback):
         if stage != "fit" or not self.federated:
             return
         try:
-            if self.round >= self.rounds and not self._left:
+            if self._done and not self._left:
                 self.leave()
         finally:
-            self._shutdown(cancel_pending=self.round < self.rounds)
+            self._shutdown(cancel_pending=not self._done)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -559,7 +689,9 @@ class FederatedBlockStrategy(Callback):
             "rounds": self.rounds,
             "partition": self.partition.to_dict() if self.partition else None,
             "versions": list(self._versions),
+            "fingerprint": self._fingerprint,
             "records": [dict(r) for r in self.records],
+            "events": [dict(e) for e in self.events],
         }
 
     @override
@@ -570,13 +702,17 @@ class FederatedBlockStrategy(Callback):
         assert self.partition is not None
         if state.get("partition") not in (None, self.partition.to_dict()):
             raise ParaBlockError("the checkpoint's block partition differs from this model's; resume with the same blocks settings")
-        if not self.federated:
-            self.schedule = list(state["schedule"])
-            self.rounds = int(state["rounds"])
+        self.schedule = list(state["schedule"])
+        self.rounds = int(state["rounds"])
         self.round = int(state["round"])
-        self.records = [dict(r) for r in state.get("records", [])]
-        if state.get("round_open"):
-            # The interrupted round restarts from the checkpointed weights.
-            self.records = self.records[: self.round]
+        self.records = [dict(r) for r in state.get("records", []) if r.get("round", 0) < self.round]
+        self.events = [dict(e) for e in state.get("events", [])]
         self._next_apply = self.round
+        self._done = self.round >= self.rounds
+        if self.federated:
+            # The weights come from the checkpoint; the server's global blocks win on rejoin.
+            self._fingerprint = state.get("fingerprint")
+            self._versions = [int(v) for v in state.get("versions", self._versions)]
+            self._clean = [False] * len(self._clean)
+            self.events.append({"event": "restored", "at": time.time(), "round": self.round})
         self._restored = None

@@ -5,13 +5,22 @@ and goes on. The transmitter thread takes hand-offs in order (FIFO), uploads
 each, waits for the server's aggregate of that round, downloads the block's
 new global value and posts it to the mailbox, where the training thread picks
 it up with :meth:`Transmitter.wait` (blocking, with a timeout) or
-:meth:`Transmitter.poll`.
+:meth:`Transmitter.poll`. A hand-off without tensors (a round this client
+was not sampled for) only fetches the aggregate.
 
-If the thread fails (server gone, update rejected, timeout), the error is
-kept with its traceback and raised on the training thread at its next call,
-as a :class:`~pl_parablock.errors.TransmitterError` whose ``__cause__`` is the
-original error. The thread is a daemon, so a crashed training loop never hangs
-the interpreter, and :meth:`close` joins it.
+Faults. A lost or corrupted connection is retried with exponential backoff
+(0.5 s doubling to 10 s) until ``timeout_s`` has passed: an upload the server
+did not acknowledge is sent again (the server ignores a repeat it already
+applied), a download is asked for again. An update that arrives after its
+round closed is dropped by the server and counted as late; the client then
+takes the aggregate without it. If the server answering is another instance
+than the one joined (it restarted), the thread stops with
+:class:`~pl_parablock.errors.ServerRestarted` so the client can rejoin.
+
+Any error is kept with its traceback and raised on the training thread at
+its next call, as a :class:`~pl_parablock.errors.TransmitterError` whose
+``__cause__`` is the original error. The thread is a daemon, so a crashed
+training loop never hangs the interpreter, and :meth:`close` joins it.
 """
 
 from __future__ import annotations
@@ -26,12 +35,14 @@ from typing import Any
 
 from torch import Tensor
 
-from pl_parablock.errors import ParaBlockError, TransmitterError
-from pl_parablock.federation.transport import Transport
+from pl_parablock.errors import ParaBlockError, ServerRestarted, TransmitterError, TransportError
+from pl_parablock.federation.transport import Pulled, Pushed, Transport
 
 __all__ = ["Arrival", "Handoff", "Transmitter"]
 
 log = logging.getLogger(__name__)
+
+BACKOFF_S = (0.5, 10.0)
 
 
 @dataclass
@@ -39,7 +50,8 @@ class Handoff:
     """A finished round's block, as handed to the transmitter.
 
     ``tensors`` are CPU copies the training thread no longer writes: the end
-    values (``kind == "value"``) or the round's delta (``kind == "delta"``).
+    values (``kind == "value"``) or the round's delta (``kind == "delta"``);
+    ``None`` for a round this client does not train (fetch only).
     """
 
     round: int
@@ -47,7 +59,7 @@ class Handoff:
     kind: str
     base_version: int
     weight: float
-    tensors: dict[str, Tensor] = field(repr=False)
+    tensors: dict[str, Tensor] | None = field(repr=False)
     loss: float | None = None
 
 
@@ -66,6 +78,8 @@ class Arrival:
     bytes_down: int
     sent_at: float
     arrived_at: float
+    late: bool = False
+    retries: int = 0
 
 
 class Transmitter:
@@ -74,15 +88,20 @@ class Transmitter:
     Args:
         transport: how to reach the server.
         client_id: this client's id.
-        timeout_s: longest single network wait (upload, aggregate, download).
+        timeout_s: longest single network wait (upload, aggregate, download),
+            retries included.
+        instance: the server instance joined; a reply from another one stops
+            the thread with :class:`ServerRestarted`.
     """
 
-    def __init__(self, transport: Transport, client_id: int, *, timeout_s: float = 600.0) -> None:
+    def __init__(self, transport: Transport, client_id: int, *, timeout_s: float = 600.0, instance: str | None = None) -> None:
         self.transport = transport
         self.client_id = client_id
         self.timeout_s = timeout_s
+        self.instance = instance
         self._jobs: queue.Queue[Handoff | None] = queue.Queue()
         self._cond = threading.Condition()
+        self._stop = threading.Event()
         self._arrivals: dict[int, Arrival] = {}
         self._error: BaseException | None = None
         self._error_round: int | None = None
@@ -112,7 +131,7 @@ class Transmitter:
             self._raise_if_failed()
 
     def send(self, handoff: Handoff) -> None:
-        """Queue a finished block for upload; returns at once."""
+        """Queue a finished block (or a fetch-only round) for the thread; returns at once."""
         self.check()
         if self._closed:
             raise TransmitterError(f"client {self.client_id}: transmitter is closed")
@@ -149,17 +168,19 @@ class Transmitter:
     def _run(self) -> None:
         while True:
             job = self._jobs.get()
-            if job is None:
+            if job is None or self._stop.is_set():
                 return
             try:
                 arrival = self._transmit(job)
             except BaseException as exc:  # reported to the training thread
-                log.error(
-                    "client %d: transmitter failed in round %d: %s",
+                quiet = isinstance(exc, ParaBlockError)
+                log.log(
+                    logging.WARNING if isinstance(exc, ServerRestarted) else logging.ERROR,
+                    "client %d: transmitter stopped in round %d: %s",
                     self.client_id,
                     job.round,
                     exc,
-                    exc_info=not isinstance(exc, ParaBlockError),
+                    exc_info=not quiet,
                 )
                 with self._cond:
                     self._error = exc
@@ -170,8 +191,13 @@ class Transmitter:
                 self._arrivals[job.round] = arrival
                 self._cond.notify_all()
 
+    def _same_server(self, instance: str | None) -> None:
+        if self.instance is not None and instance is not None and instance != self.instance:
+            raise ServerRestarted(f"the server restarted (instance {instance[:8]}, joined {self.instance[:8]})")
+
     def _transmit(self, job: Handoff) -> Arrival:
         sent_at = time.time()
+        deadline = time.monotonic() + self.timeout_s
         header: Mapping[str, Any] = {
             "client_id": self.client_id,
             "round": job.round,
@@ -181,10 +207,38 @@ class Transmitter:
             "weight": job.weight,
             "loss": job.loss,
         }
-        pushed = self.transport.push(header, job.tensors, self.timeout_s)
-        if not pushed.accepted:
-            raise TransmitterError(f"the server rejected the update of round {job.round}: {pushed.reason}")
-        pulled = self.transport.pull(self.client_id, job.round, self.timeout_s)
+        pushed: Pushed | None = None
+        retries = 0
+        backoff = BACKOFF_S[0]
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                if left <= 0:
+                    raise TransportError(f"gave up after {retries} retries within {self.timeout_s:g} s (federation.timeout_s)")
+                if job.tensors is not None and pushed is None:
+                    reply = self.transport.push(header, job.tensors, left)
+                    self._same_server(reply.instance)
+                    if reply.status in ("accepted", "duplicate", "late"):
+                        pushed = reply
+                        if reply.status == "late":
+                            log.warning(
+                                "client %d: round %d update arrived late and was dropped; taking the aggregate", self.client_id, job.round
+                            )
+                    elif reply.retry:
+                        raise TransportError(reply.reason)
+                    else:
+                        raise TransmitterError(f"the server rejected the update of round {job.round}: {reply.reason}")
+                pulled: Pulled = self.transport.pull(self.client_id, job.round, max(deadline - time.monotonic(), 1.0))
+                self._same_server(pulled.instance)
+                break
+            except TransportError as exc:
+                if time.monotonic() + backoff > deadline or self._stop.is_set():
+                    raise
+                retries += 1
+                log.warning("client %d round %d: %s; retry %d in %.1f s", self.client_id, job.round, exc, retries, backoff)
+                if self._stop.wait(backoff):
+                    raise TransmitterError("transmitter closed while retrying") from exc
+                backoff = min(backoff * 2, BACKOFF_S[1])
         if pulled.block != job.block:
             raise TransmitterError(f"round {job.round}: the server sent block {pulled.block}, expected {job.block}")
         return Arrival(
@@ -192,13 +246,15 @@ class Transmitter:
             block=job.block,
             version=pulled.version,
             tensors=pulled.tensors,
-            upload_s=pushed.upload_s,
+            upload_s=pushed.upload_s if pushed else 0.0,
             server_wait_s=pulled.server_wait_s,
             download_s=pulled.download_s,
-            bytes_up=pushed.nbytes,
+            bytes_up=pushed.nbytes if pushed else 0,
             bytes_down=pulled.nbytes,
             sent_at=sent_at,
             arrived_at=time.time(),
+            late=pushed is not None and pushed.status == "late",
+            retries=retries,
         )
 
     def close(self, timeout: float = 10.0, *, cancel_pending: bool = False) -> None:
@@ -206,13 +262,15 @@ class Transmitter:
 
         Args:
             timeout: longest wait for the thread to end.
-            cancel_pending: drop hand-offs not yet started (after a failure).
+            cancel_pending: drop hand-offs not yet started and stop retrying
+                (after a failure or a server restart).
         """
         if self._closed:
             return
         self._closed = True
         if self._started:
             if cancel_pending:
+                self._stop.set()
                 while True:
                     try:
                         self._jobs.get_nowait()

@@ -3,11 +3,12 @@
 from pl_parablock.federation.aggregate import RoundAccumulator, rebase
 from pl_parablock.federation.aggregator import Aggregator, RefusedError
 from pl_parablock.federation.link import Link
-from pl_parablock.federation.server import FederationServer
+from pl_parablock.federation.server import TLS, FederationServer
 from pl_parablock.federation.service import FederationService
 from pl_parablock.federation.transport import GrpcTransport, InProcessTransport, Pulled, Pushed, Transport
 
 __all__ = [
+    "TLS",
     "Aggregator",
     "FederationServer",
     "FederationService",

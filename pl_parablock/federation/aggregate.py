@@ -1,4 +1,4 @@
-"""The arithmetic of a round: weighted aggregation and the block-level rebase.
+"""The arithmetic of a round: weighted aggregation, robust aggregation, clipping, rebase.
 
 Pure functions and a small accumulator, no threads and no I/O, so that the
 exactness the design relies on can be tested on tensors alone.
@@ -15,12 +15,14 @@ centralized run.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["RoundAccumulator", "rebase"]
+__all__ = ["ROBUST_METHODS", "RoundAccumulator", "clip_factor", "rebase", "robust_mean"]
+
+ROBUST_METHODS = ("trimmed_mean", "median")
 
 
 def rebase(local: Tensor, end: Tensor, new_global: Tensor) -> Tensor:
@@ -36,6 +38,46 @@ def rebase(local: Tensor, end: Tensor, new_global: Tensor) -> Tensor:
     return g + (local - e)
 
 
+def clip_factor(norm: float, max_norm: float | None) -> float:
+    """Scale that brings an update of L2 ``norm`` within ``max_norm`` (1.0 if it already is)."""
+    if max_norm is None or norm <= max_norm or norm == 0.0:
+        return 1.0
+    return max_norm / norm
+
+
+def robust_mean(deltas: Sequence[Tensor], method: str, trim_fraction: float = 0.1) -> Tensor:
+    """Coordinate-wise robust aggregate of the clients' deltas of one tensor (unweighted).
+
+    Args:
+        deltas: one tensor per client, same shape.
+        method: ``median`` or ``trimmed_mean`` (drop the ``trim_fraction``
+            largest and smallest values of every coordinate, average the rest).
+        trim_fraction: share trimmed at each end, ``0 <= f < 0.5``.
+
+    Example::
+
+        >>> robust_mean([torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([100.0])], "median")
+        tensor([2.])
+    """
+    if not deltas:
+        raise ValueError("no deltas to aggregate")
+    stacked = torch.stack([d.to(torch.float64) for d in deltas])
+    if method == "median":
+        n = stacked.shape[0]
+        ordered = stacked.sort(dim=0).values
+        if n % 2:
+            return ordered[n // 2]
+        return (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    if method == "trimmed_mean":
+        if not 0.0 <= trim_fraction < 0.5:
+            raise ValueError(f"trim_fraction must be in [0, 0.5), not {trim_fraction}")
+        n = stacked.shape[0]
+        k = math.floor(trim_fraction * n)
+        ordered = stacked.sort(dim=0).values
+        return ordered[k : n - k].mean(dim=0)
+    raise ValueError(f"unknown robust method {method!r}; use {', '.join(ROBUST_METHODS)}")
+
+
 class RoundAccumulator:
     """Running weighted sums of one round's updates for one block.
 
@@ -44,7 +86,7 @@ class RoundAccumulator:
     from the current global value. A ``delta`` update carries ``e_i - s_i``
     (a client whose start differs from the global, e.g. a one-round-stale
     FedAvg client). Memory is two float64 copies of the block at most,
-    whatever the number of clients.
+    whatever the number of clients; tensors may be given one at a time.
     """
 
     def __init__(self) -> None:
@@ -58,16 +100,19 @@ class RoundAccumulator:
     def total_weight(self) -> float:
         return self.weight_values + self.weight_deltas
 
-    def add(self, tensors: Mapping[str, Tensor], weight: float, kind: str) -> None:
-        """Add one client's update with its weight (> 0)."""
+    def add(self, tensors: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], weight: float, kind: str, scale: float = 1.0) -> None:
+        """Add one client's update with its weight (> 0); ``scale`` multiplies a delta (clipping)."""
         if kind not in ("value", "delta"):
             raise ValueError(f"update kind must be 'value' or 'delta', not {kind!r}")
         if not (weight > 0 and math.isfinite(weight)):
             raise ValueError(f"update weight must be a positive finite number, not {weight!r}")
+        if kind == "value" and scale != 1.0:
+            raise ValueError("only deltas can be scaled")
         acc = self._values if kind == "value" else self._deltas
-        for name, t in tensors.items():
+        items = tensors.items() if isinstance(tensors, Mapping) else tensors
+        for name, t in items:
             x = t.detach().to(device="cpu", dtype=torch.float64, copy=True)
-            x.mul_(weight)
+            x.mul_(weight * scale)
             if name in acc:
                 acc[name].add_(x)
             else:
@@ -101,4 +146,6 @@ class RoundAccumulator:
                     s.add_(self._values[name]).sub_(g64, alpha=self.weight_values)
                 new = g64.add_(s, alpha=server_lr / total)
             out[name] = new.to(g.dtype)
+            self._values.pop(name, None)  # free each sum as soon as it is used
+            self._deltas.pop(name, None)
         return out

@@ -4,39 +4,57 @@ The aggregator is model-agnostic: it holds tensors by name. The first client
 to join sets the federation's fingerprint (block partition, tensor names,
 shapes, dtypes and a hash of the initial values) and uploads the initial
 global state; a client whose fingerprint differs is refused with the reason.
-The aggregator owns the schedule (the active block of every round) and hands
-it to clients when they join.
+The aggregator owns the schedule (the active block of every round) and, with
+``clients_per_round``, the seeded sample of clients that train each round.
 
-A round closes when every expected client's update has arrived, or, when
-``round_timeout_s`` is set, that many seconds after its first update if at
-least ``min_clients`` arrived. Closing replaces the block's global value
+Every update is validated before it touches global state: a joined client
+sampled for the round, the round's block, exactly the block's tensor names,
+shapes and dtypes, finite values, and optionally an L2 norm bound. A bad
+update is refused with the reason and recorded; the round goes on. A repeated
+update of the same client, round and block is acknowledged and not applied
+twice; an update for a round that already closed is counted as late and
+dropped.
+
+A round closes when every expected client's update has arrived, or, with
+``round_timeout_s``, that many seconds after its first update if at least
+``min_clients`` arrived. Closing replaces the block's global value
 (copy-on-write: a reader streaming the old value keeps a consistent copy) and
-sets its version to the round number.
+sets its version to the round number. With ``checkpoint_dir`` and
+``checkpoint_every``, the global state is written atomically before the
+aggregate is released, so a restarted server resumes from it.
 
-All methods are thread-safe; waits are bounded by the timeouts given.
+All methods are thread-safe; every wait is bounded by the timeout given.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from pl_parablock.blocks import Partition, make_schedule
 from pl_parablock.errors import FederationError
-from pl_parablock.federation.aggregate import RoundAccumulator
-from pl_parablock.federation.wire import DTYPES
+from pl_parablock.federation.aggregate import ROBUST_METHODS, RoundAccumulator, clip_factor, robust_mean
+from pl_parablock.federation.wire import DTYPES, Spec, StagedTensors
 
-__all__ = ["Aggregator", "RefusedError"]
+__all__ = ["AGGREGATIONS", "Aggregator", "RefusedError"]
 
 log = logging.getLogger(__name__)
+
+AGGREGATIONS = ("mean", *ROBUST_METHODS)
+CHECKPOINT_FORMAT = 1
 
 
 class RefusedError(FederationError):
@@ -48,12 +66,24 @@ class RefusedError(FederationError):
 
 
 @dataclass
+class _Update:
+    """An accepted update kept until its round closes (robust aggregation only)."""
+
+    source: StagedTensors
+    weight: float
+    kind: str
+    scale: float
+
+
+@dataclass
 class _Round:
     index: int
     block: int
+    expected: tuple[int, ...]
     acc: RoundAccumulator = field(default_factory=RoundAccumulator)
     lock: threading.Lock = field(default_factory=threading.Lock)
     clients: dict[int, dict[str, Any]] = field(default_factory=dict)
+    kept: dict[int, _Update] = field(default_factory=dict)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     late: int = 0
     first_arrival: float | None = None
@@ -61,6 +91,7 @@ class _Round:
     closed_at: float | None = None
     aggregation_s: float = 0.0
     reason: str = ""
+    restored_loss: float | None = None
 
 
 def _describe_mismatch(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> str:
@@ -82,19 +113,40 @@ def _describe_mismatch(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> st
     return "unknown difference"
 
 
+def _same_fingerprint(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("mode", "partition", "tensors", "hash"))
+
+
+def sample_participants(clients: int, rounds: int, per_round: int | None, seed: int) -> list[tuple[int, ...]]:
+    """Clients expected in each round: all, or a seeded sample of ``per_round``."""
+    if per_round is None or per_round >= clients:
+        return [tuple(range(clients))] * rounds
+    rng = random.Random(seed + 7919)
+    return [tuple(sorted(rng.sample(range(clients), per_round))) for _ in range(rounds)]
+
+
 class Aggregator:
     """Global state and round bookkeeping of a federation.
 
     Args:
-        clients: number of clients expected in every round.
+        clients: number of clients.
         rounds: number of rounds.
         schedule: ``ascending``, ``descending``, ``random`` or an explicit list.
-        seed: seed of a random schedule.
+        seed: seed of a random schedule and of client sampling.
         server_lr: server learning rate ``eta_g`` (1.0 is FedAvg).
         mode: the federation's mode; clients must run the same.
         min_clients: quorum to close a round at ``round_timeout_s``.
         round_timeout_s: close a round this long after its first update if
-            the quorum arrived; ``None`` waits for every client.
+            the quorum arrived; ``None`` waits for every expected client.
+        clients_per_round: sample this many clients per round (seeded).
+        aggregation: ``mean`` (weighted FedAvg), or the robust ``median`` /
+            ``trimmed_mean`` of the deltas (unweighted; keeps the round's
+            updates spooled on disk until it closes).
+        trim_fraction: share trimmed at each end by ``trimmed_mean``.
+        clip_norm: scale every delta down to this L2 norm before aggregating.
+        max_update_norm: refuse updates whose delta has a larger L2 norm.
+        checkpoint_dir: where to write the server checkpoint.
+        checkpoint_every: write it every this many rounds (0: never).
         on_round_closed: called with the round's record after it closes.
     """
 
@@ -109,22 +161,41 @@ class Aggregator:
         mode: str = "parablock",
         min_clients: int | None = None,
         round_timeout_s: float | None = None,
+        clients_per_round: int | None = None,
+        aggregation: str = "mean",
+        trim_fraction: float = 0.1,
+        clip_norm: float | None = None,
+        max_update_norm: float | None = None,
+        checkpoint_dir: str | None = None,
+        checkpoint_every: int = 0,
         on_round_closed: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         if clients < 1 or rounds < 1:
             raise ValueError("a federation needs at least one client and one round")
         if not server_lr > 0:
             raise ValueError(f"server_lr must be > 0, not {server_lr}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, not {aggregation!r}")
         self.clients = clients
         self.rounds = rounds
         self.schedule_kind = schedule
         self.seed = seed
         self.server_lr = server_lr
         self.mode = mode
-        self.min_clients = clients if min_clients is None else min_clients
+        self.clients_per_round = clients_per_round
+        self.participants = sample_participants(clients, rounds, clients_per_round, seed)
+        self.min_clients = min(min_clients or clients, min(len(p) for p in self.participants))
         self.round_timeout_s = round_timeout_s
+        self.aggregation = aggregation
+        self.trim_fraction = trim_fraction
+        self.clip_norm = clip_norm
+        self.max_update_norm = max_update_norm
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_every = checkpoint_every
         self.on_round_closed = on_round_closed
         self.started_at = time.time()
+        self.instance = uuid.uuid4().hex
+        self.resumed_from: int | None = None
 
         self._cond = threading.Condition()
         self._fingerprint: dict[str, Any] | None = None
@@ -139,19 +210,22 @@ class Aggregator:
         self._left: set[int] = set()
         self._reports: dict[int, dict[str, Any]] = {}
         self._rejected: list[dict[str, Any]] = []
+        self._last_close: float | None = None
         self._shutdown = False
+        self._checkpoint_lock = threading.Lock()
 
     # ------------------------------------------------------------------ join
 
     def join(self, client_id: int, fingerprint: Mapping[str, Any], timeout: float) -> dict[str, Any]:
-        """Admit a client; the first one fixes the federation's model.
+        """Admit a client (first time or again); the first one fixes the federation's model.
 
-        Returns the schedule, the round count, the block versions and whether
-        this client must upload the initial state.
+        Returns the schedule, the round count, the block versions, the next
+        round to train, the participants of each round and whether this
+        client must upload the initial state.
 
         Raises:
-            RefusedError: bad client id, mismatching model or mode, or the initial
-                state not arriving within ``timeout``.
+            RefusedError: bad client id, mismatching model or mode, or the
+                initial state not arriving within ``timeout``.
         """
         if not 0 <= client_id < self.clients:
             raise RefusedError(
@@ -160,18 +234,11 @@ class Aggregator:
         deadline = time.monotonic() + timeout
         with self._cond:
             if self._fingerprint is None:
-                self._fingerprint = dict(fingerprint)
-                self._partition = Partition.from_dict(fingerprint["partition"])
-                self._schedule = make_schedule(self.schedule_kind, len(self._partition), self.rounds, self.seed)
-                self._versions = [-1] * len(self._partition)
+                self._set_fingerprint(dict(fingerprint))
                 self._initializer = client_id
+                assert self._partition is not None
                 log.info("client %d set the federation's model: %d blocks", client_id, len(self._partition))
-            elif (fingerprint.get("mode"), fingerprint.get("partition"), fingerprint.get("tensors"), fingerprint.get("hash")) != (
-                self._fingerprint.get("mode"),
-                self._fingerprint.get("partition"),
-                self._fingerprint.get("tensors"),
-                self._fingerprint.get("hash"),
-            ):
+            elif not _same_fingerprint(self._fingerprint, fingerprint):
                 why = _describe_mismatch(self._fingerprint, fingerprint)
                 raise RefusedError(
                     f"client {client_id} refused: its model does not match this federation's: {why}. "
@@ -187,18 +254,30 @@ class Aggregator:
                         "unavailable",
                     )
                 self._cond.wait(min(left, 0.5))
+            again = client_id in self._joined
             self._joined.add(client_id)
             self._left.discard(client_id)
+            if again:
+                log.info("client %d joined again; next round %d", client_id, self._next_round())
             return {
                 "need_state": need_state,
                 "schedule": list(self._schedule),
                 "rounds": self.rounds,
                 "versions": list(self._versions),
+                "next_round": self._next_round(),
+                "participants": [list(p) for p in self.participants] if self.clients_per_round else None,
                 "mode": self.mode,
                 "clients": self.clients,
+                "instance": self.instance,
             }
 
-    def set_initial_state(self, client_id: int, tensors: Mapping[str, Tensor]) -> None:
+    def _set_fingerprint(self, fingerprint: dict[str, Any]) -> None:
+        self._fingerprint = fingerprint
+        self._partition = Partition.from_dict(fingerprint["partition"])
+        self._schedule = make_schedule(self.schedule_kind, len(self._partition), self.rounds, self.seed)
+        self._versions = [-1] * len(self._partition)
+
+    def set_initial_state(self, client_id: int, tensors: Mapping[str, Tensor] | StagedTensors) -> None:
         """Store the initial global value of every block (from the first client)."""
         with self._cond:
             if self._fingerprint is None or client_id != self._initializer:
@@ -206,17 +285,23 @@ class Aggregator:
             if self._ready:
                 return
             specs = self._fingerprint["tensors"]
-            if set(tensors) != set(specs):
-                missing = sorted(set(specs) - set(tensors))[:3]
-                extra = sorted(set(tensors) - set(specs))[:3]
-                raise RefusedError(f"initial state does not match the fingerprint (missing {missing}, unexpected {extra})", "invalid")
-            for name, t in tensors.items():
-                if [str(t.dtype).removeprefix("torch."), list(t.shape)] != [specs[name]["dtype"], specs[name]["shape"]]:
-                    raise RefusedError(f"initial tensor {name!r} does not match the fingerprint", "invalid")
+        loaded = dict(tensors) if isinstance(tensors, Mapping) else dict(iter(tensors))
+        if set(loaded) != set(specs):
+            missing = sorted(set(specs) - set(loaded))[:3]
+            extra = sorted(set(loaded) - set(specs))[:3]
+            raise RefusedError(f"initial state does not match the fingerprint (missing {missing}, unexpected {extra})", "invalid")
+        for name, t in loaded.items():
+            if [str(t.dtype).removeprefix("torch."), list(t.shape)] != [specs[name]["dtype"], specs[name]["shape"]]:
+                raise RefusedError(f"initial tensor {name!r} does not match the fingerprint", "invalid")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise RefusedError(f"initial tensor {name!r} holds NaN or infinite values", "invalid")
+        with self._cond:
             assert self._partition is not None
-            self._globals = [{n: tensors[n] for n in b.params} for b in self._partition.blocks]
-            self._ready = True
+            if not self._ready:
+                self._globals = [{n: loaded[n] for n in b.params} for b in self._partition.blocks]
+                self._ready = True
             self._cond.notify_all()
+        self._checkpoint_if_due(None)
 
     # ---------------------------------------------------------------- updates
 
@@ -241,19 +326,19 @@ class Aggregator:
                 raise RefusedError(f"round {round_index} is outside 0..{self.rounds - 1}", "invalid")
             return self._schedule[round_index]
 
-    def _reject(self, record: dict[str, Any], reason: str, rnd: _Round | None = None) -> tuple[bool, str]:
-        entry = {**record, "reason": reason}
-        (rnd.rejected if rnd is not None else self._rejected).append(entry)
-        log.warning("rejected update from client %s for round %s: %s", record.get("client"), record.get("round"), reason)
-        return False, reason
+    def refuse(self, record: dict[str, Any], reason: str, rnd: _Round | None = None) -> dict[str, Any]:
+        """Record a refused update (it shows in the report) and return the reply."""
+        entry = {**record, "reason": reason, "at": time.time() - self.started_at}
+        with self._cond:
+            (rnd.rejected if rnd is not None else self._rejected).append(entry)
+        log.warning("refused update from client %s for round %s: %s", record.get("client"), record.get("round"), reason)
+        return {"accepted": False, "status": "rejected", "reason": reason}
 
-    def submit(self, header: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> tuple[bool, str]:
-        """Validate one client's update and add it to its round.
+    def precheck(self, header: Mapping[str, Any], specs: list[Spec] | None = None) -> dict[str, Any] | None:
+        """Check an update's header before its body is read.
 
-        Returns ``(accepted, reason)``. A bad update is refused with the
-        reason and recorded; the round goes on with the others. A repeated
-        update of the same client, round and block is acknowledged and not
-        applied twice.
+        Returns ``None`` when the body should be read, or the reply to send
+        without reading it (refused, duplicate or late).
         """
         try:
             client = int(header["client_id"])
@@ -263,56 +348,126 @@ class Aggregator:
             base = int(header.get("base_version", -1))
             weight = float(header["weight"])
         except (KeyError, TypeError, ValueError) as exc:
-            return self._reject({"client": header.get("client_id"), "round": header.get("round")}, f"malformed update header ({exc})")
+            return self.refuse({"client": header.get("client_id"), "round": header.get("round")}, f"malformed update header ({exc})")
         record = {"client": client, "round": rnd_i, "block": block}
         with self._cond:
             if client not in self._joined:
-                return self._reject(record, f"client {client} has not joined")
+                return self.refuse(record, f"client {client} has not joined")
             if not self._ready:
-                return self._reject(record, "no initial state yet")
+                return self.refuse(record, "no initial state yet")
             if not 0 <= rnd_i < self.rounds:
-                return self._reject(record, f"round {rnd_i} is outside 0..{self.rounds - 1}")
+                return self.refuse(record, f"round {rnd_i} is outside 0..{self.rounds - 1}")
             if block != self._schedule[rnd_i]:
-                return self._reject(record, f"round {rnd_i} trains block {self._schedule[rnd_i]}, not {block}")
-            rnd = self._rounds.setdefault(rnd_i, _Round(rnd_i, block))
+                return self.refuse(record, f"round {rnd_i} trains block {self._schedule[rnd_i]}, not {block}")
+            if client not in self.participants[rnd_i]:
+                return self.refuse(record, f"client {client} is not sampled for round {rnd_i}")
+            rnd = self._round(rnd_i)
             if client in rnd.clients:
-                return True, "duplicate: already applied"
+                return {"accepted": True, "status": "duplicate", "reason": "duplicate: already applied"}
             if rnd.closed:
                 rnd.late += 1
-                return self._reject(record, f"late: round {rnd_i} already closed", rnd)
-            if kind not in ("value", "delta"):
-                return self._reject(record, f"unknown update kind {kind!r}", rnd)
-            if not (weight > 0 and math.isfinite(weight)):
-                return self._reject(record, f"weight {weight!r} is not a positive number", rnd)
-            if kind == "value" and base != self._versions[block]:
-                return self._reject(
-                    record,
-                    f"stale base: the client started from version {base} of block {block}, the server holds {self._versions[block]}",
-                    rnd,
-                )
+                log.info("late update from client %d for closed round %d dropped", client, rnd_i)
+                return {"accepted": False, "status": "late", "reason": f"late: round {rnd_i} already closed"}
+            version = self._versions[block]
             current = self._globals[block]
-        problem = _check_tensors(current, tensors, exact_dtype=(kind == "value"))
-        if problem:
-            return self._reject(record, problem, rnd)
-        complete = False
-        with rnd.lock:
-            if rnd.closed:
-                rnd.late += 1
-                return self._reject(record, f"late: round {rnd_i} already closed", rnd)
-            if client in rnd.clients:
-                return True, "duplicate: already applied"
-            rnd.acc.add(tensors, weight, kind)
-            loss = header.get("loss")
-            rnd.clients[client] = {"weight": weight, "kind": kind, "loss": loss if isinstance(loss, (int, float)) else None}
-            if rnd.first_arrival is None:
-                rnd.first_arrival = time.monotonic()
-            complete = len(rnd.clients) >= self.clients
-        if complete:
-            self._close(rnd, "all clients arrived")
-        else:
+        if kind not in ("value", "delta"):
+            return self.refuse(record, f"unknown update kind {kind!r}", rnd)
+        if not (weight > 0 and math.isfinite(weight)):
+            return self.refuse(record, f"weight {weight!r} is not a positive number", rnd)
+        if kind == "value" and base != version:
+            return self.refuse(
+                record, f"stale base: the client started from version {base} of block {block}, the server holds {version}", rnd
+            )
+        if specs is not None:
+            problem = _check_specs(current, specs, exact_dtype=(kind == "value"))
+            if problem:
+                return self.refuse(record, problem, rnd)
+        return None
+
+    def _round(self, index: int) -> _Round:
+        rnd = self._rounds.get(index)
+        if rnd is None:
+            rnd = self._rounds[index] = _Round(index, self._schedule[index], self.participants[index])
+        return rnd
+
+    def submit(self, header: Mapping[str, Any], tensors: StagedTensors | Mapping[str, Tensor]) -> dict[str, Any]:
+        """Validate one client's update and add it to its round.
+
+        Takes ownership of ``tensors`` (closed when no longer needed). Returns
+        the reply: ``accepted``, ``status`` (accepted, duplicate, late,
+        rejected) and ``reason``.
+        """
+        staged = tensors if isinstance(tensors, StagedTensors) else StagedTensors.from_tensors(tensors)
+        keep = False
+        try:
+            early = self.precheck(header, staged.specs)
+            if early is not None:
+                return early
+            client, rnd_i, kind, weight = int(header["client_id"]), int(header["round"]), str(header["kind"]), float(header["weight"])
             with self._cond:
-                self._cond.notify_all()
-        return True, "accepted"
+                rnd = self._round(rnd_i)
+                current = self._globals[rnd.block]
+            record = {"client": client, "round": rnd_i, "block": rnd.block}
+            need_norm = self.max_update_norm is not None or self.clip_norm is not None
+            problem, norm = _check_values(current, staged, kind, need_norm)
+            if problem:
+                return self.refuse(record, problem, rnd)
+            if self.max_update_norm is not None and norm > self.max_update_norm:
+                return self.refuse(record, f"update norm {norm:.4g} exceeds the bound {self.max_update_norm:g}", rnd)
+            scale = clip_factor(norm, self.clip_norm)
+            complete = False
+            with rnd.lock:
+                if client in rnd.clients:
+                    return {"accepted": True, "status": "duplicate", "reason": "duplicate: already applied"}
+                if rnd.closed:
+                    rnd.late += 1
+                    return {"accepted": False, "status": "late", "reason": f"late: round {rnd_i} already closed"}
+                if self.aggregation == "mean":
+                    if kind == "value" and scale == 1.0:
+                        rnd.acc.add(iter(staged), weight, "value")
+                    else:
+                        rnd.acc.add(_deltas(staged, current, kind), weight, "delta", scale)
+                else:
+                    rnd.kept[client] = _Update(staged, weight, kind, scale)
+                    keep = True
+                loss = header.get("loss")
+                rnd.clients[client] = {
+                    "weight": weight,
+                    "kind": kind,
+                    "loss": loss if isinstance(loss, (int, float)) else None,
+                    "norm": norm if need_norm else None,
+                    "clipped": scale < 1.0,
+                }
+                if rnd.first_arrival is None:
+                    rnd.first_arrival = time.monotonic()
+                complete = len(rnd.clients) >= len(rnd.expected)
+            if complete:
+                self._close(rnd, "all clients arrived")
+            else:
+                with self._cond:
+                    self._cond.notify_all()
+            return {"accepted": True, "status": "accepted", "reason": "accepted"}
+        finally:
+            if not keep:
+                staged.close()
+
+    def _aggregate(self, rnd: _Round, current: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.aggregation == "mean":
+            return rnd.acc.finish(current, self.server_lr)
+        readers = {c: {n: t for n, t in u.source} for c, u in rnd.kept.items()}
+        out = {}
+        for name, g in current.items():
+            deltas = []
+            for c, u in rnd.kept.items():
+                t = readers[c][name].to(torch.float64)
+                d = t - g.to(torch.float64) if u.kind == "value" else t
+                deltas.append(d * u.scale)
+            agg = robust_mean(deltas, self.aggregation, self.trim_fraction)
+            out[name] = (g.to(torch.float64) + self.server_lr * agg).to(g.dtype)
+        for u in rnd.kept.values():
+            u.source.close()
+        rnd.kept.clear()
+        return out
 
     def _close(self, rnd: _Round, reason: str) -> None:
         with rnd.lock:
@@ -321,17 +476,20 @@ class Aggregator:
             t0 = time.perf_counter()
             with self._cond:
                 current = self._globals[rnd.block]
-            new = rnd.acc.finish(current, self.server_lr)
-            rnd.closed = True
+            new = self._aggregate(rnd, current)
             rnd.aggregation_s = time.perf_counter() - t0
             rnd.closed_at = time.time()
             rnd.reason = reason
+            with self._cond:
+                self._globals[rnd.block] = new
+                self._versions[rnd.block] = max(self._versions[rnd.block], rnd.index)
+                self._last_close = time.monotonic()
+            self._checkpoint_if_due(rnd)
+            rnd.closed = True
         with self._cond:
-            self._globals[rnd.block] = new
-            self._versions[rnd.block] = max(self._versions[rnd.block], rnd.index)
             self._cond.notify_all()
         record = self._round_record(rnd)
-        log.info("round %d closed (%s): block %d, %d/%d clients", rnd.index, reason, rnd.block, len(rnd.clients), self.clients)
+        log.info("round %d closed (%s): block %d, %d/%d clients", rnd.index, reason, rnd.block, len(rnd.clients), len(rnd.expected))
         if self.on_round_closed is not None:
             try:
                 self.on_round_closed(record)
@@ -348,7 +506,7 @@ class Aggregator:
             if not r.closed
             and r.first_arrival is not None
             and now - r.first_arrival >= self.round_timeout_s
-            and len(r.clients) >= self.min_clients
+            and len(r.clients) >= min(self.min_clients, len(r.expected))
         ]
 
     def wait_round(self, round_index: int, timeout: float) -> bool:
@@ -368,7 +526,7 @@ class Aggregator:
                         return False
                     self._cond.wait(min(left, 0.5))
             for r in due:
-                self._close(r, f"timeout after {self.round_timeout_s:g} s with quorum")
+                self._close(r, f"timeout after {self.round_timeout_s:g} s with {len(r.clients)} of {len(r.expected)} clients")
 
     def block_value(self, block: int) -> tuple[int, dict[str, Tensor]]:
         """Current version and global value of a block (do not modify the tensors)."""
@@ -382,6 +540,14 @@ class Aggregator:
     def versions(self) -> list[int]:
         with self._cond:
             return list(self._versions)
+
+    def _next_round(self) -> int:
+        return next((r for r in range(self.rounds) if r not in self._rounds or not self._rounds[r].closed), self.rounds)
+
+    def next_round(self) -> int:
+        """The first round not yet aggregated (``rounds`` when all are)."""
+        with self._cond:
+            return self._next_round()
 
     @property
     def schedule(self) -> list[int]:
@@ -407,21 +573,29 @@ class Aggregator:
             self._left.add(client_id)
             self._cond.notify_all()
 
-    def wait_all_left(self, timeout: float) -> bool:
-        """Wait until every client that joined has left (and at least one joined)."""
+    def wait_finished(self, timeout: float, grace_s: float = 30.0) -> bool:
+        """Wait until every round is closed and every joined client left.
+
+        A client that has not left ``grace_s`` seconds after the last round
+        closed is counted as dropped. ``False`` on timeout or shutdown.
+        """
         deadline = time.monotonic() + timeout
         with self._cond:
-            while not (self._joined and self._joined <= self._left):
+            while True:
+                done = self._next_round() >= self.rounds
+                if done and self._joined and self._joined <= self._left:
+                    return True
+                if done and self._last_close is not None and time.monotonic() - self._last_close >= grace_s:
+                    return True
                 left = deadline - time.monotonic()
                 if left <= 0 or self._shutdown:
                     return False
                 self._cond.wait(min(left, 0.5))
-            return True
 
     @property
     def finished(self) -> bool:
         with self._cond:
-            return all(r in self._rounds and self._rounds[r].closed for r in range(self.rounds))
+            return self._next_round() >= self.rounds
 
     @property
     def closed(self) -> bool:
@@ -434,30 +608,153 @@ class Aggregator:
             self._shutdown = True
             self._cond.notify_all()
 
+    # ------------------------------------------------------------ checkpoints
+
+    def _checkpoint_if_due(self, rnd: _Round | None) -> None:
+        if not self.checkpoint_dir or self.checkpoint_every <= 0:
+            return
+        if rnd is not None and (rnd.index + 1) % self.checkpoint_every and rnd.index != self.rounds - 1:
+            return
+        self.save_checkpoint(self.checkpoint_dir, extra_closed=rnd)
+
+    def save_checkpoint(self, directory: str, extra_closed: _Round | None = None) -> str:
+        """Write the global state, versions, closed rounds and schedule atomically.
+
+        The tensors go to a new ``globals-*.safetensors`` file, then
+        ``state.json`` is replaced in one rename, so a crash at any point
+        leaves the previous checkpoint whole. Returns the state file's path.
+        """
+        with self._checkpoint_lock:
+            with self._cond:
+                if self._fingerprint is None or not self._ready:
+                    raise FederationError("nothing to checkpoint before the first client joined")
+                closed = [r for r in self._rounds.values() if r.closed or r is extra_closed]
+                tensors = {n: t for blk in self._globals for n, t in blk.items()}
+                state = {
+                    "format": CHECKPOINT_FORMAT,
+                    "params": self._params(),
+                    "fingerprint": self._fingerprint,
+                    "initializer": self._initializer,
+                    "versions": list(self._versions),
+                    "rounds": [self._round_record(r) for r in sorted(closed, key=lambda r: r.index)],
+                    "joined": sorted(self._joined),
+                    "left": sorted(self._left),
+                    "reports": {str(k): v for k, v in self._reports.items()},
+                    "rejected": list(self._rejected),
+                    "started_at": self.started_at,
+                }
+            os.makedirs(directory, exist_ok=True)
+            upto = max((r.index for r in closed), default=-1)
+            name = f"globals-{upto + 1:06d}.safetensors"
+            tmp = os.path.join(directory, name + ".tmp")
+            save_file({n: t.contiguous() for n, t in tensors.items()}, tmp)
+            os.replace(tmp, os.path.join(directory, name))
+            state["globals"] = name
+            path = os.path.join(directory, "state.json")
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(path + ".tmp", path)
+            for old in os.listdir(directory):
+                if old.startswith("globals-") and old != name:
+                    os.remove(os.path.join(directory, old))
+            log.info("server checkpoint written: %d rounds closed", len(closed))
+            return path
+
+    def _params(self) -> dict[str, Any]:
+        return {
+            "clients": self.clients,
+            "rounds": self.rounds,
+            "schedule": self.schedule_kind,
+            "seed": self.seed,
+            "server_lr": self.server_lr,
+            "mode": self.mode,
+            "clients_per_round": self.clients_per_round,
+        }
+
+    def load_checkpoint(self, directory: str) -> int:
+        """Resume from a checkpoint written by :meth:`save_checkpoint`; returns the next round.
+
+        Raises:
+            FederationError: the checkpoint is unreadable, corrupt, or was
+                written for a different federation (recipe).
+        """
+        path = os.path.join(directory, "state.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                state = json.load(f)
+            tensors = load_file(os.path.join(directory, state["globals"]))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise FederationError(
+                f"server checkpoint in {directory} is unreadable or corrupt ({type(exc).__name__}: {exc}); "
+                "move it away to start the federation afresh"
+            ) from None
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise FederationError(
+                f"server checkpoint in {directory} has format {state.get('format')}, this version reads {CHECKPOINT_FORMAT}"
+            )
+        params = self._params()
+        diff = {k: (state["params"].get(k), v) for k, v in params.items() if state["params"].get(k) != v}
+        if diff:
+            what = ", ".join(f"{k}: checkpoint {a!r} vs recipe {b!r}" for k, (a, b) in diff.items())
+            raise FederationError(
+                f"server checkpoint in {directory} belongs to another federation ({what}); use its recipe or another output_dir"
+            )
+        with self._cond:
+            self._set_fingerprint(state["fingerprint"])
+            assert self._partition is not None
+            specs = self._fingerprint["tensors"]  # type: ignore[index]
+            if set(tensors) != set(specs):
+                raise FederationError(f"server checkpoint in {directory} is corrupt: its tensors do not match its fingerprint")
+            self._globals = [{n: tensors[n] for n in b.params} for b in self._partition.blocks]
+            self._versions = [int(v) for v in state["versions"]]
+            self._initializer = state["initializer"]
+            self._ready = True
+            for rec in state["rounds"]:
+                rnd = self._round(int(rec["round"]))
+                rnd.closed = True
+                rnd.clients = {int(c): {"weight": None, "kind": None, "loss": None} for c in rec["clients"]}
+                rnd.late = int(rec.get("late", 0))
+                rnd.rejected = list(rec.get("rejections", []))
+                rnd.aggregation_s = float(rec.get("aggregation_s") or 0.0)
+                rnd.reason = str(rec.get("close_reason", ""))
+                rnd.closed_at = self.started_at + float(rec["closed_at"]) if rec.get("closed_at") is not None else None
+                rnd.restored_loss = rec.get("loss")
+            self._joined = set(state.get("joined", []))
+            self._left = set(state.get("left", []))
+            self._reports = {int(k): v for k, v in state.get("reports", {}).items()}
+            self._rejected = list(state.get("rejected", []))
+            self.resumed_from = self._next_round()
+            return self.resumed_from
+
     # ---------------------------------------------------------------- report
 
     def _round_record(self, rnd: _Round) -> dict[str, Any]:
-        losses = [(c["weight"], c["loss"]) for c in rnd.clients.values() if c["loss"] is not None]
+        losses = [(c["weight"], c["loss"]) for c in rnd.clients.values() if c.get("loss") is not None and c.get("weight")]
         total = sum(w for w, _ in losses)
+        loss = sum(w * v for w, v in losses) / total if total > 0 else rnd.restored_loss
         return {
             "round": rnd.index,
             "block": rnd.block,
-            "expected": self.clients,
+            "expected": len(rnd.expected),
+            "expected_clients": list(rnd.expected),
             "arrived": len(rnd.clients),
             "rejected": len(rnd.rejected),
             "late": rnd.late,
             "aggregation_s": rnd.aggregation_s,
             "closed_at": rnd.closed_at - self.started_at if rnd.closed_at else None,
             "close_reason": rnd.reason,
-            "loss": sum(w * v for w, v in losses) / total if total > 0 else None,
+            "loss": loss,
             "clients": sorted(rnd.clients),
+            "clipped": sorted(c for c, v in rnd.clients.items() if v.get("clipped")),
             "rejections": [dict(r) for r in rnd.rejected],
         }
 
     def report(self) -> dict[str, Any]:
-        """The server's view of the run: rounds, rejections, client reports."""
+        """The server's view of the run: rounds, rejections, client reports, dropped clients."""
         with self._cond:
-            rounds = [self._round_record(self._rounds[i]) for i in sorted(self._rounds)]
+            rounds = [self._round_record(self._rounds[i]) for i in sorted(self._rounds) if self._rounds[i].closed]
             return {
                 "mode": self.mode,
                 "clients": self.clients,
@@ -465,9 +762,13 @@ class Aggregator:
                 "schedule": list(self._schedule),
                 "blocks": self._partition.to_dict() if self._partition else [],
                 "server_lr": self.server_lr,
+                "aggregation": self.aggregation,
                 "rounds": rounds,
                 "rejected_outside_rounds": list(self._rejected),
                 "client_reports": {str(k): v for k, v in sorted(self._reports.items())},
+                "joined": sorted(self._joined),
+                "dropped": sorted(self._joined - self._left),
+                "resumed_from_round": self.resumed_from,
                 "started_at": self.started_at,
             }
 
@@ -476,20 +777,36 @@ def _itemsize(dtype: str) -> int:
     return torch.empty((), dtype=DTYPES[dtype]).element_size()
 
 
-def _check_tensors(current: Mapping[str, Tensor], tensors: Mapping[str, Tensor], *, exact_dtype: bool) -> str:
-    """Why an update's tensors do not fit the block, or ``''``."""
-    if set(tensors) != set(current):
-        missing = sorted(set(current) - set(tensors))[:3]
-        extra = sorted(set(tensors) - set(current))[:3]
+def _check_specs(current: Mapping[str, Tensor], specs: list[Spec], *, exact_dtype: bool) -> str:
+    """Why an update's declared tensors do not fit the block, or ``''``."""
+    names = [s.name for s in specs]
+    if sorted(names) != sorted(current) or len(set(names)) != len(names):
+        missing = sorted(set(current) - set(names))[:3]
+        extra = sorted(set(names) - set(current))[:3]
         return f"tensor names do not match the block (missing {missing}, unexpected {extra})"
-    for name, t in tensors.items():
-        g = current[name]
-        if tuple(t.shape) != tuple(g.shape):
-            return f"tensor {name!r} has shape {list(t.shape)}, the block holds {list(g.shape)}"
-        if exact_dtype and t.dtype != g.dtype:
-            return f"tensor {name!r} is {t.dtype}, the block holds {g.dtype} (send a delta to use another wire dtype)"
-        if not t.is_floating_point():
-            return f"tensor {name!r} is {t.dtype}, not a floating-point tensor"
-        if not bool(torch.isfinite(t).all()):
-            return f"tensor {name!r} holds NaN or infinite values"
+    for s in specs:
+        g = current[s.name]
+        if s.shape != tuple(g.shape):
+            return f"tensor {s.name!r} has shape {list(s.shape)}, the block holds {list(g.shape)}"
+        if exact_dtype and s.dtype != g.dtype:
+            return f"tensor {s.name!r} is {s.dtype}, the block holds {g.dtype} (send a delta to use another wire dtype)"
+        if not s.dtype.is_floating_point:
+            return f"tensor {s.name!r} is {s.dtype}, not a floating-point tensor"
     return ""
+
+
+def _check_values(current: Mapping[str, Tensor], staged: StagedTensors, kind: str, need_norm: bool) -> tuple[str, float]:
+    """Finite values and (when needed) the L2 norm of the update's delta; reads each tensor once."""
+    sq = 0.0
+    for name, t in staged:
+        if not bool(torch.isfinite(t).all()):
+            return f"tensor {name!r} holds NaN or infinite values", math.inf
+        if need_norm:
+            d = t.to(torch.float64) - current[name].to(torch.float64) if kind == "value" else t.to(torch.float64)
+            sq += float(d.square().sum())
+    return "", math.sqrt(sq)
+
+
+def _deltas(staged: StagedTensors, current: Mapping[str, Tensor], kind: str) -> Iterator[tuple[str, Tensor]]:
+    for name, t in staged:
+        yield name, (t.to(torch.float64) - current[name].to(torch.float64)) if kind == "value" else t

@@ -3,7 +3,9 @@
 Serves a :class:`~pl_parablock.federation.service.FederationService` with
 generic handlers whose messages are raw bytes (the project's own framing, see
 :mod:`pl_parablock.federation.wire`), so no generated protobuf code is
-needed. Binds to 127.0.0.1 unless told otherwise.
+needed. Binds to 127.0.0.1 unless told otherwise; with a :class:`TLS`
+certificate and key it serves TLS only. Clients authenticate with a bearer
+token in the ``authorization`` metadata.
 
 Example::
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -27,7 +30,7 @@ from pl_parablock.federation.aggregator import RefusedError
 from pl_parablock.federation.service import METHODS, SERVICE_NAME, FederationService
 from pl_parablock.federation.transport import SERVER_OPTIONS
 
-__all__ = ["FederationServer"]
+__all__ = ["TLS", "FederationServer", "token_of"]
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +38,51 @@ _CODES = {
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
     "refused": grpc.StatusCode.FAILED_PRECONDITION,
     "unavailable": grpc.StatusCode.UNAVAILABLE,
-    "denied": grpc.StatusCode.PERMISSION_DENIED,
+    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
 }
+
+
+@dataclass(frozen=True)
+class TLS:
+    """TLS files. Server: ``cert`` and ``key`` (and ``ca`` to require client
+    certificates). Client: ``ca`` to verify the server (its certificate, when
+    self-signed), and optionally its own ``cert`` and ``key``."""
+
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+
+    @staticmethod
+    def _read(path: str | None, what: str) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as exc:
+            raise FederationError(f"cannot read the TLS {what} {path!r}: {exc.strerror}") from None
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        if not (self.cert and self.key):
+            raise FederationError("a TLS server needs federation.tls.cert and federation.tls.key")
+        pair = (self._read(self.key, "key"), self._read(self.cert, "certificate"))
+        ca = self._read(self.ca, "CA certificate")
+        return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self._read(self.ca, "CA certificate"),
+            private_key=self._read(self.key, "key") if self.cert else None,
+            certificate_chain=self._read(self.cert, "certificate") if self.key else None,
+        )
+
+
+def token_of(context: grpc.ServicerContext) -> str | None:
+    """The bearer token of a call's metadata, if any."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+            return value[len("Bearer ") :]
+    return None
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
@@ -53,7 +99,7 @@ def _wrap(method: str, kind: str, fn: Callable[..., Any]) -> grpc.RpcMethodHandl
 
         def stream_handler(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
             try:
-                yield from fn(request)
+                yield from fn(request, token_of(context))
             except Exception as exc:
                 _abort(context, exc, method)
 
@@ -61,7 +107,7 @@ def _wrap(method: str, kind: str, fn: Callable[..., Any]) -> grpc.RpcMethodHandl
 
     def handler(request: Any, context: grpc.ServicerContext) -> bytes:
         try:
-            return fn(request)  # type: ignore[no-any-return]
+            return fn(request, token_of(context))  # type: ignore[no-any-return]
         except grpc.RpcError as exc:  # the client went away mid-stream
             raise FederationError(f"{method}: client stream broke off") from exc
         except Exception as exc:
@@ -79,12 +125,16 @@ class FederationServer:
     Args:
         service: the protocol handlers and their aggregator.
         listen: ``HOST:PORT`` to bind; port 0 picks a free one.
+        tls: certificate and key to serve TLS; ``None``: plaintext.
         max_workers: handler threads; each waiting pull holds one.
     """
 
-    def __init__(self, service: FederationService, *, listen: str = "127.0.0.1:0", max_workers: int | None = None) -> None:
+    def __init__(
+        self, service: FederationService, *, listen: str = "127.0.0.1:0", tls: TLS | None = None, max_workers: int | None = None
+    ) -> None:
         self.service = service
         self.listen = listen
+        self.tls = tls
         workers = max_workers or max(8, 4 * service.aggregator.clients + 4)
         self._executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pl_parablock-server")
         self._server = grpc.server(self._executor, options=SERVER_OPTIONS)
@@ -98,14 +148,17 @@ class FederationServer:
         if not host or not port.isdigit():
             raise FederationError(f"listen address {self.listen!r} is not HOST:PORT (e.g. 127.0.0.1:50051 or 0.0.0.0:50051)")
         try:
-            bound = self._server.add_insecure_port(self.listen)
+            if self.tls is not None:
+                bound = self._server.add_secure_port(self.listen, self.tls.server_credentials())
+            else:
+                bound = self._server.add_insecure_port(self.listen)
         except RuntimeError as exc:
             raise FederationError(f"cannot listen on {self.listen}: {exc}") from None
         if bound == 0:
             raise FederationError(f"cannot listen on {self.listen}: the port is taken or the host is not this machine's")
         self._server.start()
         self.address = f"{host}:{bound}"
-        log.info("federation server listening on %s", self.address)
+        log.info("federation server listening on %s%s", self.address, " (TLS)" if self.tls else "")
         return self.address
 
     def stop(self, grace: float = 2.0) -> None:

@@ -5,57 +5,82 @@ push an update, long-poll pull an aggregate, leave) once, on top of three raw
 calls that its subclasses provide:
 
 * :class:`GrpcTransport` talks to a :class:`~pl_parablock.federation.server.FederationServer`
-  over gRPC (separate processes or machines);
+  over gRPC (separate processes or machines), with a bearer token and
+  optional TLS;
 * :class:`InProcessTransport` calls a :class:`~pl_parablock.federation.service.FederationService`
   in the same process (unit tests, one-process debugging).
 
 Both encode and decode the same messages and pace them through the client's
 emulated :class:`~pl_parablock.federation.link.Link`, so byte counts and
-timings mean the same thing. Every call has a timeout.
+timings mean the same thing. Every call has a timeout. A lost or corrupted
+connection raises :class:`~pl_parablock.errors.TransportError` (retrying may
+help); a refusal raises :class:`~pl_parablock.errors.FederationError`.
+
+For fault-injection tests only, the environment variable
+``PL_PARABLOCK_TEST_FAULTS`` (e.g. ``drop_after_push=2,corrupt_push=3,drop_pull=1,delay_push_s=0.5``)
+makes the N-th push or pull of every transport in the process fail in that
+way. It is off unless set, no recipe key reaches it, and it logs a warning.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import torch
 from torch import Tensor
 
-from pl_parablock.errors import FederationError
+from pl_parablock.errors import FederationError, TransportError
 from pl_parablock.federation.link import Link
 from pl_parablock.federation.service import METHODS, SERVICE_NAME, FederationService
-from pl_parablock.federation.wire import decode, encode, header_bytes, parse_header
+from pl_parablock.federation.wire import CorruptStream, decode, encode, header_bytes, parse_header
 
-__all__ = ["GrpcTransport", "InProcessTransport", "Pulled", "Pushed", "Transport"]
+if TYPE_CHECKING:
+    from pl_parablock.federation.server import TLS
+
+__all__ = ["Faults", "GrpcTransport", "InProcessTransport", "Pulled", "Pushed", "Transport"]
+
+log = logging.getLogger(__name__)
 
 POLL_S = 20.0
 MESSAGE_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),
     ("grpc.max_receive_message_length", 64 << 20),
 ]
-# Clients ping every 30 s so a dead peer is noticed during long polls; the
-# server accepts pings that often (its default would answer "too many pings").
-CLIENT_OPTIONS = [*MESSAGE_OPTIONS, ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 20_000)]
+# Clients ping every 30 s so a dead peer is noticed during long polls and
+# reconnect quickly after a server restart; the server accepts pings that often.
+CLIENT_OPTIONS = [
+    *MESSAGE_OPTIONS,
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
 SERVER_OPTIONS = [
     *MESSAGE_OPTIONS,
     ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
+FAULTS_ENV = "PL_PARABLOCK_TEST_FAULTS"
 
 
 @dataclass
 class Pushed:
-    """Outcome of an upload."""
+    """Outcome of an upload: ``status`` is accepted, duplicate, late, rejected or corrupt."""
 
     accepted: bool
     reason: str
     upload_s: float
     nbytes: int
+    status: str = "accepted"
+    retry: bool = False
+    instance: str | None = None
 
 
 @dataclass
@@ -68,6 +93,33 @@ class Pulled:
     server_wait_s: float
     download_s: float
     nbytes: int
+    instance: str | None = None
+
+
+@dataclass
+class Faults:
+    """Injected transport faults (tests only): the N-th push/pull of a transport fails."""
+
+    drop_after_push: int = 0
+    drop_before_push: int = 0
+    corrupt_push: int = 0
+    drop_pull: int = 0
+    delay_push_s: float = 0.0
+
+    @classmethod
+    def from_env(cls) -> Faults | None:
+        raw = os.environ.get(FAULTS_ENV, "").strip()
+        if not raw:
+            return None
+        values: dict[str, Any] = {}
+        for item in raw.split(","):
+            key, _, value = item.partition("=")
+            key = key.strip()
+            if key not in cls.__dataclass_fields__:
+                raise FederationError(f"{FAULTS_ENV}: unknown fault {key!r}")
+            values[key] = float(value) if key == "delay_push_s" else int(value)
+        log.warning("%s is set: injecting transport faults %s (tests only)", FAULTS_ENV, values)
+        return cls(**values)
 
 
 class _Counter:
@@ -86,6 +138,14 @@ class _Counter:
             yield m
 
 
+def _corrupt(messages: Iterator[bytes]) -> Iterator[bytes]:
+    """Flip one byte of the first body chunk (fault injection)."""
+    for i, m in enumerate(messages):
+        if i == 1 and m:
+            m = bytes([m[0] ^ 0xFF]) + m[1:]
+        yield m
+
+
 class Transport(ABC):
     """Client side of the protocol; subclasses provide the raw calls.
 
@@ -93,12 +153,19 @@ class Transport(ABC):
         link: emulated link the bytes are paced through (``None``: none).
         chunk_bytes: size of the chunks blocks are cut into.
         wire_dtype: dtype floating tensors travel in (``None``: their own).
+        token: bearer token sent with every call (``None``: none).
     """
 
-    def __init__(self, *, link: Link | None = None, chunk_bytes: int = 1 << 20, wire_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, *, link: Link | None = None, chunk_bytes: int = 1 << 20, wire_dtype: torch.dtype | None = None, token: str | None = None
+    ) -> None:
         self.link = link or Link()
         self.chunk_bytes = chunk_bytes
         self.wire_dtype = wire_dtype
+        self.token = token
+        self.faults = Faults.from_env()
+        self._pushes = 0
+        self._pulls = 0
 
     # raw calls -------------------------------------------------------------
 
@@ -120,7 +187,7 @@ class Transport(ABC):
     # protocol --------------------------------------------------------------
 
     def join(self, client_id: int, fingerprint: Mapping[str, Any], timeout: float) -> dict[str, Any]:
-        """Join the federation; returns the schedule, rounds and versions."""
+        """Join the federation; returns the schedule, rounds, versions and next round."""
         req = header_bytes({"client_id": client_id, "fingerprint": dict(fingerprint), "timeout_s": timeout})
         return parse_header(self._unary("Join", req, timeout + 5.0), "join reply")
 
@@ -132,29 +199,56 @@ class Transport(ABC):
 
     def push(self, header: Mapping[str, Any], tensors: Mapping[str, Tensor], timeout: float) -> Pushed:
         """Upload one round's update of a block."""
+        self._pushes += 1
+        f = self.faults
+        if f and f.delay_push_s:
+            time.sleep(f.delay_push_s)
+        if f and self._pushes == f.drop_before_push:
+            raise TransportError(f"injected fault: connection dropped before push {self._pushes}")
         dtype = self.wire_dtype if header.get("kind") == "delta" else None
-        counter = _Counter(self.link.pace_up(encode(header, tensors, chunk_bytes=self.chunk_bytes, dtype=dtype)))
+        messages: Iterator[bytes] = encode(header, tensors, chunk_bytes=self.chunk_bytes, dtype=dtype)
+        if f and self._pushes == f.corrupt_push:
+            messages = _corrupt(messages)
+        counter = _Counter(self.link.pace_up(messages))
         t0 = time.perf_counter()
         reply = parse_header(self._stream_unary("Push", iter(counter), timeout), "push reply")
-        return Pushed(bool(reply.get("accepted")), str(reply.get("reason", "")), time.perf_counter() - t0, counter.nbytes)
+        if f and self._pushes == f.drop_after_push:
+            raise TransportError(f"injected fault: connection dropped after push {self._pushes}")
+        return Pushed(
+            bool(reply.get("accepted")),
+            str(reply.get("reason", "")),
+            time.perf_counter() - t0,
+            counter.nbytes,
+            status=str(reply.get("status", "accepted" if reply.get("accepted") else "rejected")),
+            retry=bool(reply.get("retry")),
+            instance=reply.get("instance"),
+        )
 
     def _download(self, request: dict[str, Any], timeout: float, what: str) -> Pulled:
+        self._pulls += 1
+        if self.faults and self._pulls == self.faults.drop_pull:
+            raise TransportError(f"injected fault: connection dropped before pull {self._pulls}")
         deadline = time.monotonic() + timeout
         t0 = time.perf_counter()
         nbytes = 0
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise FederationError(f"{what} did not arrive within {timeout:g} s (federation.timeout_s)")
+                raise TransportError(f"{what} did not arrive within {timeout:g} s (federation.timeout_s)")
             wire = {"wire_dtype": str(self.wire_dtype).removeprefix("torch.")} if self.wire_dtype else {}
             req = header_bytes({**request, **wire, "wait_s": min(left, POLL_S)})
             counter = _Counter(self._unary_stream("Pull", req, left + 5.0))
-            header, tensors = decode(self.link.pace_down(iter(counter)), what=what)
+            try:
+                header, tensors = decode(self.link.pace_down(iter(counter)), what=what)
+            except CorruptStream as exc:
+                raise TransportError(str(exc)) from None
             nbytes += counter.nbytes
             if header.get("ready"):
                 end = time.perf_counter()
                 first = counter.first_at or end
-                return Pulled(int(header["block"]), int(header["version"]), tensors, first - t0, end - first, nbytes)
+                return Pulled(
+                    int(header["block"]), int(header["version"]), tensors, first - t0, end - first, nbytes, header.get("instance")
+                )
 
     def pull(self, client_id: int, round_index: int, timeout: float) -> Pulled:
         """Wait for the aggregate of a round and download the block's new global value."""
@@ -187,16 +281,19 @@ class InProcessTransport(Transport):
         self.service = service
 
     def _unary(self, method: str, request: bytes, timeout: float) -> bytes:
-        return getattr(self.service, method)(request)  # type: ignore[no-any-return]
+        return getattr(self.service, method)(request, self.token)  # type: ignore[no-any-return]
 
     def _stream_unary(self, method: str, messages: Iterator[bytes], timeout: float) -> bytes:
-        return getattr(self.service, method)(messages)  # type: ignore[no-any-return]
+        return getattr(self.service, method)(messages, self.token)  # type: ignore[no-any-return]
 
     def _unary_stream(self, method: str, request: bytes, timeout: float) -> Iterator[bytes]:
-        return getattr(self.service, method)(request)  # type: ignore[no-any-return]
+        return getattr(self.service, method)(request, self.token)  # type: ignore[no-any-return]
 
     def describe(self) -> str:
         return "in-process"
+
+
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED}
 
 
 class GrpcTransport(Transport):
@@ -205,26 +302,31 @@ class GrpcTransport(Transport):
     Args:
         address: ``HOST:PORT`` of the server.
         connect_timeout_s: how long to wait for the server to answer at first.
+        tls: CA (and optional client certificate) for a TLS server; ``None``: plaintext.
         **kwargs: see :class:`Transport`.
 
     Raises:
         FederationError: on the first call, when the server cannot be reached.
     """
 
-    def __init__(self, address: str, *, connect_timeout_s: float = 30.0, **kwargs: Any) -> None:
+    def __init__(self, address: str, *, connect_timeout_s: float = 30.0, tls: TLS | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.address = address
         self.connect_timeout_s = connect_timeout_s
-        self._channel = grpc.insecure_channel(address, options=CLIENT_OPTIONS)
+        self.tls = tls
+        if tls is not None:
+            self._channel = grpc.secure_channel(address, tls.channel_credentials(), options=CLIENT_OPTIONS)
+        else:
+            self._channel = grpc.insecure_channel(address, options=CLIENT_OPTIONS)
+        self._metadata = (("authorization", f"Bearer {self.token}"),) if self.token else None
         self._ready = False
         self._calls: dict[str, Any] = {}
         for method, kind in METHODS.items():
-            path = f"/{SERVICE_NAME}/{method}"
             factory = getattr(self._channel, "unary_unary" if kind == "unary" else kind)
-            self._calls[method] = factory(path)
+            self._calls[method] = factory(f"/{SERVICE_NAME}/{method}")
 
     def describe(self) -> str:
-        return f"gRPC to {self.address}"
+        return f"gRPC{' (TLS)' if self.tls else ''} to {self.address}"
 
     def _connect(self) -> None:
         if self._ready:
@@ -232,9 +334,10 @@ class GrpcTransport(Transport):
         try:
             grpc.channel_ready_future(self._channel).result(timeout=self.connect_timeout_s)
         except grpc.FutureTimeoutError:
+            hint = " and its TLS certificate (federation.tls.ca)" if self.tls else ""
             raise FederationError(
                 f"cannot reach the federation server at {self.address} within {self.connect_timeout_s:g} s: "
-                "check that it runs (python -m pl_parablock.fit RECIPE --role server) and the --server address"
+                f"check that it runs (python -m pl_parablock.fit RECIPE --role server), the --server address{hint}"
             ) from None
         self._ready = True
 
@@ -242,28 +345,28 @@ class GrpcTransport(Transport):
         code = exc.code() if hasattr(exc, "code") else None
         details = exc.details() if hasattr(exc, "details") else str(exc)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return FederationError(f"server at {self.address} did not answer {method} in time")
-        if code == grpc.StatusCode.UNAVAILABLE:
-            return FederationError(f"lost the federation server at {self.address} during {method}: {details}")
+            return TransportError(f"server at {self.address} did not answer {method} in time")
+        if code in _RETRYABLE:
+            return TransportError(f"lost the federation server at {self.address} during {method}: {details}")
         return FederationError(f"server at {self.address} refused {method}: {details}")
 
     def _unary(self, method: str, request: bytes, timeout: float) -> bytes:
         self._connect()
         try:
-            return self._calls[method](request, timeout=timeout)  # type: ignore[no-any-return]
+            return self._calls[method](request, timeout=timeout, metadata=self._metadata)  # type: ignore[no-any-return]
         except grpc.RpcError as exc:
             raise self._error(exc, method) from None
 
     def _stream_unary(self, method: str, messages: Iterator[bytes], timeout: float) -> bytes:
         self._connect()
         try:
-            return self._calls[method](messages, timeout=timeout)  # type: ignore[no-any-return]
+            return self._calls[method](messages, timeout=timeout, metadata=self._metadata)  # type: ignore[no-any-return]
         except grpc.RpcError as exc:
             raise self._error(exc, method) from None
 
     def _unary_stream(self, method: str, request: bytes, timeout: float) -> Iterator[bytes]:
         self._connect()
-        call = self._calls[method](request, timeout=timeout)
+        call = self._calls[method](request, timeout=timeout, metadata=self._metadata)
 
         def _iter() -> Iterator[bytes]:
             try:

@@ -1,27 +1,39 @@
-"""How blocks travel: a JSON header message, then raw tensor bytes in chunks.
+"""How blocks travel: a JSON header message, raw tensor bytes in chunks, a trailer.
 
-A stream is a sequence of byte messages. The first is a UTF-8 JSON header
-that carries the request fields and, when tensors follow, their names, dtypes
-and shapes. The tensors' bytes follow, packed and cut into chunks of at most
-``chunk_bytes``, so a block of any size goes through gRPC's per-message limit.
-The receiver knows the exact byte count from the header: a longer stream or a
-shorter one is refused before it is used, and a declared size above the
-receiver's bound is refused before anything is allocated.
+A stream is a sequence of byte messages:
+
+1. a UTF-8 JSON header with the request fields and, when tensors follow,
+   their names, dtypes, shapes and byte counts (``tensors``) and the total
+   (``nbytes``);
+2. the tensors' bytes, packed and cut into chunks of at most ``chunk_bytes``,
+   so a block of any size goes through gRPC's per-message limit;
+3. a JSON trailer ``{"crc32": N}`` over all the body bytes.
+
+The receiver knows the exact byte count from the header: a declared size
+above its bound is refused before anything is read or allocated, a longer or
+shorter body is refused, and a body whose CRC32 differs from the trailer is
+refused as corrupt. :func:`decode` reads a stream into memory (clients);
+:class:`StagedTensors` spools it to an unnamed temporary file and reads the
+tensors back one at a time (the server), so a server receiving many clients'
+blocks at once holds one tensor per stream in memory, not one block.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import tempfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import IO, Any
 
 import torch
 from torch import Tensor
 
 from pl_parablock.errors import FederationError
 
-__all__ = ["DTYPES", "decode", "encode", "header_bytes", "parse_header", "tensor_specs"]
+__all__ = ["DTYPES", "CorruptStream", "Spec", "StagedTensors", "decode", "encode", "header_bytes", "parse_header", "tensor_specs"]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -34,6 +46,20 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class CorruptStream(FederationError):  # noqa: N818 - reads as what happened to the stream
+    """A stream whose bytes do not match its header or its checksum (a transport fault: retry)."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One tensor of a stream, as its header declares it."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -49,7 +75,7 @@ def header_bytes(header: Mapping[str, Any]) -> bytes:
 
 def parse_header(message: bytes, what: str = "message") -> dict[str, Any]:
     try:
-        header = json.loads(message.decode("utf-8"))
+        header = json.loads(bytes(message).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FederationError(f"malformed {what} header: {exc}") from None
     if not isinstance(header, dict):
@@ -76,7 +102,7 @@ def encode(
     chunk_bytes: int = 1 << 20,
     dtype: torch.dtype | None = None,
 ) -> Iterator[bytes]:
-    """Yield the header message, then the tensors' bytes in chunks.
+    """Yield the header message, the tensors' bytes in chunks, then the trailer.
 
     Args:
         header: JSON-serialisable request fields.
@@ -91,6 +117,7 @@ def encode(
         tensors = {n: (t.to(dtype) if t.is_floating_point() else t) for n, t in tensors.items()}
     specs = tensor_specs(tensors)
     yield header_bytes({**header, "tensors": specs, "nbytes": sum(s["nbytes"] for s in specs)})
+    crc = 0
     buf = bytearray()
     for t in tensors.values():
         if t.numel() == 0:
@@ -99,91 +126,167 @@ def encode(
         off = 0
         while off < len(mv):
             if not buf and len(mv) - off >= chunk_bytes:
-                yield mv[off : off + chunk_bytes].tobytes()
+                piece = mv[off : off + chunk_bytes].tobytes()
+                crc = zlib.crc32(piece, crc)
+                yield piece
                 off += chunk_bytes
                 continue
             take = min(chunk_bytes - len(buf), len(mv) - off)
             buf += mv[off : off + take]
             off += take
             if len(buf) == chunk_bytes:
+                crc = zlib.crc32(buf, crc)
                 yield bytes(buf)
                 buf = bytearray()
     if buf:
+        crc = zlib.crc32(buf, crc)
         yield bytes(buf)
+    yield header_bytes({"crc32": crc})
 
 
-def _check_specs(specs: Any, max_bytes: int | None) -> list[tuple[str, torch.dtype, list[int], int]]:
-    if not isinstance(specs, list):
+def check_specs(raw: Any, max_bytes: int | None) -> list[Spec]:
+    """The tensor entries of a header, checked for consistency and against ``max_bytes``.
+
+    Raises:
+        FederationError: malformed entries, or a total above ``max_bytes``.
+    """
+    if not isinstance(raw, list):
         raise FederationError("malformed stream header: `tensors` is not a list")
     out = []
     total = 0
-    for s in specs:
+    for s in raw:
         try:
-            name, dt, shape, nbytes = str(s["name"]), DTYPES[s["dtype"]], [int(d) for d in s["shape"]], int(s["nbytes"])
+            name, dt, shape, nbytes = str(s["name"]), DTYPES[s["dtype"]], tuple(int(d) for d in s["shape"]), int(s["nbytes"])
         except (KeyError, TypeError, ValueError):
             raise FederationError(f"malformed tensor entry in stream header: {s!r}") from None
         itemsize = torch.empty((), dtype=dt).element_size()
         if any(d < 0 for d in shape) or nbytes != math.prod(shape) * itemsize:
-            raise FederationError(f"tensor {name!r}: declared {nbytes} bytes do not match shape {shape} of {s['dtype']}")
+            raise FederationError(f"tensor {name!r}: declared {nbytes} bytes do not match shape {list(shape)} of {s['dtype']}")
         total += nbytes
-        out.append((name, dt, shape, nbytes))
+        out.append(Spec(name, dt, shape, nbytes))
     if max_bytes is not None and total > max_bytes:
         raise FederationError(f"stream declares {total} bytes, more than the {max_bytes} allowed")
     return out
 
 
-def decode(messages: Iterable[bytes], *, max_bytes: int | None = None, what: str = "stream") -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Read a header and its tensors from a message stream.
+def _body(messages: Iterator[bytes], total: int, what: str) -> Iterator[memoryview]:
+    """Yield the body's chunks, then check the trailer's CRC32 and that nothing follows."""
+    crc = 0
+    filled = 0
+    while filled < total:
+        try:
+            chunk = next(messages)
+        except StopIteration:
+            raise CorruptStream(f"{what} was cut short after {filled} of {total} bytes") from None
+        mv = memoryview(chunk).cast("B")
+        if filled + len(mv) > total:
+            raise CorruptStream(f"{what} is longer than its header declares")
+        crc = zlib.crc32(mv, crc)
+        filled += len(mv)
+        yield mv
+    try:
+        trailer = parse_header(next(messages), f"{what} trailer")
+    except StopIteration:
+        raise CorruptStream(f"{what} was cut short: no trailer") from None
+    except FederationError as exc:
+        raise CorruptStream(f"{what} is longer than its header declares ({exc})") from None
+    if trailer.get("crc32") != crc:
+        raise CorruptStream(f"{what} is corrupt: checksum {crc} differs from the sender's {trailer.get('crc32')}")
+    for _ in messages:
+        raise CorruptStream(f"{what} is longer than its header declares")
 
-    Raises:
-        FederationError: malformed header, size above ``max_bytes``, or a
-            stream longer or shorter than its header declares.
-    """
+
+def _first(messages: Iterable[bytes], what: str) -> tuple[dict[str, Any], Iterator[bytes]]:
     it = iter(messages)
     try:
         first = next(it)
     except StopIteration:
         raise FederationError(f"empty {what}: no header") from None
-    header = parse_header(first, what)
-    specs = _check_specs(header.get("tensors", []), max_bytes)
-    tensors: dict[str, Tensor] = {}
-    idx = 0
-    cur: Tensor | None = None
-    cur_np: Any = None
-    filled = 0
+    return parse_header(first, what), it
 
-    def _start() -> None:
-        nonlocal cur, cur_np, filled
-        while idx < len(specs) and specs[idx][3] == 0:
-            name, dt, shape, _ = specs[idx]
-            tensors[name] = torch.empty(shape, dtype=dt)
-            _advance()
-        if idx < len(specs):
-            cur = torch.empty(specs[idx][3], dtype=torch.uint8)
-            cur_np = cur.numpy()
-            filled = 0
 
-    def _advance() -> None:
-        nonlocal idx
-        idx += 1
+def decode(messages: Iterable[bytes], *, max_bytes: int | None = None, what: str = "stream") -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Read a header and its tensors from a message stream into memory.
 
-    _start()
-    for chunk in it:
-        mv = memoryview(chunk).cast("B")
+    Raises:
+        FederationError: malformed header or a size above ``max_bytes``;
+            :class:`CorruptStream` for a body that does not match.
+    """
+    header, it = _first(messages, what)
+    specs = check_specs(header.get("tensors", []), max_bytes)
+    total = sum(s.nbytes for s in specs)
+    buffers = [torch.empty(s.nbytes, dtype=torch.uint8) for s in specs]
+    views = [b.numpy() for b in buffers]
+    idx, filled = 0, 0
+    for mv in _body(it, total, what):
         off = 0
         while off < len(mv):
-            if cur is None or idx >= len(specs):
-                raise FederationError(f"{what} is longer than its header declares")
-            name, dt, shape, nbytes = specs[idx]
-            take = min(nbytes - filled, len(mv) - off)
-            cur_np[filled : filled + take] = mv[off : off + take]
+            while specs[idx].nbytes == filled:
+                idx, filled = idx + 1, 0
+            take = min(specs[idx].nbytes - filled, len(mv) - off)
+            views[idx][filled : filled + take] = mv[off : off + take]
             filled += take
             off += take
-            if filled == nbytes:
-                tensors[name] = cur.view(dt).reshape(shape)
-                cur = None
-                _advance()
-                _start()
-    if idx < len(specs):
-        raise FederationError(f"{what} was cut short: tensor {specs[idx][0]!r} incomplete")
-    return header, tensors
+    return header, {s.name: b.view(s.dtype).reshape(s.shape) for s, b in zip(specs, buffers)}
+
+
+class StagedTensors:
+    """A stream's tensors spooled to an unnamed temporary file as they arrive.
+
+    Iterating yields ``(name, tensor)`` pairs read back from the file one at
+    a time; it can be repeated (e.g. once to validate, once to aggregate).
+    Call :meth:`close` (or use ``with``) to drop the file.
+    """
+
+    def __init__(self, specs: list[Spec], file: IO[bytes] | None = None, memory: Mapping[str, Tensor] | None = None) -> None:
+        self.specs = specs
+        self._file = file
+        self._memory = dict(memory) if memory is not None else None
+
+    @classmethod
+    def receive(cls, header: Mapping[str, Any], rest: Iterator[bytes], *, max_bytes: int | None, what: str) -> StagedTensors:
+        """Spool the body that follows ``header`` (already read from the stream)."""
+        specs = check_specs(header.get("tensors", []), max_bytes)
+        total = sum(s.nbytes for s in specs)
+        file = tempfile.TemporaryFile(prefix="pl_parablock-")
+        try:
+            for mv in _body(rest, total, what):
+                file.write(mv)
+        except BaseException:
+            file.close()
+            raise
+        return cls(specs, file)
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, Tensor]) -> StagedTensors:
+        """Stage in-memory tensors (tests, in-process callers)."""
+        return cls(check_specs(tensor_specs(tensors), None), memory=tensors)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.specs)
+
+    def __iter__(self) -> Iterator[tuple[str, Tensor]]:
+        if self._memory is not None:
+            yield from self._memory.items()
+            return
+        if self._file is None:
+            raise FederationError("staged tensors were closed")
+        self._file.seek(0)
+        for s in self.specs:
+            buf = torch.empty(s.nbytes, dtype=torch.uint8)
+            if s.nbytes and self._file.readinto(buf.numpy()) != s.nbytes:  # type: ignore[attr-defined]
+                raise FederationError(f"staged tensor {s.name!r} could not be read back")
+            yield s.name, buf.view(s.dtype).reshape(s.shape)
+
+    def close(self) -> None:
+        self._memory = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> StagedTensors:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

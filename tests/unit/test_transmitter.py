@@ -33,7 +33,8 @@ class ScriptedTransport(Transport):
         self.pushed.append(header["round"])
         if header["round"] == self.fail_round:
             raise ConnectionError("link down")
-        return Pushed(header["round"] != self.reject_round, "wrong shape", 0.0, 10)
+        accepted = header["round"] != self.reject_round
+        return Pushed(accepted, "accepted" if accepted else "wrong shape", 0.0, 10, status="accepted" if accepted else "rejected")
 
     def pull(self, client_id, round_index, timeout):
         if self.gate is not None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pl_parablock.errors import FederationError
-from pl_parablock.federation.wire import decode, encode
+from pl_parablock.federation.wire import CorruptStream, StagedTensors, decode, encode, parse_header
 
 
 def tensors():
@@ -22,7 +22,7 @@ def tensors():
 def test_round_trip_is_exact_for_any_chunk_size(chunk):
     src = tensors()
     messages = list(encode({"round": 3}, src, chunk_bytes=chunk))
-    assert all(len(m) <= chunk for m in messages[1:])
+    assert all(len(m) <= chunk for m in messages[1:-1])
     header, out = decode(messages)
     assert header["round"] == 3
     assert list(out) == list(src)
@@ -61,3 +61,35 @@ def test_malformed_headers():
     bad = b'{"tensors": [{"name": "w", "dtype": "float32", "shape": [4], "nbytes": 3}]}'
     with pytest.raises(FederationError, match="do not match"):
         decode([bad])
+
+
+def test_a_flipped_byte_is_caught_by_the_checksum():
+    messages = list(encode({}, {"w": torch.randn(100)}, chunk_bytes=64))
+    messages[2] = bytes([messages[2][0] ^ 1]) + messages[2][1:]
+    with pytest.raises(CorruptStream, match="checksum"):
+        decode(messages)
+
+
+def test_staged_tensors_spool_to_a_file_and_read_back_repeatedly():
+    src = tensors()
+    it = iter(encode({"round": 1}, src, chunk_bytes=50))
+    header = parse_header(next(it))
+    with StagedTensors.receive(header, it, max_bytes=None, what="test") as staged:
+        assert staged.nbytes == sum(t.numel() * t.element_size() for t in src.values())
+        for _ in range(2):
+            got = dict(staged)
+            assert all(torch.equal(got[n], t) for n, t in src.items())
+    with pytest.raises(Exception, match="closed"):
+        list(staged)
+
+
+def test_staging_refuses_a_bad_stream_and_keeps_nothing():
+    messages = list(encode({}, {"w": torch.randn(1000)}, chunk_bytes=512))
+    it = iter(messages[:-2])
+    header = parse_header(next(it))
+    with pytest.raises(CorruptStream, match="cut short"):
+        StagedTensors.receive(header, it, max_bytes=None, what="update")
+    it = iter(messages)
+    header = parse_header(next(it))
+    with pytest.raises(FederationError, match="more than"):
+        StagedTensors.receive(header, it, max_bytes=100, what="update")
