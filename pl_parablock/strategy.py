@@ -368,6 +368,7 @@ class FederatedBlockStrategy(Callback):
         self.rounds = int(reply["rounds"])
         self._participants = reply.get("participants")
         self._instance = reply.get("instance")
+        self._transport.instance = self._instance
         return reply
 
     def _sync_to(self, reply: Mapping[str, Any]) -> None:
@@ -447,8 +448,8 @@ class FederatedBlockStrategy(Callback):
                 else:
                     self._finish_rounds()
                 break
-            except TransmitterError as exc:
-                if not isinstance(exc.__cause__, ServerRestarted):
+            except (TransmitterError, ServerRestarted) as exc:
+                if isinstance(exc, TransmitterError) and not isinstance(exc.__cause__, ServerRestarted):
                     raise
                 self._resync()
         if self._done:
@@ -565,7 +566,7 @@ class FederatedBlockStrategy(Callback):
             assert self._transport is not None
             reply = self._transport.versions(self.client_id, self.timeout_s)
             if reply.get("instance") not in (None, self._instance):
-                raise TransmitterError(f"client {self.client_id}: the server restarted") from ServerRestarted("instance changed")
+                raise ServerRestarted(f"client {self.client_id}: the server restarted before the last round was confirmed")
             for b, v in enumerate(int(v) for v in reply["versions"]):
                 if v > self._versions[b]:
                     pulled = self._transport.fetch(self.client_id, b, self.timeout_s)

@@ -685,7 +685,7 @@ class Aggregator:
             with open(path, encoding="utf-8") as f:
                 state = json.load(f)
             tensors = load_file(os.path.join(directory, state["globals"]))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:  # any failure to read it back means the checkpoint is unusable
             raise FederationError(
                 f"server checkpoint in {directory} is unreadable or corrupt ({type(exc).__name__}: {exc}); "
                 "move it away to start the federation afresh"

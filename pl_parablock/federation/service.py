@@ -16,7 +16,7 @@ Methods (message shapes):
 * ``UploadState``: header ``{client_id}`` + tensors -> ``{ok}``
 * ``Push``: header ``{client_id, round, block, kind, base_version, weight, loss}`` + tensors ->
   ``{accepted, status, reason, retry, instance}``
-* ``Pull``: ``{client_id, round | block, wait_s, wire_dtype}`` -> header ``{ready, round, block, version, instance}`` + tensors
+* ``Pull``: ``{client_id, round | block, wait_s, wire_dtype, instance}`` -> header ``{ready, round, block, version, instance}`` + tensors
 * ``Versions``: ``{client_id}`` -> ``{versions, next_round, finished, instance}``
 * ``Leave``: ``{client_id, report}`` -> ``{ok}``
 """
@@ -130,13 +130,17 @@ class FederationService:
         wait_s = max(0.0, min(float(h.get("wait_s", MAX_WAIT_S)), MAX_WAIT_S))
         wire = h.get("wire_dtype")
         dtype = DTYPES.get(wire) if wire else None
+        if h.get("instance") not in (None, agg.instance):
+            # the client joined another instance (this server restarted): tell it at once
+            yield from encode({"ready": False, "round": h.get("round"), "block": h.get("block"), "instance": agg.instance})
+            return
         if h.get("round") is not None:
             rnd = _int(h, "round")
             block = agg.expected_block(rnd)
             if not agg.wait_round(rnd, wait_s):
                 if agg.closed:
                     raise RefusedError("the federation server is shutting down", "unavailable")
-                yield header_bytes({"ready": False, "round": rnd, "block": block, "instance": agg.instance})
+                yield from encode({"ready": False, "round": rnd, "block": block, "instance": agg.instance})
                 return
         else:
             rnd = None

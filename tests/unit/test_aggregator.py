@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from pl_parablock.blocks import Block, Partition
+from pl_parablock.errors import FederationError
 from pl_parablock.federation import Aggregator, FederationService, InProcessTransport, RefusedError
 from pl_parablock.federation.wire import dtype_name
 
@@ -162,3 +164,104 @@ def test_shutdown_wakes_waiters_and_pull_fails_cleanly():
     agg.shutdown()
     t.join(5)
     assert not t.is_alive() and "shutting down" in str(errors[0])
+
+
+def test_clients_per_round_samples_a_seeded_subset_and_refuses_others():
+    agg = joined(clients=4, rounds=4, clients_per_round=2, seed=3)
+    again = Aggregator(clients=4, rounds=4, clients_per_round=2, seed=3)
+    assert agg.participants == again.participants
+    assert all(len(p) == 2 for p in agg.participants)
+    outsider = next(c for c in range(4) if c not in agg.participants[0])
+    reply = agg.submit(*update(outsider, 0, 0, 1.0))
+    assert not reply["accepted"] and "not sampled" in reply["reason"]
+    for c in agg.participants[0]:
+        agg.submit(*update(c, 0, 0, 2.0))
+    assert agg.wait_round(0, 1.0)
+    assert agg.report()["rounds"][0]["expected"] == 2
+
+
+def test_norm_bound_refuses_and_clipping_scales():
+    agg = joined(max_update_norm=5.0)
+    reply = agg.submit(*update(0, 0, 0, 10.0))  # delta from ones: 9 * sqrt(15)
+    assert not reply["accepted"] and "exceeds the bound" in reply["reason"]
+
+    agg = joined(clip_norm=1.0)
+    agg.submit(*update(0, 0, 0, 0.1, kind="delta"))  # norm 0.1 * sqrt(15) < 1: kept as is
+    agg.submit(*update(1, 0, 0, 100.0, kind="delta"))  # huge: clipped to norm 1
+    assert agg.wait_round(0, 1.0)
+    value = agg.block_value(0)[1]["l0.w"]
+    assert float(value.max()) < 1.5, "the outlier must be clipped, not averaged in"
+    assert agg.report()["rounds"][0]["clipped"] == [1]
+
+
+def test_median_ignores_a_poisoned_update():
+    agg = joined(clients=3, aggregation="median")
+    agg.submit(*update(0, 0, 0, 2.0))
+    agg.submit(*update(1, 0, 0, 2.5))
+    agg.submit(*update(2, 0, 0, 1e6))
+    assert agg.wait_round(0, 1.0)
+    assert torch.allclose(agg.block_value(0)[1]["l0.w"], torch.full((4, 3), 2.5))
+
+
+def test_checkpoint_round_trip_and_resume(tmp_path):
+    agg = joined(checkpoint_dir=str(tmp_path), checkpoint_every=1)
+    agg.submit(*update(0, 0, 0, 3.0))
+    agg.submit(*update(1, 0, 0, 5.0))
+    assert agg.wait_round(0, 1.0)
+    agg.submit(*update(0, 1, 1, 7.0))  # round 1 stays open: not in the checkpoint
+    assert sorted(os.listdir(tmp_path)) == ["globals-000001.safetensors", "state.json"]
+
+    fresh = Aggregator(clients=2, rounds=4)
+    assert fresh.load_checkpoint(str(tmp_path)) == 1
+    assert fresh.versions() == [0, -1]
+    assert torch.equal(fresh.block_value(0)[1]["l0.w"], torch.full((4, 3), 4.0))
+    assert fresh.instance != agg.instance
+    # a client whose round-0 update was applied before the crash is acknowledged, not applied again
+    assert status(fresh.submit(*update(0, 0, 0, 99.0))) == "duplicate"
+    assert torch.equal(fresh.block_value(0)[1]["l0.w"], torch.full((4, 3), 4.0))
+    reply = fresh.join(1, fingerprint(), 1)
+    assert reply["next_round"] == 1 and reply["versions"] == [0, -1]
+
+
+def test_a_corrupt_or_foreign_checkpoint_is_named(tmp_path):
+    agg = joined(checkpoint_dir=str(tmp_path), checkpoint_every=1)
+    agg.save_checkpoint(str(tmp_path))
+    with pytest.raises(FederationError, match="another federation"):
+        Aggregator(clients=2, rounds=9).load_checkpoint(str(tmp_path))
+    for name in os.listdir(tmp_path):
+        if name.endswith(".safetensors"):
+            (tmp_path / name).write_bytes(b"garbage")
+    with pytest.raises(FederationError, match="corrupt"):
+        Aggregator(clients=2, rounds=4).load_checkpoint(str(tmp_path))
+
+
+def test_the_service_requires_the_token_before_anything_changes():
+    agg = Aggregator(clients=2, rounds=2)
+    svc = FederationService(agg, token="s3cret")
+    with pytest.raises(RefusedError, match="missing or wrong token"):
+        InProcessTransport(svc).join(0, fingerprint(), 1)
+    with pytest.raises(RefusedError, match="missing or wrong token"):
+        InProcessTransport(svc, token="guess").join(0, fingerprint(), 1)
+    assert agg.partition is None, "a refused client changes nothing"
+    assert InProcessTransport(svc, token="s3cret").join(0, fingerprint(), 1)["need_state"]
+
+    per_client = FederationService(Aggregator(clients=2, rounds=2), token={0: "a", 1: "b"})
+    assert InProcessTransport(per_client, token="a").join(0, fingerprint(), 1)["need_state"]
+    with pytest.raises(RefusedError):
+        InProcessTransport(per_client, token="a").join(1, fingerprint(), 1)
+
+
+def test_a_long_poll_that_times_out_polls_again(monkeypatch):
+    monkeypatch.setattr("pl_parablock.federation.transport.POLL_S", 0.1)
+    agg = joined()
+    transport = InProcessTransport(FederationService(agg))
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("pulled", transport.pull(0, 0, 10)))
+    t.start()
+    time.sleep(0.5)  # several empty polls
+    agg.submit(*update(0, 0, 0, 2.0))
+    agg.submit(*update(1, 0, 0, 2.0))
+    t.join(10)
+    pulled = result["pulled"]
+    assert pulled.version == 0 and pulled.server_wait_s >= 0.4
+    assert torch.equal(pulled.tensors["l0.w"], torch.full((4, 3), 2.0))

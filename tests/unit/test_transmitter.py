@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from pl_parablock.errors import TransmitterError
+from pl_parablock.errors import ServerRestarted, TransmitterError, TransportError
 from pl_parablock.federation.transport import Pulled, Pushed, Transport
 from pl_parablock.transmitter import Handoff, Transmitter
 
@@ -95,4 +95,73 @@ def test_wait_times_out():
     with pytest.raises(TransmitterError, match="did not arrive within 0.2 s"):
         tx.wait(0, timeout=0.2)
     gate.set()
+    tx.close()
+
+
+class FlakyTransport(ScriptedTransport):
+    """Loses the connection a few times, answers late, or turns out to be another server."""
+
+    def __init__(self, push_failures=0, pull_failures=0, status="accepted", instance="A"):
+        super().__init__()
+        self.push_failures = push_failures
+        self.pull_failures = pull_failures
+        self.status = status
+        self.instance = instance
+
+    def push(self, header, tensors, timeout):
+        self.pushed.append(header["round"])
+        if self.push_failures:
+            self.push_failures -= 1
+            raise TransportError("connection reset")
+        return Pushed(self.status != "late", self.status, 0.0, 10, status=self.status, instance=self.instance)
+
+    def pull(self, client_id, round_index, timeout):
+        if self.pull_failures:
+            self.pull_failures -= 1
+            raise TransportError("connection reset")
+        return Pulled(round_index % 2, round_index, {"w": torch.zeros(1)}, 0.0, 0.0, 10, self.instance)
+
+
+def test_lost_connections_are_retried_and_an_acknowledged_push_is_not_repeated(monkeypatch):
+    monkeypatch.setattr("pl_parablock.transmitter.BACKOFF_S", (0.01, 0.05))
+    transport = FlakyTransport(push_failures=2, pull_failures=2)
+    tx = Transmitter(transport, 0, timeout_s=10, instance="A")
+    tx.send(handoff(0))
+    arrival = tx.wait(0, timeout=10)
+    assert arrival.retries == 4
+    assert transport.pushed == [0, 0, 0], "two lost pushes, one acknowledged; pull failures do not resend it"
+    tx.close()
+
+
+def test_a_late_update_is_not_an_error():
+    tx = Transmitter(FlakyTransport(status="late"), 0, timeout_s=5, instance="A")
+    tx.send(handoff(0))
+    assert tx.wait(0, timeout=5).late
+    tx.close()
+
+
+def test_another_server_instance_stops_the_thread_with_server_restarted():
+    tx = Transmitter(FlakyTransport(instance="B"), 0, timeout_s=5, instance="A")
+    tx.send(handoff(0))
+    with pytest.raises(TransmitterError, match="restarted") as err:
+        tx.wait(0, timeout=5)
+    assert isinstance(err.value.__cause__, ServerRestarted)
+    tx.close()
+
+
+def test_fetch_only_rounds_do_not_push():
+    transport = FlakyTransport()
+    tx = Transmitter(transport, 0, timeout_s=5, instance="A")
+    tx.send(Handoff(0, 0, "none", -1, 0.0, None))
+    assert tx.wait(0, timeout=5).bytes_up == 0
+    assert transport.pushed == []
+    tx.close()
+
+
+def test_retries_give_up_at_the_timeout(monkeypatch):
+    monkeypatch.setattr("pl_parablock.transmitter.BACKOFF_S", (0.05, 0.05))
+    tx = Transmitter(FlakyTransport(push_failures=1000), 0, timeout_s=0.5, instance="A")
+    tx.send(handoff(0))
+    with pytest.raises(TransmitterError, match="connection reset"):
+        tx.wait(0, timeout=5)
     tx.close()
