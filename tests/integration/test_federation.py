@@ -67,15 +67,16 @@ def test_parablock_learns_and_ends_near_sync(pair):
 def test_parablock_hides_communication_on_a_slow_link(tmp_path):
     """Communication about as long as computation: parablock's wall time is clearly below sync's."""
     # A latency-dominated link keeps communication comparable to computation whether the machine
-    # is quiet (compute ~0.15 s per round) or busy (~0.4 s): 2 x 150 ms per round trip.
+    # is quiet (compute ~0.15 s per round) or busy (~0.4 s): 2 x 100 ms per round trip.
     link = ["blocks.embeddings=false", "blocks.head=false", "train.local_steps=8", "federation.rounds=12"]
-    link += ["link.latency_ms=150", "eval.max_samples=8"]
+    link += ["link.latency_ms=100", "eval.max_samples=8"]
     sync = run(tmp_path, "sync", "mode=sync", *link)
     para = run(tmp_path, "para", "mode=parablock", *link)
     assert sync["link"]["emulated"] and "emulated" in sync["link"]["description"]
     comm, compute = sync["totals"]["comm_s"], sync["totals"]["compute_s"]
     assert 0.4 < comm / compute < 2.5, "the link must make communication comparable to computation"
-    assert para["totals"]["comm_hidden_fraction"] > 0.6
+    # at most min(compute, comm) of the communication can hide behind computation
+    assert para["totals"]["comm_hidden_fraction"] > 0.4
     assert sync["totals"]["comm_hidden_fraction"] < 0.2
     train = {
         name: max(c["ended_at"] for r in rep["rounds"] for c in r["client_records"])
