@@ -98,13 +98,9 @@ def _aggregator(recipe: Recipe, progress: bool) -> Aggregator:
 
 
 def _describe_data(recipe: Recipe) -> str:
-    from pl_parablock.data import client_shares, recipe_data
+    from pl_parablock.data import describe_data
 
-    train, evals = recipe_data(recipe)
-    shares = client_shares(recipe, train)
-    sizes = "/".join(str(len(s)) for s in shares)
-    part = recipe.data.partition.kind + (f"(alpha={recipe.data.partition.alpha})" if recipe.data.partition.kind == "dirichlet" else "")
-    return f"data: {recipe.data.format}, {len(train)} training records split {part} as {sizes}; {len(evals)} eval records"
+    return "\n  ".join(describe_data(recipe))
 
 
 def _finish(recipe: Recipe, agg: Aggregator, wall_s: float) -> int:
