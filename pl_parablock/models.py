@@ -206,5 +206,9 @@ def build_base_model(section: ModelSection, seed: int = 0) -> tuple[PreTrainedMo
         tokenizer = load_tokenizer(section.tokenizer or section.path)
     model.config.use_cache = False
     if section.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x renamed it
+        if callable(enable):
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # pragma: no cover - older transformers
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer

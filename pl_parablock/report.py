@@ -48,11 +48,11 @@ def build_report(recipe: Recipe, server: dict[str, Any], *, wall_s: float, link:
             for k in totals:
                 totals[k] += _num(rec, k)
         comm = totals["upload_s"] + totals["server_wait_s"] + totals["download_s"]
-        data = rep.get("data", {})
+        data = rep.get("final", {}).get("client_data", {})
         clients.append(
             {
                 "client_id": int(cid),
-                "shard_size": rep.get("shard_size"),
+                "shard_size": data.get("shard_size", rep.get("shard_size")),
                 "data_skipped": int(data.get("read_skipped", 0)) + int(data.get("encode_skipped", 0)),
                 **totals,
                 "comm_s": comm,
@@ -68,7 +68,7 @@ def build_report(recipe: Recipe, server: dict[str, Any], *, wall_s: float, link:
     blocked_total = sum(c["blocked_s"] for c in clients)
     final: dict[str, Any] = {}
     first = client_reports.get("0") or (next(iter(client_reports.values())) if client_reports else {})
-    final.update({k: v for k, v in first.get("final", {}).items() if k != "eval_curve"})
+    final.update({k: v for k, v in first.get("final", {}).items() if k not in ("eval_curve", "client_data")})
     last_losses = [r["loss"] for r in rounds if r.get("loss") is not None]
     final["loss"] = last_losses[-1] if last_losses else None
     final.setdefault("eval_loss", None)
@@ -121,7 +121,7 @@ def _data_summary(recipe: Recipe, client_reports: dict[str, Any]) -> dict[str, A
     rows, so the file's count is taken once (client 0 also reads the
     evaluation file); with a natural partition each client read its own.
     """
-    reports = [rep.get("data", {}) for _, rep in sorted(client_reports.items(), key=lambda kv: int(kv[0]))]
+    reports = [rep.get("final", {}).get("client_data", {}) for _, rep in sorted(client_reports.items(), key=lambda kv: int(kv[0]))]
     reads = [int(d.get("read_skipped", 0)) for d in reports]
     encodes = [int(d.get("encode_skipped", 0)) for d in reports]
     read = sum(reads) if recipe.data.partition.kind == "natural" else max(reads, default=0)
@@ -129,7 +129,7 @@ def _data_summary(recipe: Recipe, client_reports: dict[str, Any]) -> dict[str, A
     return {
         "format": recipe.data.format,
         "partition": recipe.data.partition.kind,
-        "shard_sizes": [rep.get("shard_size") for _, rep in sorted(client_reports.items(), key=lambda kv: int(kv[0]))],
+        "shard_sizes": [d.get("shard_size") for d in reports],
         "on_error": recipe.data.on_error,
         "skipped": read + sum(encodes),
         "skipped_examples": examples,

@@ -62,6 +62,7 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*`max_epochs` was not set.*")
     warnings.filterwarnings("ignore", message=r".*litlogger.*")
+    warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated.*")  # peft on transformers 5
 
 
 class GlobalEvaluation(Callback):
@@ -252,19 +253,12 @@ class ClientRun:
     shard_size: int
     extra: dict[str, Any] = field(default_factory=dict)
     evaluation: GlobalEvaluation | None = None
-    read_skipped: list[str] = field(default_factory=list)
 
     def fit(self) -> None:
         self.trainer.fit(self.module, datamodule=self.datamodule)
 
     def report(self) -> dict[str, Any]:
-        encode = list(self.datamodule.skipped) + (list(self.evaluation.skipped) if self.evaluation is not None else [])
-        data = {
-            "read_skipped": len(self.read_skipped),
-            "encode_skipped": len(encode),
-            "skipped_examples": (self.read_skipped + encode)[:5],
-        }
-        return {**self.strategy.report(), "shard_size": self.shard_size, "data": data, **self.extra}
+        return {**self.strategy.report(), "shard_size": self.shard_size, **self.extra}
 
 
 def prepare_client(recipe: Recipe, client_id: int, server: str | Transport | None, *, evaluate: bool | None = None) -> ClientRun:
@@ -359,4 +353,14 @@ def prepare_client(recipe: Recipe, client_id: int, server: str | Transport | Non
         limit_val_batches=0,
         default_root_dir=recipe.output_dir,
     )
-    return ClientRun(client_id, trainer, module, datamodule, strategy, len(data.train), evaluation=evaluation, read_skipped=data.skipped)
+    # Encode now: a bad record stops the client before it joins, and the
+    # counts travel to the server with the client's report (its `final`).
+    datamodule.setup("fit")
+    encode_skipped = datamodule.skipped + (evaluation.skipped if evaluation is not None else [])
+    strategy.final_metrics["client_data"] = {
+        "shard_size": len(data.train),
+        "read_skipped": len(data.skipped),
+        "encode_skipped": len(encode_skipped),
+        "skipped_examples": (data.skipped + encode_skipped)[:5],
+    }
+    return ClientRun(client_id, trainer, module, datamodule, strategy, len(data.train), evaluation=evaluation)

@@ -23,7 +23,7 @@ import numpy as np
 
 from pl_parablock.config import Recipe
 from pl_parablock.data.chat import chat_prompt, chat_segments
-from pl_parablock.data.formats import LoadedRecords, load_records, make_record, read_records
+from pl_parablock.data.formats import WHERE, LoadedRecords, load_records, make_record, read_records
 from pl_parablock.data.module import ClientDataModule, collate, encode_example, encode_prompt, encode_record, pack_examples
 from pl_parablock.data.partition import dirichlet_partition, iid_partition
 from pl_parablock.data.synthetic import MATH_CATEGORIES, synthetic_records
@@ -143,7 +143,7 @@ def client_shares(recipe: Recipe, records: list[dict[str, Any]]) -> list[list[in
     """Indices of each client's records under the recipe's ``iid`` or ``dirichlet`` partition.
 
     Raises:
-        DataError: a record without the Dirichlet label field, or too few records.
+        DataError: a record without the Dirichlet label field, a label with one value only, or too few records.
     """
     p = recipe.data.partition
     n = recipe.federation.clients
@@ -154,10 +154,15 @@ def client_shares(recipe: Recipe, records: list[dict[str, Any]]) -> list[list[in
             if r.get(p.label) is None:
                 fields = ", ".join(sorted(k for k in r if k not in ("prompt", "response", "messages")))
                 raise DataError(
-                    f"{r.get('source', 'a record')}: no field {p.label!r} to draw the Dirichlet partition over "
+                    f"{r.get(WHERE, 'a record')}: no field {p.label!r} to draw the Dirichlet partition over "
                     f"(data.partition.label); fields: {fields}"
                 )
             labels.append(str(r[p.label]))
+        if len(set(labels)) < 2:
+            raise DataError(
+                f"the Dirichlet partition is drawn over {p.label!r} (data.partition.label), but every record has the "
+                f"same value {labels[0]!r}: there is no label to skew; name a column with several values"
+            )
         return dirichlet_partition(labels, n, p.alpha, recipe.seed)
     if p.kind == "natural":
         raise DataError("a natural partition has no shares to compute: each client reads its own file (see client_data)")

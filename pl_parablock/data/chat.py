@@ -91,6 +91,8 @@ def chat_segments(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[st
             if not head.startswith(prev):
                 raise DataError(_not_incremental(source, k))
             full = _render(tokenizer, messages[: k + 1], False, source)
+            if not full.startswith(prev):
+                raise DataError(_not_incremental(source, k))
             if not full.startswith(head):
                 raise DataError(
                     f"{source}: turn {k}: the chat template's rendering of the conversation does not start with its "

@@ -36,7 +36,7 @@ from typing import Any
 
 from pl_parablock.errors import DataError
 
-__all__ = ["PROMPT", "PROMPT_WITH_INPUT", "LoadedRecords", "gsm8k_answer", "load_records", "make_record", "read_records"]
+__all__ = ["PROMPT", "PROMPT_WITH_INPUT", "WHERE", "LoadedRecords", "gsm8k_answer", "load_records", "make_record", "read_records"]
 
 PROMPT = "### Instruction:\n{instruction}\n### Response:\n"
 PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n### Input:\n{input}\n### Response:\n"
@@ -44,8 +44,8 @@ PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n### Input:\n{input}\n### R
 FORMATS = ("alpaca", "gsm8k", "chat", "hf")
 ROW_FORMATS = ("alpaca", "gsm8k", "chat")
 # record keys a row's extra fields may not overwrite
-RESERVED = frozenset({"prompt", "response", "category", "answer", "source", "messages"})
-DEFAULT_CATEGORY = {"alpaca": "alpaca", "gsm8k": "math", "chat": "chat"}
+WHERE = "_where"  # record key: the file and line (or data set row) it came from, for messages
+RESERVED = frozenset({"prompt", "response", "category", "answer", "messages", WHERE})
 
 
 def make_record(instruction: str, inp: str, response: str, category: str, answer: str | None) -> dict[str, Any]:
@@ -156,7 +156,7 @@ def parse_row(fmt: str, row: Any, where: str, columns: Mapping[str, str] | None 
     if row.get(cat_name) is not None:
         rec["category"] = str(row[cat_name])
     rec.update(_extras(row, used | {cat_name}))
-    rec["source"] = where
+    rec[WHERE] = where
     return rec
 
 

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from pl_parablock.data.chat import chat_prompt, chat_segments, has_chat_template
+from pl_parablock.data.formats import WHERE
 from pl_parablock.errors import DataError
 
 __all__ = [
@@ -60,7 +61,7 @@ def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
 
 def _segments(tokenizer: PreTrainedTokenizerBase, record: dict[str, Any], bos: bool) -> tuple[list[tuple[list[int], bool]], int]:
     """Token segments ``(ids, learned)`` of a record and how many leading tokens truncation must keep (BOS)."""
-    source = str(record.get("source", "record"))
+    source = str(record.get(WHERE, "record"))
     if "messages" in record:
         segs = [(_ids(tokenizer, text), learned) for text, learned in chat_segments(tokenizer, record["messages"], source)]
         if bos and not has_chat_template(tokenizer):
@@ -127,7 +128,7 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, record: dict[str, Any], ma
     Longer prompts keep their last ``max_length`` tokens (and a leading BOS).
     """
     if "messages" in record:
-        text = chat_prompt(tokenizer, record["messages"], str(record.get("source", "record")))
+        text = chat_prompt(tokenizer, record["messages"], str(record.get(WHERE, "record")))
         ids = _ids(tokenizer, text)
         pinned = 0
         if adds_bos(tokenizer) and not has_chat_template(tokenizer):
