@@ -113,12 +113,12 @@ def _finish(recipe: Recipe, agg: Aggregator, wall_s: float) -> int:
     return 0
 
 
-def _banner(recipe: Recipe, where: str) -> None:
+def _banner(recipe: Recipe, where: str, data: str | None = None) -> None:
     f = recipe.federation
     steps = recipe.train.local_steps
     _say(f"pl_parablock: mode={recipe.mode}, {f.clients} clients, {f.rounds} rounds, {steps} local steps per round ({where})")
     _say(f"  {Link.from_section(recipe.link).describe()}")
-    _say(f"  {_describe_data(recipe)}")
+    _say(f"  {data if data is not None else _describe_data(recipe)}")
 
 
 def _local_processes(recipe: Recipe) -> int:
@@ -131,10 +131,11 @@ def _local_processes(recipe: Recipe) -> int:
     resolved = os.path.join(out, "recipe.yaml")
     with open(resolved, "w", encoding="utf-8") as fh:
         fh.write(to_yaml(recipe))
+    data = _describe_data(recipe)  # reads the data: a bad file stops the run before the server starts
     agg = _aggregator(recipe, progress=True)
     server = FederationServer(FederationService(agg, chunk_bytes=f.chunk_kb * 1024), listen="127.0.0.1:0")
     address = server.start()
-    _banner(recipe, f"server {address}, client logs in {logs}")
+    _banner(recipe, f"server {address}, client logs in {logs}", data)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(recipe.train.threads), "TOKENIZERS_PARALLELISM": "false"}
     procs: list[tuple[int, subprocess.Popen[bytes], Any]] = []
     start = time.perf_counter()

@@ -205,6 +205,7 @@ def build_base_model(section: ModelSection, seed: int = 0) -> tuple[PreTrainedMo
             raise ModelError(f"cannot load a causal LM from model.path {section.path!r}: {str(exc).splitlines()[0]}") from None
         tokenizer = load_tokenizer(section.tokenizer or section.path)
     model.config.use_cache = False
+    model.train()  # from_pretrained returns a model in eval mode, and Lightning keeps the mode it is given
     if section.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x renamed it
         if callable(enable):

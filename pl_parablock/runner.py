@@ -280,6 +280,7 @@ def prepare_client(recipe: Recipe, client_id: int, server: str | Transport | Non
         torch.set_num_threads(recipe.train.threads)
     evaluate = client_id == 0 if evaluate is None else evaluate
     data = client_data(recipe, client_id if server is not None else None, evaluate=evaluate)
+    log.info("client %d: %d training records, %d evaluation records", client_id, len(data.train), len(data.evals))
     if data.skipped:
         log.warning(
             "client %d: skipped %d bad data rows (data.on_error=skip), the first: %s", client_id, len(data.skipped), data.skipped[0]

@@ -88,6 +88,7 @@ def test_each_family_loads_from_a_directory_and_its_layers_are_the_blocks(family
     tok.save_pretrained(tmp_path)
     loaded, _ = build_model(ModelSection(config=None, path=str(tmp_path), gradient_checkpointing=True), seed=0)
     assert loaded.config.model_type == family and loaded.is_activation_checkpointing
+    assert all(m.training for m in loaded.modules()), "a loaded model trains (dropout on)"
     part = partition_model(loaded)
     assert [b.name for b in part.blocks] == ["layers.0", "layers.1"]
     assert all(n.startswith(LAYERS[family] + f".{i}.") for i, b in enumerate(part.blocks) for n in b.params)
