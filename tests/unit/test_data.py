@@ -173,3 +173,35 @@ def test_packing_fills_rows_and_keeps_examples_apart():
     assert pack_examples(examples, 64, tok.pad_token_id, seed=0) == rows
     with pytest.raises(DataError, match="does not fit"):
         pack_examples(examples, 8, tok.pad_token_id)
+
+
+def test_plain_prompts_start_with_bos_when_the_tokenizer_adds_one():
+    from tokenizers.processors import TemplateProcessing
+
+    from pl_parablock.data import encode_prompt, encode_record
+
+    tok = offline_tokenizer()
+    tok._tokenizer.post_processor = TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", tok.bos_token_id)])
+    assert tok("a")["input_ids"][0] == tok.bos_token_id
+    ex = encode_record(tok, {"prompt": "x" * 100, "response": "answer"}, max_length=32)
+    assert ex["input_ids"][0] == tok.bos_token_id and ex["labels"][0] == -100, "truncation keeps the BOS"
+    assert len(ex["input_ids"]) == 32 and tok.decode([t for t in ex["labels"] if t >= 0]) == "answer<|eos|>"
+    assert encode_prompt(tok, {"prompt": "y" * 50}, max_length=16)[0] == tok.bos_token_id
+    assert encode_record(offline_tokenizer(), {"prompt": "q", "response": "a"}, 32)["input_ids"][0] != tok.bos_token_id
+
+
+def test_an_hf_recipe_trains_on_one_split_and_evaluates_on_another(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from pl_parablock.data import client_data
+
+    def rows(n, offset):
+        return [{"problem": f"{i} + 1?", "solution": f"#### {i + 1}"} for i in range(offset, offset + n)]
+
+    splits = {"train": datasets.Dataset.from_list(rows(30, 0)), "test": datasets.Dataset.from_list(rows(5, 100))}
+    datasets.DatasetDict(splits).save_to_disk(tmp_path / "ds")
+    recipe = recipe_for(
+        tmp_path, "data.format=hf", f"data.path={tmp_path / 'ds'}", "eval.split=test", "data.columns={question: problem, answer: solution}"
+    )
+    parts = [client_data(recipe, i) for i in range(3)]
+    assert sum(len(p.train) for p in parts) == 30, "nothing held out of the training split"
+    assert [r["answer"] for r in parts[0].evals] == ["101", "102", "103", "104"]  # eval.max_samples=4
