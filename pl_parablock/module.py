@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from peft import PeftModel
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from typing_extensions import override
@@ -96,7 +97,7 @@ class ParaBlockModule(pl.LightningModule):
     @property
     def is_peft(self) -> bool:
         """Whether the model is a ``peft`` model (LoRA adapters on a frozen base)."""
-        return hasattr(self.model, "peft_config")
+        return isinstance(self.model, PeftModel)
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
         """Save the model and its tokenizer with ``save_pretrained``.
