@@ -35,8 +35,11 @@ SCHEDULES = ("ascending", "descending", "random")
 DTYPES = ("float32", "bfloat16", "float16")
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
 WEIGHTINGS = ("samples", "tokens", "uniform")
-DATA_FORMATS = ("synthetic", "alpaca", "gsm8k")
-PARTITIONS = ("iid", "dirichlet")
+DATA_FORMATS = ("synthetic", "alpaca", "gsm8k", "chat", "hf")
+ROW_FORMATS = ("auto", "alpaca", "gsm8k", "chat")
+PARTITIONS = ("iid", "dirichlet", "natural")
+ON_ERROR = ("raise", "skip")
+PEFT_METHODS = ("lora", "ffa_lora")
 AGGREGATIONS = ("mean", "trimmed_mean", "median")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
 
@@ -58,6 +61,33 @@ def _quickstart_model() -> dict[str, Any]:
 
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
+
+
+@dataclass
+class PeftSection:
+    """Parameter-efficient fine-tuning: LoRA adapters instead of the full weights."""
+
+    method: str | None = field(
+        default=None,
+        metadata=_help(
+            "null: train the model's own weights | lora: LoRA adapters (A and B trained and sent) | "
+            "ffa_lora: FFA-LoRA (A frozen at its seeded random init, only B trained and sent)."
+        ),
+    )
+    r: int = field(default=8, metadata=_help("LoRA rank."))
+    alpha: int = field(default=16, metadata=_help("LoRA alpha; the update is scaled by alpha / r."))
+    dropout: float = field(default=0.0, metadata=_help("Dropout on the adapters' input during training."))
+    target_modules: Any = field(
+        default=None,
+        metadata=_help(
+            "Modules that get adapters: a list of module names (e.g. [q_proj, v_proj]), 'all-linear', "
+            "or null for peft's default for the architecture."
+        ),
+    )
+    merge: bool = field(
+        default=False,
+        metadata=_help("Also save the base model with the adapters merged in, as a full model, in OUTPUT_DIR/merged_model."),
+    )
 
 
 @dataclass
@@ -84,6 +114,7 @@ class ModelSection:
     )
     dtype: str = field(default="float32", metadata=_help("Parameter dtype: " + " | ".join(DTYPES)))
     gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute activations in the backward pass to save memory."))
+    peft: PeftSection = field(default_factory=PeftSection)
 
 
 @dataclass
@@ -116,7 +147,15 @@ class TrainSection:
     local_steps: int = field(default=5, metadata=_help("Optimizer steps per round (K)."))
     lr: float = field(default=3.0e-4, metadata=_help("AdamW learning rate."))
     batch_size: int = field(default=8, metadata=_help("Sequences per batch."))
-    max_length: int = field(default=128, metadata=_help("Tokens per sequence; longer ones are truncated."))
+    max_length: int = field(default=128, metadata=_help("Tokens per sequence; longer examples are truncated."))
+    packing: bool = field(
+        default=False,
+        metadata=_help(
+            "false: one example per row, truncated to max_length and padded to the batch; "
+            "true: examples (each truncated to max_length first) packed whole into rows of max_length "
+            "tokens, each attending only to itself."
+        ),
+    )
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
     keep_optimizer_state: bool = field(
         default=False,
@@ -221,29 +260,84 @@ class LinkSection:
 class PartitionSection:
     """How the training data is split among clients."""
 
-    kind: str = field(default="iid", metadata=_help("iid | dirichlet (skew over `label`)."))
+    kind: str = field(
+        default="iid",
+        metadata=_help(
+            "iid | dirichlet (skew over `label`) | natural (each client trains on its own file: "
+            "data.client_paths[i], or data.path given to that client)."
+        ),
+    )
     alpha: float | None = field(default=None, metadata=_help("Dirichlet concentration; smaller is more skewed."))
-    label: str = field(default="category", metadata=_help("Record field the Dirichlet skew is drawn over."))
+    label: str = field(
+        default="category",
+        metadata=_help("Record field (data column) the Dirichlet skew is drawn over, e.g. category or source."),
+    )
 
 
 @dataclass
 class DataSection:
     """Training data."""
 
-    format: str = field(default="synthetic", metadata=_help("Data format: " + " | ".join(DATA_FORMATS)))
-    path: str | None = field(default=None, metadata=_help("Data file (JSON or JSONL); not used by synthetic."))
+    format: str = field(
+        default="synthetic",
+        metadata=_help(
+            "Data format: synthetic (generated offline) | alpaca (JSON/JSONL of instruction/input/output) | "
+            "gsm8k (JSONL of question/answer with a final '#### N') | chat (JSONL of `messages`) | "
+            "hf (a Hugging Face `datasets` data set from local files or a save_to_disk directory)."
+        ),
+    )
+    path: str | None = field(
+        default=None,
+        metadata=_help(
+            "Data file (JSON or JSONL; for hf also CSV, Parquet, Arrow, or a save_to_disk directory); "
+            "not used by synthetic. With partition.kind=natural on several machines, each client's own file."
+        ),
+    )
+    client_paths: list[str] | None = field(
+        default=None,
+        metadata=_help("partition.kind=natural on one machine: one data file per client, in client order."),
+    )
     partition: PartitionSection = field(default_factory=PartitionSection)
     num_samples: int = field(default=2000, metadata=_help("Records the synthetic generator makes for training."))
+    on_error: str = field(
+        default="raise",
+        metadata=_help(
+            "A bad record (malformed line, missing field, chat template failure): raise (stop with "
+            "file and line) | skip (drop it, count it, report the count)."
+        ),
+    )
+    columns: dict[str, str] | None = field(
+        default=None,
+        metadata=_help(
+            "Field names of the rows when they differ from the format's, as {format field: your column}, "
+            "e.g. {question: problem, answer: solution}."
+        ),
+    )
+    split: str = field(default="train", metadata=_help("hf: the split of a saved DatasetDict to train on."))
+    row_format: str = field(
+        default="auto",
+        metadata=_help(
+            "hf: how rows read: " + " | ".join(ROW_FORMATS) + " (auto: chat if there is a messages column, "
+            "gsm8k with question/answer, alpaca with instruction/output)."
+        ),
+    )
 
 
 @dataclass
 class EvalSection:
     """Evaluation of the global model."""
 
-    every: int = field(default=0, metadata=_help("Evaluate every N rounds on client 0; 0: only at the end."))
+    every: int = field(
+        default=0,
+        metadata=_help("Evaluate the global model every N rounds on client 0 (a curve in report.json); 0: only at the end."),
+    )
     path: str | None = field(
         default=None,
         metadata=_help("Held-out file in `data.format`; default: a held-out part of the data."),
+    )
+    split: str | None = field(
+        default=None,
+        metadata=_help("hf: evaluate on this split (of eval.path, else of data.path), e.g. test."),
     )
     max_samples: int = field(default=200, metadata=_help("Evaluation records at most."))
     max_new_tokens: int = field(default=24, metadata=_help("Greedy tokens generated per math question for exact match."))
@@ -347,6 +441,11 @@ def load_recipe(path: str | os.PathLike[str] | None, overrides: list[str] | None
         _assign(cfg, key, value, problems)
     if problems:
         raise ConfigError(problems, source)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            [f"`{key}` must be given (the recipe leaves it as ???): add {key}=... to the command line" for key in missing], source
+        )
     recipe = OmegaConf.to_object(cfg)
     assert isinstance(recipe, Recipe)
     problems = validate(recipe)
@@ -427,6 +526,7 @@ def validate(recipe: Recipe) -> list[str]:
     if m.tokenizer is not None and not os.path.isdir(m.tokenizer):
         p.append(f"`model.tokenizer` {m.tokenizer!r} is not a directory")
     _one_of(p, "model.dtype", m.dtype, DTYPES)
+    _validate_peft(p, recipe)
 
     b = recipe.blocks
     _at_least(p, "blocks.layers_per_block", b.layers_per_block, 1)
@@ -502,23 +602,96 @@ def validate(recipe: Recipe) -> list[str]:
     _at_least(p, "link.downlink_mbps", ln.downlink_mbps, 0.0, strict=True)
     _at_least(p, "link.latency_ms", ln.latency_ms, 0.0)
 
-    d = recipe.data
-    _one_of(p, "data.format", d.format, DATA_FORMATS)
-    if d.format != "synthetic":
-        if d.path is None:
-            p.append(f"`data.path` is required for data.format={d.format}; give the data file")
-        elif not os.path.exists(d.path):
-            p.append(f"`data.path` {d.path!r} does not exist")
-    _one_of(p, "data.partition.kind", d.partition.kind, PARTITIONS)
-    if d.partition.kind == "dirichlet" and (d.partition.alpha is None or d.partition.alpha <= 0):
-        p.append(f"`data.partition.alpha` is {d.partition.alpha}; dirichlet needs alpha > 0 (e.g. 0.5)")
-    if d.format == "synthetic" and d.num_samples < max(f.clients, 1):
-        p.append(f"`data.num_samples` is {d.num_samples}; each of the {f.clients} clients needs at least one record")
+    _validate_data(p, recipe)
 
     e = recipe.eval
     _at_least(p, "eval.every", e.every, 0)
     _at_least(p, "eval.max_samples", e.max_samples, 1)
     _at_least(p, "eval.max_new_tokens", e.max_new_tokens, 1)
-    if e.path is not None and not os.path.exists(e.path):
-        p.append(f"`eval.path` {e.path!r} does not exist")
+    if e.path is not None:
+        _data_path(p, "eval.path", e.path, recipe.data.format)
+    if e.split is not None and recipe.data.format != "hf":
+        p.append(f"`eval.split` is {e.split!r} but splits exist only for data.format=hf; set eval.split=null")
     return p
+
+
+# Field names of each row format, which `data.columns` may rename.
+ROW_FIELDS = {
+    "alpaca": ("instruction", "input", "output", "category"),
+    "gsm8k": ("question", "answer", "category"),
+    "chat": ("messages", "answer", "category"),
+}
+HF_FILE_TYPES = (".json", ".jsonl", ".csv", ".parquet", ".arrow")
+
+
+def _data_path(p: list[str], key: str, path: str, fmt: str) -> None:
+    if not os.path.exists(path):
+        p.append(f"`{key}` {path!r} does not exist")
+    elif fmt == "hf":
+        if os.path.isfile(path) and not path.endswith(HF_FILE_TYPES):
+            p.append(f"`{key}` {path!r}: data.format=hf reads {', '.join(HF_FILE_TYPES)} files or a save_to_disk directory")
+    elif not os.path.isfile(path):
+        p.append(f"`{key}` {path!r} is a directory; data.format={fmt} reads one JSON or JSONL file")
+
+
+def _validate_data(p: list[str], recipe: Recipe) -> None:
+    d, clients = recipe.data, recipe.federation.clients
+    _one_of(p, "data.format", d.format, DATA_FORMATS)
+    _one_of(p, "data.partition.kind", d.partition.kind, PARTITIONS)
+    _one_of(p, "data.on_error", d.on_error, ON_ERROR)
+    _one_of(p, "data.row_format", d.row_format, ROW_FORMATS)
+    natural = d.partition.kind == "natural"
+    if d.format == "synthetic":
+        if natural:
+            p.append("`data.partition.kind` is natural but data.format=synthetic has no files; natural needs one data file per client")
+        if d.num_samples < max(clients, 1):
+            p.append(f"`data.num_samples` is {d.num_samples}; each of the {clients} clients needs at least one record")
+    elif natural and d.client_paths is not None:
+        if len(d.client_paths) != clients:
+            p.append(f"`data.client_paths` names {len(d.client_paths)} files for {clients} clients; give one file per client")
+        for i, path in enumerate(d.client_paths):
+            _data_path(p, f"data.client_paths[{i}]", path, d.format)
+    elif d.path is None:
+        what = "this client's data file (or data.client_paths, one file per client)" if natural else "the data file"
+        p.append(f"`data.path` is required for data.format={d.format}; give {what}")
+    else:
+        _data_path(p, "data.path", d.path, d.format)
+    if d.client_paths is not None and not natural:
+        p.append(f"`data.client_paths` is set but data.partition.kind is {d.partition.kind}; set data.partition.kind=natural")
+    if d.partition.kind == "dirichlet" and (d.partition.alpha is None or d.partition.alpha <= 0):
+        p.append(f"`data.partition.alpha` is {d.partition.alpha}; dirichlet needs alpha > 0 (e.g. 0.5)")
+    if not d.partition.label:
+        p.append("`data.partition.label` is empty; name the record field the Dirichlet skew is drawn over (e.g. category)")
+    if d.format != "hf" and d.row_format != "auto":
+        p.append(f"`data.row_format` is {d.row_format!r} but only data.format=hf reads it; set data.format=hf or remove it")
+    if d.columns is not None:
+        fields = sorted({f for fs in ROW_FIELDS.values() for f in fs})
+        for name, column in d.columns.items():
+            if name not in fields:
+                p.append(f"`data.columns.{name}`: {name!r} is not a field of any row format (fields: {', '.join(fields)})")
+            if not column:
+                p.append(f"`data.columns.{name}` is empty; name the column of your data that holds {name!r}")
+
+
+def _validate_peft(p: list[str], recipe: Recipe) -> None:
+    pe = recipe.model.peft
+    if pe.method is None:
+        if pe.merge:
+            p.append("`model.peft.merge` is true but model.peft.method is null; merging needs adapters (method lora or ffa_lora)")
+        return
+    _one_of(p, "model.peft.method", pe.method, PEFT_METHODS)
+    _at_least(p, "model.peft.r", pe.r, 1)
+    _at_least(p, "model.peft.alpha", pe.alpha, 1)
+    if not 0.0 <= pe.dropout < 1.0:
+        p.append(f"`model.peft.dropout` is {pe.dropout}; it must be in [0, 1)")
+    tm = pe.target_modules
+    ok = tm is None or tm == "all-linear" or (isinstance(tm, list) and tm and all(isinstance(x, str) and x for x in tm))
+    if not ok:
+        p.append(f"`model.peft.target_modules` is {tm!r}; give a list of module names (e.g. [q_proj, v_proj]), 'all-linear' or null")
+    b = recipe.blocks
+    for key, on in (("embeddings", b.embeddings), ("head", b.head)):
+        if on:
+            p.append(
+                f"`blocks.{key}` is true but with model.peft.method={pe.method} only the adapters train "
+                f"(the {key} stay frozen); set blocks.{key}=false"
+            )

@@ -132,13 +132,9 @@ def _client_address(address: str, recipe: Recipe) -> str:
 
 
 def _describe_data(recipe: Recipe) -> str:
-    from pl_parablock.data import client_shares, recipe_data
+    from pl_parablock.data import describe_data
 
-    train, evals = recipe_data(recipe)
-    shares = client_shares(recipe, train)
-    sizes = "/".join(str(len(s)) for s in shares)
-    part = recipe.data.partition.kind + (f"(alpha={recipe.data.partition.alpha})" if recipe.data.partition.kind == "dirichlet" else "")
-    return f"data: {recipe.data.format}, {len(train)} training records split {part} as {sizes}; {len(evals)} eval records"
+    return "\n  ".join(describe_data(recipe))
 
 
 def _finish(recipe: Recipe, agg: Aggregator, wall_s: float) -> int:
@@ -151,12 +147,12 @@ def _finish(recipe: Recipe, agg: Aggregator, wall_s: float) -> int:
     return 0
 
 
-def _banner(recipe: Recipe, where: str) -> None:
+def _banner(recipe: Recipe, where: str, data: str | None = None) -> None:
     f = recipe.federation
     steps = recipe.train.local_steps
     _say(f"pl_parablock: mode={recipe.mode}, {f.clients} clients, {f.rounds} rounds, {steps} local steps per round ({where})")
     _say(f"  {Link.from_section(recipe.link).describe()}")
-    _say(f"  {_describe_data(recipe)}")
+    _say(f"  {data if data is not None else _describe_data(recipe)}")
 
 
 def _quorum_survives(recipe: Recipe, alive: int) -> bool:
@@ -174,10 +170,11 @@ def _local_processes(recipe: Recipe) -> int:
     resolved = os.path.join(out, "recipe.yaml")
     with open(resolved, "w", encoding="utf-8") as fh:
         fh.write(to_yaml(recipe))
+    data = _describe_data(recipe)  # reads the data: a bad file stops the run before the server starts
     agg = _aggregator(recipe, progress=True)
     server = _server(recipe, agg, "127.0.0.1:0")
     address = _client_address(server.start(), recipe)
-    _banner(recipe, f"server {address}, client logs in {logs}")
+    _banner(recipe, f"server {address}, client logs in {logs}", data)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(recipe.train.threads), "TOKENIZERS_PARALLELISM": "false"}
     procs: dict[int, tuple[subprocess.Popen[bytes], Any]] = {}
     start = time.perf_counter()

@@ -23,6 +23,8 @@ from torch.nn import functional
 from torchmetrics import Metric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from pl_parablock.data.module import encode_prompt
+
 __all__ = ["ExactMatch", "TokenLoss", "evaluate_exact_match", "evaluate_loss", "extract_answer", "normalize_number"]
 
 _NUMBER = re.compile(r"[-+]?\$?\d[\d,]*(?:\.\d+)?|[-+]?\.\d+")
@@ -132,8 +134,14 @@ def evaluate_exact_match(
     *,
     max_new_tokens: int = 24,
     batch_size: int = 16,
+    max_prompt_tokens: int | None = None,
 ) -> dict[str, float]:
-    """Greedy-generate an answer for each math record and score exact match."""
+    """Greedy-generate an answer for each math record (one with an ``answer``) and score exact match.
+
+    The prompt is the record's prompt, or a chat up to its last assistant
+    turn, tokenized as in training; longer ones keep their last
+    ``max_prompt_tokens`` tokens.
+    """
     math_records = [r for r in records if r.get("answer") is not None]
     if not math_records:
         return {}
@@ -143,7 +151,7 @@ def evaluate_exact_match(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for i in range(0, len(math_records), batch_size):
         chunk = math_records[i : i + batch_size]
-        prompts = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in chunk]
+        prompts = [encode_prompt(tokenizer, r, max_prompt_tokens) for r in chunk]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)

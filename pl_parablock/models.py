@@ -1,10 +1,17 @@
-"""Building and loading causal LMs and their tokenizers, offline.
+"""Building and loading causal LMs and their tokenizers, offline, with optional LoRA.
 
 A model built from a config (``model.config``) gets the project's offline
 byte-level tokenizer: 256 byte tokens plus ``<|pad|>``, ``<|bos|>`` and
 ``<|eos|>``, with no file to download. A model loaded from a local directory
-(``model.path``) gets the tokenizer saved in that directory unless
+(``model.path``: any Hugging Face causal LM, e.g. the Llama, Qwen2, Mistral
+and GPT-2 families) gets the tokenizer saved in that directory unless
 ``model.tokenizer`` names another. Nothing here reaches a hub.
+
+With ``model.peft.method`` set, the base model is frozen and wrapped by
+``peft`` with LoRA adapters, initialised from the seed so that every client
+of a federation builds the same ones: ``lora`` trains both adapter matrices,
+``ffa_lora`` (FFA-LoRA) freezes ``A`` at its random initialisation and trains
+only ``B``. Blocks then form over the trainable adapter tensors only.
 """
 
 from __future__ import annotations
@@ -18,10 +25,10 @@ from tokenizers import models as tk_models
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from pl_parablock.config import ModelSection
+from pl_parablock.config import ModelSection, PeftSection
 from pl_parablock.errors import ModelError
 
-__all__ = ["build_model", "load_tokenizer", "offline_tokenizer"]
+__all__ = ["apply_peft", "build_base_model", "build_model", "load_tokenizer", "offline_tokenizer", "save_merged"]
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -79,7 +86,84 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 
 def build_model(section: ModelSection, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The causal LM and tokenizer a recipe's ``model`` section describes.
+    """The causal LM (with its LoRA adapters, if any) and tokenizer a recipe's ``model`` section describes.
+
+    Built models and adapters are initialised from ``seed``, so every client
+    of a federation builds the same weights.
+
+    Raises:
+        ModelError: unknown model type, bad config, unloadable checkpoint, adapters that do not fit the model.
+    """
+    model, tokenizer = build_base_model(section, seed)
+    if section.peft.method is not None:
+        model = apply_peft(model, section.peft, seed)
+    return model, tokenizer
+
+
+def apply_peft(model: PreTrainedModel, section: PeftSection, seed: int = 0) -> Any:
+    """Wrap ``model`` with LoRA adapters (``peft``); the base weights are frozen.
+
+    Args:
+        model: the base causal LM.
+        section: the recipe's ``model.peft``; ``method`` is ``lora`` or ``ffa_lora``.
+        seed: seed of the adapters' initialisation.
+
+    Returns:
+        A ``peft.PeftModel`` whose trainable parameters are the adapters
+        (only the ``lora_B`` ones for ``ffa_lora``).
+
+    Raises:
+        ModelError: unknown method, or target modules the model does not have.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if section.method not in ("lora", "ffa_lora"):
+        raise ModelError(f"model.peft.method={section.method!r}; use lora or ffa_lora")
+    target = section.target_modules
+    config = LoraConfig(
+        r=section.r,
+        lora_alpha=section.alpha,
+        lora_dropout=section.dropout,
+        target_modules=list(target) if isinstance(target, (list, tuple)) else target,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(seed)
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as exc:
+        hint = "" if target else "; name them with model.peft.target_modules (e.g. [q_proj, v_proj]) or 'all-linear'"
+        raise ModelError(f"cannot add LoRA adapters (model.peft): {str(exc).splitlines()[0]}{hint}") from None
+    if section.method == "ffa_lora":
+        for name, p in peft_model.named_parameters():
+            if "lora_A" in name:
+                p.requires_grad_(False)
+    return peft_model
+
+
+def save_merged(
+    section: ModelSection, seed: int, adapter_dir: str, directory: str, tokenizer: PreTrainedTokenizerBase | None = None
+) -> None:
+    """Save the base model with a saved adapter merged in, as a plain Hugging Face model.
+
+    The base is built again (on the CPU) exactly as :func:`build_model` built
+    it, the adapter in ``adapter_dir`` is loaded onto it with
+    ``PeftModel.from_pretrained`` and merged with ``merge_and_unload``; the
+    result (and ``tokenizer``) goes to ``directory``, loadable with
+    ``AutoModelForCausalLM.from_pretrained``.
+    """
+    from peft import PeftModel
+
+    base, _ = build_base_model(section, seed)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.config.use_cache = True
+    merged.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def build_base_model(section: ModelSection, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The causal LM and tokenizer of a recipe's ``model`` section, without adapters.
 
     Built models are initialised from ``seed``, so every client of a
     federation builds the same weights.
@@ -121,6 +205,11 @@ def build_model(section: ModelSection, seed: int = 0) -> tuple[PreTrainedModel, 
             raise ModelError(f"cannot load a causal LM from model.path {section.path!r}: {str(exc).splitlines()[0]}") from None
         tokenizer = load_tokenizer(section.tokenizer or section.path)
     model.config.use_cache = False
+    model.train()  # from_pretrained returns a model in eval mode, and Lightning keeps the mode it is given
     if section.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x renamed it
+        if callable(enable):
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # pragma: no cover - older transformers
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer

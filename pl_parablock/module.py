@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from peft import PeftModel
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from typing_extensions import override
@@ -17,7 +18,7 @@ __all__ = ["ParaBlockModule"]
 
 
 class ParaBlockModule(pl.LightningModule):
-    """Fine-tunes a causal LM on batches of ``input_ids``/``attention_mask``/``labels``.
+    """Fine-tunes a causal LM on batches of ``input_ids``/``attention_mask``/``labels`` (packed rows: ``position_ids``).
 
     The loss is the model's next-token cross-entropy over tokens whose label
     is not ``-100`` (the response; prompt and padding are masked). The
@@ -59,18 +60,21 @@ class ParaBlockModule(pl.LightningModule):
         self.val_loss = TokenLoss()
 
     @override
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None) -> Any:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None, position_ids: Tensor | None = None
+    ) -> Any:
+        kwargs = {"position_ids": position_ids} if position_ids is not None else {}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
 
     @override
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = self(batch["input_ids"], batch.get("attention_mask"), batch["labels"]).loss
+        loss = self(batch["input_ids"], batch.get("attention_mask"), batch["labels"], batch.get("position_ids")).loss
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
         return loss  # type: ignore[no-any-return]
 
     @override
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        out = self(batch["input_ids"], batch.get("attention_mask"))
+        out = self(batch["input_ids"], batch.get("attention_mask"), position_ids=batch.get("position_ids"))
         self.val_loss.update(out.logits, batch["labels"])
 
     @override
@@ -90,8 +94,27 @@ class ParaBlockModule(pl.LightningModule):
     def get_output_embeddings(self) -> nn.Module | None:
         return self.model.get_output_embeddings()
 
+    @property
+    def is_peft(self) -> bool:
+        """Whether the model is a ``peft`` model (LoRA adapters on a frozen base)."""
+        return isinstance(self.model, PeftModel)
+
     def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
-        """Save the model (``save_pretrained`` format) and its tokenizer."""
-        self.model.save_pretrained(directory)
+        """Save the model and its tokenizer with ``save_pretrained``.
+
+        A ``peft`` model saves its adapters only (``adapter_config.json`` and
+        ``adapter_model.safetensors``), which load with
+        ``PeftModel.from_pretrained(base, directory)``; any other model saves
+        its full weights, which load with ``AutoModelForCausalLM.from_pretrained``.
+        """
+        config = getattr(self.model, "config", None)
+        use_cache = getattr(config, "use_cache", None)
+        if config is not None:
+            config.use_cache = True  # training turns the cache off; generation wants it
+        try:
+            self.model.save_pretrained(directory)
+        finally:
+            if config is not None:
+                config.use_cache = use_cache
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)

@@ -48,10 +48,12 @@ def build_report(recipe: Recipe, server: dict[str, Any], *, wall_s: float, link:
             for k in totals:
                 totals[k] += _num(rec, k)
         comm = totals["upload_s"] + totals["server_wait_s"] + totals["download_s"]
+        data = rep.get("final", {}).get("client_data", {})
         clients.append(
             {
                 "client_id": int(cid),
-                "shard_size": rep.get("shard_size"),
+                "shard_size": data.get("shard_size", rep.get("shard_size")),
+                "data_skipped": int(data.get("read_skipped", 0)) + int(data.get("encode_skipped", 0)),
                 **totals,
                 "comm_s": comm,
                 "comm_hidden_fraction": 1.0 - totals["blocked_s"] / comm if comm > 0 else None,
@@ -66,7 +68,7 @@ def build_report(recipe: Recipe, server: dict[str, Any], *, wall_s: float, link:
     blocked_total = sum(c["blocked_s"] for c in clients)
     final: dict[str, Any] = {}
     first = client_reports.get("0") or (next(iter(client_reports.values())) if client_reports else {})
-    final.update({k: v for k, v in first.get("final", {}).items() if k != "eval_curve"})
+    final.update({k: v for k, v in first.get("final", {}).items() if k not in ("eval_curve", "client_data")})
     last_losses = [r["loss"] for r in rounds if r.get("loss") is not None]
     final["loss"] = last_losses[-1] if last_losses else None
     final.setdefault("eval_loss", None)
@@ -76,6 +78,7 @@ def build_report(recipe: Recipe, server: dict[str, Any], *, wall_s: float, link:
     return {
         "mode": recipe.mode,
         "wall_s": wall_s,
+        "data": _data_summary(recipe, client_reports),
         "rounds": rounds,
         "clients": clients,
         "final": final,
@@ -111,6 +114,28 @@ def build_report(recipe: Recipe, server: dict[str, Any], *, wall_s: float, link:
     }
 
 
+def _data_summary(recipe: Recipe, client_reports: dict[str, Any]) -> dict[str, Any]:
+    """Shard sizes and the bad records skipped (``data.on_error=skip``), counted once.
+
+    With a shared data file (iid, dirichlet) every client read the same bad
+    rows, so the file's count is taken once (client 0 also reads the
+    evaluation file); with a natural partition each client read its own.
+    """
+    reports = [rep.get("final", {}).get("client_data", {}) for _, rep in sorted(client_reports.items(), key=lambda kv: int(kv[0]))]
+    reads = [int(d.get("read_skipped", 0)) for d in reports]
+    encodes = [int(d.get("encode_skipped", 0)) for d in reports]
+    read = sum(reads) if recipe.data.partition.kind == "natural" else max(reads, default=0)
+    examples = [e for d in reports for e in d.get("skipped_examples", [])][:5]
+    return {
+        "format": recipe.data.format,
+        "partition": recipe.data.partition.kind,
+        "shard_sizes": [d.get("shard_size") for d in reports],
+        "on_error": recipe.data.on_error,
+        "skipped": read + sum(encodes),
+        "skipped_examples": examples,
+    }
+
+
 def write_report(report: dict[str, Any], output_dir: str) -> str:
     """Write ``report.json`` atomically; returns its path."""
     os.makedirs(output_dir, exist_ok=True)
@@ -143,6 +168,9 @@ def format_summary(report: dict[str, Any], report_path: str | None = None) -> st
     if "exact_match" in f:
         n = f.get("exact_match_samples")
         rows.append(("exact match", fmt(f.get("exact_match"), ".3f") + (f"  ({n} math questions)" if n else "")))
+    skipped = report.get("data", {}).get("skipped", 0)
+    if skipped:
+        rows.append(("data", f"skipped {skipped} bad records (data.on_error=skip); examples in report.json"))
     rows += [
         ("wall time", f"{report['wall_s']:.1f} s"),
         ("compute", f"{t['compute_s']:.1f} s over all clients"),
@@ -150,7 +178,11 @@ def format_summary(report: dict[str, Any], report_path: str | None = None) -> st
         ("comm hidden", (f"{max(0.0, 100 * hidden):.0f} %" if hidden is not None else "n/a") + "  (1 - blocked / communication)"),
         ("bytes moved", f"up {_mb(t['bytes_up'])}, down {_mb(t['bytes_down'])}"),
         ("link", report["link"]["description"]),
-        ("model", str(report.get("model_dir") or "not saved")),
+        ("model", str(report.get("model_dir") or "not saved") + ("  (PEFT adapter)" if f.get("model_format") == "peft_adapter" else "")),
+    ]
+    if f.get("merged_model_dir"):
+        rows.append(("merged model", str(f["merged_model_dir"])))
+    rows += [
         ("report", report_path or os.path.join(report["output_dir"], "report.json")),
     ]
     width = max(len(k) for k, _ in rows)

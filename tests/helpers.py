@@ -88,3 +88,43 @@ def federated_client(
     data = tiny_data(module, seed=seed)
     strategy = FederatedBlockStrategy(InProcessTransport(svc, link=link), client_id, local_steps=local_steps, mode=mode, **kw)  # type: ignore[arg-type]
     return tiny_trainer(strategy), module, data, strategy
+
+
+# ---------------------------------------------------------------------------
+# fixture files for the data loaders and the shipped recipes
+
+ALPACA_ROWS = [
+    {"instruction": "Write the word backwards.", "input": "river", "output": "revir", "source": "words"},
+    {"instruction": "Write the word in capital letters.", "input": "stone", "output": "STONE", "source": "words"},
+    {"instruction": "Sort the numbers.", "input": "3, 1, 2", "output": "1, 2, 3", "source": "numbers"},
+    {"instruction": "Say hello.", "input": "", "output": "hello", "source": "chat"},
+]
+
+
+def gsm8k_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """``n`` GSM8K-style rows (question, worked answer ending in ``#### N``), from the synthetic generator."""
+    out = []
+    for r in synthetic_records(4 * n, seed):
+        if r["answer"] is not None:
+            question = r["prompt"].split("\n")[1]
+            out.append({"question": question, "answer": r["response"]})
+        if len(out) == n:
+            break
+    return out
+
+
+def write_jsonl(path: Any, rows: list[Any]) -> str:
+    import json
+
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def save_tiny_checkpoint(directory: Any, config: dict[str, Any] | None = None, seed: int = 0) -> str:
+    """A tiny causal LM and its (offline) tokenizer saved with save_pretrained: a local checkpoint."""
+    model, tok = build_model(ModelSection(config=dict(config or TINY_LLAMA)), seed)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return str(directory)

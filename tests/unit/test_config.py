@@ -4,6 +4,8 @@ import glob
 import os
 
 import pytest
+import yaml
+from omegaconf import OmegaConf
 
 from pl_parablock.config import Recipe, load_recipe, to_yaml
 from pl_parablock.errors import ConfigError
@@ -26,10 +28,49 @@ def test_defaults_are_the_offline_quickstart():
     assert recipe.data.format == "synthetic"
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "recipes", "**", "*.yaml"), recursive=True)))
-def test_every_shipped_recipe_is_valid(path):
-    recipe = load_recipe(path)
+RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "**", "*.yaml"), recursive=True))
+
+
+def user_values(recipe_path: str, files: dict[str, str]) -> dict[str, str]:
+    """What a user gives on the command line for the keys a shipped recipe leaves as ???."""
+    fmt = yaml.safe_load(open(recipe_path, encoding="utf-8")).get("data", {}).get("format")
+    return {
+        "model.path": files["model"],
+        "data.path": files["gsm8k_train"] if fmt == "gsm8k" else files["alpaca"],
+        "eval.path": files["gsm8k_test"] if fmt == "gsm8k" else files["alpaca"],
+    }
+
+
+def test_recipes_ship_for_each_workload_and_baseline():
+    names = {os.path.relpath(p, os.path.join(ROOT, "recipes")) for p in RECIPES}
+    for work in ("instruct", "math"):
+        for row in ("parablock", "sync", "fedavg", "fedit_lora", "ffa_lora"):
+            assert f"{work}/{row}.yaml" in names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: os.path.relpath(p, ROOT))
+def test_every_shipped_recipe_is_valid(path, fixture_files):
+    """Each recipe is valid as shipped, or with only the values it leaves to the user (???) given."""
+    text = open(path, encoding="utf-8").read()
+    assert text.startswith("#") and "python -m pl_parablock.fit recipes/" in text, "start with a comment giving the command"
+    required = sorted(OmegaConf.missing_keys(OmegaConf.create(yaml.safe_load(text))))
+    if required:
+        with pytest.raises(ConfigError) as err:
+            load_recipe(path)
+        assert sorted(p.split("`")[1] for p in err.value.problems) == required, "only the ??? keys are missing"
+        values = user_values(path, fixture_files)
+        assert set(required) <= set(values), f"the test does not know what a user gives for {required}"
+        for key in required:
+            assert f"{key}=" in text, f"the recipe's command must show {key}=..."
+        recipe = load_recipe(path, [f"{k}={values[k]}" for k in required])
+    else:
+        recipe = load_recipe(path)
     assert recipe.federation.clients >= 1
+    row = os.path.basename(path)[: -len(".yaml")]
+    expected = {"parablock": ("parablock", None), "sync": ("sync", None), "fedavg": ("fedavg", None)}
+    expected |= {"fedit_lora": ("fedavg", "lora"), "ffa_lora": ("fedavg", "ffa_lora")}
+    if row in expected:
+        assert (recipe.mode, recipe.model.peft.method) == expected[row]
 
 
 def test_overrides_apply_in_dotlist_form():
@@ -105,7 +146,53 @@ def test_yaml_round_trip_keeps_every_key():
     recipe = load_recipe(None, ["mode=fedavg", "link.uplink_mbps=8"])
     again = load_recipe(None, [])
     assert to_yaml(recipe) != to_yaml(again)
-    import yaml
-
     data = yaml.safe_load(to_yaml(recipe))
     assert data["mode"] == "fedavg" and data["link"]["uplink_mbps"] == 8
+
+
+def test_a_missing_mandatory_value_is_named(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_recipe(write(tmp_path, "model:\n  config: null\n  path: ???\n"))
+    assert "`model.path` must be given" in str(err.value) and "model.path=" in str(err.value)
+
+
+def test_peft_keys_are_validated(tmp_path):
+    recipe = load_recipe(None, ["model.peft.method=lora", "blocks.embeddings=false", "model.peft.target_modules=[q_proj,v_proj]"])
+    assert recipe.model.peft.method == "lora" and recipe.model.peft.target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(ConfigError) as err:
+        load_recipe(None, ["model.peft.method=dora", "model.peft.r=0", "model.peft.dropout=1.5", "blocks.head=true"])
+    msg = str(err.value)
+    for key in ("model.peft.method", "model.peft.r", "model.peft.dropout"):
+        assert key in msg
+    with pytest.raises(ConfigError, match="blocks.head"):
+        load_recipe(None, ["model.peft.method=lora", "blocks.head=true"])
+    with pytest.raises(ConfigError, match="model.peft.merge"):
+        load_recipe(None, ["model.peft.merge=true"])
+    with pytest.raises(ConfigError, match="target_modules"):
+        load_recipe(None, ["model.peft.method=lora", "model.peft.target_modules=[]"])
+
+
+def test_data_keys_are_validated(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("{}\n")
+    b.write_text("{}\n")
+    ok = load_recipe(None, ["data.format=alpaca", "data.partition.kind=natural", f"data.client_paths=[{a},{b}]", "federation.clients=2"])
+    assert ok.data.client_paths == [str(a), str(b)]
+    problems = {
+        "data.client_paths": ["data.format=alpaca", "data.partition.kind=natural", f"data.client_paths=[{a}]", "federation.clients=2"],
+        "data.on_error": ["data.on_error=ignore"],
+        "data.columns.questoin": ["data.format=gsm8k", f"data.path={a}", "data.columns={questoin: q}"],
+        "data.row_format": ["data.format=alpaca", f"data.path={a}", "data.row_format=chat"],
+        "data.path": ["data.format=chat"],
+        "eval.split": ["eval.split=test"],
+    }
+    for key, overrides in problems.items():
+        with pytest.raises(ConfigError) as err:
+            load_recipe(None, overrides)
+        assert key in str(err.value), (key, str(err.value))
+    with pytest.raises(ConfigError, match="natural"):
+        load_recipe(None, ["data.partition.kind=natural"])  # synthetic data has no files
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_recipe(None, ["data.format=alpaca", f"data.path={tmp_path}"])
+    assert load_recipe(None, ["data.format=hf", f"data.path={tmp_path}"]).data.path == str(tmp_path)
+    assert load_recipe(None, ["train.packing=true"]).train.packing is True

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 
 import pytest
@@ -87,3 +88,120 @@ def test_prompt_is_masked_and_truncation_keeps_the_response():
     batch = collate([ex, long], tok.pad_token_id)
     assert batch["input_ids"].shape == (2, 32) and int(batch["attention_mask"][0].sum()) == len(ex["input_ids"])
     assert (batch["labels"][0, len(ex["input_ids"]) :] == -100).all()
+
+
+def test_partitions_are_seeded():
+    labels = [f"c{i % 3}" for i in range(300)]
+    assert dirichlet_partition(labels, 4, 0.5, seed=1) == dirichlet_partition(labels, 4, 0.5, seed=1)
+    assert dirichlet_partition(labels, 4, 0.5, seed=1) != dirichlet_partition(labels, 4, 0.5, seed=2)
+    assert iid_partition(300, 4, seed=1) != iid_partition(300, 4, seed=2)
+
+
+def recipe_for(tmp_path, *overrides: str):
+    from pl_parablock.config import load_recipe
+
+    return load_recipe(None, ["federation.clients=3", "eval.max_samples=4", *overrides])
+
+
+def test_client_shares_sum_to_the_data_and_dirichlet_uses_any_column(tmp_path):
+    from pl_parablock.data import client_data, describe_data
+    from tests.helpers import write_jsonl
+
+    rows = [{"instruction": f"task {i}", "output": str(i), "source": f"src{i % 4}"} for i in range(120)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    for part in (["data.partition.kind=iid"], ["data.partition.kind=dirichlet", "data.partition.alpha=0.3", "data.partition.label=source"]):
+        recipe = recipe_for(tmp_path, "data.format=alpaca", f"data.path={path}", *part)
+        parts = [client_data(recipe, i) for i in range(3)]
+        held = parts[0].evals
+        assert len(held) == 4 and all(p.evals == held for p in parts)
+        seen = sorted(r["response"] for p in parts for r in p.train) + sorted(r["response"] for r in held)
+        assert sorted(seen) == sorted(str(i) for i in range(120)), "every record in exactly one share or the eval set"
+        assert parts[0].shares == [len(p.train) for p in parts]
+    lines = describe_data(recipe)
+    assert len(lines) == 4 and lines[1].startswith("  client 0:") and "src" in lines[1]
+    bad = recipe_for(tmp_path, "data.format=alpaca", f"data.path={path}", "data.partition.kind=dirichlet", "data.partition.alpha=1")
+    with pytest.raises(DataError, match=r"every record has the same value 'alpaca'"):
+        client_data(bad, 0)  # alpaca rows without a category column: no silent one-label "skew"
+    rows[7].pop("source")
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError, match=r"d.jsonl:8: no field 'source'"):
+        client_data(recipe, 0)
+
+
+def test_natural_partition_reads_only_the_clients_own_file(tmp_path):
+    from pl_parablock.data import client_data, describe_data
+    from tests.helpers import write_jsonl
+
+    paths = [write_jsonl(tmp_path / f"c{i}.jsonl", [{"instruction": f"c{i} {j}", "output": "x"} for j in range(10 + i)]) for i in range(3)]
+    recipe = recipe_for(tmp_path, "data.format=alpaca", "data.partition.kind=natural", f"data.client_paths=[{','.join(paths)}]")
+    assert "client 2:     12 records" in "\n".join(describe_data(recipe))
+    zero = client_data(recipe, 0)
+    assert len(zero.train) + len(zero.evals) == 10 and zero.evals, "client 0's file gives the held-out set"
+    os.remove(paths[0])
+    os.remove(paths[1])
+    two = client_data(recipe, 2, evaluate=False)  # the other clients' files are gone: client 2 does not need them
+    assert len(two.train) == 12 and all(r["prompt"].count("c2 ") for r in two.train)
+    # several machines: each client gets the same recipe and its own data.path
+    alone = recipe_for(tmp_path, "data.format=alpaca", "data.partition.kind=natural", f"data.path={paths[2]}")
+    assert len(client_data(alone, 1, evaluate=False).train) == 12
+    with pytest.raises(DataError, match="data.client_paths, one file per client"):
+        describe_data(alone)
+
+
+def test_an_empty_client_shard_is_named():
+    from pl_parablock.data import ClientDataModule
+
+    with pytest.raises(DataError, match="client 3's data shard is empty"):
+        ClientDataModule([], None, offline_tokenizer(), name="client 3")
+
+
+def test_packing_fills_rows_and_keeps_examples_apart():
+    from pl_parablock.data import pack_examples
+
+    tok = offline_tokenizer()
+    examples = [encode_example(tok, f"Q{i}: " + "x" * i, "yes", max_length=32) for i in range(12)]
+    rows = pack_examples(examples, 64, tok.pad_token_id, seed=0)
+    assert all(len(r["input_ids"]) == len(r["labels"]) == len(r["position_ids"]) == 64 for r in rows)
+    assert len(rows) < len(examples)
+    total = sum(len(e["input_ids"]) for e in examples)
+    assert sum(sum(1 for t in r["input_ids"] if t != tok.pad_token_id) for r in rows) == total, "every example packed once"
+    for r in rows:
+        starts = [i for i, p in enumerate(r["position_ids"]) if p == 0]
+        assert all(r["labels"][i] == -100 for i in starts), "an example never learns from the one before it"
+    batch = collate(rows[:2], tok.pad_token_id)
+    assert set(batch) == {"input_ids", "labels", "position_ids"}, "packed rows carry no attention mask"
+    assert pack_examples(examples, 64, tok.pad_token_id, seed=0) == rows
+    with pytest.raises(DataError, match="does not fit"):
+        pack_examples(examples, 8, tok.pad_token_id)
+
+
+def test_plain_prompts_start_with_bos_when_the_tokenizer_adds_one():
+    from tokenizers.processors import TemplateProcessing
+
+    from pl_parablock.data import encode_prompt, encode_record
+
+    tok = offline_tokenizer()
+    tok._tokenizer.post_processor = TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", tok.bos_token_id)])
+    assert tok("a")["input_ids"][0] == tok.bos_token_id
+    ex = encode_record(tok, {"prompt": "x" * 100, "response": "answer"}, max_length=32)
+    assert ex["input_ids"][0] == tok.bos_token_id and ex["labels"][0] == -100, "truncation keeps the BOS"
+    assert len(ex["input_ids"]) == 32 and tok.decode([t for t in ex["labels"] if t >= 0]) == "answer<|eos|>"
+    assert encode_prompt(tok, {"prompt": "y" * 50}, max_length=16)[0] == tok.bos_token_id
+    assert encode_record(offline_tokenizer(), {"prompt": "q", "response": "a"}, 32)["input_ids"][0] != tok.bos_token_id
+
+
+def test_an_hf_recipe_trains_on_one_split_and_evaluates_on_another(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from pl_parablock.data import client_data
+
+    def rows(n, offset):
+        return [{"problem": f"{i} + 1?", "solution": f"#### {i + 1}"} for i in range(offset, offset + n)]
+
+    splits = {"train": datasets.Dataset.from_list(rows(30, 0)), "test": datasets.Dataset.from_list(rows(5, 100))}
+    datasets.DatasetDict(splits).save_to_disk(tmp_path / "ds")
+    recipe = recipe_for(
+        tmp_path, "data.format=hf", f"data.path={tmp_path / 'ds'}", "eval.split=test", "data.columns={question: problem, answer: solution}"
+    )
+    parts = [client_data(recipe, i) for i in range(3)]
+    assert sum(len(p.train) for p in parts) == 30, "nothing held out of the training split"
+    assert [r["answer"] for r in parts[0].evals] == ["101", "102", "103", "104"]  # eval.max_samples=4

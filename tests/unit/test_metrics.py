@@ -38,3 +38,20 @@ def test_token_loss_ignores_masked_tokens():
     m.update(logits, labels)
     assert m.compute().item() == pytest.approx(math.log(3))
     assert int(m.count) == 2
+
+
+def test_exact_match_on_gsm8k_references_with_tricky_answers(tmp_path):
+    import json
+
+    from pl_parablock.data import load_records
+
+    rows = [("Total?", "500+500=1,000\n#### 1,000"), ("Change?", "2-5=-3\n#### -3"), ("Price?", "7/2=3.50\n#### 3.50")]
+    path = tmp_path / "g.jsonl"
+    path.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows))
+    refs = [r["answer"] for r in load_records("gsm8k", str(path))]
+    m = ExactMatch()
+    m.update(["so that makes 1000 in all", "#### -3", "#### $3.5"], refs)
+    assert m.compute().item() == 1.0
+    m = ExactMatch()
+    m.update(["#### 1,001", "#### 3", "#### 3.05"], refs)  # off by one, sign lost, digits swapped
+    assert m.compute().item() == 0.0
