@@ -23,12 +23,14 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from typing import Any, Literal, TypeVar
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
@@ -39,7 +41,7 @@ from pl_parablock.errors import ParaBlockError, ServerRestarted, TransmitterErro
 from pl_parablock.federation.aggregate import rebase
 from pl_parablock.federation.link import Link
 from pl_parablock.federation.server import TLS
-from pl_parablock.federation.transport import GrpcTransport, Transport
+from pl_parablock.federation.transport import GrpcTransport, Pulled, Transport
 from pl_parablock.federation.wire import DTYPES, dtype_name
 from pl_parablock.transmitter import Arrival, Handoff, Transmitter
 
@@ -47,6 +49,7 @@ __all__ = ["FederatedBlockStrategy"]
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 Mode = Literal["parablock", "sync", "fedavg"]
 Weighting = Literal["samples", "tokens", "uniform"]
 
@@ -219,6 +222,9 @@ class FederatedBlockStrategy(Callback):
         self._participants: list[list[int]] | None = None
         self._done = False
         self.events: list[dict[str, Any]] = []
+        self._dist: Any = None
+        self._world = 1
+        self._leader = True
         self._transport: Transport | None = None
         self._owns_transport = False
         self._transmitter: Transmitter | None = None
@@ -248,11 +254,15 @@ class FederatedBlockStrategy(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if trainer.world_size > 1:
-            raise ParaBlockError(
-                f"FederatedBlockStrategy runs one process per client; this trainer has {trainer.world_size} processes. "
-                "Use devices=1 per client (multi-device clients are not supported in this version)."
-            )
+        self._dist = trainer.strategy
+        self._world = trainer.world_size
+        self._leader = trainer.is_global_zero
+        if self._world > 1 and isinstance(trainer.strategy, DDPStrategy):
+            if not trainer.strategy._ddp_kwargs.get("find_unused_parameters", False):
+                raise ParaBlockError(
+                    "a multi-device client trains one block at a time, so DDP must allow parameters without gradients: "
+                    "use Trainer(strategy='ddp_find_unused_parameters_true') or DDPStrategy(find_unused_parameters=True)"
+                )
         if self.mode == "fedavg":
             self.partition = whole_model_partition(pl_module)
         else:
@@ -316,39 +326,73 @@ class FederatedBlockStrategy(Callback):
 
     # -------------------------------------------------------------- joining
 
+    def _lead(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on global rank 0 only and hand its result, or its failure, to every rank.
+
+        A client made of several processes is one federation client: only
+        rank 0 talks to the server; the others receive what it got, so every
+        rank freezes, rebases and advances identically.
+        """
+        if self._world == 1:
+            return fn()
+        payload: tuple[str, Any] = ("ok", None)
+        error: BaseException | None = None
+        if self._leader:
+            try:
+                payload = ("ok", fn())
+            except ServerRestarted as exc:
+                payload, error = ("restart", str(exc)), exc
+            except TransmitterError as exc:
+                kind = "restart" if isinstance(exc.__cause__, ServerRestarted) else "error"
+                payload, error = (kind, str(exc)), exc
+            except BaseException as exc:
+                payload, error = ("error", f"{type(exc).__name__}: {exc}"), exc
+        kind, value = self._dist.broadcast(payload, src=0)
+        if kind == "ok":
+            return value  # type: ignore[no-any-return]
+        if error is not None:
+            raise error
+        if kind == "restart":
+            raise ServerRestarted(value)
+        raise TransmitterError(f"client {self.client_id} (rank 0): {value}")
+
     def _connect(self, pl_module: pl.LightningModule) -> None:
         assert self.partition is not None
-        if isinstance(self.server, Transport):
-            self._transport = self.server
-        else:
-            assert isinstance(self.server, str)
-            self._transport = GrpcTransport(
-                self.server,
-                link=self.link,
-                chunk_bytes=self.chunk_kb * 1024,
-                wire_dtype=DTYPES[self.wire_dtype] if self.wire_dtype else None,
-                connect_timeout_s=min(self.timeout_s, 60.0),
-                token=os.environ.get("PL_PARABLOCK_TOKEN") or self.token,
-                tls=self.tls,
-            )
-            self._owns_transport = True
-        if self._fingerprint is None:
-            self._fingerprint = model_fingerprint(pl_module, self.partition, self.mode)
-        reply = self._join()
-        if reply.get("need_state"):
-            self._transport.upload_state(self.client_id, _cpu_copy(self._params), self.timeout_s)
+        if self._leader:
+            if isinstance(self.server, Transport):
+                self._transport = self.server
+            else:
+                assert isinstance(self.server, str)
+                self._transport = GrpcTransport(
+                    self.server,
+                    link=self.link,
+                    chunk_bytes=self.chunk_kb * 1024,
+                    wire_dtype=DTYPES[self.wire_dtype] if self.wire_dtype else None,
+                    connect_timeout_s=min(self.timeout_s, 60.0),
+                    token=os.environ.get("PL_PARABLOCK_TOKEN") or self.token,
+                    tls=self.tls,
+                )
+                self._owns_transport = True
+            if self._fingerprint is None:
+                self._fingerprint = model_fingerprint(pl_module, self.partition, self.mode)
+
+        def join_and_upload() -> dict[str, Any]:
+            reply = self._join_remote()
+            if reply.get("need_state"):
+                assert self._transport is not None
+                self._transport.upload_state(self.client_id, _cpu_copy(self._params), self.timeout_s)
+            return reply
+
+        reply = self._lead(join_and_upload)
+        self._adopt(reply)
         self._sync_to(reply)
+        where = self._transport.describe() if self._transport is not None else "rank 0"
         log.info(
-            "client %d joined via %s: %d rounds, from round %d, schedule %s",
-            self.client_id,
-            self._transport.describe(),
-            self.rounds,
-            self.round,
-            self.schedule,
+            "client %d joined via %s: %d rounds, from round %d, schedule %s", self.client_id, where, self.rounds, self.round, self.schedule
         )
 
-    def _join(self) -> dict[str, Any]:
-        """Join (or rejoin) the federation, retrying while the server is unreachable."""
+    def _join_remote(self) -> dict[str, Any]:
+        """Join (or rejoin) the federation, retrying while the server is unreachable (rank 0)."""
         assert self._transport is not None and self._fingerprint is not None
         deadline = time.monotonic() + self.timeout_s
         backoff = 0.5
@@ -364,12 +408,18 @@ class FederatedBlockStrategy(Callback):
                 backoff = min(2 * backoff, 10.0)
         if reply.get("mode") not in (None, self.mode):
             raise ParaBlockError(f"client {self.client_id} runs mode={self.mode} but the server runs mode={reply['mode']}")
+        self._transport.instance = reply.get("instance")
+        return reply
+
+    def _adopt(self, reply: Mapping[str, Any]) -> None:
         self.schedule = [int(b) for b in reply["schedule"]]
         self.rounds = int(reply["rounds"])
         self._participants = reply.get("participants")
         self._instance = reply.get("instance")
-        self._transport.instance = self._instance
-        return reply
+
+    def _fetch(self, block: int) -> Pulled:
+        assert self._transport is not None
+        return self._transport.fetch(self.client_id, block, self.timeout_s)
 
     def _sync_to(self, reply: Mapping[str, Any]) -> None:
         """Adopt the server's state: every block whose global version differs, and its next round.
@@ -380,11 +430,10 @@ class FederatedBlockStrategy(Callback):
         aggregated; its in-flight hand-offs are dropped (the server either
         has them or rolled them back).
         """
-        assert self._transport is not None
         fetched = []
         for b, v in enumerate(int(v) for v in reply.get("versions", [])):
             if v != self._versions[b] or not self._clean[b]:
-                pulled = self._transport.fetch(self.client_id, b, self.timeout_s)
+                pulled = self._lead(partial(self._fetch, b))
                 self._copy_in(b, pulled.tensors)
                 self._versions[b] = pulled.version
                 self._clean[b] = True
@@ -399,7 +448,9 @@ class FederatedBlockStrategy(Callback):
             )
         self.round = self._next_apply = next_round
         self._done = False
-        self._transmitter = Transmitter(self._transport, self.client_id, timeout_s=self.timeout_s, instance=self._instance)
+        if self._leader:
+            assert self._transport is not None
+            self._transmitter = Transmitter(self._transport, self.client_id, timeout_s=self.timeout_s, instance=self._instance)
 
     def _resync(self) -> None:
         """The server restarted: rejoin it and adopt its state."""
@@ -407,7 +458,16 @@ class FederatedBlockStrategy(Callback):
         if self._transmitter is not None:
             self._transmitter.close(timeout=5.0, cancel_pending=True)
         self._clean = [False] * len(self._clean)
-        self._sync_to(self._join())
+        reply = self._lead(self._join_remote)
+        self._adopt(reply)
+        self._sync_to(reply)
+
+    def _send(self, handoff: Handoff) -> None:
+        def send() -> None:
+            assert self._transmitter is not None
+            self._transmitter.send(handoff)
+
+        self._lead(send)
 
     def _copy_in(self, block: int, tensors: Mapping[str, Tensor]) -> None:
         with torch.no_grad():
@@ -493,13 +553,12 @@ class FederatedBlockStrategy(Callback):
     def _skip_rounds(self, trainer: pl.Trainer) -> None:
         """Rounds this client is not sampled for: no training, only the aggregate."""
         while self.federated and self.round < self.rounds and not self._participates(self.round):
-            assert self._transmitter is not None
             t, b = self.round, self.schedule[self.round]
             if self.mode == "parablock" and t >= 2:
                 self._apply_through(t - 2)
             self.records.append({"round": t, "block": b, "participated": False, "started_at": time.time()})
             self._inflight[t] = (b, _cpu_copy(self._block_params[b]))
-            self._transmitter.send(Handoff(t, b, "none", self._versions[b], 0.0, None))
+            self._send(Handoff(t, b, "none", self._versions[b], 0.0, None))
             self.round = t + 1
             if self.mode in ("sync", "fedavg"):
                 self._apply_through(t)
@@ -531,13 +590,17 @@ class FederatedBlockStrategy(Callback):
         compute_s = time.perf_counter() - self._round_t0
         loss = float(torch.stack(self._losses).float().mean()) if self._losses else None
         tokens = int(self._tokens) if isinstance(self._tokens, (int, Tensor)) else 0
+        if self._world > 1:  # one client: its samples and tokens over every rank, its loss averaged
+            counts = self._dist.reduce(torch.tensor([float(self._samples), float(tokens)]), reduce_op="sum")
+            self._samples, tokens = int(counts[0]), int(counts[1])
+            if loss is not None:
+                loss = float(self._dist.reduce(torch.tensor(loss), reduce_op="mean"))
         weight = {"samples": float(self._samples), "tokens": float(tokens or self._samples), "uniform": 1.0}[self.weighting]
         rec = self.records[-1]
         rec.update(compute_s=compute_s, ended_at=time.time(), loss=loss, samples=self._samples, weight=weight)
         self._round_open = False
         self.round = t + 1
         if self.federated:
-            assert self._transmitter is not None
             end = _cpu_copy(self._block_params[b])
             if self._start is None:
                 kind, payload = "value", end
@@ -546,7 +609,7 @@ class FederatedBlockStrategy(Callback):
             self._inflight[t] = (b, end)
             self._clean[b] = False
             rec.update(kind=kind)
-            self._transmitter.send(Handoff(t, b, kind, self._start_version, weight, payload, loss))
+            self._send(Handoff(t, b, kind, self._start_version, weight, payload, loss))
         log.info(
             "client %d round %d/%d block %d: loss %s, compute %.2f s",
             self.client_id,
@@ -563,13 +626,18 @@ class FederatedBlockStrategy(Callback):
         """After the last round: apply every outstanding aggregate, then check nothing is newer."""
         if self.federated:
             self._apply_through(self.rounds - 1)
-            assert self._transport is not None
-            reply = self._transport.versions(self.client_id, self.timeout_s)
-            if reply.get("instance") not in (None, self._instance):
-                raise ServerRestarted(f"client {self.client_id}: the server restarted before the last round was confirmed")
+
+            def versions() -> dict[str, Any]:
+                assert self._transport is not None
+                reply = self._transport.versions(self.client_id, self.timeout_s)
+                if reply.get("instance") not in (None, self._instance):
+                    raise ServerRestarted(f"client {self.client_id}: the server restarted before the last round was confirmed")
+                return reply
+
+            reply = self._lead(versions)
             for b, v in enumerate(int(v) for v in reply["versions"]):
                 if v > self._versions[b]:
-                    pulled = self._transport.fetch(self.client_id, b, self.timeout_s)
+                    pulled = self._lead(partial(self._fetch, b))
                     self._copy_in(b, pulled.tensors)
                     self._versions[b] = pulled.version
                     self._clean[b] = True
@@ -578,11 +646,15 @@ class FederatedBlockStrategy(Callback):
 
     def _apply_through(self, round_index: int) -> None:
         """Wait for and apply every aggregate up to ``round_index``, in order."""
-        assert self._transmitter is not None
         while self._next_apply <= round_index:
             r = self._next_apply
             t0 = time.perf_counter()
-            arrival = self._transmitter.wait(r)
+
+            def wait(r: int = r) -> Arrival:
+                assert self._transmitter is not None
+                return self._transmitter.wait(r)
+
+            arrival = self._lead(wait)
             blocked = time.perf_counter() - t0
             self._apply(arrival)
             rec = next(x for x in reversed(self.records) if x["round"] == r)
