@@ -31,7 +31,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pl_parablock.config import Recipe, load_recipe, server_token, to_yaml
+from pl_parablock.config import Recipe, client_token, load_recipe, reference_markdown, server_token, to_yaml
 from pl_parablock.errors import ParaBlockError
 from pl_parablock.federation.aggregator import Aggregator
 from pl_parablock.federation.link import Link
@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--server", help="client: HOST:PORT of the federation server")
     p.add_argument("--client-id", type=int, help="client: this client's id, 0..clients-1")
     p.add_argument("--inprocess", action="store_true", help="local: run the clients as threads of this process")
+    p.add_argument("--reference", action="store_true", help="print every recipe key (type, default, meaning) and exit")
     return p
 
 
@@ -242,12 +243,15 @@ def _local_inprocess(recipe: Recipe) -> int:
     quiet_third_party()
     f = recipe.federation
     agg = _aggregator(recipe, progress=True)
-    service = FederationService(agg, chunk_bytes=f.chunk_kb * 1024)
+    service = FederationService(agg, chunk_bytes=f.chunk_kb * 1024, token=server_token(recipe))
     _banner(recipe, "one process, clients as threads")
     wire = DTYPES[f.wire_dtype] if f.wire_dtype else None
+    link = Link.from_section(recipe.link)
     runs = [
         prepare_client(
-            recipe, i, InProcessTransport(service, link=Link.from_section(recipe.link), chunk_bytes=f.chunk_kb * 1024, wire_dtype=wire)
+            recipe,
+            i,
+            InProcessTransport(service, link=link, chunk_bytes=f.chunk_kb * 1024, wire_dtype=wire, token=client_token(recipe, i)),
         )
         for i in range(f.clients)
     ]
@@ -321,6 +325,9 @@ def _client(recipe: Recipe, client_id: int | None, server: str | None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.reference:
+        print(reference_markdown())
+        return 0
     recipe_path = args.recipe
     overrides = list(args.overrides)
     if recipe_path is not None and "=" in recipe_path and not os.path.exists(recipe_path):

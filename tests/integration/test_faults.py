@@ -167,3 +167,15 @@ def test_tls_round_trip_with_a_self_signed_certificate(self_signed):
         plaintext.close()
     finally:
         server.stop()
+
+
+def test_a_token_protected_federation_runs_through_the_launcher(tmp_path, monkeypatch):
+    from pl_parablock.fit import main
+
+    monkeypatch.setenv("PL_PARABLOCK_TOKEN", "from-the-environment")
+    args = ["federation.clients=2", "federation.rounds=2", "federation.token=ignored-when-the-variable-is-set", "data.num_samples=64"]
+    args += ["eval.max_samples=4", "train.batch_size=4", "train.max_length=64", f"output_dir={tmp_path}"]
+    assert (
+        main([*args, "model.config.num_hidden_layers=2", "model.config.hidden_size=32", "model.config.intermediate_size=64", "--inprocess"])
+        == 0
+    )

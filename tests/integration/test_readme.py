@@ -19,3 +19,43 @@ def test_the_readme_has_examples():
 def test_readme_example_runs(code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+
+
+def test_the_recipe_reference_is_the_schema():
+    from pl_parablock.config import reference_markdown
+
+    text = open(README, encoding="utf-8").read()
+    start, end = "<!-- recipe-reference:start -->\n", "\n<!-- recipe-reference:end -->"
+    embedded = text[text.index(start) + len(start) : text.index(end)]
+    assert embedded == reference_markdown(), "regenerate the README table with `python -m pl_parablock.fit --reference`"
+
+
+def test_the_readme_cli_client_runs_against_a_server(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from pl_parablock.federation import Aggregator, FederationServer, FederationService
+
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", open(README, encoding="utf-8").read(), flags=re.S) if "class_path" in b)
+    config = yaml.safe_load(block)
+    agg = Aggregator(clients=1, rounds=2, mode="parablock")
+    server = FederationServer(FederationService(agg))
+    address = server.start()
+    try:
+        config["trainer"]["callbacks"][0]["init_args"]["server"] = address  # this test's server, with one client
+        config["data"]["clients"] = 1
+        path = tmp_path / "client.yaml"
+        path.write_text(yaml.safe_dump(config))
+        done = subprocess.run(
+            [sys.executable, "-m", "pl_parablock.cli", "fit", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert agg.next_round() == 2
+    finally:
+        server.stop()
