@@ -282,15 +282,28 @@ class ClientRun:
 
     def fit(self) -> None:
         """Train; resumes from this client's checkpoint when one exists."""
+        if self.ckpt_path is not None:
+            self._check_checkpoint(self.ckpt_path)
         try:
             self.trainer.fit(self.module, datamodule=self.datamodule, ckpt_path=self.ckpt_path)
-        except (RuntimeError, KeyError, EOFError) as exc:
+        except (RuntimeError, KeyError) as exc:
             if self.ckpt_path is None or self.trainer.global_step > 0:
                 raise
-            raise ParaBlockError(
-                f"client {self.client_id}: cannot resume from {self.ckpt_path} ({type(exc).__name__}: {exc}); "
-                "it is corrupt or from another model: move it away to start this client afresh"
-            ) from None
+            raise self._unusable(self.ckpt_path, exc) from None
+
+    def _unusable(self, path: str, exc: BaseException) -> ParaBlockError:
+        return ParaBlockError(
+            f"client {self.client_id}: cannot resume from {path} ({type(exc).__name__}: {str(exc)[:200]}); "
+            "it is corrupt or from another model: move it away to start this client afresh"
+        )
+
+    def _check_checkpoint(self, path: str) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # any failure to read it back means it is unusable
+            raise self._unusable(path, exc) from None
+        if not isinstance(state, dict) or "state_dict" not in state:
+            raise self._unusable(path, ValueError("not a Lightning checkpoint"))
 
     def report(self) -> dict[str, Any]:
         return {**self.strategy.report(), "shard_size": self.shard_size, **self.extra}

@@ -142,3 +142,52 @@ def test_unreachable_server_exits_2(recipe, tmp_path):
     assert "cannot reach the federation server at 127.0.0.1:9" in done.stderr
     assert "Traceback" not in done.stderr
     assert time.monotonic() - t0 < 60
+
+
+def test_a_corrupt_client_checkpoint_exits_2_naming_it(recipe, tmp_path):
+    out = tmp_path / "run"
+    ckpt = out / "checkpoints" / "client_0.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"not a checkpoint")
+    done = cli(
+        str(recipe), f"output_dir={out}", "train.checkpoint_every=1", "--role", "client", "--client-id", "0", "--server", "127.0.0.1:9"
+    )
+    assert done.returncode == 2, done.stderr
+    assert "cannot resume from" in done.stderr and "client_0.ckpt" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_client_with_another_model_is_refused_and_exits_2(recipe, tmp_path):
+    from pl_parablock.federation import Aggregator, FederationServer, FederationService
+
+    agg = Aggregator(clients=2, rounds=2, mode="parablock")
+    server = FederationServer(FederationService(agg))
+    address = server.start()
+    try:
+        first = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pl_parablock.fit",
+                str(recipe),
+                f"output_dir={tmp_path / 'a'}",
+                "--role",
+                "client",
+                "--client-id",
+                "0",
+                "--server",
+                address,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 120
+        while agg.partition is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        done = cli(str(recipe), f"output_dir={tmp_path / 'b'}", "seed=7", "--role", "client", "--client-id", "1", "--server", address)
+        assert done.returncode == 2
+        assert "does not match this federation" in done.stderr and "initial weights differ" in done.stderr
+        assert "Traceback" not in done.stderr
+    finally:
+        first.kill()
+        first.wait(10)
+        server.stop()
