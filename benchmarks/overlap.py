@@ -2,9 +2,9 @@
 
     python benchmarks/overlap.py [--quick | --smoke] [--clients 2] [--rounds N] [--ratios 0.25,1,4] [--output DIR]
 
-Each run is the real launcher (``python -m pl_parablock.fit``: a gRPC server
-and one process per client on this machine; ``--inprocess`` runs clients as
-threads). Blocks are the decoder layers only (no embedding or head block),
+Each run is the real launcher (``pl_parablock.fit.main``, as ``python -m
+pl_parablock.fit`` runs it: the gRPC server in this process and one process
+per client; ``--inprocess`` runs clients as threads). Blocks are the decoder layers only (no embedding or head block),
 so every round moves the same bytes.
 
 1. Calibration: a short ``sync`` run without link emulation (three sweeps
@@ -38,16 +38,16 @@ it). The last output line is JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
-from _common import REPO, finish, machine, median, say
+from _common import finish, machine, median, say
 
 LATENCY_MS = 2.0
 MODEL = {
@@ -77,14 +77,20 @@ def recipe_text(model: dict[str, Any], clients: int, local_steps: int, max_lengt
 
 
 def launch(recipe: str, out: str, overrides: list[str], inprocess: bool) -> dict[str, Any]:
-    """Run the launcher and return its report."""
-    cmd = [sys.executable, "-m", "pl_parablock.fit", recipe, f"output_dir={out}", *overrides] + (["--inprocess"] if inprocess else [])
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if inprocess:
-        env["OMP_NUM_THREADS"] = "1"
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=1800)
-    if done.returncode != 0:
-        raise RuntimeError(f"launcher failed ({done.returncode}): {' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    """Run the launcher (its ``main``, in this process, as the command line would) and return its report.
+
+    The server runs in this process and, unless ``inprocess``, each client in
+    a process of its own; the launcher's table goes to ``OUT/launcher.log``.
+    """
+    from pl_parablock.fit import main as fit_main
+
+    os.makedirs(out, exist_ok=True)
+    argv = [recipe, f"output_dir={out}", *overrides] + (["--inprocess"] if inprocess else [])
+    with open(os.path.join(out, "launcher.log"), "w", encoding="utf-8") as log, contextlib.redirect_stdout(log):
+        status = fit_main(argv)
+    if status != 0:
+        with open(os.path.join(out, "launcher.log"), encoding="utf-8") as fh:
+            raise RuntimeError(f"launcher failed ({status}): python -m pl_parablock.fit {' '.join(argv)}\n{fh.read()[-3000:]}")
     with open(os.path.join(out, "report.json"), encoding="utf-8") as fh:
         return json.load(fh)  # type: ignore[no-any-return]
 

@@ -26,7 +26,7 @@ server's aggregation time (from the server's round records);
 decode the block once, no network). The last output line is JSON with
 ``results``: a list of ``{mb, grpc_mb_s, socket_mb_s, ratio, ...}``.
 
-Full form: 1, 4, 16, 64, 256 MB; ``--quick``: 1, 4, 16, 64 MB; ``--smoke``: 1, 2 MB.
+Full form: 1, 4, 16, 64, 256 MB; ``--quick``: 1, 4, 16, 64 MB; ``--smoke``: 1 MB.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     form = p.add_mutually_exclusive_group()
     form.add_argument("--quick", action="store_true", help="1..64 MB, under a minute on 2 cores")
-    form.add_argument("--smoke", action="store_true", help="1 and 2 MB, one repeat (for tests)")
+    form.add_argument("--smoke", action="store_true", help="1 MB, one repeat (for tests)")
     p.add_argument("--sizes", help="comma-separated block sizes in MB (10^6 bytes)")
     p.add_argument("--repeats", type=int, help="measured round trips per size (after one warm-up)")
     p.add_argument("--chunk-kb", type=int, default=1024, help="chunk size of the gRPC streams, KiB (the framework's default: 1024)")
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     torch.set_num_threads(1)
     form_name = "smoke" if args.smoke else "quick" if args.quick else "full"
-    sizes = [1, 2] if args.smoke else [1, 4, 16, 64] if args.quick else [1, 4, 16, 64, 256]
+    sizes = [1] if args.smoke else [1, 4, 16, 64] if args.quick else [1, 4, 16, 64, 256]
     if args.sizes:
         sizes = [int(s) for s in args.sizes.split(",")]
     repeats = args.repeats or (1 if args.smoke else 3)
