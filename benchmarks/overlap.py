@@ -73,11 +73,11 @@ MODEL = {
 SMOKE_MODEL = {**MODEL, "hidden_size": 32, "intermediate_size": 64, "max_position_embeddings": 128}
 
 
-def recipe_text(model: dict[str, Any], clients: int, local_steps: int, max_length: int) -> str:
+def recipe_text(model: dict[str, Any], clients: int, local_steps: int, max_length: int, layers_per_block: int = 1) -> str:
     recipe = {
         "seed": 0,
         "model": {"config": model},
-        "blocks": {"layers_per_block": 1, "schedule": "ascending", "embeddings": False, "head": False},
+        "blocks": {"layers_per_block": layers_per_block, "schedule": "ascending", "embeddings": False, "head": False},
         "train": {"local_steps": local_steps, "lr": 2.0e-3, "batch_size": 8, "max_length": max_length, "threads": 1},
         "federation": {"clients": clients, "timeout_s": 120},
         "data": {"format": "synthetic", "num_samples": 200 * clients},
@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, help="rounds per run (default: 32 quick, 48 full)")
     p.add_argument("--ratios", help="comma-separated comm/compute ratios (default: 1 quick, 0.25,0.5,1,2,4 full)")
     p.add_argument("--inprocess", action="store_true", help="clients as threads of one process (default: one process each)")
+    p.add_argument("--layers-per-block", type=int, default=1, choices=(1, 2, 4), help="decoder layers per block (default 1)")
     p.add_argument(
         "--retries",
         type=int,
@@ -272,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(root, exist_ok=True)
     recipe = os.path.join(root, "recipe.yaml")
     with open(recipe, "w", encoding="utf-8") as fh:
-        fh.write(recipe_text(model, args.clients, local_steps, max_length))
-    blocks = int(model["num_hidden_layers"])
+        fh.write(recipe_text(model, args.clients, local_steps, max_length, args.layers_per_block))
+    blocks = int(model["num_hidden_layers"]) // args.layers_per_block
     try:
         say(f"overlap: {args.clients} clients, {rounds} rounds, ratios {ratios}; calibrating (sync, no emulation) ...")
         cal = calibrate(recipe, os.path.join(root, "calibration"), blocks, inprocess, sweeps=2 if args.smoke else 3)
@@ -303,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": rounds,
         "local_steps": local_steps,
         "model": {k: model[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers")},
+        "layers_per_block": args.layers_per_block,
         "processes": not inprocess,
         "calibration": cal,
         "ratio": main_ratio["ratio"],

@@ -23,7 +23,10 @@ server's aggregation time (from the server's round records);
 ``raw_grpc_mb_s`` streams the same bytes through gRPC with no framing
 (pre-cut 1 MiB-style chunks to a sink, then from a source: gRPC's own cost);
 ``wire_codec_mb_s`` is the federation's framing alone in memory (encode then
-decode the block once, no network). The last output line is JSON with
+decode the block once, no network); ``breakdown_s`` times each part of a
+round trip alone: raw gRPC transfers, encode + decode both ways, and the
+server's arithmetic on the update (finite check, float64 accumulation, new
+global value), for comparison with ``grpc_round_trip_s``. The last output line is JSON with
 ``results``: a list of ``{mb, grpc_mb_s, socket_mb_s, ratio, ...}``.
 
 Full form: 1, 4, 16, 64, 256 MB; ``--quick``: 1, 4, 16, 64 MB; ``--smoke``: 1 MB.
@@ -42,7 +45,7 @@ import grpc
 import torch
 from _common import MB, ServerProcess, block_fingerprint, finish, machine, median, say
 
-from pl_parablock.federation import GrpcTransport
+from pl_parablock.federation import GrpcTransport, RoundAccumulator
 from pl_parablock.federation.transport import CLIENT_OPTIONS
 from pl_parablock.federation.wire import decode, encode
 
@@ -82,6 +85,25 @@ def _codec_s(name: str, tensor: torch.Tensor, chunk: int) -> float:
     return dt
 
 
+def _server_math_s(tensor: torch.Tensor) -> dict[str, float]:
+    """The arithmetic the server does per update and round, timed on this block in this process.
+
+    ``validate_s``: the finite-values check of an update; ``accumulate_s``:
+    adding it to the round's float64 running sum (``RoundAccumulator.add``);
+    ``finish_s``: forming the new global value (``RoundAccumulator.finish``).
+    """
+    t0 = time.perf_counter()
+    finite = bool(torch.isfinite(tensor).all())
+    t1 = time.perf_counter()
+    acc = RoundAccumulator()
+    acc.add({"w": tensor}, 1.0, "value")
+    t2 = time.perf_counter()
+    acc.finish({"w": tensor})
+    t3 = time.perf_counter()
+    assert finite
+    return {"validate_s": t1 - t0, "accumulate_s": t2 - t1, "finish_s": t3 - t2}
+
+
 def run(sizes: list[int], repeats: int, chunk_kb: int) -> dict[str, Any]:
     blocks = [{f"block{i}.weight": torch.rand(mb * MB // 4)} for i, mb in enumerate(sizes)]
     k = len(sizes)
@@ -91,6 +113,7 @@ def run(sizes: list[int], repeats: int, chunk_kb: int) -> dict[str, Any]:
     round_of: dict[int, list[int]] = {i: [] for i in range(k)}
     raw_s: dict[int, list[float]] = {i: [] for i in range(k)}
     codec_s: dict[int, list[float]] = {i: [] for i in range(k)}
+    math_s: dict[int, list[dict[str, float]]] = {i: [] for i in range(k)}
     chunk = chunk_kb * 1024
     with ServerProcess(clients=1, rounds=rounds, chunk_kb=chunk_kb, echo=True) as server:
         transport = GrpcTransport(server.address, chunk_bytes=chunk)
@@ -123,11 +146,13 @@ def run(sizes: list[int], repeats: int, chunk_kb: int) -> dict[str, Any]:
                     del into
                     dr = _raw_grpc_round_trip(channel, payload, chunk)
                     dc = _codec_s(name, tensor, chunk)
+                    dm = _server_math_s(tensor)
                     if rep > 0:  # the first pass over the sizes is the warm-up
                         grpc_s[i].append(dt)
                         sock_s[i].append(ds)
                         raw_s[i].append(dr)
                         codec_s[i].append(dc)
+                        math_s[i].append(dm)
                         round_of[i].append(r)
                     say(f"  {mb:>4} MB  grpc {2 * mb / dt:8.1f} MB/s  socket {2 * mb / ds:8.1f} MB/s" + ("" if rep else "  (warm-up)"))
             sock.sendall(struct.pack("!Q", 0))
@@ -154,6 +179,13 @@ def run(sizes: list[int], repeats: int, chunk_kb: int) -> dict[str, Any]:
                 "ratio_transfer": round(s / max(g - agg, 1e-9), 3),
                 "raw_grpc_mb_s": round(2 * mb / median(raw_s[i]), 1),
                 "wire_codec_mb_s": round(mb / median(codec_s[i]), 1),
+                # where a gRPC round trip's time goes, each part timed alone (seconds): the transfers as raw gRPC does
+                # them, encoding and decoding (twice: up and down), the server's check, sum and new global value
+                "breakdown_s": {
+                    "raw_grpc": round(median(raw_s[i]), 4),
+                    "codec_up_and_down": round(2 * median(codec_s[i]), 4),
+                    **{k: round(median(m[k] for m in math_s[i]), 4) for k in ("validate_s", "accumulate_s", "finish_s")},
+                },
                 "repeats": len(grpc_s[i]),
             }
         )

@@ -13,9 +13,12 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RESULTS: dict[str, dict] = {}
 
 
 def smoke(name: str) -> dict:
+    if name in RESULTS:
+        return RESULTS[name]
     path = os.path.join(ROOT, "benchmarks", f"{name}.py")
     done = subprocess.run([sys.executable, path, "--smoke"], capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -23,6 +26,7 @@ def smoke(name: str) -> dict:
     result = json.loads(last)
     assert result["benchmark"] == name and result["form"] == "smoke"
     assert result["machine"]["cpus"] >= 1 and "other_load_cpus" in result["machine"]
+    RESULTS[name] = result
     return result
 
 
@@ -62,3 +66,19 @@ def test_scaling():
     assert r["results"]
     for row in r["results"]:
         assert row["clients"] >= 2 and positive(row["round_s"], row["aggregate_s"])
+
+
+def test_the_readme_table_is_made_from_the_results(tmp_path):
+    files = []
+    for name in ("overlap", "overhead", "transport", "memory", "scaling"):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(smoke(name)))
+        files.append(str(path))
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "table.py"), *files], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith("| benchmark |") and len(lines) >= 2 + 2 + 3 + 1 + 2 + 1
+    for name in ("overlap", "overhead", "transport", "memory", "scaling"):
+        assert any(line.startswith(f"| {name} |") for line in lines), name
