@@ -151,9 +151,23 @@ class ServerProcess:
     with ``echo=True``); every command then answers with one JSON line.
     """
 
-    def __init__(self, *, clients: int, rounds: int, mode: str = "parablock", chunk_kb: int = 1024, echo: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        clients: int,
+        rounds: int,
+        mode: str = "parablock",
+        chunk_kb: int = 1024,
+        echo: bool = False,
+        min_clients: int | None = None,
+        round_timeout_s: float | None = None,
+    ) -> None:
         cmd = [sys.executable, os.path.join(HERE, "_server.py"), "--clients", str(clients), "--rounds", str(rounds)]
         cmd += ["--mode", mode, "--chunk-kb", str(chunk_kb)] + (["--echo"] if echo else [])
+        if min_clients is not None:
+            cmd += ["--min-clients", str(min_clients)]
+        if round_timeout_s is not None:
+            cmd += ["--round-timeout-s", str(round_timeout_s)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
         hello = self._read()

@@ -116,8 +116,12 @@ def main() -> int:
     p.add_argument("--mode", default="parablock")
     p.add_argument("--chunk-kb", type=int, default=1024)
     p.add_argument("--echo", action="store_true")
+    p.add_argument("--min-clients", type=int)
+    p.add_argument("--round-timeout-s", type=float)
     args = p.parse_args()
-    agg = Aggregator(clients=args.clients, rounds=args.rounds, mode=args.mode)
+    agg = Aggregator(
+        clients=args.clients, rounds=args.rounds, mode=args.mode, min_clients=args.min_clients, round_timeout_s=args.round_timeout_s
+    )
     server = FederationServer(FederationService(agg, chunk_bytes=args.chunk_kb * 1024))
     address = server.start()
     raw = _raw_grpc_server() if args.echo else None

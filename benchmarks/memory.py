@@ -13,7 +13,10 @@
    RSS it had after its imports (Python, torch, Lightning, transformers).
    The client is the federation's first, so it also uploads the initial
    state at join; ``client_rss_ratio_training`` compares the peaks of the
-   training phase alone (peak RSS reset when training starts).
+   training phase alone (peak RSS reset when training starts), and
+   ``client_rss_ratio_other_clients`` is the same ratio for a client that is
+   not the first (this process sets the initial state as client 0; rounds
+   close on the measured client's update alone).
 2. ``server_peak_over_block``: for N clients pushing an update of the same
    block at once (lightweight clients: threads of this process, each with its
    own GrpcTransport, pushing a real float32 block), the server process's
@@ -54,7 +57,7 @@ SMOKE_MODEL = {**MODEL, "hidden_size": 64, "intermediate_size": 128, "num_attent
 # ---------------------------------------------------------------- client side
 
 
-def _worker(kind: str, model_config: dict[str, Any], steps: int, server: str | None, threads: int) -> dict[str, Any]:
+def _worker(kind: str, model_config: dict[str, Any], steps: int, server: str | None, threads: int, client_id: int = 0) -> dict[str, Any]:
     """Runs in a fresh process: train ``steps`` optimizer steps, report RSS readings (KiB)."""
     import lightning.pytorch as pl
     import torch
@@ -80,12 +83,13 @@ def _worker(kind: str, model_config: dict[str, Any], steps: int, server: str | N
         """Splits the peak: up to the start of training (join, initial upload), then training."""
 
         def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            phases["setup_peak_kb"] = proc_status_kb("VmHWM")["VmHWM"]
+            kb = proc_status_kb("VmHWM", "VmRSS")
+            phases["setup_peak_kb"], phases["train_start_kb"] = kb["VmHWM"], kb["VmRSS"]
             phases["reset"] = reset_peak_rss()
 
     callbacks: list[Any] = []
     if kind == "block":
-        callbacks.append(FederatedBlockStrategy(server, 0, local_steps=1, mode="parablock", timeout_s=300.0))
+        callbacks.append(FederatedBlockStrategy(server, client_id, local_steps=1, mode="parablock", timeout_s=300.0))
     callbacks.append(Phases())
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -112,15 +116,19 @@ def _worker(kind: str, model_config: dict[str, Any], steps: int, server: str | N
         "param_mb": round(n_params * 4 / 1e6, 1),
         "baseline_rss_mb": round(baseline["VmHWM"] / 1024, 1),
         "after_build_rss_mb": round(built["VmRSS"] / 1024, 1),
+        "client_id": client_id,
         "setup_peak_rss_mb": round(phases["setup_peak_kb"] / 1024, 1),
+        "rss_at_training_start_mb": round(phases["train_start_kb"] / 1024, 1),
         "training_peak_rss_mb": round(peak["VmHWM"] / 1024, 1) if phases["reset"] else None,
         "peak_rss_mb": round(max(peak["VmHWM"], phases["setup_peak_kb"]) / 1024, 1),
     }
 
 
-def _run_worker(kind: str, model_config: dict[str, Any], steps: int, server: str | None, threads: int) -> dict[str, Any]:
+def _run_worker(
+    kind: str, model_config: dict[str, Any], steps: int, server: str | None, threads: int, client_id: int = 0
+) -> dict[str, Any]:
     cmd = [sys.executable, os.path.join(HERE, "memory.py"), "--worker", kind, "--model", json.dumps(model_config)]
-    cmd += ["--steps", str(steps), "--threads", str(threads)] + (["--server", server] if server else [])
+    cmd += ["--steps", str(steps), "--threads", str(threads), "--client-id", str(client_id)] + (["--server", server] if server else [])
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=1800)
     if done.returncode != 0:
@@ -128,23 +136,55 @@ def _run_worker(kind: str, model_config: dict[str, Any], steps: int, server: str
     return last_json(done.stdout)
 
 
+def _initialize(address: str, model_config: dict[str, Any]) -> None:
+    """Join as client 0 with the model's fingerprint and upload its initial state, as a first client would."""
+    from pl_parablock import ParaBlockModule
+    from pl_parablock.blocks import partition_model
+    from pl_parablock.config import ModelSection
+    from pl_parablock.federation import GrpcTransport
+    from pl_parablock.models import build_model
+    from pl_parablock.strategy import model_fingerprint
+
+    model, tok = build_model(ModelSection(config=dict(model_config)), 0)
+    module = ParaBlockModule(model, tok)
+    partition = partition_model(module)
+    params = dict(module.named_parameters())
+    transport = GrpcTransport(address)
+    try:
+        if not transport.join(0, model_fingerprint(module, partition, "parablock"), 60.0)["need_state"]:
+            raise RuntimeError("the server already had an initial state")
+        transport.upload_state(0, {n: params[n].detach() for n in partition.param_names}, 600.0)
+    finally:
+        transport.close()
+
+
 def client_memory(model_config: dict[str, Any], rounds: int, threads: int) -> dict[str, Any]:
     full = _run_worker("full", model_config, rounds, None, threads)
     with ServerProcess(clients=1, rounds=rounds, mode="parablock") as server:
-        block = _run_worker("block", model_config, rounds, server.address, threads)
-    ratio = block["peak_rss_mb"] / full["peak_rss_mb"]
-    above = (block["peak_rss_mb"] - block["baseline_rss_mb"]) / (full["peak_rss_mb"] - full["baseline_rss_mb"])
+        first = _run_worker("block", model_config, rounds, server.address, threads)
+    # a client that is not the first: client 0 (this process) only sets the initial state; rounds close on
+    # client 1's update alone (quorum 1, no wait)
+    with ServerProcess(clients=2, rounds=rounds, mode="parablock", min_clients=1, round_timeout_s=0.0) as server:
+        _initialize(server.address, model_config)
+        other = _run_worker("block", model_config, rounds, server.address, threads, client_id=1)
+
+    def above(block: dict[str, Any]) -> float:
+        return (block["peak_rss_mb"] - block["baseline_rss_mb"]) / (full["peak_rss_mb"] - full["baseline_rss_mb"])
+
     out = {
         "model": {k: model_config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers")},
         "params_mb": full["param_mb"],
-        "block_coordinate": block,
+        "block_coordinate": first,
+        "block_coordinate_other_client": other,
         "full_adamw": full,
-        "client_rss_ratio": round(ratio, 3),
-        "client_rss_ratio_above_baseline": round(above, 3),
+        "client_rss_ratio": round(first["peak_rss_mb"] / full["peak_rss_mb"], 3),
+        "client_rss_ratio_above_baseline": round(above(first), 3),
+        "client_rss_ratio_other_clients": round(other["peak_rss_mb"] / full["peak_rss_mb"], 3),
+        "client_rss_ratio_other_clients_above_baseline": round(above(other), 3),
     }
-    if block["training_peak_rss_mb"] and full["training_peak_rss_mb"]:
+    if first["training_peak_rss_mb"] and full["training_peak_rss_mb"]:
         # the peaks of the training phase alone (after the join and the initial upload)
-        out["client_rss_ratio_training"] = round(block["training_peak_rss_mb"] / full["training_peak_rss_mb"], 3)
+        out["client_rss_ratio_training"] = round(first["training_peak_rss_mb"] / full["training_peak_rss_mb"], 3)
     return out
 
 
@@ -222,32 +262,39 @@ def _slope(servers: list[dict[str, Any]]) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     form = p.add_mutually_exclusive_group()
-    form.add_argument("--quick", action="store_true", help="N = 2, 8, 32 with a 16 MB block; under a minute on 2 cores")
+    form.add_argument("--quick", action="store_true", help="N = 2 and 32 with a 16 MB block; about a minute on 2 cores")
     form.add_argument("--smoke", action="store_true", help="a tiny model and N = 2 (for tests)")
     p.add_argument("--block-mb", type=int, help="server block size, MB (default 64; quick 16; smoke 2)")
     p.add_argument("--clients", help="comma-separated N for the server part (default 2,4,8,16,32)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the client processes (default 2)")
+    p.add_argument(
+        "--hidden", type=int, help="hidden size of the 8-layer model (default 768; then 8/3 x hidden intermediate, 64-wide heads)"
+    )
     p.add_argument("--worker", choices=("block", "full"), help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
     p.add_argument("--server", help=argparse.SUPPRESS)
+    p.add_argument("--client-id", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(_worker(args.worker, json.loads(args.model), args.steps, args.server, args.threads)), flush=True)
+        print(json.dumps(_worker(args.worker, json.loads(args.model), args.steps, args.server, args.threads, args.client_id)), flush=True)
         return 0
     started = time.perf_counter()
     info = machine()
     form_name = "smoke" if args.smoke else "quick" if args.quick else "full"
     model = SMOKE_MODEL if args.smoke else MODEL
+    if args.hidden:
+        heads = max(1, args.hidden // 64)
+        model = {
+            **model,
+            "hidden_size": args.hidden,
+            "intermediate_size": args.hidden * 8 // 3,
+            "num_attention_heads": heads,
+            "num_key_value_heads": 4 if heads % 4 == 0 else heads,
+        }
     block_mb = args.block_mb or (2 if args.smoke else 16 if args.quick else 64)
     clients = (
-        [int(c) for c in args.clients.split(",")]
-        if args.clients
-        else [2]
-        if args.smoke
-        else [2, 8, 32]
-        if args.quick
-        else [2, 4, 8, 16, 32]
+        [int(c) for c in args.clients.split(",")] if args.clients else [2] if args.smoke else [2, 32] if args.quick else [2, 4, 8, 16, 32]
     )
     say(f"memory: client peak RSS, block coordinate vs full AdamW ({model['num_hidden_layers']} layers, hidden {model['hidden_size']}) ...")
     client = client_memory(model, rounds=3, threads=args.threads)

@@ -8,7 +8,7 @@ per client; ``--inprocess`` runs clients as threads). Blocks are the decoder lay
 so every round moves the same bytes.
 
 1. Calibration: a short ``sync`` run without link emulation (three sweeps
-   over the blocks) measures the compute time of a round (the mean over the
+   over the blocks; two in the quick form) measures the compute time of a round (the mean over the
    blocks of each block's median, the first sweep left out as warm-up), the
    bytes a round moves and the communication time left without emulation
    (loopback, server, waits).
@@ -19,7 +19,11 @@ so every round moves the same bytes.
    communication over its mean per-block compute); when other work on the
    machine changed the compute time so much that it misses the target by
    more than 20 %, the pair is redone once with the link recalibrated from
-   that sync run (``--retries``), and the missed attempt is listed.
+   that sync run (``--retries``), and the missed attempt is listed. The
+   full form runs the ratio-1 pair three times (``--repeats``) and reports
+   the one with the median speedup, listing all three: on the 2-core VM this
+   was written on, compute time drifts by up to 10 % from one run to the
+   next, and the speedup with it.
 
 Per mode: ``round_s`` (median time between consecutive round starts of a
 client, first two rounds left out), ``wall_s`` (training span: first round
@@ -247,10 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     form.add_argument("--quick", action="store_true", help="ratio 1 only, under a minute on 2 cores")
     form.add_argument("--smoke", action="store_true", help="a tiny model, few rounds, clients as threads (for tests)")
     p.add_argument("--clients", type=int, default=2, help="clients (2-4; default 2)")
-    p.add_argument("--rounds", type=int, help="rounds per run (default: 32 quick, 48 full)")
+    p.add_argument("--rounds", type=int, help="rounds per run (default: 28 quick, 48 full)")
     p.add_argument("--ratios", help="comma-separated comm/compute ratios (default: 1 quick, 0.25,0.5,1,2,4 full)")
     p.add_argument("--inprocess", action="store_true", help="clients as threads of one process (default: one process each)")
     p.add_argument("--layers-per-block", type=int, default=1, choices=(1, 2, 4), help="decoder layers per block (default 1)")
+    p.add_argument("--repeats", type=int, help="pairs at ratio 1, the median one reported (default: 1 quick, 3 full)")
     p.add_argument(
         "--retries",
         type=int,
@@ -263,12 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     form_name = "smoke" if args.smoke else "quick" if args.quick else "full"
     model = SMOKE_MODEL if args.smoke else MODEL
-    rounds = args.rounds or (6 if args.smoke else 32 if args.quick else 48)
+    rounds = args.rounds or (6 if args.smoke else 28 if args.quick else 48)
     ratios = (
         [float(r) for r in args.ratios.split(",")] if args.ratios else [1.0] if (args.quick or args.smoke) else [0.25, 0.5, 1.0, 2.0, 4.0]
     )
     inprocess = args.inprocess or args.smoke
-    local_steps, max_length = (2, 64) if args.smoke else (5, 128)
+    repeats = args.repeats or (3 if form_name == "full" else 1)
+    local_steps, max_length = (2, 64) if args.smoke else (4, 128)
     root = args.output or tempfile.mkdtemp(prefix="pl_parablock-overlap-")
     os.makedirs(root, exist_ok=True)
     recipe = os.path.join(root, "recipe.yaml")
@@ -277,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     blocks = int(model["num_hidden_layers"]) // args.layers_per_block
     try:
         say(f"overlap: {args.clients} clients, {rounds} rounds, ratios {ratios}; calibrating (sync, no emulation) ...")
-        cal = calibrate(recipe, os.path.join(root, "calibration"), blocks, inprocess, sweeps=2 if args.smoke else 3)
+        cal = calibrate(recipe, os.path.join(root, "calibration"), blocks, inprocess, sweeps=2 if (args.smoke or args.quick) else 3)
         say(f"  compute {cal['compute_s']:.3f} s/round, {cal['bytes_up'] / 1e6:.2f} MB up and down per round")
         sweep = []
         for r in ratios:
@@ -291,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
                 missed = res
                 res = compare(recipe, root, r, cal, rounds, inprocess, tag=f"-retry{tries}")
                 res["missed_ratio_attempts"] = [*missed.get("missed_ratio_attempts", []), {k: missed[k] for k in SHORT}]
+            if r == 1.0 and repeats > 1:
+                # the machine's speed drifts from run to run: repeat the headline pair, report the median one
+                pairs = [res] + [compare(recipe, root, r, cal, rounds, inprocess, tag=f"-rep{i}") for i in range(2, repeats + 1)]
+                pairs.sort(key=lambda x: x["speedup"])
+                res = {**pairs[len(pairs) // 2], "repeats": [{k: x[k] for k in SHORT} for x in pairs]}
             sweep.append(res)
     finally:
         if args.output is None:
@@ -311,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         "link": main_ratio["link"],
         "measured_ratio": main_ratio["measured_ratio"],
         "missed_ratio_attempts": main_ratio.get("missed_ratio_attempts", []),
+        "repeats": main_ratio.get("repeats", []),
         "sync": main_ratio["sync"],
         "parablock": main_ratio["parablock"],
         "speedup": main_ratio["speedup"],
