@@ -8,15 +8,15 @@
    process: the block hand-off copies and the arriving aggregates count)
    over the peak RSS of a process training the same model with the same
    data by full-parameter AdamW (a plain Trainer). Each runs in a fresh
-   process; the ratio of the whole processes' peaks is reported, and, as
+   process (the two at the same time: only their memory is measured); the ratio of the whole processes' peaks is reported, and, as
    ``client_rss_ratio_above_baseline``, the ratio of what each added to the
    RSS it had after its imports (Python, torch, Lightning, transformers).
    The client is the federation's first, so it also uploads the initial
    state at join; ``client_rss_ratio_training`` compares the peaks of the
    training phase alone (peak RSS reset when training starts), and
-   ``client_rss_ratio_other_clients`` is the same ratio for a client that is
-   not the first (this process sets the initial state as client 0; rounds
-   close on the measured client's update alone).
+   ``client_rss_ratio_other_clients`` (full form) is the same ratio for a
+   client that is not the first (this process sets the initial state as
+   client 0; rounds close on the measured client's update alone).
 2. ``server_peak_over_block``: for N clients pushing an update of the same
    block at once (lightweight clients: threads of this process, each with its
    own GrpcTransport, pushing a real float32 block), the server process's
@@ -124,16 +124,20 @@ def _worker(kind: str, model_config: dict[str, Any], steps: int, server: str | N
     }
 
 
-def _run_worker(
+def _start_worker(
     kind: str, model_config: dict[str, Any], steps: int, server: str | None, threads: int, client_id: int = 0
-) -> dict[str, Any]:
+) -> subprocess.Popen[str]:
     cmd = [sys.executable, os.path.join(HERE, "memory.py"), "--worker", kind, "--model", json.dumps(model_config)]
     cmd += ["--steps", str(steps), "--threads", str(threads), "--client-id", str(client_id)] + (["--server", server] if server else [])
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=1800)
-    if done.returncode != 0:
-        raise RuntimeError(f"memory worker {kind} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-    return last_json(done.stdout)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+
+
+def _result(proc: subprocess.Popen[str], kind: str) -> dict[str, Any]:
+    out, err = proc.communicate(timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory worker {kind} failed ({proc.returncode}):\n{out[-2000:]}\n{err[-3000:]}")
+    return last_json(out)
 
 
 def _initialize(address: str, model_config: dict[str, Any]) -> None:
@@ -158,30 +162,35 @@ def _initialize(address: str, model_config: dict[str, Any]) -> None:
         transport.close()
 
 
-def client_memory(model_config: dict[str, Any], rounds: int, threads: int) -> dict[str, Any]:
-    full = _run_worker("full", model_config, rounds, None, threads)
+def client_memory(model_config: dict[str, Any], rounds: int, threads: int, other_client: bool = True) -> dict[str, Any]:
+    # the two processes run at once (each has its own peak RSS; only their memory is measured, not their time)
+    full_proc = _start_worker("full", model_config, rounds, None, threads)
     with ServerProcess(clients=1, rounds=rounds, mode="parablock") as server:
-        first = _run_worker("block", model_config, rounds, server.address, threads)
-    # a client that is not the first: client 0 (this process) only sets the initial state; rounds close on
-    # client 1's update alone (quorum 1, no wait)
-    with ServerProcess(clients=2, rounds=rounds, mode="parablock", min_clients=1, round_timeout_s=0.0) as server:
-        _initialize(server.address, model_config)
-        other = _run_worker("block", model_config, rounds, server.address, threads, client_id=1)
+        first = _result(_start_worker("block", model_config, rounds, server.address, threads), "block")
+    full = _result(full_proc, "full")
+    other: dict[str, Any] | None = None
+    if other_client:
+        # a client that is not the first: client 0 (this process) only sets the initial state; rounds close on
+        # client 1's update alone (quorum 1, no wait)
+        with ServerProcess(clients=2, rounds=rounds, mode="parablock", min_clients=1, round_timeout_s=0.0) as server:
+            _initialize(server.address, model_config)
+            other = _result(_start_worker("block", model_config, rounds, server.address, threads, client_id=1), "block")
 
     def above(block: dict[str, Any]) -> float:
         return (block["peak_rss_mb"] - block["baseline_rss_mb"]) / (full["peak_rss_mb"] - full["baseline_rss_mb"])
 
-    out = {
+    out: dict[str, Any] = {
         "model": {k: model_config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers")},
         "params_mb": full["param_mb"],
         "block_coordinate": first,
-        "block_coordinate_other_client": other,
         "full_adamw": full,
         "client_rss_ratio": round(first["peak_rss_mb"] / full["peak_rss_mb"], 3),
         "client_rss_ratio_above_baseline": round(above(first), 3),
-        "client_rss_ratio_other_clients": round(other["peak_rss_mb"] / full["peak_rss_mb"], 3),
-        "client_rss_ratio_other_clients_above_baseline": round(above(other), 3),
     }
+    if other is not None:
+        out["block_coordinate_other_client"] = other
+        out["client_rss_ratio_other_clients"] = round(other["peak_rss_mb"] / full["peak_rss_mb"], 3)
+        out["client_rss_ratio_other_clients_above_baseline"] = round(above(other), 3)
     if first["training_peak_rss_mb"] and full["training_peak_rss_mb"]:
         # the peaks of the training phase alone (after the join and the initial upload)
         out["client_rss_ratio_training"] = round(first["training_peak_rss_mb"] / full["training_peak_rss_mb"], 3)
@@ -297,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         [int(c) for c in args.clients.split(",")] if args.clients else [2] if args.smoke else [2, 32] if args.quick else [2, 4, 8, 16, 32]
     )
     say(f"memory: client peak RSS, block coordinate vs full AdamW ({model['num_hidden_layers']} layers, hidden {model['hidden_size']}) ...")
-    client = client_memory(model, rounds=3, threads=args.threads)
+    client = client_memory(model, rounds=3, threads=args.threads, other_client=form_name == "full")
     say(f"  peak RSS {client['block_coordinate']['peak_rss_mb']} MB vs {client['full_adamw']['peak_rss_mb']} MB")
     servers = []
     for n in clients:
