@@ -6,9 +6,10 @@ record (``compute_s``, ``upload_s``, ``server_wait_s``, ``download_s``,
 ``blocked_s``, ``bytes_up``, ``bytes_down``, ``loss``); per client, totals;
 per run, the wall time (``wall_s``: the whole run, process starts and final
 evaluation included; ``train_wall_s``: from the first round's start to the
-last aggregate applied on every client), the communication time hidden behind computation
-(``comm_hidden_fraction = 1 - blocked / comm``), the final metrics of the
-global model and the link (labelled as emulation when it is one).
+last aggregate applied on every client), the communication time hidden
+behind computation (``comm_hidden_fraction = 1 - blocked / comm``), the
+final metrics of the global model and the link (labelled as emulation when
+it is one).
 
 Pictures (matplotlib, no display needed): ``timeline.png`` (one row per
 client: its compute bars above its communication bars, so the overlap is
@@ -308,9 +309,7 @@ def plot_timeline(report: dict[str, Any], path: str) -> str:
         Patch(color=COLORS["server"], label="waiting for the server's aggregate"),
         Patch(color=COLORS["download"], label="download"),
     ]
-    ax.legend(
-        handles=legend, loc="upper center", bbox_to_anchor=(0.5, -0.22 if len(clients) > 2 else -0.32), ncol=5, fontsize=8, frameon=False
-    )
+    fig.legend(handles=legend, loc="outside lower center", ncol=5, fontsize=8, frameon=False)
     fig.savefig(path)
     return path
 
@@ -373,10 +372,11 @@ def plot_comparison(runs: Sequence[tuple[str, dict[str, Any]]], path: str) -> st
 
 def write_pictures(report: dict[str, Any], output_dir: str) -> dict[str, str]:
     """Write ``timeline.png`` and ``loss.png`` into ``output_dir``; returns their paths by name."""
-    os.makedirs(output_dir, exist_ok=True)
+    directory = os.path.abspath(output_dir)
+    os.makedirs(directory, exist_ok=True)
     return {
-        "timeline": plot_timeline(report, os.path.join(output_dir, "timeline.png")),
-        "loss": plot_loss(report, os.path.join(output_dir, "loss.png")),
+        "timeline": plot_timeline(report, os.path.join(directory, "timeline.png")),
+        "loss": plot_loss(report, os.path.join(directory, "loss.png")),
     }
 
 
