@@ -139,9 +139,14 @@ def _describe_data(recipe: Recipe) -> str:
 
 
 def _finish(recipe: Recipe, agg: Aggregator, wall_s: float) -> int:
-    from pl_parablock.report import build_report, format_summary, write_report
+    from pl_parablock.report import build_report, format_summary, write_pictures, write_report
 
     report = build_report(recipe, agg.report(), wall_s=wall_s, link=Link.from_section(recipe.link), output_dir=recipe.output_dir)
+    try:
+        report["pictures"] = write_pictures(report, recipe.output_dir)
+    except Exception as exc:  # the pictures must not cost the run its report
+        log.warning("could not draw the run's pictures: %r", exc)
+        _say(f"warning: no pictures ({type(exc).__name__}: {exc}); report.json is complete")
     path = write_report(report, recipe.output_dir)
     _say("")
     _say(format_summary(report, path))

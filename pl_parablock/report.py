@@ -1,24 +1,64 @@
-"""The run report: per-round timings of every client, server rounds, totals.
+"""The run report: per-round timings of every client, server rounds, totals, and their pictures.
 
 ``report.json`` holds, per round, the server's record (clients expected,
 arrived, rejected, late; aggregation time; weighted loss) and every client's
 record (``compute_s``, ``upload_s``, ``server_wait_s``, ``download_s``,
 ``blocked_s``, ``bytes_up``, ``bytes_down``, ``loss``); per client, totals;
-per run, the wall time, the communication time hidden behind computation
-(``comm_hidden_fraction = 1 - blocked / comm``), the final metrics of the
-global model and the link (labelled as emulation when it is one).
+per run, the wall time (``wall_s``: the whole run, process starts and final
+evaluation included; ``train_wall_s``: from the first round's start to the
+last aggregate applied on every client), the communication time hidden
+behind computation (``comm_hidden_fraction = 1 - blocked / comm``), the
+final metrics of the global model and the link (labelled as emulation when
+it is one).
+
+Pictures (matplotlib, no display needed): ``timeline.png`` (one row per
+client: its compute bars above its communication bars, so the overlap is
+visible) and ``loss.png`` (loss versus wall-clock and versus round). The
+launcher writes both into the run's output directory.
+
+Command line::
+
+    python -m pl_parablock.report RUN              # the run's table; rewrites its pictures
+    python -m pl_parablock.report RUN_A RUN_B      # side by side, and a comparison picture
+
+``RUN`` is a run's output directory (or its ``report.json``). Bad input
+prints one message and exits with status 2.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
-from typing import Any
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from pl_parablock.config import Recipe, to_dict
+from pl_parablock.errors import ParaBlockError
 from pl_parablock.federation.link import Link
 
-__all__ = ["build_report", "format_summary", "write_report"]
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+__all__ = [
+    "ReportError",
+    "build_report",
+    "format_comparison",
+    "format_summary",
+    "load_report",
+    "plot_comparison",
+    "plot_loss",
+    "plot_timeline",
+    "write_pictures",
+    "write_report",
+]
+
+
+class ReportError(ParaBlockError):
+    """A path given to the report tool is not a run's report."""
+
 
 CLIENT_FIELDS = ("compute_s", "upload_s", "server_wait_s", "download_s", "blocked_s", "bytes_up", "bytes_down", "loss")
 
@@ -57,6 +97,7 @@ def build_report(recipe: Recipe, server: dict[str, Any], *, wall_s: float, link:
                 **totals,
                 "comm_s": comm,
                 "comm_hidden_fraction": 1.0 - totals["blocked_s"] / comm if comm > 0 else None,
+                "events": [{**e, "at": e["at"] - t0} if isinstance(e.get("at"), (int, float)) else e for e in rep.get("events", [])],
             }
         )
     rounds = []
@@ -64,6 +105,8 @@ def build_report(recipe: Recipe, server: dict[str, Any], *, wall_s: float, link:
         r = int(srec["round"])
         rounds.append({**srec, "client_records": sorted(by_round.get(r, []), key=lambda e: e["client_id"])})
 
+    starts = [float(e["started_at"]) for recs in by_round.values() for e in recs if "started_at" in e]
+    ends = [float(v) for recs in by_round.values() for e in recs if isinstance(v := e.get("applied_at", e.get("ended_at")), (int, float))]
     comm_total = sum(c["comm_s"] for c in clients)
     blocked_total = sum(c["blocked_s"] for c in clients)
     final: dict[str, Any] = {}
@@ -79,6 +122,7 @@ def build_report(recipe: Recipe, server: dict[str, Any], *, wall_s: float, link:
         "mode": recipe.mode,
         "wall_s": wall_s,
         "data": _data_summary(recipe, client_reports),
+        "train_wall_s": max(ends) - min(starts) if starts and ends else None,
         "rounds": rounds,
         "clients": clients,
         "final": final,
@@ -107,6 +151,10 @@ def build_report(recipe: Recipe, server: dict[str, Any], *, wall_s: float, link:
             "blocks": [b["name"] for b in server.get("blocks", [])],
             "server_lr": server.get("server_lr"),
             "rejected_outside_rounds": server.get("rejected_outside_rounds", []),
+            "aggregation": server.get("aggregation"),
+            "joined": server.get("joined", []),
+            "dropped": server.get("dropped", []),
+            "resumed_from_round": server.get("resumed_from_round"),
         },
         "model_dir": final.get("model_dir"),
         "output_dir": os.path.abspath(output_dir),
@@ -172,7 +220,7 @@ def format_summary(report: dict[str, Any], report_path: str | None = None) -> st
     if skipped:
         rows.append(("data", f"skipped {skipped} bad records (data.on_error=skip); examples in report.json"))
     rows += [
-        ("wall time", f"{report['wall_s']:.1f} s"),
+        ("wall time", f"{report['wall_s']:.1f} s" + _training(report)),
         ("compute", f"{t['compute_s']:.1f} s over all clients"),
         ("communication", f"{t['comm_s']:.1f} s, blocked {t['blocked_s']:.1f} s"),
         ("comm hidden", (f"{max(0.0, 100 * hidden):.0f} %" if hidden is not None else "n/a") + "  (1 - blocked / communication)"),
@@ -185,5 +233,295 @@ def format_summary(report: dict[str, Any], report_path: str | None = None) -> st
     rows += [
         ("report", report_path or os.path.join(report["output_dir"], "report.json")),
     ]
+    pictures = report.get("pictures") or {}
+    if pictures:
+        rows.append(("pictures", ", ".join(os.path.basename(p) for p in pictures.values()) + "  (next to the report)"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+# ------------------------------------------------------------------ pictures
+
+COLORS = {
+    "compute": "#4C72B0",
+    "upload": "#DD8452",
+    "server": "#B0B0B0",
+    "download": "#55A868",
+    "blocked": "#C44E52",
+}
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+
+
+def _client_intervals(report: dict[str, Any]) -> dict[int, dict[str, list[tuple[float, float]]]]:
+    """Per client, ``(start, width)`` intervals of compute, upload, server wait, download and blocked time."""
+    out: dict[int, dict[str, list[tuple[float, float]]]] = {}
+    for rnd in report.get("rounds", []):
+        for c in rnd.get("client_records", []):
+            lanes = out.setdefault(int(c["client_id"]), {k: [] for k in COLORS})
+            start, end = c.get("started_at"), c.get("ended_at")
+            if isinstance(start, (int, float)) and isinstance(end, (int, float)):
+                lanes["compute"].append((start, max(end - start, 0.0)))
+            sent = c.get("sent_at")
+            if isinstance(sent, (int, float)):
+                t = float(sent)
+                for lane, key in (("upload", "upload_s"), ("server", "server_wait_s"), ("download", "download_s")):
+                    d = float(c.get(key) or 0.0)
+                    lanes[lane].append((t, d))
+                    t += d
+            applied, blocked = c.get("applied_at"), float(c.get("blocked_s") or 0.0)
+            if isinstance(applied, (int, float)) and blocked > 0:
+                lanes["blocked"].append((applied - blocked, blocked))
+    return out
+
+
+def _run_title(report: dict[str, Any]) -> str:
+    fed = report.get("federation", {})
+    hidden = report.get("totals", {}).get("comm_hidden_fraction")
+    parts = [
+        f"{report.get('mode')}: {fed.get('clients')} clients, {fed.get('rounds_closed')} rounds",
+        f"wall {report.get('wall_s', float('nan')):.1f} s" + _training(report),
+    ]
+    if hidden is not None:
+        parts.append(f"comm hidden {max(0.0, 100 * hidden):.0f} %")
+    return ", ".join(parts)
+
+
+def _training(report: dict[str, Any]) -> str:
+    train = report.get("train_wall_s")
+    return f" (training {train:.1f} s)" if isinstance(train, (int, float)) else ""
+
+
+def _link_label(report: dict[str, Any]) -> str:
+    link = report.get("link") or {}
+    return str(link.get("description") or "link: unknown")
+
+
+def plot_timeline(report: dict[str, Any], path: str) -> str:
+    """Draw the run's timeline: per client, compute bars above communication bars.
+
+    Compute bars carry the round number when they are wide enough; the
+    communication lane shows upload, waiting for the server's aggregate and
+    download; red marks the time the training loop waited (blocked). The x
+    axis is seconds since the server started. Returns ``path``.
+    """
+    from matplotlib.patches import Patch
+
+    lanes = _client_intervals(report)
+    clients = sorted(lanes)
+    fig = _figure(12.0, 1.6 + 0.75 * max(len(clients), 1))
+    ax = fig.subplots()
+    ends = [s + w for c in lanes.values() for iv in c.values() for s, w in iv]
+    starts = [s for c in lanes.values() for iv in c.values() for s, _ in iv]
+    span = (max(ends) - min(starts)) if ends else 1.0
+    rounds_by_start: dict[tuple[int, float], int] = {}
+    for rnd in report.get("rounds", []):
+        for c in rnd.get("client_records", []):
+            if isinstance(c.get("started_at"), (int, float)):
+                rounds_by_start[(int(c["client_id"]), float(c["started_at"]))] = int(rnd["round"])
+    for row, cid in enumerate(clients):
+        y = len(clients) - 1 - row
+        lane = lanes[cid]
+        ax.broken_barh(lane["compute"], (y + 0.52, 0.36), facecolors=COLORS["compute"], edgecolor="white", linewidth=0.4)
+        ax.broken_barh(lane["blocked"], (y + 0.52, 0.36), facecolors=COLORS["blocked"], alpha=0.85)
+        for name in ("upload", "server", "download"):
+            ax.broken_barh(lane[name], (y + 0.12, 0.36), facecolors=COLORS[name], edgecolor="white", linewidth=0.3)
+        for s, w in lane["compute"]:
+            t = rounds_by_start.get((cid, s))
+            if t is not None and w / span * 1100 > 6 + 6 * len(str(t + 1)):
+                ax.text(s + w / 2, y + 0.70, str(t + 1), ha="center", va="center", fontsize=7, color="white")
+    ax.set_yticks([len(clients) - 1 - i + 0.5 for i in range(len(clients))], [f"client {c}" for c in clients])
+    ax.set_ylim(0, max(len(clients), 1))
+    ax.set_xlabel("time since the server started (s)")
+    ax.set_title(f"Timeline — {_run_title(report)}\n{_link_label(report)}", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    legend = [
+        Patch(color=COLORS["compute"], label="compute (round number inside)"),
+        Patch(color=COLORS["blocked"], label="training blocked, waiting for an aggregate"),
+        Patch(color=COLORS["upload"], label="upload"),
+        Patch(color=COLORS["server"], label="waiting for the server's aggregate"),
+        Patch(color=COLORS["download"], label="download"),
+    ]
+    fig.legend(handles=legend, loc="outside lower center", ncol=5, fontsize=8, frameon=False)
+    fig.savefig(path)
+    return path
+
+
+def _loss_points(report: dict[str, Any]) -> tuple[list[float], list[int], list[float]]:
+    times, rounds, losses = [], [], []
+    for rnd in report.get("rounds", []):
+        loss, closed = rnd.get("loss"), rnd.get("closed_at")
+        if isinstance(loss, (int, float)) and math.isfinite(loss):
+            times.append(float(closed) if isinstance(closed, (int, float)) else float("nan"))
+            rounds.append(int(rnd["round"]) + 1)
+            losses.append(float(loss))
+    return times, rounds, losses
+
+
+def _draw_losses(ax_time: Axes, ax_round: Axes, runs: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    for label, report in runs:
+        times, rounds, losses = _loss_points(report)
+        (line,) = ax_time.plot(times, losses, marker=".", markersize=4, linewidth=1.3, label=label)
+        ax_round.plot(rounds, losses, marker=".", markersize=4, linewidth=1.3, color=line.get_color(), label=label)
+        curve = [p for p in report.get("eval_curve") or [] if isinstance(p.get("eval_loss"), (int, float))]
+        final_eval = (report.get("final") or {}).get("eval_loss")
+        if curve:
+            ax_round.plot([p["round"] for p in curve], [p["eval_loss"] for p in curve], "s--", color=line.get_color(), markersize=4)
+        if isinstance(final_eval, (int, float)) and rounds:
+            ax_round.plot([rounds[-1]], [final_eval], marker="*", markersize=11, color=line.get_color(), linestyle="none")
+    ax_time.set_xlabel("wall-clock: time since the server started (s)")
+    ax_time.set_title("loss vs wall-clock", fontsize=10)
+    ax_round.set_xlabel("round")
+    ax_round.set_title("loss vs round  (\u2605 final eval loss of the global model)", fontsize=10)
+    for ax in (ax_time, ax_round):
+        ax.set_ylabel("training loss (clients' weighted mean)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+
+
+def plot_loss(report: dict[str, Any], path: str) -> str:
+    """Draw the run's training loss versus wall-clock and versus round. Returns ``path``."""
+    fig = _figure(12.0, 4.2)
+    ax_time, ax_round = fig.subplots(1, 2)
+    _draw_losses(ax_time, ax_round, [(str(report.get("mode")), report)])
+    fig.suptitle(f"{_run_title(report)} — {_link_label(report)}", fontsize=10)
+    fig.savefig(path)
+    return path
+
+
+def plot_comparison(runs: Sequence[tuple[str, dict[str, Any]]], path: str) -> str:
+    """Draw several runs' loss versus wall-clock and versus round on shared axes. Returns ``path``."""
+    fig = _figure(12.0, 4.6)
+    ax_time, ax_round = fig.subplots(1, 2)
+    _draw_losses(ax_time, ax_round, runs)
+    links = sorted({_link_label(r) for _, r in runs})
+    fig.suptitle(
+        "  vs  ".join(f"{name}: wall {r.get('wall_s', float('nan')):.1f} s{_training(r)}" for name, r in runs) + "\n" + "; ".join(links),
+        fontsize=10,
+    )
+    fig.savefig(path)
+    return path
+
+
+def write_pictures(report: dict[str, Any], output_dir: str) -> dict[str, str]:
+    """Write ``timeline.png`` and ``loss.png`` into ``output_dir``; returns their paths by name."""
+    directory = os.path.abspath(output_dir)
+    os.makedirs(directory, exist_ok=True)
+    return {
+        "timeline": plot_timeline(report, os.path.join(directory, "timeline.png")),
+        "loss": plot_loss(report, os.path.join(directory, "loss.png")),
+    }
+
+
+# ------------------------------------------------------------ command line
+
+
+def load_report(path: str) -> tuple[dict[str, Any], str]:
+    """The report of a run directory (or of a ``report.json`` path) and the file it came from.
+
+    Raises:
+        ReportError: no such path, no report there, or not a run report.
+    """
+    if not os.path.exists(path):
+        raise ReportError(f"{path}: no such file or directory; give a run's output directory (output_dir of the recipe)")
+    file = os.path.join(path, "report.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise ReportError(f"{path} is not a run: it holds no report.json (give the output_dir of a finished pl_parablock run)")
+    try:
+        with open(file, encoding="utf-8") as fh:
+            report = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReportError(f"{file} is not a run report: {exc}") from None
+    missing = [k for k in ("mode", "wall_s", "rounds", "totals", "link") if not isinstance(report, dict) or k not in report]
+    if missing:
+        raise ReportError(f"{file} is not a run report: it lacks {', '.join(missing)}")
+    return report, file
+
+
+def _cell(v: Any, spec: str) -> str:
+    return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else "n/a"
+
+
+def _comparison_rows(report: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    t, f, fed = report.get("totals", {}), report.get("final", {}), report.get("federation", {})
+    hidden = t.get("comm_hidden_fraction")
+    return [
+        ("mode", report.get("mode"), ""),
+        ("clients", fed.get("clients"), "d"),
+        ("rounds", fed.get("rounds_closed"), "d"),
+        ("wall time (s)", report.get("wall_s"), ".1f"),
+        ("training time (s)", report.get("train_wall_s"), ".1f"),
+        ("compute (s, all clients)", t.get("compute_s"), ".1f"),
+        ("communication (s)", t.get("comm_s"), ".1f"),
+        ("blocked (s)", t.get("blocked_s"), ".1f"),
+        ("comm hidden (%)", 100 * max(0.0, hidden) if isinstance(hidden, (int, float)) else None, ".0f"),
+        ("final loss", f.get("loss"), ".4f"),
+        ("eval loss", f.get("eval_loss"), ".4f"),
+        ("exact match", f.get("exact_match"), ".3f"),
+        ("MB up", (t.get("bytes_up") or 0) / 1e6, ".1f"),
+        ("MB down", (t.get("bytes_down") or 0) / 1e6, ".1f"),
+    ]
+
+
+def format_comparison(a: dict[str, Any], b: dict[str, Any], name_a: str = "A", name_b: str = "B") -> str:
+    """Two runs side by side, with ``B / A`` for the numbers (for wall time, ``A / B`` is B's speedup)."""
+    rows = [("", name_a, name_b, "B / A")]
+    for (label, va, spec), (_, vb, _) in zip(_comparison_rows(a), _comparison_rows(b)):
+        if spec:
+            ratio = vb / va if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and va else None
+            rows.append((label, _cell(va, spec), _cell(vb, spec), _cell(ratio, ".3f")))
+        else:
+            rows.append((label, str(va), str(vb), ""))
+    w = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [f"  {r[0].ljust(w[0])}  {r[1].rjust(w[1])}  {r[2].rjust(w[2])}  {r[3].rjust(w[3])}" for r in rows]
+    lines += [f"  link {name_a}: {_link_label(a)}", f"  link {name_b}: {_link_label(b)}"]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pl_parablock.report",
+        description="Show a run's report and pictures, or compare two runs side by side.",
+        epilog="Example: python -m pl_parablock.report runs/quickstart runs/quickstart-sync",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="a run's output directory (or its report.json); two to compare")
+    p.add_argument("-o", "--output", help="comparison picture (default: comparison.png in the current directory)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if len(args.runs) > 2:
+            raise ReportError(f"give one run, or two to compare, not {len(args.runs)}")
+        loaded = [load_report(r) for r in args.runs]
+        if len(loaded) == 1:
+            (report, file), run_dir = loaded[0], os.path.dirname(os.path.abspath(loaded[0][1]))
+            report["pictures"] = write_pictures(report, run_dir)
+            print(format_summary(report, file))
+            return 0
+        (a, file_a), (b, file_b) = loaded
+        name_a, name_b = (os.path.basename(os.path.dirname(os.path.abspath(f))) for f in (file_a, file_b))
+        if name_a == name_b:
+            name_a, name_b = f"A ({name_a})", f"B ({name_b})"
+        print(format_comparison(a, b, name_a, name_b))
+        out = args.output or "comparison.png"
+        if os.path.dirname(out):
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+        plot_comparison([(f"{name_a}: {a.get('mode')}", a), (f"{name_b}: {b.get('mode')}", b)], out)
+        print(f"\n  comparison picture  {os.path.abspath(out)}")
+        return 0
+    except ParaBlockError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as exc:
+        print(f"error: cannot write the picture: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

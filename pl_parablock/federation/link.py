@@ -65,18 +65,25 @@ class Link:
 
 
 def _pace(chunks: Iterable[bytes], mbps: float | None, latency_ms: float, sleep: Callable[[float], None]) -> Iterator[bytes]:
+    """Hand on each chunk no sooner than the link would have carried it.
+
+    The clock starts when the first chunk is there, so time spent waiting
+    for the other side (a server still aggregating) is not counted as
+    transfer: the latency is added once, then bytes go at the rate.
+    """
     if mbps is None and latency_ms <= 0:
         yield from chunks
         return
-    start = time.monotonic()
-    if latency_ms > 0:
-        sleep(latency_ms / 1000.0)
+    start: float | None = None
     sent = 0
     for chunk in chunks:
+        if start is None:
+            if latency_ms > 0:
+                sleep(latency_ms / 1000.0)
+            start = time.monotonic()
         yield chunk
         sent += len(chunk)
         if mbps is not None:
-            due = start + latency_ms / 1000.0 + sent * 8 / (mbps * 1e6)
-            wait = due - time.monotonic()
+            wait = start + sent * 8 / (mbps * 1e6) - time.monotonic()
             if wait > 0:
                 sleep(wait)

@@ -53,6 +53,15 @@ def test_report_has_the_design_fields(pair):
     assert report["link"]["emulated"] is False
 
 
+def test_every_run_gets_its_pictures(pair):
+    for report in pair.values():
+        assert set(report["pictures"]) == {"timeline", "loss"}
+        for path in report["pictures"].values():
+            with open(path, "rb") as fh:
+                assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert 0 < report["train_wall_s"] <= report["wall_s"]
+
+
 def test_parablock_learns_and_ends_near_sync(pair):
     for report in pair.values():
         losses = [r["loss"] for r in report["rounds"]]

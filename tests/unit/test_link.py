@@ -30,3 +30,18 @@ def test_invalid_links():
         Link(uplink_mbps=0)
     with pytest.raises(ValueError):
         Link(latency_ms=-1)
+
+
+def test_waiting_for_the_first_chunk_is_not_transfer_time():
+    def slow_server():
+        time.sleep(0.3)  # the server is still aggregating
+        yield from [b"x" * 50_000] * 2
+
+    link = Link(downlink_mbps=8.0)  # 100 kB take 0.1 s
+    t0 = time.monotonic()
+    first = None
+    for _ in link.pace_down(slow_server()):
+        first = first or time.monotonic()
+    end = time.monotonic()
+    assert end - first >= 0.045, "the second chunk still waits its turn on the link"
+    assert end - t0 >= 0.35, "the wait is not swallowed by the pacing"

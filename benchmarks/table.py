@@ -1,0 +1,187 @@
+"""The README's performance table, from the benchmarks' JSON results.
+
+    python benchmarks/table.py --run [--quick] [--save DIR]   # run all five, then print the table
+    python benchmarks/table.py RESULT.json ...                # print the table of saved results
+
+Each result is the last line a benchmark printed (``python
+benchmarks/NAME.py ... | tail -1 > NAME.json``). The table is Markdown: one
+row per figure with its target, and the machine's load while it ran
+(``other_load_cpus``: CPUs other processes kept busy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+from _common import HERE, REPO, last_json
+
+NAMES = ("overlap", "overhead", "transport", "memory", "scaling")
+
+
+def _fmt(v: Any, spec: str = ".2f") -> str:
+    return format(v, spec) if isinstance(v, (int, float)) else "n/a"
+
+
+def _load(r: dict[str, Any]) -> str:
+    m = r.get("machine", {})
+    return f"{_fmt(m.get('other_load_cpus'))} CPUs"
+
+
+def rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str, str]]:
+    """(benchmark, figure, measured, target, load) rows."""
+    out: list[tuple[str, str, str, str, str]] = []
+    if r := results.get("overlap"):
+        link = r.get("link", {})
+        setup = f"{r['clients']} clients, {r['rounds']} rounds, {link.get('description', '')}"
+        out += [
+            (
+                "overlap",
+                f"speedup = sync / parablock training time at comm/compute {_fmt(r.get('measured_ratio'))} ({setup})",
+                f"{_fmt(r['speedup'])} (ideal {_fmt(r.get('speedup_ideal', r.get('speedup_bound')))})",
+                "≥ 1.85 at ratio 1",
+                _load(r),
+            ),
+            (
+                "overlap",
+                f"efficiency = max(compute {_fmt(r['compute_s'], '.3f')} s, comm {_fmt(r['comm_s'], '.3f')} s) / parablock round",
+                f"{_fmt(r['efficiency'])} (pairwise {_fmt(r.get('efficiency_pairwise'))})",
+                "≥ 0.95",
+                _load(r),
+            ),
+        ]
+        for s in r.get("sweep", []):
+            if s["ratio"] != r["ratio"]:
+                out.append(
+                    (
+                        "overlap",
+                        f"speedup at comm/compute {_fmt(s['measured_ratio'])} (target ratio {s['ratio']:g})",
+                        f"{_fmt(s['speedup'])} (ideal {_fmt(s.get('speedup_ideal', s.get('speedup_bound')))}), "
+                        f"efficiency {_fmt(s['efficiency'])}",
+                        "",
+                        _load(r),
+                    )
+                )
+    if r := results.get("overhead"):
+        out += [
+            (
+                "overhead",
+                "client tokens/s: Trainer + FederatedBlockStrategy / plain PyTorch loop",
+                f"{_fmt(r['throughput_ratio'])} (median of {len(r['runs']['plain'])} pairs; {_fmt(r['federated_tokens_s'], '.0f')} / "
+                f"{_fmt(r['plain_tokens_s'], '.0f')} tokens/s)",
+                "≥ 0.95",
+                _load(r),
+            ),
+            (
+                "overhead",
+                f"training tokens/s while sending a {r['block_mb']} MB block over an emulated 1 Gbit/s link / idle",
+                _fmt(r["interference_ratio"]),
+                "≥ 0.95",
+                _load(r),
+            ),
+        ]
+        if r.get("interference_ratio_unthrottled") is not None:
+            out.append(
+                (
+                    "overhead",
+                    "the same over unthrottled loopback (server on the same 2 cores)",
+                    _fmt(r["interference_ratio_unthrottled"]),
+                    "",
+                    _load(r),
+                )
+            )
+    if r := results.get("transport"):
+        for x in r["results"]:
+            out.append(
+                (
+                    "transport",
+                    f"push + pull of a {x['mb']} MB block, gRPC / raw TCP socket",
+                    f"{_fmt(x['ratio'])} ({_fmt(x['grpc_mb_s'], '.0f')} / {_fmt(x['socket_mb_s'], '.0f')} MB/s; "
+                    f"raw gRPC {_fmt(x['raw_grpc_mb_s'], '.0f')})",
+                    "≥ 0.5 at ≥ 16 MB" if x["mb"] >= 16 else "",
+                    _load(r),
+                )
+            )
+    if r := results.get("memory"):
+        out += [
+            (
+                "memory",
+                f"client peak RSS, block coordinate / full AdamW "
+                f"({r['model']['num_hidden_layers']} layers, {r['params_mb']} MB of weights)",
+                f"{_fmt(r['client_rss_ratio'])} ({r['block_coordinate']['peak_rss_mb']:.0f} / {r['full_adamw']['peak_rss_mb']:.0f} MB; "
+                f"{_fmt(r['client_rss_ratio_above_baseline'])} above the runtime's own RSS)",
+                "≤ 0.6",
+                _load(r),
+            ),
+        ]
+        for s in r["server"]:
+            out.append(
+                (
+                    "memory",
+                    f"server peak memory for {s['clients']} clients' updates of a {s['block_mb']} MB block, in blocks",
+                    _fmt(s["peak_over_block"], ".1f"),
+                    "≤ 3",
+                    _load(r),
+                )
+            )
+    if r := results.get("scaling"):
+        for x in r["results"]:
+            out.append(
+                (
+                    "scaling",
+                    f"{x['clients']} clients, {r['block_mb']:.2f} MB blocks: rounds/s, server aggregation",
+                    f"{_fmt(x['rounds_per_s'], '.1f')} rounds/s, {_fmt(x['aggregate_s'] * 1000, '.2f')} ms",
+                    "",
+                    _load(r),
+                )
+            )
+    return out
+
+
+def markdown(results: dict[str, dict[str, Any]]) -> str:
+    lines = ["| benchmark | figure | measured | target | other load |", "|---|---|---|---|---|"]
+    lines += [f"| {' | '.join(row)} |" for row in rows(results)]
+    return "\n".join(lines)
+
+
+def run_all(quick: bool, save: str | None) -> dict[str, dict[str, Any]]:
+    results = {}
+    for name in NAMES:
+        cmd = [sys.executable, os.path.join(HERE, f"{name}.py")] + (["--quick"] if quick else [])
+        print(f"running {' '.join(cmd[1:])} ...", file=sys.stderr, flush=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        if done.returncode != 0:
+            raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+        results[name] = last_json(done.stdout)
+        if save:
+            os.makedirs(save, exist_ok=True)
+            with open(os.path.join(save, f"{name}.json"), "w", encoding="utf-8") as fh:
+                json.dump(results[name], fh, indent=1)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("results", nargs="*", help="saved results (the JSON line each benchmark printed last)")
+    p.add_argument("--run", action="store_true", help="run the five benchmarks first")
+    p.add_argument("--quick", action="store_true", help="with --run: their quick forms")
+    p.add_argument("--save", help="with --run: keep each result as DIR/NAME.json")
+    args = p.parse_args(argv)
+    results: dict[str, dict[str, Any]] = run_all(args.quick, args.save) if args.run else {}
+    for path in args.results:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+        r = last_json(text)
+        results[str(r.get("benchmark"))] = r
+    if not results:
+        p.error("give result files or --run")
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
