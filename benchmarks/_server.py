@@ -28,7 +28,7 @@ from collections.abc import Iterator
 import grpc
 from _common import proc_status_kb, reset_peak_rss
 
-from pl_parablock.federation import Aggregator, FederationServer, FederationService
+from pl_parablock.federation import Aggregator, FederationServer, FederationService, tune_server_memory
 
 
 def _recv_exact(conn: socket.socket, view: memoryview) -> bool:
@@ -122,6 +122,7 @@ def main() -> int:
     agg = Aggregator(
         clients=args.clients, rounds=args.rounds, mode=args.mode, min_clients=args.min_clients, round_timeout_s=args.round_timeout_s
     )
+    tune_server_memory()  # as the federation's own server processes do
     server = FederationServer(FederationService(agg, chunk_bytes=args.chunk_kb * 1024))
     address = server.start()
     raw = _raw_grpc_server() if args.echo else None

@@ -46,8 +46,9 @@ import torch
 from _common import MB, ServerProcess, block_fingerprint, finish, machine, median, say
 
 from pl_parablock.federation import GrpcTransport, RoundAccumulator
+from pl_parablock.federation.aggregator import _check_values
 from pl_parablock.federation.transport import CLIENT_OPTIONS
-from pl_parablock.federation.wire import decode, encode
+from pl_parablock.federation.wire import StagedTensors, decode, encode
 
 
 def _socket_round_trip(sock: socket.socket, payload: memoryview, into: memoryview) -> float:
@@ -92,15 +93,16 @@ def _server_math_s(tensor: torch.Tensor) -> dict[str, float]:
     adding it to the round's float64 running sum (``RoundAccumulator.add``);
     ``finish_s``: forming the new global value (``RoundAccumulator.finish``).
     """
+    staged = StagedTensors.from_tensors({"w": tensor})
     t0 = time.perf_counter()
-    finite = bool(torch.isfinite(tensor).all())
+    problem, _ = _check_values({"w": tensor}, staged, "value", need_norm=False)
     t1 = time.perf_counter()
     acc = RoundAccumulator()
     acc.add({"w": tensor}, 1.0, "value")
     t2 = time.perf_counter()
     acc.finish({"w": tensor})
     t3 = time.perf_counter()
-    assert finite
+    assert not problem, problem
     return {"validate_s": t1 - t0, "accumulate_s": t2 - t1, "finish_s": t3 - t2}
 
 

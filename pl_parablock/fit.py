@@ -35,7 +35,7 @@ from pl_parablock.config import Recipe, client_token, load_recipe, reference_mar
 from pl_parablock.errors import ParaBlockError
 from pl_parablock.federation.aggregator import Aggregator
 from pl_parablock.federation.link import Link
-from pl_parablock.federation.server import TLS, FederationServer
+from pl_parablock.federation.server import TLS, FederationServer, tune_server_memory
 from pl_parablock.federation.service import FederationService
 from pl_parablock.federation.transport import InProcessTransport
 from pl_parablock.federation.wire import DTYPES
@@ -119,6 +119,7 @@ def _server(recipe: Recipe, agg: Aggregator, listen: str) -> FederationServer:
     f = recipe.federation
     service = FederationService(agg, chunk_bytes=f.chunk_kb * 1024, token=server_token(recipe))
     tls = TLS(cert=f.tls.cert, key=f.tls.key) if f.tls.cert else None
+    tune_server_memory()  # this process serves; its clients train in their own processes
     return FederationServer(service, listen=listen, tls=tls)
 
 

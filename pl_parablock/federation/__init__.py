@@ -3,7 +3,7 @@
 from pl_parablock.federation.aggregate import RoundAccumulator, rebase
 from pl_parablock.federation.aggregator import Aggregator, RefusedError
 from pl_parablock.federation.link import Link
-from pl_parablock.federation.server import TLS, FederationServer
+from pl_parablock.federation.server import TLS, FederationServer, tune_server_memory
 from pl_parablock.federation.service import FederationService
 from pl_parablock.federation.transport import GrpcTransport, InProcessTransport, Pulled, Pushed, Transport
 
@@ -21,4 +21,5 @@ __all__ = [
     "RoundAccumulator",
     "Transport",
     "rebase",
+    "tune_server_memory",
 ]

@@ -15,12 +15,12 @@ centralized run.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["ROBUST_METHODS", "RoundAccumulator", "clip_factor", "rebase", "robust_mean"]
+__all__ = ["PIECE_ELEMS", "ROBUST_METHODS", "RoundAccumulator", "clip_factor", "pieces_of", "rebase", "robust_mean"]
 
 ROBUST_METHODS = ("trimmed_mean", "median")
 
@@ -78,6 +78,19 @@ def robust_mean(deltas: Sequence[Tensor], method: str, trim_fraction: float = 0.
     raise ValueError(f"unknown robust method {method!r}; use {', '.join(ROBUST_METHODS)}")
 
 
+PIECE_ELEMS = 1 << 20
+"""Elements per piece: the server reads, checks and sums updates a piece at a time (8 MiB of float64)."""
+
+
+def pieces_of(tensors: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]) -> Iterator[tuple[str, int, Tensor]]:
+    """Cut whole tensors into the ``(name, start, flat piece)`` triples :meth:`RoundAccumulator.add_pieces` takes."""
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    for name, t in items:
+        flat = t.detach().reshape(-1)
+        for start in range(0, flat.numel(), PIECE_ELEMS):
+            yield name, start, flat[start : start + PIECE_ELEMS]
+
+
 class RoundAccumulator:
     """Running weighted sums of one round's updates for one block.
 
@@ -85,13 +98,18 @@ class RoundAccumulator:
     value ``e_i`` of the block and is sent when the client started the round
     from the current global value. A ``delta`` update carries ``e_i - s_i``
     (a client whose start differs from the global, e.g. a one-round-stale
-    FedAvg client). Memory is two float64 copies of the block at most,
-    whatever the number of clients; tensors may be given one at a time.
+    FedAvg client).
+
+    Memory is two float64 copies of the block at most, whatever the number
+    of clients. The sums are kept in pieces of :data:`PIECE_ELEMS` elements,
+    so an update can be added a piece at a time as it is read, and
+    :meth:`finish` frees each piece of the sums as soon as it has written the
+    new value's piece: the round's peak is the sums plus one piece.
     """
 
     def __init__(self) -> None:
-        self._values: dict[str, Tensor] = {}
-        self._deltas: dict[str, Tensor] = {}
+        self._values: dict[str, dict[int, Tensor]] = {}
+        self._deltas: dict[str, dict[int, Tensor]] = {}
         self.weight_values = 0.0
         self.weight_deltas = 0.0
         self.count = 0
@@ -102,6 +120,15 @@ class RoundAccumulator:
 
     def add(self, tensors: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], weight: float, kind: str, scale: float = 1.0) -> None:
         """Add one client's update with its weight (> 0); ``scale`` multiplies a delta (clipping)."""
+        self.add_pieces(pieces_of(tensors), weight, kind, scale)
+
+    def add_pieces(self, pieces: Iterable[tuple[str, int, Tensor]], weight: float, kind: str, scale: float = 1.0) -> None:
+        """:meth:`add` for an update given as ``(name, start, flat piece)`` triples.
+
+        Pieces start at multiples of :data:`PIECE_ELEMS` and hold at most
+        that many elements (as :func:`pieces_of` and
+        :meth:`~pl_parablock.federation.wire.StagedTensors.pieces` cut them).
+        """
         if kind not in ("value", "delta"):
             raise ValueError(f"update kind must be 'value' or 'delta', not {kind!r}")
         if not (weight > 0 and math.isfinite(weight)):
@@ -109,14 +136,16 @@ class RoundAccumulator:
         if kind == "value" and scale != 1.0:
             raise ValueError("only deltas can be scaled")
         acc = self._values if kind == "value" else self._deltas
-        items = tensors.items() if isinstance(tensors, Mapping) else tensors
-        for name, t in items:
-            x = t.detach().to(device="cpu", dtype=torch.float64, copy=True)
-            x.mul_(weight * scale)
-            if name in acc:
-                acc[name].add_(x)
+        for name, start, piece in pieces:
+            if start % PIECE_ELEMS or piece.numel() > PIECE_ELEMS:
+                raise ValueError(f"piece of {name!r} at {start} is not aligned to {PIECE_ELEMS} elements")
+            sums = acc.setdefault(name, {})
+            i = start // PIECE_ELEMS
+            if i in sums:
+                # formed in float64: w * x is exact for an integer weight and a float32 (or narrower) x
+                sums[i].add_(piece.detach().to("cpu"), alpha=weight * scale)
             else:
-                acc[name] = x
+                sums[i] = piece.detach().to(device="cpu", dtype=torch.float64, copy=True).mul_(weight * scale)
         if kind == "value":
             self.weight_values += weight
         else:
@@ -129,23 +158,34 @@ class RoundAccumulator:
         With ``server_lr == 1`` and only value updates, the weighted mean of
         the end values; otherwise ``g + server_lr * mean(delta)`` where value
         updates count as ``e_i - g``. Each result keeps the dtype of ``current``.
+        The sums are consumed: call once.
         """
         total = self.total_weight
         if self.count == 0 or total <= 0:
             raise ValueError("cannot aggregate a round without updates")
+        mean_of_values = server_lr == 1.0 and self.weight_deltas == 0.0
         out: dict[str, Tensor] = {}
         for name, g in current.items():
-            if server_lr == 1.0 and self.weight_deltas == 0.0:
-                new = self._values[name] / total
-            else:
-                g64 = g.detach().to(device="cpu", dtype=torch.float64, copy=True)
-                s = torch.zeros_like(g64)
-                if name in self._deltas:
-                    s.add_(self._deltas[name])
-                if name in self._values:
-                    s.add_(self._values[name]).sub_(g64, alpha=self.weight_values)
-                new = g64.add_(s, alpha=server_lr / total)
-            out[name] = new.to(g.dtype)
-            self._values.pop(name, None)  # free each sum as soon as it is used
-            self._deltas.pop(name, None)
+            values = self._values.pop(name, {})
+            deltas = self._deltas.pop(name, {})
+            g_flat = g.detach().to("cpu").reshape(-1)
+            new = torch.empty(g.shape, dtype=g.dtype)
+            new_flat = new.view(-1)
+            for start in range(0, g_flat.numel(), PIECE_ELEMS):
+                i = start // PIECE_ELEMS
+                if mean_of_values:
+                    if i not in values:
+                        raise ValueError(f"no update covered {name!r} at element {start}")
+                    piece = values.pop(i).div_(total)
+                else:
+                    piece = g_flat[start : start + PIECE_ELEMS].to(torch.float64, copy=True)
+                    s = torch.zeros_like(piece)
+                    if i in deltas:
+                        s.add_(deltas.pop(i))
+                    if i in values:
+                        s.add_(values.pop(i)).sub_(piece, alpha=self.weight_values)
+                    piece.add_(s, alpha=server_lr / total)
+                new_flat[start : start + piece.numel()].copy_(piece)
+                del piece  # the sums' piece is freed here, before the next one is formed
+            out[name] = new
         return out

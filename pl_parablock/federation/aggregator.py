@@ -46,7 +46,7 @@ from torch import Tensor
 
 from pl_parablock.blocks import Partition, make_schedule
 from pl_parablock.errors import FederationError
-from pl_parablock.federation.aggregate import ROBUST_METHODS, RoundAccumulator, clip_factor, robust_mean
+from pl_parablock.federation.aggregate import PIECE_ELEMS, ROBUST_METHODS, RoundAccumulator, clip_factor, robust_mean
 from pl_parablock.federation.wire import DTYPES, Spec, StagedTensors
 
 __all__ = ["AGGREGATIONS", "Aggregator", "RefusedError"]
@@ -54,6 +54,7 @@ __all__ = ["AGGREGATIONS", "Aggregator", "RefusedError"]
 log = logging.getLogger(__name__)
 
 AGGREGATIONS = ("mean", *ROBUST_METHODS)
+WORK_SLOTS = max(1, min(4, os.cpu_count() or 1))
 CHECKPOINT_FORMAT = 1
 
 
@@ -213,6 +214,9 @@ class Aggregator:
         self._last_close: float | None = None
         self._shutdown = False
         self._checkpoint_lock = threading.Lock()
+        # updates are read back, checked and summed by at most this many handler threads at once: the work is
+        # CPU-bound, so more would not be faster, and each one holds a piece of its update in memory
+        self._work_slots = threading.BoundedSemaphore(WORK_SLOTS)
 
     # ------------------------------------------------------------------ join
 
@@ -409,14 +413,15 @@ class Aggregator:
                 current = self._globals[rnd.block]
             record = {"client": client, "round": rnd_i, "block": rnd.block}
             need_norm = self.max_update_norm is not None or self.clip_norm is not None
-            problem, norm = _check_values(current, staged, kind, need_norm)
+            with self._work_slots:
+                problem, norm = _check_values(current, staged, kind, need_norm)
             if problem:
                 return self.refuse(record, problem, rnd)
             if self.max_update_norm is not None and norm > self.max_update_norm:
                 return self.refuse(record, f"update norm {norm:.4g} exceeds the bound {self.max_update_norm:g}", rnd)
             scale = clip_factor(norm, self.clip_norm)
             complete = False
-            with rnd.lock:
+            with self._work_slots, rnd.lock:
                 if client in rnd.clients:
                     return {"accepted": True, "status": "duplicate", "reason": "duplicate: already applied"}
                 if rnd.closed:
@@ -424,9 +429,9 @@ class Aggregator:
                     return {"accepted": False, "status": "late", "reason": f"late: round {rnd_i} already closed"}
                 if self.aggregation == "mean":
                     if kind == "value" and scale == 1.0:
-                        rnd.acc.add(iter(staged), weight, "value")
+                        rnd.acc.add_pieces(staged.pieces(PIECE_ELEMS), weight, "value")
                     else:
-                        rnd.acc.add(_deltas(staged, current, kind), weight, "delta", scale)
+                        rnd.acc.add_pieces(_deltas(staged, current, kind), weight, "delta", scale)
                 else:
                     rnd.kept[client] = _Update(staged, weight, kind, scale)
                     keep = True
@@ -454,16 +459,22 @@ class Aggregator:
     def _aggregate(self, rnd: _Round, current: dict[str, Tensor]) -> dict[str, Tensor]:
         if self.aggregation == "mean":
             return rnd.acc.finish(current, self.server_lr)
-        readers = {c: {n: t for n, t in u.source} for c, u in rnd.kept.items()}
+        # a piece of every kept update at a time: memory O(clients x piece + block), not O(clients x block)
         out = {}
         for name, g in current.items():
-            deltas = []
-            for c, u in rnd.kept.items():
-                t = readers[c][name].to(torch.float64)
-                d = t - g.to(torch.float64) if u.kind == "value" else t
-                deltas.append(d * u.scale)
-            agg = robust_mean(deltas, self.aggregation, self.trim_fraction)
-            out[name] = (g.to(torch.float64) + self.server_lr * agg).to(g.dtype)
+            g_flat = g.detach().reshape(-1)
+            new = torch.empty(g.shape, dtype=g.dtype)
+            new_flat = new.view(-1)
+            for start in range(0, g_flat.numel(), PIECE_ELEMS):
+                g64 = g_flat[start : start + PIECE_ELEMS].to(torch.float64)
+                deltas = []
+                for u in rnd.kept.values():
+                    t = u.source.read(name, start, g64.numel()).to(torch.float64)
+                    d = t - g64 if u.kind == "value" else t
+                    deltas.append(d * u.scale)
+                agg = robust_mean(deltas, self.aggregation, self.trim_fraction)
+                new_flat[start : start + g64.numel()].copy_(g64 + self.server_lr * agg)
+            out[name] = new
         for u in rnd.kept.values():
             u.source.close()
         rnd.kept.clear()
@@ -796,17 +807,34 @@ def _check_specs(current: Mapping[str, Tensor], specs: list[Spec], *, exact_dtyp
 
 
 def _check_values(current: Mapping[str, Tensor], staged: StagedTensors, kind: str, need_norm: bool) -> tuple[str, float]:
-    """Finite values and (when needed) the L2 norm of the update's delta; reads each tensor once."""
+    """Finite values and (when needed) the L2 norm of the update's delta; reads the update once, a piece at a time."""
     sq = 0.0
-    for name, t in staged:
-        if not bool(torch.isfinite(t).all()):
+    for name, start, t in staged.pieces(PIECE_ELEMS):
+        if not _all_finite(t):
             return f"tensor {name!r} holds NaN or infinite values", math.inf
         if need_norm:
-            d = t.to(torch.float64) - current[name].to(torch.float64) if kind == "value" else t.to(torch.float64)
+            d = t.to(torch.float64, copy=True)
+            if kind == "value":
+                d -= current[name].detach().reshape(-1)[start : start + t.numel()].to(torch.float64)
             sq += float(d.square().sum())
     return "", math.sqrt(sq)
 
 
-def _deltas(staged: StagedTensors, current: Mapping[str, Tensor], kind: str) -> Iterator[tuple[str, Tensor]]:
-    for name, t in staged:
-        yield name, (t.to(torch.float64) - current[name].to(torch.float64)) if kind == "value" else t
+def _all_finite(t: Tensor) -> bool:
+    """Whether every value of ``t`` is finite.
+
+    A float64 sum is NaN or infinite when any value is, and a sum of float32
+    (or narrower) values cannot overflow float64, so one fast reduction
+    decides; only a float64 sum that overflows is checked value by value.
+    """
+    if math.isfinite(float(t.sum(dtype=torch.float64))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def _deltas(staged: StagedTensors, current: Mapping[str, Tensor], kind: str) -> Iterator[tuple[str, int, Tensor]]:
+    for name, start, t in staged.pieces(PIECE_ELEMS):
+        if kind == "value":
+            yield name, start, t.to(torch.float64) - current[name].detach().reshape(-1)[start : start + t.numel()].to(torch.float64)
+        else:
+            yield name, start, t

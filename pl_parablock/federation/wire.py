@@ -13,9 +13,10 @@ The receiver knows the exact byte count from the header: a declared size
 above its bound is refused before anything is read or allocated, a longer or
 shorter body is refused, and a body whose CRC32 differs from the trailer is
 refused as corrupt. :func:`decode` reads a stream into memory (clients);
-:class:`StagedTensors` spools it to an unnamed temporary file and reads the
-tensors back one at a time (the server), so a server receiving many clients'
-blocks at once holds one tensor per stream in memory, not one block.
+:class:`StagedTensors` spools it to an unnamed temporary file and reads it
+back in pieces of a bounded number of elements (the server), so a server
+receiving many clients' blocks at once holds one piece per stream in memory,
+not one block, however large the block's tensors are.
 """
 
 from __future__ import annotations
@@ -242,6 +243,11 @@ class StagedTensors:
         self.specs = specs
         self._file = file
         self._memory = dict(memory) if memory is not None else None
+        self._offsets: dict[str, tuple[Spec, int]] = {}
+        at = 0
+        for spec in specs:
+            self._offsets[spec.name] = (spec, at)
+            at += spec.nbytes
 
     @classmethod
     def receive(cls, header: Mapping[str, Any], rest: Iterator[bytes], *, max_bytes: int | None, what: str) -> StagedTensors:
@@ -278,6 +284,44 @@ class StagedTensors:
             if s.nbytes and self._file.readinto(buf.numpy()) != s.nbytes:  # type: ignore[attr-defined]
                 raise FederationError(f"staged tensor {s.name!r} could not be read back")
             yield s.name, buf.view(s.dtype).reshape(s.shape)
+
+    def read(self, name: str, start: int, count: int, out: Tensor | None = None) -> Tensor:
+        """Elements ``start .. start + count`` of tensor ``name``, flattened.
+
+        A view of the tensor when staged in memory; otherwise read from the
+        file into ``out`` (a uint8 buffer of at least the piece's bytes,
+        reused by the caller) or into a fresh tensor.
+        """
+        spec, at = self._offsets[name]
+        numel = math.prod(spec.shape)
+        if start < 0 or count < 0 or start + count > numel:
+            raise ValueError(f"elements {start}..{start + count} are outside {name!r} ({numel} elements)")
+        if self._memory is not None:
+            return self._memory[name].detach().reshape(-1)[start : start + count]
+        if self._file is None:
+            raise FederationError("staged tensors were closed")
+        itemsize = spec.nbytes // numel if numel else 1
+        nbytes = count * itemsize
+        buf = out[:nbytes] if out is not None and out.numel() >= nbytes else torch.empty(nbytes, dtype=torch.uint8)
+        self._file.seek(at + start * itemsize)
+        if count and self._file.readinto(buf.numpy()) != nbytes:  # type: ignore[attr-defined]
+            raise FederationError(f"staged tensor {name!r} could not be read back")
+        return buf.view(spec.dtype)
+
+    def pieces(self, elems: int) -> Iterator[tuple[str, int, Tensor]]:
+        """``(name, start, flat piece)`` of every tensor in order, at most ``elems`` elements each.
+
+        Reading a block this way holds one piece in memory at a time, however
+        large its tensors are: a piece read from the file lives in one buffer
+        that the next piece overwrites, so use (or copy) each piece before
+        asking for the next.
+        """
+        largest = max((min(elems, math.prod(s.shape)) * (s.nbytes // max(1, math.prod(s.shape))) for s in self.specs), default=0)
+        buffer = torch.empty(largest, dtype=torch.uint8) if self._memory is None else None
+        for spec in self.specs:
+            numel = math.prod(spec.shape)
+            for start in range(0, numel, elems):
+                yield spec.name, start, self.read(spec.name, start, min(elems, numel - start), out=buffer)
 
     def close(self) -> None:
         self._memory = None

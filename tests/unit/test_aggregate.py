@@ -68,3 +68,18 @@ def test_bad_inputs():
         acc.add({"w": torch.zeros(1)}, 0.0, "value")
     with pytest.raises(ValueError):
         acc.add({"w": torch.zeros(1)}, 1.0, "sideways")
+
+
+def test_pieces_add_up_to_the_whole_tensor_bitwise():
+    from pl_parablock.federation.aggregate import PIECE_ELEMS, pieces_of
+
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(PIECE_ELEMS + 999, generator=gen) for _ in range(3)]
+    current = {"w": torch.zeros(PIECE_ELEMS + 999)}
+    whole, piecewise = RoundAccumulator(), RoundAccumulator()
+    for i, x in enumerate(xs):
+        whole.add({"w": x}, float(i + 1), "value")
+        piecewise.add_pieces(reversed(list(pieces_of({"w": x}))), float(i + 1), "value")  # any piece order
+    assert torch.equal(whole.finish(current)["w"], piecewise.finish(current)["w"])
+    with pytest.raises(ValueError, match="aligned"):
+        RoundAccumulator().add_pieces([("w", 5, torch.zeros(3))], 1.0, "value")

@@ -10,7 +10,9 @@ import torch
 from pl_parablock.blocks import Block, Partition
 from pl_parablock.errors import FederationError
 from pl_parablock.federation import Aggregator, FederationService, InProcessTransport, RefusedError
-from pl_parablock.federation.wire import dtype_name
+from pl_parablock.federation.aggregate import PIECE_ELEMS
+from pl_parablock.federation.aggregator import _all_finite
+from pl_parablock.federation.wire import StagedTensors, dtype_name, encode, parse_header
 
 STATE = {"l0.w": torch.ones(4, 3), "l0.b": torch.zeros(3), "l1.w": torch.full((2, 2), 2.0)}
 PART = Partition((Block(0, "layers.0", ("l0.w", "l0.b")), Block(1, "layers.1", ("l1.w",))))
@@ -265,3 +267,82 @@ def test_a_long_poll_that_times_out_polls_again(monkeypatch):
     pulled = result["pulled"]
     assert pulled.version == 0 and pulled.server_wait_s >= 0.4
     assert torch.equal(pulled.tensors["l0.w"], torch.full((4, 3), 2.0))
+
+
+# ------------------------------------------------------------ blocks larger than a piece
+
+BIG = {"w": torch.zeros(PIECE_ELEMS * 2 + 12345), "b": torch.zeros(7, dtype=torch.bfloat16)}
+BIG_PART = Partition((Block(0, "layers.0", ("w", "b")),))
+
+
+def big_aggregator(clients: int, **kw) -> Aggregator:
+    fp = {
+        "mode": "parablock",
+        "partition": BIG_PART.to_dict(),
+        "tensors": {
+            n: {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "nbytes": t.numel() * t.element_size()} for n, t in BIG.items()
+        },
+        "hash": "big",
+    }
+    agg = Aggregator(clients=clients, rounds=1, **kw)
+    agg.join(0, fp, 5)
+    agg.set_initial_state(0, BIG)
+    for c in range(1, clients):
+        agg.join(c, fp, 5)
+    return agg
+
+
+def spooled(client: int, tensors: dict[str, torch.Tensor], weight: float = 1.0, kind: str = "value"):
+    """An update as the server receives it: encoded, streamed in chunks and spooled to a file."""
+    header = {"client_id": client, "round": 0, "block": 0, "kind": kind, "base_version": -1, "weight": weight}
+    it = iter(encode(header, tensors, chunk_bytes=1 << 20))
+    head = parse_header(next(it))
+    return head, StagedTensors.receive(head, it, max_bytes=None, what="test update")
+
+
+def test_a_block_larger_than_a_piece_is_averaged_exactly_from_spooled_updates():
+    gen = torch.Generator().manual_seed(0)
+    updates = [{"w": torch.randn(BIG["w"].shape, generator=gen), "b": torch.randn(7, generator=gen).to(torch.bfloat16)} for _ in range(3)]
+    weights = [3.0, 5.0, 11.0]
+    agg = big_aggregator(3)
+    for c, (u, w) in enumerate(zip(updates, weights)):
+        assert agg.submit(*spooled(c, u, w))["accepted"]
+    assert agg.wait_round(0, 5.0)
+    got = agg.block_value(0)[1]
+    for name in ("w", "b"):
+        total = sum(w * u[name].to(torch.float64) for u, w in zip(updates, weights))
+        expected = (total / sum(weights)).to(BIG[name].dtype)
+        assert torch.equal(got[name], expected), name  # bitwise: each element summed in the same order
+
+
+def test_a_non_finite_value_in_the_last_piece_is_refused():
+    agg = big_aggregator(1)
+    bad = {"w": torch.ones(BIG["w"].shape), "b": torch.ones(7, dtype=torch.bfloat16)}
+    bad["w"][-1] = float("nan")
+    reply = agg.submit(*spooled(0, bad))
+    assert not reply["accepted"] and "NaN or infinite" in reply["reason"]
+    assert torch.equal(agg.block_value(0)[1]["w"], BIG["w"]), "a refused update must leave the global untouched"
+
+
+def test_median_of_a_block_larger_than_a_piece_reads_the_updates_piecewise():
+    gen = torch.Generator().manual_seed(1)
+    updates = [{"w": torch.randn(BIG["w"].shape, generator=gen), "b": torch.randn(7, generator=gen).to(torch.bfloat16)} for _ in range(3)]
+    agg = big_aggregator(3, aggregation="median")
+    for c, u in enumerate(updates):
+        assert agg.submit(*spooled(c, u))["accepted"]
+    assert agg.wait_round(0, 5.0)
+    expected = torch.stack([u["w"] for u in updates]).median(dim=0).values  # odd count: the middle value
+    assert torch.equal(agg.block_value(0)[1]["w"], expected)
+
+
+def test_finite_check_is_exact_for_every_dtype():
+    assert _all_finite(torch.full((10,), 3e38))  # a float32 sum that would overflow float32
+    assert _all_finite(torch.full((10,), 1.7e308, dtype=torch.float64))  # a float64 sum that overflows: checked value by value
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            t = torch.ones(100, dtype=dtype)
+            t[57] = bad
+            assert not _all_finite(t), (dtype, bad)
+    t = torch.ones(4)
+    t[0], t[1] = float("inf"), float("-inf")
+    assert not _all_finite(t)

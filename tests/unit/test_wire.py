@@ -93,3 +93,27 @@ def test_staging_refuses_a_bad_stream_and_keeps_nothing():
     header = parse_header(next(it))
     with pytest.raises(FederationError, match="more than"):
         StagedTensors.receive(header, it, max_bytes=100, what="update")
+
+
+def test_staged_tensors_read_back_in_pieces_and_by_range():
+    src = {"a": torch.randn(1000), "empty": torch.zeros(0), "m": torch.randn(7, 9).to(torch.bfloat16), "flag": torch.tensor([True, False])}
+    it = iter(encode({"round": 1}, src, chunk_bytes=64))
+    header = parse_header(next(it))
+    with StagedTensors.receive(header, it, max_bytes=None, what="test") as staged:
+        pieces = [(n, s, p.clone()) for n, s, p in staged.pieces(300)]  # a piece is valid until the next one is read
+        assert [(n, s, p.numel()) for n, s, p in pieces] == [
+            ("a", 0, 300),
+            ("a", 300, 300),
+            ("a", 600, 300),
+            ("a", 900, 100),
+            ("m", 0, 63),
+            ("flag", 0, 2),
+        ]
+        for name, t in src.items():
+            got = torch.cat([p for n, _, p in pieces if n == name]) if t.numel() else torch.zeros(0)
+            assert torch.equal(got, t.reshape(-1)), name
+        assert torch.equal(staged.read("a", 123, 45), src["a"][123:168])
+        with pytest.raises(ValueError, match="outside"):
+            staged.read("a", 990, 20)
+    in_memory = StagedTensors.from_tensors(src)
+    assert torch.equal(in_memory.read("m", 5, 10), src["m"].reshape(-1)[5:15])
