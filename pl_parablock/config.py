@@ -223,6 +223,14 @@ class FederationSection:
         ),
     )
     chunk_kb: int = field(default=1024, metadata=_help("Size of one streamed chunk, KiB."))
+    receive_window_kb: int | None = field(
+        default=1024,
+        metadata=_help(
+            "Server: HTTP/2 receive window of each upload, KiB. The server buffers about two windows per upload in flight; "
+            "one upload moves at most a window per round trip (1024 KiB at 50 ms: 20 MB/s). "
+            "null: gRPC's adaptive window (fastest on long fast links; its buffer grows to the bandwidth-delay product)."
+        ),
+    )
     token: Any = field(
         default=None,
         metadata=_help(
@@ -617,6 +625,9 @@ def validate(recipe: Recipe) -> list[str]:
     _at_least(p, "federation.chunk_kb", f.chunk_kb, 1)
     if f.chunk_kb > 32768:
         p.append(f"`federation.chunk_kb` is {f.chunk_kb}; at most 32768 (32 MiB) fits a message")
+    _at_least(p, "federation.receive_window_kb", f.receive_window_kb, 64)
+    if f.receive_window_kb is not None and f.receive_window_kb > 1 << 20:
+        p.append(f"`federation.receive_window_kb` is {f.receive_window_kb}; at most 1048576 (1 GiB), or null for gRPC's adaptive window")
     if f.token is not None:
         if isinstance(f.token, dict):
             for k, v in f.token.items():

@@ -120,7 +120,7 @@ def _server(recipe: Recipe, agg: Aggregator, listen: str) -> FederationServer:
     service = FederationService(agg, chunk_bytes=f.chunk_kb * 1024, token=server_token(recipe))
     tls = TLS(cert=f.tls.cert, key=f.tls.key) if f.tls.cert else None
     tune_server_memory()  # this process serves; its clients train in their own processes
-    return FederationServer(service, listen=listen, tls=tls)
+    return FederationServer(service, listen=listen, tls=tls, receive_window_kb=f.receive_window_kb)
 
 
 def _client_address(address: str, recipe: Recipe) -> str:

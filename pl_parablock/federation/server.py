@@ -123,6 +123,8 @@ def _wrap(method: str, kind: str, fn: Callable[..., Any]) -> grpc.RpcMethodHandl
     return grpc.stream_unary_rpc_method_handler(handler)
 
 
+RECEIVE_WINDOW_KB = 1024
+"""Default HTTP/2 receive window of each upload (``federation.receive_window_kb``)."""
 MMAP_THRESHOLD = 2 << 20
 """Allocations of this many bytes or more get their own memory mapping in a tuned server process."""
 
@@ -167,17 +169,32 @@ class FederationServer:
         listen: ``HOST:PORT`` to bind; port 0 picks a free one.
         tls: certificate and key to serve TLS; ``None``: plaintext.
         max_workers: handler threads; each waiting pull holds one.
+        receive_window_kb: fixed HTTP/2 receive window of each upload, KiB:
+            the server buffers about two windows per upload in flight, and
+            an upload moves at most one window per round trip. ``None``:
+            gRPC's adaptive window, which on a fast link grows to the
+            bandwidth-delay product (measured on loopback: about 8 MB per
+            upload in flight, against about 2 MB with 1024 KiB).
     """
 
     def __init__(
-        self, service: FederationService, *, listen: str = "127.0.0.1:0", tls: TLS | None = None, max_workers: int | None = None
+        self,
+        service: FederationService,
+        *,
+        listen: str = "127.0.0.1:0",
+        tls: TLS | None = None,
+        max_workers: int | None = None,
+        receive_window_kb: int | None = RECEIVE_WINDOW_KB,
     ) -> None:
         self.service = service
         self.listen = listen
         self.tls = tls
         workers = max_workers or max(8, 4 * service.aggregator.clients + 4)
         self._executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pl_parablock-server")
-        self._server = grpc.server(self._executor, options=SERVER_OPTIONS)
+        options = list(SERVER_OPTIONS)
+        if receive_window_kb is not None:
+            options += [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", receive_window_kb * 1024)]
+        self._server = grpc.server(self._executor, options=options)
         handlers = {m: _wrap(m, kind, getattr(service, m)) for m, kind in METHODS.items()}
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         self.address: str | None = None

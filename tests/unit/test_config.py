@@ -196,3 +196,13 @@ def test_data_keys_are_validated(tmp_path):
         load_recipe(None, ["data.format=alpaca", f"data.path={tmp_path}"])
     assert load_recipe(None, ["data.format=hf", f"data.path={tmp_path}"]).data.path == str(tmp_path)
     assert load_recipe(None, ["train.packing=true"]).train.packing is True
+
+
+def test_the_servers_receive_window_is_bounded_or_adaptive(tmp_path):
+    for value, ok in (("16", False), ("4096", True), ("null", True), ("2000000", False)):
+        text = f"federation:\n  receive_window_kb: {value}\n"
+        if ok:
+            assert load_recipe(write(tmp_path, text)).federation.receive_window_kb == (None if value == "null" else int(value))
+        else:
+            with pytest.raises(ConfigError, match="federation.receive_window_kb"):
+                load_recipe(write(tmp_path, text))
