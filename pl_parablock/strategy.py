@@ -215,7 +215,9 @@ class FederatedBlockStrategy(Callback):
         self._losses: list[Tensor] = []
         self._versions: list[int] = []
         self._clean: list[bool] = []
-        self._inflight: dict[int, tuple[int, dict[str, Tensor]]] = {}
+        # round -> (block, the block's value at hand-off, kept only while the block may train again before
+        # that round's aggregate is applied: the rebase needs it then; otherwise the upload holds it alone)
+        self._inflight: dict[int, tuple[int, dict[str, Tensor] | None]] = {}
         self._next_apply = 0
         self._fingerprint: dict[str, Any] | None = None
         self._instance: str | None = None
@@ -557,7 +559,7 @@ class FederatedBlockStrategy(Callback):
             if self.mode == "parablock" and t >= 2:
                 self._apply_through(t - 2)
             self.records.append({"round": t, "block": b, "participated": False, "started_at": time.time()})
-            self._inflight[t] = (b, _cpu_copy(self._block_params[b]))
+            self._inflight[t] = (b, _cpu_copy(self._block_params[b]) if self._trains_again_before_apply(t, b) else None)
             self._send(Handoff(t, b, "none", self._versions[b], 0.0, None))
             self.round = t + 1
             if self.mode in ("sync", "fedavg"):
@@ -606,7 +608,7 @@ class FederatedBlockStrategy(Callback):
                 kind, payload = "value", end
             else:
                 kind, payload = "delta", {n: end[n] - self._start[n] for n in end}
-            self._inflight[t] = (b, end)
+            self._inflight[t] = (b, end if self._trains_again_before_apply(t, b) else None)
             self._clean[b] = False
             rec.update(kind=kind)
             self._send(Handoff(t, b, kind, self._start_version, weight, payload, loss))
@@ -621,6 +623,15 @@ class FederatedBlockStrategy(Callback):
         )
         if self.federated and self.mode in ("sync", "fedavg"):
             self._apply_through(t)
+
+    def _trains_again_before_apply(self, t: int, b: int) -> bool:
+        """Whether block ``b`` may train between handing off round ``t`` and applying its aggregate.
+
+        sync and fedavg apply a round's aggregate before the next round
+        starts; parablock applies it at the start of round t+2, so only
+        round t+1 can train the block meanwhile.
+        """
+        return self.mode == "parablock" and t + 1 < self.rounds and self.schedule[t + 1] == b
 
     def _finish_rounds(self) -> None:
         """After the last round: apply every outstanding aggregate, then check nothing is newer."""
@@ -686,12 +697,15 @@ class FederatedBlockStrategy(Callback):
             self._copy_in(b, g)
             self._clean[b] = True
         else:
+            if end is None:
+                raise ParaBlockError(f"client {self.client_id}: block {b} trained again before round {r}'s aggregate arrived")
             with torch.no_grad():
                 for n, p in self._block_params[b].items():
                     p.copy_(rebase(p, end[n], g[n]))
             for q in later:
                 blk, e_q = self._inflight[q]
-                self._inflight[q] = (blk, {n: rebase(e_q[n], end[n], g[n]) for n in e_q})
+                if e_q is not None:
+                    self._inflight[q] = (blk, {n: rebase(e_q[n], end[n], g[n]) for n in e_q})
             if self._round_open and self._active == b and self._start is not None:
                 self._start = {n: rebase(self._start[n], end[n], g[n]) for n in end}
             self._clean[b] = False

@@ -51,7 +51,8 @@ class Handoff:
 
     ``tensors`` are CPU copies the training thread no longer writes: the end
     values (``kind == "value"``) or the round's delta (``kind == "delta"``);
-    ``None`` for a round this client does not train (fetch only).
+    ``None`` for a round this client does not train (fetch only). The
+    transmitter drops them once the server has them.
     """
 
     round: int
@@ -220,6 +221,7 @@ class Transmitter:
                     self._same_server(reply.instance)
                     if reply.status in ("accepted", "duplicate", "late"):
                         pushed = reply
+                        job.tensors = None  # uploaded: the block is not held while the aggregate is awaited
                         if reply.status == "late":
                             log.warning(
                                 "client %d: round %d update arrived late and was dropped; taking the aggregate", self.client_id, job.round

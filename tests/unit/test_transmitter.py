@@ -165,3 +165,20 @@ def test_retries_give_up_at_the_timeout(monkeypatch):
     with pytest.raises(TransmitterError, match="connection reset"):
         tx.wait(0, timeout=5)
     tx.close()
+
+
+def test_an_uploaded_block_is_released_while_the_aggregate_is_awaited():
+    gate = threading.Event()
+    tx = Transmitter(ScriptedTransport(gate=gate), 0, timeout_s=5)
+    job = handoff(0)
+    tx.send(job)
+    for _ in range(500):  # the push happens at once; the pull waits at the gate
+        if job.tensors is None:
+            break
+        threading.Event().wait(0.01)
+    assert tx.transport.pushed == [0]
+    assert job.tensors is None, "the hand-off's tensors must be dropped once the server has them"
+    assert tx.poll(0) is None, "released before the aggregate arrived"
+    gate.set()
+    assert tx.wait(0, timeout=5).tensors["w"].item() == 0.0
+    tx.close()
