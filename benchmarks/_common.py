@@ -22,6 +22,17 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 MB = 1_000_000
+# the overlap and scaling benchmarks' model: 4 Llama layers, 128 wide, a 0.74 MB block per layer
+SMALL_LLAMA: dict[str, Any] = {
+    "model_type": "llama",
+    "hidden_size": 128,
+    "intermediate_size": 352,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+}
 
 
 def _busy_cpu_s() -> float:

@@ -61,21 +61,12 @@ import tempfile
 import time
 from typing import Any
 
-from _common import finish, machine, median, say
+from _common import SMALL_LLAMA, finish, machine, median, say
 
 LATENCY_MS = 2.0
 RATIO_TOLERANCE = 0.2  # a pair whose sync run's comm/compute is further than this from the target is redone
 SHORT = ("measured_ratio", "speedup", "speedup_ideal", "efficiency")
-MODEL = {
-    "model_type": "llama",
-    "hidden_size": 128,
-    "intermediate_size": 352,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-    "tie_word_embeddings": False,
-}
+MODEL = SMALL_LLAMA
 SMOKE_MODEL = {**MODEL, "hidden_size": 32, "intermediate_size": 64, "max_position_embeddings": 128}
 
 

@@ -28,23 +28,14 @@ import time
 from typing import Any
 
 import torch
-from _common import ServerProcess, block_fingerprint, finish, machine, median, say
+from _common import SMALL_LLAMA, ServerProcess, block_fingerprint, finish, machine, median, say
 
 from pl_parablock.blocks import partition_model
 from pl_parablock.config import ModelSection
 from pl_parablock.federation import GrpcTransport
 from pl_parablock.models import build_model
 
-MODEL = {
-    "model_type": "llama",
-    "hidden_size": 128,
-    "intermediate_size": 352,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-    "tie_word_embeddings": False,
-}
+MODEL = SMALL_LLAMA
 
 
 def model_blocks() -> list[dict[str, torch.Tensor]]:
