@@ -370,15 +370,23 @@ def _draw_losses(ax_time: Axes, ax_round: Axes, runs: Sequence[tuple[str, dict[s
         curve = [p for p in report.get("eval_curve") or [] if isinstance(p.get("eval_loss"), (int, float))]
         final_eval = (report.get("final") or {}).get("eval_loss")
         if curve:
-            ax_round.plot([p["round"] for p in curve], [p["eval_loss"] for p in curve], "s--", color=line.get_color(), markersize=4)
+            ax_round.plot(
+                [p["round"] for p in curve],
+                [p["eval_loss"] for p in curve],
+                "s--",
+                color=line.get_color(),
+                markersize=4,
+                label=f"{label}: eval loss of the global model",
+            )
         if isinstance(final_eval, (int, float)) and rounds:
             ax_round.plot([rounds[-1]], [final_eval], marker="*", markersize=11, color=line.get_color(), linestyle="none")
     ax_time.set_xlabel("wall-clock: time since the server started (s)")
     ax_time.set_title("loss vs wall-clock", fontsize=10)
     ax_round.set_xlabel("round")
-    ax_round.set_title("loss vs round  (\u2605 final eval loss of the global model)", fontsize=10)
+    ax_round.set_title("loss vs round  (\u25a0 eval loss every eval.every rounds, \u2605 final eval loss)", fontsize=10)
+    ax_time.set_ylabel("training loss (clients' weighted mean)")
+    ax_round.set_ylabel("loss: training (clients' weighted mean) and eval (global model)")
     for ax in (ax_time, ax_round):
-        ax.set_ylabel("training loss (clients' weighted mean)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
 

@@ -147,3 +147,22 @@ def test_more_than_two_runs_is_refused(tmp_path, capsys):
     a, _ = make_run(tmp_path, "a", "sync")
     assert main([a, a, a]) == 2
     assert "not 3" in capsys.readouterr().err
+
+
+def test_the_eval_curve_is_drawn_with_the_training_loss(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from pl_parablock.report import _draw_losses
+
+    _, report = make_run(tmp_path, "run", "parablock")
+    report["eval_curve"] = [{"round": 2, "eval_loss": 2.9}, {"round": 5, "eval_loss": 2.6}]
+    fig = Figure()
+    ax_time, ax_round = fig.subplots(1, 2)
+    _draw_losses(ax_time, ax_round, [("parablock", report)])
+    eval_lines = [ln for ln in ax_round.get_lines() if "eval loss" in str(ln.get_label())]
+    assert len(eval_lines) == 1
+    assert list(eval_lines[0].get_xdata()) == [2, 5] and list(eval_lines[0].get_ydata()) == [2.9, 2.6]
+    assert "eval loss of the global model" in [t.get_text() for t in ax_round.get_legend().get_texts()][-1]
