@@ -383,9 +383,11 @@ def _draw_losses(ax_time: Axes, ax_round: Axes, runs: Sequence[tuple[str, dict[s
     ax_time.set_xlabel("wall-clock: time since the server started (s)")
     ax_time.set_title("loss vs wall-clock", fontsize=10)
     ax_round.set_xlabel("round")
-    ax_round.set_title("loss vs round  (\u25a0 eval loss every eval.every rounds, \u2605 final eval loss)", fontsize=10)
+    evaluated = any(report.get("eval_curve") for _, report in runs)
+    marks = "\u25a0 eval loss of the global model, \u2605 final" if evaluated else "\u2605 final eval loss of the global model"
+    ax_round.set_title(f"loss vs round  ({marks})", fontsize=10)
     ax_time.set_ylabel("training loss (clients' weighted mean)")
-    ax_round.set_ylabel("loss: training (clients' weighted mean) and eval (global model)")
+    ax_round.set_ylabel("loss")
     for ax in (ax_time, ax_round):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
