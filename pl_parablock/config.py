@@ -59,6 +59,28 @@ def _quickstart_model() -> dict[str, Any]:
     }
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, except that ``1e-5`` is a float (as in YAML 1.2 and OmegaConf), not a string.
+
+    Free-form sections such as ``model.config`` are passed on as read, so a
+    string there would reach transformers instead of the number meant.
+    """
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
 
@@ -429,7 +451,7 @@ def load_recipe(path: str | os.PathLike[str] | None, overrides: list[str] | None
             raise ConfigError(f"recipe file `{path}` not found; pass the path of a YAML recipe such as recipes/quickstart.yaml")
         try:
             with open(path, encoding="utf-8") as f:
-                loaded = yaml.safe_load(f)
+                loaded = yaml.load(f, Loader=_RecipeLoader)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""

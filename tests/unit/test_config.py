@@ -206,3 +206,10 @@ def test_the_servers_receive_window_is_bounded_or_adaptive(tmp_path):
         else:
             with pytest.raises(ConfigError, match="federation.receive_window_kb"):
                 load_recipe(write(tmp_path, text))
+
+
+def test_scientific_notation_reads_as_a_number_in_free_form_sections(tmp_path):
+    text = "model:\n  config:\n    model_type: llama\n    rms_norm_eps: 1e-05\ntrain:\n  lr: 3e-4\n"
+    recipe = load_recipe(write(tmp_path, text))
+    assert recipe.model.config["rms_norm_eps"] == 1e-05 and isinstance(recipe.model.config["rms_norm_eps"], float)
+    assert recipe.train.lr == 3e-4
