@@ -19,20 +19,13 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from pl_parablock.config import ModelSection
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 MB = 1_000_000
-# the overlap and scaling benchmarks' model: 4 Llama layers, 128 wide, a 0.74 MB block per layer
-SMALL_LLAMA: dict[str, Any] = {
-    "model_type": "llama",
-    "hidden_size": 128,
-    "intermediate_size": 352,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-    "tie_word_embeddings": False,
-}
+# the overlap and scaling benchmarks' model: the quickstart's (4 Llama layers, 128 wide, a 0.74 MB block per layer)
+SMALL_LLAMA: dict[str, Any] = dict(ModelSection().config)
 
 
 def _busy_cpu_s() -> float:

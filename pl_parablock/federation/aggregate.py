@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["PIECE_ELEMS", "ROBUST_METHODS", "RoundAccumulator", "clip_factor", "pieces_of", "rebase", "robust_mean"]
+__all__ = ["PIECE_ELEMS", "ROBUST_METHODS", "RoundAccumulator", "assemble", "clip_factor", "pieces_of", "rebase", "robust_mean"]
 
 ROBUST_METHODS = ("trimmed_mean", "median")
 
@@ -89,6 +89,23 @@ def pieces_of(tensors: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]) -> I
         flat = t.detach().reshape(-1)
         for start in range(0, flat.numel(), PIECE_ELEMS):
             yield name, start, flat[start : start + PIECE_ELEMS]
+
+
+def assemble(like: Tensor, pieces: Iterable[Tensor]) -> Tensor:
+    """A new CPU tensor with the shape and dtype of ``like``, filled in order from ``pieces`` (any dtype, cast).
+
+    With :func:`pieces_of` this forms a new value a piece at a time, so that
+    the float64 work of a large tensor never exists whole.
+    """
+    out = torch.empty(like.shape, dtype=like.dtype)
+    flat = out.view(-1)
+    at = 0
+    for values in pieces:
+        flat[at : at + values.numel()].copy_(values)
+        at += values.numel()
+    if at != flat.numel():
+        raise ValueError(f"pieces filled {at} of {flat.numel()} elements")
+    return out
 
 
 class RoundAccumulator:
@@ -163,29 +180,27 @@ class RoundAccumulator:
         total = self.total_weight
         if self.count == 0 or total <= 0:
             raise ValueError("cannot aggregate a round without updates")
-        mean_of_values = server_lr == 1.0 and self.weight_deltas == 0.0
         out: dict[str, Tensor] = {}
         for name, g in current.items():
-            values = self._values.pop(name, {})
-            deltas = self._deltas.pop(name, {})
-            g_flat = g.detach().to("cpu").reshape(-1)
-            new = torch.empty(g.shape, dtype=g.dtype)
-            new_flat = new.view(-1)
-            for start in range(0, g_flat.numel(), PIECE_ELEMS):
-                i = start // PIECE_ELEMS
-                if mean_of_values:
-                    if i not in values:
-                        raise ValueError(f"no update covered {name!r} at element {start}")
-                    piece = values.pop(i).div_(total)
-                else:
-                    piece = g_flat[start : start + PIECE_ELEMS].to(torch.float64, copy=True)
-                    s = torch.zeros_like(piece)
-                    if i in deltas:
-                        s.add_(deltas.pop(i))
-                    if i in values:
-                        s.add_(values.pop(i)).sub_(piece, alpha=self.weight_values)
-                    piece.add_(s, alpha=server_lr / total)
-                new_flat[start : start + piece.numel()].copy_(piece)
-                del piece  # the sums' piece is freed here, before the next one is formed
-            out[name] = new
+            out[name] = assemble(g, self._new_pieces(name, g, server_lr))
         return out
+
+    def _new_pieces(self, name: str, g: Tensor, server_lr: float) -> Iterator[Tensor]:
+        """The new value of ``name`` in float64 pieces; each piece of the sums is freed once it is used."""
+        total = self.total_weight
+        values = self._values.pop(name, {})
+        deltas = self._deltas.pop(name, {})
+        for _, start, g_piece in pieces_of({name: g.detach().to("cpu")}):
+            i = start // PIECE_ELEMS
+            if server_lr == 1.0 and self.weight_deltas == 0.0:  # the weighted mean of the end values
+                if i not in values:
+                    raise ValueError(f"no update covered {name!r} at element {start}")
+                yield values.pop(i).div_(total)
+                continue
+            piece = g_piece.to(torch.float64, copy=True)
+            s = torch.zeros_like(piece)
+            if i in deltas:
+                s.add_(deltas.pop(i))
+            if i in values:
+                s.add_(values.pop(i)).sub_(piece, alpha=self.weight_values)
+            yield piece.add_(s, alpha=server_lr / total)

@@ -46,7 +46,7 @@ from torch import Tensor
 
 from pl_parablock.blocks import Partition, make_schedule
 from pl_parablock.errors import FederationError
-from pl_parablock.federation.aggregate import PIECE_ELEMS, ROBUST_METHODS, RoundAccumulator, clip_factor, robust_mean
+from pl_parablock.federation.aggregate import PIECE_ELEMS, ROBUST_METHODS, RoundAccumulator, assemble, clip_factor, pieces_of, robust_mean
 from pl_parablock.federation.wire import DTYPES, Spec, StagedTensors
 
 __all__ = ["AGGREGATIONS", "Aggregator", "RefusedError"]
@@ -460,25 +460,20 @@ class Aggregator:
         if self.aggregation == "mean":
             return rnd.acc.finish(current, self.server_lr)
         # a piece of every kept update at a time: memory O(clients x piece + block), not O(clients x block)
-        out = {}
-        for name, g in current.items():
-            g_flat = g.detach().reshape(-1)
-            new = torch.empty(g.shape, dtype=g.dtype)
-            new_flat = new.view(-1)
-            for start in range(0, g_flat.numel(), PIECE_ELEMS):
-                g64 = g_flat[start : start + PIECE_ELEMS].to(torch.float64)
-                deltas = []
-                for u in rnd.kept.values():
-                    t = u.source.read(name, start, g64.numel()).to(torch.float64)
-                    d = t - g64 if u.kind == "value" else t
-                    deltas.append(d * u.scale)
-                agg = robust_mean(deltas, self.aggregation, self.trim_fraction)
-                new_flat[start : start + g64.numel()].copy_(g64 + self.server_lr * agg)
-            out[name] = new
+        out = {name: assemble(g, self._robust_pieces(rnd, name, g)) for name, g in current.items()}
         for u in rnd.kept.values():
             u.source.close()
         rnd.kept.clear()
         return out
+
+    def _robust_pieces(self, rnd: _Round, name: str, g: Tensor) -> Iterator[Tensor]:
+        for _, start, g_piece in pieces_of({name: g}):
+            g64 = g_piece.to(torch.float64)
+            deltas = []
+            for u in rnd.kept.values():
+                t = u.source.read(name, start, g64.numel()).to(torch.float64)
+                deltas.append((t - g64 if u.kind == "value" else t) * u.scale)
+            yield g64 + self.server_lr * robust_mean(deltas, self.aggregation, self.trim_fraction)
 
     def _close(self, rnd: _Round, reason: str) -> None:
         with rnd.lock:
@@ -815,7 +810,7 @@ def _check_values(current: Mapping[str, Tensor], staged: StagedTensors, kind: st
         if need_norm:
             d = t.to(torch.float64, copy=True)
             if kind == "value":
-                d -= current[name].detach().reshape(-1)[start : start + t.numel()].to(torch.float64)
+                d -= _global_piece(current, name, start, t.numel())
             sq += float(d.square().sum())
     return "", math.sqrt(sq)
 
@@ -832,9 +827,11 @@ def _all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+def _global_piece(current: Mapping[str, Tensor], name: str, start: int, count: int) -> Tensor:
+    """Elements ``start .. start + count`` of the global tensor ``name``, flattened, in float64."""
+    return current[name].detach().reshape(-1)[start : start + count].to(torch.float64)
+
+
 def _deltas(staged: StagedTensors, current: Mapping[str, Tensor], kind: str) -> Iterator[tuple[str, int, Tensor]]:
     for name, start, t in staged.pieces(PIECE_ELEMS):
-        if kind == "value":
-            yield name, start, t.to(torch.float64) - current[name].detach().reshape(-1)[start : start + t.numel()].to(torch.float64)
-        else:
-            yield name, start, t
+        yield name, start, (t.to(torch.float64) - _global_piece(current, name, start, t.numel())) if kind == "value" else t

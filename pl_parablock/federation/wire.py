@@ -276,14 +276,8 @@ class StagedTensors:
         if self._memory is not None:
             yield from self._memory.items()
             return
-        if self._file is None:
-            raise FederationError("staged tensors were closed")
-        self._file.seek(0)
         for s in self.specs:
-            buf = torch.empty(s.nbytes, dtype=torch.uint8)
-            if s.nbytes and self._file.readinto(buf.numpy()) != s.nbytes:  # type: ignore[attr-defined]
-                raise FederationError(f"staged tensor {s.name!r} could not be read back")
-            yield s.name, buf.view(s.dtype).reshape(s.shape)
+            yield s.name, self.read(s.name, 0, math.prod(s.shape)).reshape(s.shape)
 
     def read(self, name: str, start: int, count: int, out: Tensor | None = None) -> Tensor:
         """Elements ``start .. start + count`` of tensor ``name``, flattened.
@@ -300,7 +294,7 @@ class StagedTensors:
             return self._memory[name].detach().reshape(-1)[start : start + count]
         if self._file is None:
             raise FederationError("staged tensors were closed")
-        itemsize = spec.nbytes // numel if numel else 1
+        itemsize = spec.dtype.itemsize
         nbytes = count * itemsize
         buf = out[:nbytes] if out is not None and out.numel() >= nbytes else torch.empty(nbytes, dtype=torch.uint8)
         self._file.seek(at + start * itemsize)
@@ -316,7 +310,7 @@ class StagedTensors:
         that the next piece overwrites, so use (or copy) each piece before
         asking for the next.
         """
-        largest = max((min(elems, math.prod(s.shape)) * (s.nbytes // max(1, math.prod(s.shape))) for s in self.specs), default=0)
+        largest = max((min(elems, math.prod(s.shape)) * s.dtype.itemsize for s in self.specs), default=0)
         buffer = torch.empty(largest, dtype=torch.uint8) if self._memory is None else None
         for spec in self.specs:
             numel = math.prod(spec.shape)
