@@ -49,8 +49,16 @@ class TransportError(FederationError):
     """The connection to the server failed (lost, timed out, corrupted in transit); retrying may help."""
 
 
-class ServerRestarted(FederationError):  # noqa: N818 - names the event
+class ResyncNeeded(FederationError):  # noqa: N818 - names the event
+    """The client must rejoin the server and adopt its state before it goes on."""
+
+
+class ServerRestarted(ResyncNeeded):
     """The server answering now is another instance than the one this client joined."""
+
+
+class VersionSuperseded(ResyncNeeded):
+    """The server no longer holds the version of a block that a pull asked for: a later round replaced it."""
 
 
 class TransmitterError(FederationError):

@@ -35,6 +35,7 @@ from typing import Any
 
 from torch import Tensor
 
+from pl_parablock.algorithm import Update
 from pl_parablock.errors import ParaBlockError, ServerRestarted, TransmitterError, TransportError
 from pl_parablock.federation.transport import Pulled, Pushed, Transport
 
@@ -45,23 +46,8 @@ log = logging.getLogger(__name__)
 BACKOFF_S = (0.5, 10.0)
 
 
-@dataclass
-class Handoff:
-    """A finished round's block, as handed to the transmitter.
-
-    ``tensors`` are CPU copies the training thread no longer writes: the end
-    values (``kind == "value"``) or the round's delta (``kind == "delta"``);
-    ``None`` for a round this client does not train (fetch only). The
-    transmitter drops them once the server has them.
-    """
-
-    round: int
-    block: int
-    kind: str
-    base_version: int
-    weight: float
-    tensors: dict[str, Tensor] | None = field(repr=False)
-    loss: float | None = None
+Handoff = Update
+"""A finished round's block as handed to the transmitter (the core's :class:`~pl_parablock.algorithm.Update`)."""
 
 
 @dataclass
@@ -100,7 +86,7 @@ class Transmitter:
         self.client_id = client_id
         self.timeout_s = timeout_s
         self.instance = instance
-        self._jobs: queue.Queue[Handoff | None] = queue.Queue()
+        self._jobs: queue.Queue[Update | None] = queue.Queue()
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._arrivals: dict[int, Arrival] = {}
@@ -131,7 +117,7 @@ class Transmitter:
         with self._cond:
             self._raise_if_failed()
 
-    def send(self, handoff: Handoff) -> None:
+    def send(self, handoff: Update) -> None:
         """Queue a finished block (or a fetch-only round) for the thread; returns at once."""
         self.check()
         if self._closed:
@@ -196,7 +182,7 @@ class Transmitter:
         if self.instance is not None and instance is not None and instance != self.instance:
             raise ServerRestarted(f"the server restarted (instance {instance[:8]}, joined {self.instance[:8]})")
 
-    def _transmit(self, job: Handoff) -> Arrival:
+    def _transmit(self, job: Update) -> Arrival:
         sent_at = time.time()
         deadline = time.monotonic() + self.timeout_s
         header: Mapping[str, Any] = {

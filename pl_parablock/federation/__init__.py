@@ -1,6 +1,7 @@
 """Server side and transports of a federation."""
 
-from pl_parablock.federation.aggregate import RoundAccumulator, rebase
+from pl_parablock.aggregate import RoundAccumulator
+from pl_parablock.algorithm import rebase
 from pl_parablock.federation.aggregator import Aggregator, RefusedError
 from pl_parablock.federation.link import Link
 from pl_parablock.federation.server import TLS, FederationServer, tune_server_memory

@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import random
 import threading
 import time
 import uuid
@@ -44,9 +43,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from pl_parablock.blocks import Partition, make_schedule
+from pl_parablock.aggregate import PIECE_ELEMS, ROBUST_METHODS, assemble, clip_factor, pieces_of, robust_mean
+from pl_parablock.algorithm import GlobalState, RoundStep, Superseded, make_plan, sample_participants
+from pl_parablock.blocks import Partition
 from pl_parablock.errors import FederationError
-from pl_parablock.federation.aggregate import PIECE_ELEMS, ROBUST_METHODS, RoundAccumulator, assemble, clip_factor, pieces_of, robust_mean
 from pl_parablock.federation.wire import DTYPES, Spec, StagedTensors
 
 __all__ = ["AGGREGATIONS", "Aggregator", "RefusedError"]
@@ -81,7 +81,7 @@ class _Round:
     index: int
     block: int
     expected: tuple[int, ...]
-    acc: RoundAccumulator = field(default_factory=RoundAccumulator)
+    step: RoundStep
     lock: threading.Lock = field(default_factory=threading.Lock)
     clients: dict[int, dict[str, Any]] = field(default_factory=dict)
     kept: dict[int, _Update] = field(default_factory=dict)
@@ -116,14 +116,6 @@ def _describe_mismatch(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> st
 
 def _same_fingerprint(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return all(a.get(k) == b.get(k) for k in ("mode", "partition", "tensors", "hash"))
-
-
-def sample_participants(clients: int, rounds: int, per_round: int | None, seed: int) -> list[tuple[int, ...]]:
-    """Clients expected in each round: all, or a seeded sample of ``per_round``."""
-    if per_round is None or per_round >= clients:
-        return [tuple(range(clients))] * rounds
-    rng = random.Random(seed + 7919)
-    return [tuple(sorted(rng.sample(range(clients), per_round))) for _ in range(rounds)]
 
 
 class Aggregator:
@@ -204,8 +196,7 @@ class Aggregator:
         self._schedule: list[int] = []
         self._initializer: int | None = None
         self._ready = False
-        self._globals: list[dict[str, Tensor]] = []
-        self._versions: list[int] = []
+        self._state = GlobalState([])
         self._rounds: dict[int, _Round] = {}
         self._joined: set[int] = set()
         self._left: set[int] = set()
@@ -267,7 +258,7 @@ class Aggregator:
                 "need_state": need_state,
                 "schedule": list(self._schedule),
                 "rounds": self.rounds,
-                "versions": list(self._versions),
+                "versions": list(self._state.versions),
                 "next_round": self._next_round(),
                 "participants": [list(p) for p in self.participants] if self.clients_per_round else None,
                 "mode": self.mode,
@@ -278,8 +269,9 @@ class Aggregator:
     def _set_fingerprint(self, fingerprint: dict[str, Any]) -> None:
         self._fingerprint = fingerprint
         self._partition = Partition.from_dict(fingerprint["partition"])
-        self._schedule = make_schedule(self.schedule_kind, len(self._partition), self.rounds, self.seed)
-        self._versions = [-1] * len(self._partition)
+        plan = make_plan(self.mode, num_blocks=len(self._partition), rounds=self.rounds, schedule=self.schedule_kind, seed=self.seed)
+        self._schedule = list(plan.schedule)
+        self._state = GlobalState([{} for _ in self._partition.blocks])
 
     def set_initial_state(self, client_id: int, tensors: Mapping[str, Tensor] | StagedTensors) -> None:
         """Store the initial global value of every block (from the first client)."""
@@ -302,7 +294,7 @@ class Aggregator:
         with self._cond:
             assert self._partition is not None
             if not self._ready:
-                self._globals = [{n: loaded[n] for n in b.params} for b in self._partition.blocks]
+                self._state = GlobalState([{n: loaded[n] for n in b.params} for b in self._partition.blocks])
                 self._ready = True
             self._cond.notify_all()
         self._checkpoint_if_due(None)
@@ -372,8 +364,8 @@ class Aggregator:
                 rnd.late += 1
                 log.info("late update from client %d for closed round %d dropped", client, rnd_i)
                 return {"accepted": False, "status": "late", "reason": f"late: round {rnd_i} already closed"}
-            version = self._versions[block]
-            current = self._globals[block]
+            version = self._state.versions[block]
+            current = self._state.values[block]
         if kind not in ("value", "delta"):
             return self.refuse(record, f"unknown update kind {kind!r}", rnd)
         if not (weight > 0 and math.isfinite(weight)):
@@ -391,7 +383,8 @@ class Aggregator:
     def _round(self, index: int) -> _Round:
         rnd = self._rounds.get(index)
         if rnd is None:
-            rnd = self._rounds[index] = _Round(index, self._schedule[index], self.participants[index])
+            block = self._schedule[index]
+            rnd = self._rounds[index] = _Round(index, block, self.participants[index], RoundStep(index, block, self.server_lr))
         return rnd
 
     def submit(self, header: Mapping[str, Any], tensors: StagedTensors | Mapping[str, Tensor]) -> dict[str, Any]:
@@ -410,7 +403,7 @@ class Aggregator:
             client, rnd_i, kind, weight = int(header["client_id"]), int(header["round"]), str(header["kind"]), float(header["weight"])
             with self._cond:
                 rnd = self._round(rnd_i)
-                current = self._globals[rnd.block]
+                current = self._state.values[rnd.block]
             record = {"client": client, "round": rnd_i, "block": rnd.block}
             need_norm = self.max_update_norm is not None or self.clip_norm is not None
             with self._work_slots:
@@ -429,9 +422,9 @@ class Aggregator:
                     return {"accepted": False, "status": "late", "reason": f"late: round {rnd_i} already closed"}
                 if self.aggregation == "mean":
                     if kind == "value" and scale == 1.0:
-                        rnd.acc.add_pieces(staged.pieces(PIECE_ELEMS), weight, "value")
+                        rnd.step.add_pieces(staged.pieces(PIECE_ELEMS), weight, "value")
                     else:
-                        rnd.acc.add_pieces(_deltas(staged, current, kind), weight, "delta", scale)
+                        rnd.step.add_pieces(_deltas(staged, current, kind), weight, "delta", scale)
                 else:
                     rnd.kept[client] = _Update(staged, weight, kind, scale)
                     keep = True
@@ -458,7 +451,7 @@ class Aggregator:
 
     def _aggregate(self, rnd: _Round, current: dict[str, Tensor]) -> dict[str, Tensor]:
         if self.aggregation == "mean":
-            return rnd.acc.finish(current, self.server_lr)
+            return rnd.step.close(current)
         # a piece of every kept update at a time: memory O(clients x piece + block), not O(clients x block)
         out = {name: assemble(g, self._robust_pieces(rnd, name, g)) for name, g in current.items()}
         for u in rnd.kept.values():
@@ -481,15 +474,17 @@ class Aggregator:
                 return
             t0 = time.perf_counter()
             with self._cond:
-                current = self._globals[rnd.block]
+                current = self._state.values[rnd.block]
             new = self._aggregate(rnd, current)
             rnd.aggregation_s = time.perf_counter() - t0
             rnd.closed_at = time.time()
             rnd.reason = reason
             with self._cond:
-                self._globals[rnd.block] = new
-                self._versions[rnd.block] = max(self._versions[rnd.block], rnd.index)
+                problem = self._state.install(rnd.index, rnd.block, new)
                 self._last_close = time.monotonic()
+            if problem:
+                rnd.rejected.append({"round": rnd.index, "block": rnd.block, "reason": problem, "at": time.time() - self.started_at})
+                log.error("round %d: %s", rnd.index, problem)
             self._checkpoint_if_due(rnd)
             rnd.closed = True
         with self._cond:
@@ -539,13 +534,27 @@ class Aggregator:
         with self._cond:
             if not self._ready:
                 raise RefusedError("the federation has no initial state yet", "unavailable")
-            if not 0 <= block < len(self._globals):
-                raise RefusedError(f"block {block} is outside 0..{len(self._globals) - 1}", "invalid")
-            return self._versions[block], self._globals[block]
+            if not 0 <= block < len(self._state.values):
+                raise RefusedError(f"block {block} is outside 0..{len(self._state.values) - 1}", "invalid")
+            return self._state.versions[block], self._state.values[block]
+
+    def round_value(self, round_index: int) -> tuple[int, dict[str, Tensor]]:
+        """Version ``round_index`` of the round's block, once the round is aggregated (do not modify the tensors).
+
+        Raises:
+            RefusedError: code ``superseded`` when a later round of the block
+                replaced that version and it is no longer held.
+        """
+        block = self.expected_block(round_index)
+        with self._cond:
+            try:
+                return round_index, self._state.value_at(block, round_index)
+            except Superseded as exc:
+                raise RefusedError(str(exc), "superseded") from None
 
     def versions(self) -> list[int]:
         with self._cond:
-            return list(self._versions)
+            return list(self._state.versions)
 
     def _next_round(self) -> int:
         return next((r for r in range(self.rounds) if r not in self._rounds or not self._rounds[r].closed), self.rounds)
@@ -567,7 +576,7 @@ class Aggregator:
     def global_state(self) -> dict[str, Tensor]:
         """All global tensors by name (references; do not modify)."""
         with self._cond:
-            return {n: t for blk in self._globals for n, t in blk.items()}
+            return {n: t for blk in self._state.values for n, t in blk.items()}
 
     # ------------------------------------------------------------ departures
 
@@ -635,13 +644,13 @@ class Aggregator:
                 if self._fingerprint is None or not self._ready:
                     raise FederationError("nothing to checkpoint before the first client joined")
                 closed = [r for r in self._rounds.values() if r.closed or r is extra_closed]
-                tensors = {n: t for blk in self._globals for n, t in blk.items()}
+                tensors = {n: t for blk in self._state.values for n, t in blk.items()}
                 state = {
                     "format": CHECKPOINT_FORMAT,
                     "params": self._params(),
                     "fingerprint": self._fingerprint,
                     "initializer": self._initializer,
-                    "versions": list(self._versions),
+                    "versions": list(self._state.versions),
                     "rounds": [self._round_record(r) for r in sorted(closed, key=lambda r: r.index)],
                     "joined": sorted(self._joined),
                     "left": sorted(self._left),
@@ -713,8 +722,7 @@ class Aggregator:
             specs = self._fingerprint["tensors"]  # type: ignore[index]
             if set(tensors) != set(specs):
                 raise FederationError(f"server checkpoint in {directory} is corrupt: its tensors do not match its fingerprint")
-            self._globals = [{n: tensors[n] for n in b.params} for b in self._partition.blocks]
-            self._versions = [int(v) for v in state["versions"]]
+            self._state.restore([{n: tensors[n] for n in b.params} for b in self._partition.blocks], state["versions"])
             self._initializer = state["initializer"]
             self._ready = True
             for rec in state["rounds"]:

@@ -16,7 +16,9 @@ Methods (message shapes):
 * ``UploadState``: header ``{client_id}`` + tensors -> ``{ok}``
 * ``Push``: header ``{client_id, round, block, kind, base_version, weight, loss}`` + tensors ->
   ``{accepted, status, reason, retry, instance}``
-* ``Pull``: ``{client_id, round | block, wait_s, wire_dtype, instance}`` -> header ``{ready, round, block, version, instance}`` + tensors
+* ``Pull``: ``{client_id, round | block, wait_s, instance}`` -> header ``{ready, round, block, version, instance}`` + tensors
+  in the parameters' own dtype; a pull for round ``r`` returns version ``r`` of its block exactly, or
+  ``{ready: false, superseded: true}`` once a later round replaced that version
 * ``Versions``: ``{client_id}`` -> ``{versions, next_round, finished, instance}``
 * ``Leave``: ``{client_id, report}`` -> ``{ok}``
 """
@@ -30,7 +32,7 @@ from typing import Any
 
 from pl_parablock.errors import FederationError
 from pl_parablock.federation.aggregator import Aggregator, RefusedError
-from pl_parablock.federation.wire import DTYPES, CorruptStream, StagedTensors, check_specs, encode, header_bytes, parse_header
+from pl_parablock.federation.wire import CorruptStream, StagedTensors, check_specs, encode, header_bytes, parse_header
 
 __all__ = ["METHODS", "SERVICE_NAME", "FederationService"]
 
@@ -128,8 +130,6 @@ class FederationService:
         self._authorize(h, token)
         agg = self.aggregator
         wait_s = max(0.0, min(float(h.get("wait_s", MAX_WAIT_S)), MAX_WAIT_S))
-        wire = h.get("wire_dtype")
-        dtype = DTYPES.get(wire) if wire else None
         if h.get("instance") not in (None, agg.instance):
             # the client joined another instance (this server restarted): tell it at once
             yield from encode({"ready": False, "round": h.get("round"), "block": h.get("block"), "instance": agg.instance})
@@ -142,12 +142,20 @@ class FederationService:
                     raise RefusedError("the federation server is shutting down", "unavailable")
                 yield from encode({"ready": False, "round": rnd, "block": block, "instance": agg.instance})
                 return
+            try:
+                version, tensors = agg.round_value(rnd)
+            except RefusedError as exc:
+                if exc.code != "superseded":
+                    raise
+                yield from encode({"ready": False, "superseded": True, "round": rnd, "block": block, "instance": agg.instance})
+                return
         else:
             rnd = None
             block = _int(h, "block")
-        version, tensors = agg.block_value(block)
+            version, tensors = agg.block_value(block)
+        # the global travels exactly, in the parameters' own dtype, whatever the uploads' wire dtype
         header = {"ready": True, "round": rnd, "block": block, "version": version, "instance": agg.instance}
-        yield from encode(header, tensors, chunk_bytes=self.chunk_bytes, dtype=dtype)
+        yield from encode(header, tensors, chunk_bytes=self.chunk_bytes)
 
     def Versions(self, request: bytes, token: str | None = None) -> bytes:  # noqa: N802
         self._authorize(parse_header(request, "versions"), token)

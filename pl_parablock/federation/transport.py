@@ -36,7 +36,7 @@ import grpc
 import torch
 from torch import Tensor
 
-from pl_parablock.errors import FederationError, ServerRestarted, TransportError
+from pl_parablock.errors import FederationError, ServerRestarted, TransportError, VersionSuperseded
 from pl_parablock.federation.link import Link
 from pl_parablock.federation.service import METHODS, SERVICE_NAME, FederationService
 from pl_parablock.federation.wire import CorruptStream, decode, encode, header_bytes, parse_header
@@ -236,8 +236,7 @@ class Transport(ABC):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TransportError(f"{what} did not arrive within {timeout:g} s (federation.timeout_s)")
-            wire = {"wire_dtype": str(self.wire_dtype).removeprefix("torch.")} if self.wire_dtype else {}
-            req = header_bytes({**request, **wire, "wait_s": min(left, POLL_S), "instance": self.instance})
+            req = header_bytes({**request, "wait_s": min(left, POLL_S), "instance": self.instance})
             counter = _Counter(self._unary_stream("Pull", req, left + 5.0))
             try:
                 header, tensors = decode(self.link.pace_down(iter(counter)), what=what)
@@ -246,6 +245,8 @@ class Transport(ABC):
             nbytes += counter.nbytes
             if self.instance is not None and header.get("instance") not in (None, self.instance):
                 raise ServerRestarted(f"the server restarted (instance {str(header['instance'])[:8]}, joined {self.instance[:8]})")
+            if header.get("superseded"):
+                raise VersionSuperseded(f"{what}: the server no longer holds that version (a later round replaced it)")
             if header.get("ready"):
                 end = time.perf_counter()
                 first = counter.first_at or end

@@ -46,6 +46,8 @@ DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
     "bool": torch.bool,
 }
+WIRE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The floating dtypes a block may travel in."""
 _NAMES = {v: k for k, v in DTYPES.items()}
 
 

@@ -1,4 +1,4 @@
-"""The arithmetic of a round: weighted aggregation, robust aggregation, clipping, rebase.
+"""The arithmetic of a round: weighted aggregation, robust aggregation, clipping (used by :mod:`pl_parablock.algorithm`).
 
 Pure functions and a small accumulator, no threads and no I/O, so that the
 exactness the design relies on can be tested on tensors alone.
@@ -20,22 +20,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["PIECE_ELEMS", "ROBUST_METHODS", "RoundAccumulator", "assemble", "clip_factor", "pieces_of", "rebase", "robust_mean"]
+__all__ = ["PIECE_ELEMS", "ROBUST_METHODS", "RoundAccumulator", "assemble", "clip_factor", "pieces_of", "robust_mean"]
 
 ROBUST_METHODS = ("trimmed_mean", "median")
-
-
-def rebase(local: Tensor, end: Tensor, new_global: Tensor) -> Tensor:
-    """Block-level correction: ``new_global + (local - end)``.
-
-    ``end`` is the block's value when it was handed off; ``local`` its value
-    now. The result is the aggregate plus whatever local progress the block
-    made since the hand-off. Returns a new tensor on ``local``'s device and
-    dtype.
-    """
-    g = new_global.to(device=local.device, dtype=local.dtype)
-    e = end.to(device=local.device, dtype=local.dtype)
-    return g + (local - e)
 
 
 def clip_factor(norm: float, max_norm: float | None) -> float:

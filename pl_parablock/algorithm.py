@@ -1,0 +1,520 @@
+r"""The ParaBlock algorithm (DESIGN.md §1), pure: no threads, sockets or Lightning.
+
+Every driver runs the algorithm through the objects of this module and
+decides nothing of its own: the Lightning callback
+(:class:`~pl_parablock.strategy.FederatedBlockStrategy`, real clients), the
+server (:class:`~pl_parablock.federation.aggregator.Aggregator`), the
+sequential reference (:mod:`pl_parablock.reference`, the oracle of the tests)
+and the simulator. So for one recipe they end with the same global model,
+bitwise.
+
+Notation. The trainable parameters are split into blocks ``B_1..B_M``; the
+:class:`Plan` fixes, for every global round ``t``, the active block ``b_t``
+(the schedule) and the clients that train it (all, or a seeded sample).
+
+Client ``i``, round ``t`` (:class:`ClientCore`):
+
+1. **begin** — every aggregate of a round ``r <= t - 1 - staleness`` is in
+   place (``staleness`` is 0 for ``sync`` and ``fedavg``, 1 for
+   ``parablock``); block ``b_t`` alone trains; its optimizer state is created
+   fresh (unless ``keep_optimizer_state``). ``s`` = the block's value now.
+2. **end** — after ``K`` local steps, ``e`` = the block's value. The update
+   sent is ``e`` itself (``kind="value"``) when ``s`` was the current global
+   value of the block and the upload is exact, else ``Δ = e − s``
+   (``kind="delta"``), with weight ``w_i`` (:func:`client_weight`).
+3. **apply** — the aggregate ``g'`` of round ``r`` (exactly version ``r``) is
+   applied in round order; the block is *rebased*:
+   ``θ[b] ← g' + (θ[b] − e)`` (:func:`rebase`), the global result plus the
+   local progress made since the hand-off — a plain replacement when the
+   block did not train since.
+
+Server, round ``t`` (:class:`RoundStep`, :class:`GlobalState`):
+``g' = g + η_g · Σ_i w_i Δ_i / Σ_i w_i`` over the round's arrived updates
+(value updates count as ``Δ_i = e_i − g``); with ``η_g = 1`` and only value
+updates, the weighted mean ``Σ_i w_i e_i / Σ_i w_i`` (equal in exact
+arithmetic, and it lets a single update through bitwise). The block's
+version becomes ``t``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pl_parablock.aggregate import RoundAccumulator
+from pl_parablock.blocks import make_schedule
+from pl_parablock.errors import ParaBlockError
+
+__all__ = [
+    "MODES",
+    "UPDATE_KINDS",
+    "WEIGHTINGS",
+    "AlgorithmError",
+    "ClientCore",
+    "GlobalState",
+    "Plan",
+    "RoundStart",
+    "RoundStep",
+    "Superseded",
+    "Update",
+    "client_weight",
+    "make_plan",
+    "rebase",
+    "sample_participants",
+    "staleness",
+]
+
+MODES = ("parablock", "sync", "fedavg")
+"""``parablock`` overlaps a round's communication with the next round; ``sync`` waits every round; ``fedavg`` is one block of everything."""
+
+WEIGHTINGS = ("samples", "tokens", "shard", "uniform")
+"""A client's weight ``w_i``: samples or tokens it saw in the round, its shard's size (FedAvg's usual weight), or 1."""
+
+UPDATE_KINDS = ("value", "delta", "none")
+"""What an update carries: the end value ``e``, the delta ``e − s``, or nothing (a round the client is not sampled for)."""
+
+
+class AlgorithmError(ParaBlockError):
+    """A driver asked the core for something the algorithm forbids (a bug in the driver, or a corrupt state)."""
+
+
+def staleness(mode: str) -> int:
+    """Rounds a client may run ahead of the last aggregate it applied: 1 for ``parablock``, else 0."""
+    if mode not in MODES:
+        raise AlgorithmError(f"unknown mode {mode!r}; use {', '.join(MODES)}")
+    return 1 if mode == "parablock" else 0
+
+
+def sample_participants(clients: int, rounds: int, per_round: int | None, seed: int) -> list[tuple[int, ...]]:
+    """Clients expected in each round: all, or a seeded sample of ``per_round`` (sorted)."""
+    if per_round is None or per_round >= clients:
+        return [tuple(range(clients))] * rounds
+    rng = random.Random(seed + 7919)
+    return [tuple(sorted(rng.sample(range(clients), per_round))) for _ in range(rounds)]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every round does: its block, who trains it, and the mode's rules.
+
+    Args:
+        mode: one of :data:`MODES`.
+        schedule: the active block ``b_t`` of every round.
+        num_blocks: ``M``.
+        participants: the clients of every round; ``None``: every client.
+        keep_optimizer_state: keep a block's optimizer state across its
+            rounds (default: created fresh every round the block trains).
+    """
+
+    mode: str
+    schedule: tuple[int, ...]
+    num_blocks: int
+    participants: tuple[tuple[int, ...], ...] | None = None
+    keep_optimizer_state: bool = False
+
+    def __post_init__(self) -> None:
+        staleness(self.mode)
+        if any(not 0 <= b < self.num_blocks for b in self.schedule):
+            raise AlgorithmError(f"schedule {list(self.schedule)} names a block outside 0..{self.num_blocks - 1}")
+        if self.participants is not None and len(self.participants) != len(self.schedule):
+            raise AlgorithmError("participants must name the clients of every round")
+
+    @property
+    def rounds(self) -> int:
+        return len(self.schedule)
+
+    @property
+    def staleness(self) -> int:
+        return staleness(self.mode)
+
+    def participates(self, client: int, t: int) -> bool:
+        return self.participants is None or client in self.participants[t]
+
+    def applied_before(self, t: int) -> int:
+        """The last round whose aggregate must be in place before round ``t`` begins (``-1``: none).
+
+        ``sync``/``fedavg``: round ``t − 1``; ``parablock``: round ``t − 2``
+        (one round of staleness, at the same point of every run).
+        """
+        return min(t, self.rounds) - 1 - (self.staleness if t < self.rounds else 0)
+
+    def trains_again_before_apply(self, t: int, block: int) -> bool:
+        """Whether ``block`` may train between the hand-off of round ``t`` and the application of its aggregate.
+
+        Only in ``parablock``, and only if round ``t + 1`` trains the same
+        block (a single block; schedules never repeat a block back to back
+        otherwise). Then the hand-off value ``e`` must be kept for the rebase.
+        """
+        return self.staleness > 0 and t + 1 < self.rounds and self.schedule[t + 1] == block
+
+
+def make_plan(
+    mode: str,
+    *,
+    num_blocks: int,
+    rounds: int,
+    schedule: str | Sequence[int] = "ascending",
+    seed: int = 0,
+    clients: int = 1,
+    clients_per_round: int | None = None,
+    keep_optimizer_state: bool = False,
+) -> Plan:
+    """The plan of a federation (the server's) or of a centralized run (one client, every round)."""
+    kind: str | list[int] = schedule if isinstance(schedule, str) else list(schedule)
+    order = make_schedule(kind, num_blocks, rounds, seed)
+    sampled = clients_per_round is not None and clients_per_round < clients
+    participants = tuple(sample_participants(clients, rounds, clients_per_round, seed)) if sampled else None
+    return Plan(mode, tuple(order), num_blocks, participants, keep_optimizer_state)
+
+
+def client_weight(weighting: str, *, samples: int, tokens: int, shard: int) -> float:
+    """``w_i`` of one client's update (DESIGN §1.1 Weights).
+
+    ``tokens`` falls back to ``samples`` when the batches carry no token counts.
+    """
+    if weighting == "samples":
+        return float(samples)
+    if weighting == "tokens":
+        return float(tokens or samples)
+    if weighting == "shard":
+        return float(shard)
+    if weighting == "uniform":
+        return 1.0
+    raise AlgorithmError(f"unknown weighting {weighting!r}; use {', '.join(WEIGHTINGS)}")
+
+
+def rebase(local: Tensor, end: Tensor, new_global: Tensor) -> Tensor:
+    """Block-level correction: ``new_global + (local − end)``.
+
+    ``end`` is the block's value when it was handed off, ``local`` its value
+    now: the result is the aggregate plus the local progress made since the
+    hand-off. Returns a new tensor on ``local``'s device and dtype.
+    """
+    g = new_global.to(device=local.device, dtype=local.dtype)
+    e = end.to(device=local.device, dtype=local.dtype)
+    return g + (local - e)
+
+
+def _finite(t: Tensor) -> bool:
+    """Whether every value of ``t`` is finite (one float64 sum decides unless it overflows)."""
+    if not t.is_floating_point():
+        return True
+    return math.isfinite(float(t.sum(dtype=torch.float64))) or bool(torch.isfinite(t).all())
+
+
+def _cpu_copy(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {n: t.detach().to("cpu", copy=True) for n, t in tensors.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- client
+
+
+@dataclass
+class Update:
+    """What a client hands to the transmitter at the end of a round (or for a round it skips)."""
+
+    round: int
+    block: int
+    kind: str
+    base_version: int
+    weight: float
+    tensors: dict[str, Tensor] | None = field(repr=False)
+    loss: float | None = None
+
+
+@dataclass(frozen=True)
+class RoundStart:
+    """Round ``round`` begins: train ``block`` alone; with ``fresh_optimizer_state``, drop its optimizer state first."""
+
+    round: int
+    block: int
+    fresh_optimizer_state: bool
+
+
+@dataclass
+class _Open:
+    round: int
+    block: int
+    start: dict[str, Tensor] | None  # s, kept only when a delta will be sent
+    start_version: int
+
+
+class ClientCore:
+    """One client's round state machine over the live tensors of its blocks.
+
+    The driver calls, in this order for every round ``t``: :meth:`awaiting`
+    (the rounds whose aggregates it must deliver first, each through
+    :meth:`apply`), then :meth:`skip` if the client is not sampled for ``t``,
+    else :meth:`begin`, ``K`` optimizer steps, and :meth:`end`; after the last
+    round, :meth:`awaiting` again until :attr:`finished`. The core mutates the
+    block tensors in place (under ``no_grad``) only in :meth:`apply` and
+    :meth:`adopt`.
+
+    Args:
+        plan: the federation's plan.
+        client_id: this client.
+        blocks: the live tensors of every block, by name (e.g. the module's
+            parameters); index = block.
+        exact_uploads: uploads travel in the parameters' own dtype, so a
+            client that started from the global may send its end value;
+            ``False`` (a narrower wire dtype): always deltas.
+
+    Raises:
+        AlgorithmError: a call out of order (an aggregate applied early, late,
+            twice, or of another version than the round's).
+    """
+
+    def __init__(self, plan: Plan, client_id: int, blocks: Sequence[Mapping[str, Tensor]], *, exact_uploads: bool = True) -> None:
+        if len(blocks) != plan.num_blocks:
+            raise AlgorithmError(f"the plan has {plan.num_blocks} blocks, the client {len(blocks)}")
+        self.plan = plan
+        self.client_id = client_id
+        self.blocks = [dict(b) for b in blocks]
+        self.exact_uploads = exact_uploads
+        self.round = 0
+        self.next_apply = 0
+        self.versions = [-1] * plan.num_blocks
+        self.clean = [True] * plan.num_blocks  # the block holds exactly its global value of `versions[b]`
+        self.inflight: dict[int, tuple[int, dict[str, Tensor] | None]] = {}  # round -> (block, e if the rebase needs it)
+        self.open: _Open | None = None
+
+    # ------------------------------------------------------------ queries
+
+    @property
+    def finished(self) -> bool:
+        """Every round trained (or skipped) and every aggregate applied."""
+        return self.round >= self.plan.rounds and self.next_apply >= self.plan.rounds and self.open is None
+
+    @property
+    def active_block(self) -> int | None:
+        return self.open.block if self.open is not None else None
+
+    def awaiting(self) -> list[int]:
+        """Rounds whose aggregates must be applied, in this order, before the next step."""
+        if self.open is not None:
+            return []
+        return list(range(self.next_apply, self.plan.applied_before(self.round) + 1))
+
+    def participates(self) -> bool:
+        """Whether this client trains the next round."""
+        return self.plan.participates(self.client_id, self.round)
+
+    # ------------------------------------------------------------ round steps
+
+    def _check_ready(self) -> int:
+        t = self.round
+        if self.open is not None:
+            raise AlgorithmError(f"client {self.client_id}: round {self.open.round} is still open")
+        if t >= self.plan.rounds:
+            raise AlgorithmError(f"client {self.client_id}: all {self.plan.rounds} rounds are done")
+        if self.awaiting():
+            raise AlgorithmError(
+                f"client {self.client_id}: round {t} cannot begin before the aggregate of round {self.next_apply} is applied"
+            )
+        return t
+
+    def begin(self) -> RoundStart:
+        """Open round ``t``: block ``b_t`` trains from ``s``, its current value."""
+        t = self._check_ready()
+        if not self.participates():
+            raise AlgorithmError(f"client {self.client_id} is not sampled for round {t}; call skip()")
+        b = self.plan.schedule[t]
+        pending = any(blk == b for blk, _ in self.inflight.values())
+        from_global = self.clean[b] and not pending and self.exact_uploads
+        self.open = _Open(t, b, None if from_global else _cpu_copy(self.blocks[b]), self.versions[b])
+        return RoundStart(t, b, fresh_optimizer_state=not self.plan.keep_optimizer_state)
+
+    def end(self, *, samples: int, tokens: int, shard: int, weighting: str, loss: float | None = None) -> Update:
+        """Close the open round: the update ``e`` or ``e − s`` with its weight ``w_i``."""
+        if self.open is None:
+            raise AlgorithmError(f"client {self.client_id}: no round is open")
+        o, self.open = self.open, None
+        e = _cpu_copy(self.blocks[o.block])
+        if o.start is None:
+            kind, payload = "value", e
+        else:
+            kind, payload = "delta", {n: e[n] - o.start[n] for n in e}
+        self.inflight[o.round] = (o.block, e if self.plan.trains_again_before_apply(o.round, o.block) else None)
+        self.clean[o.block] = False
+        self.round = o.round + 1
+        weight = client_weight(weighting, samples=samples, tokens=tokens, shard=shard)
+        return Update(o.round, o.block, kind, o.start_version, weight, payload, loss)
+
+    def skip(self) -> Update:
+        """A round this client is not sampled for: nothing trains; its aggregate is fetched and applied in turn."""
+        t = self._check_ready()
+        if self.participates():
+            raise AlgorithmError(f"client {self.client_id} is sampled for round {t}; call begin()")
+        b = self.plan.schedule[t]
+        keep = self.plan.trains_again_before_apply(t, b)
+        self.inflight[t] = (b, _cpu_copy(self.blocks[b]) if keep else None)
+        self.round = t + 1
+        return Update(t, b, "none", self.versions[b], 0.0, None)
+
+    def apply(self, round_index: int, version: int, new_global: Mapping[str, Tensor]) -> None:
+        """Apply the aggregate ``g'`` of ``round_index`` (version ``round_index`` exactly) by the rebase."""
+        if round_index != self.next_apply:
+            raise AlgorithmError(
+                f"client {self.client_id}: aggregate of round {round_index} applied out of turn (next is {self.next_apply})"
+            )
+        if round_index not in self.inflight:
+            raise AlgorithmError(f"client {self.client_id}: round {round_index} was never handed off")
+        if version != round_index:
+            raise AlgorithmError(f"client {self.client_id}: asked for version {round_index} of the block, got version {version}")
+        b, end = self.inflight.pop(round_index)
+        later = [q for q, (blk, _) in self.inflight.items() if blk == b and q > round_index]
+        trained_since = bool(later) or (self.open is not None and self.open.block == b)
+        if not trained_since:
+            self._copy_in(b, new_global)
+            self.clean[b] = True
+        else:
+            if end is None:
+                raise AlgorithmError(f"client {self.client_id}: block {b} trained again before round {round_index}'s aggregate arrived")
+            with torch.no_grad():
+                for n, p in self.blocks[b].items():
+                    p.copy_(rebase(p, end[n], new_global[n]))
+            for q in later:
+                blk, e_q = self.inflight[q]
+                if e_q is not None:
+                    self.inflight[q] = (blk, {n: rebase(e_q[n], end[n], new_global[n]) for n in e_q})
+            if self.open is not None and self.open.block == b and self.open.start is not None:
+                self.open.start = {n: rebase(self.open.start[n], end[n], new_global[n]) for n in end}
+            self.clean[b] = False
+        self.versions[b] = version
+        self.next_apply = round_index + 1
+
+    # ------------------------------------------------------------ joining
+
+    def adopt(self, block: int, version: int, new_global: Mapping[str, Tensor]) -> None:
+        """Hold the server's current global value of ``block`` (join, rejoin, resync)."""
+        self._copy_in(block, new_global)
+        self.versions[block] = version
+        self.clean[block] = True
+
+    def restart_at(self, next_round: int) -> None:
+        """Continue from the server's first round not yet aggregated; hand-offs in flight are dropped."""
+        self.inflight.clear()
+        self.open = None
+        self.round = self.next_apply = next_round
+
+    def mark_unverified(self) -> None:
+        """The blocks may not hold their global values (restored from a checkpoint, server restarted)."""
+        self.clean = [False] * self.plan.num_blocks
+
+    def _copy_in(self, block: int, tensors: Mapping[str, Tensor]) -> None:
+        with torch.no_grad():
+            for n, p in self.blocks[block].items():
+                p.copy_(tensors[n])
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data to resume from (between rounds, with nothing in flight)."""
+        return {"round": self.round, "versions": list(self.versions)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.restart_at(int(state["round"]))
+        self.versions = [int(v) for v in state.get("versions", self.versions)]
+        self.mark_unverified()
+
+
+# ---------------------------------------------------------------------------------------------------- server
+
+
+class Superseded(AlgorithmError):  # noqa: N818 - names the event
+    """The version asked for is no longer held: a later round replaced it; fetch the current value and resync."""
+
+
+class RoundStep:
+    """The server's step for one round of one block: accumulate updates, then form ``g'``.
+
+    ``g' = g + η_g · Σ w_i Δ_i / Σ w_i``; with ``η_g = 1`` and only value
+    updates, ``Σ w_i e_i / Σ w_i`` (see :class:`~pl_parablock.aggregate.RoundAccumulator`
+    for the exact float64 arithmetic). Memory: two float64 copies of the
+    block, whatever the number of clients.
+    """
+
+    def __init__(self, round_index: int, block: int, server_lr: float = 1.0) -> None:
+        self.round = round_index
+        self.block = block
+        self.server_lr = server_lr
+        self.acc = RoundAccumulator()
+
+    def add(self, tensors: Mapping[str, Tensor], weight: float, kind: str, scale: float = 1.0) -> None:
+        """One client's update (whole tensors)."""
+        self.acc.add(tensors, weight, kind, scale)
+
+    def add_pieces(self, pieces: Iterable[tuple[str, int, Tensor]], weight: float, kind: str, scale: float = 1.0) -> None:
+        """One client's update, a piece at a time as it is read."""
+        self.acc.add_pieces(pieces, weight, kind, scale)
+
+    @property
+    def count(self) -> int:
+        return self.acc.count
+
+    def close(self, current: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The block's new global value (in ``current``'s dtypes); call once."""
+        return self.acc.finish(current, self.server_lr)
+
+
+class GlobalState:
+    """The global value and version of every block, with the last versions kept for exact pulls.
+
+    A pull for round ``r`` must return version ``r`` of the round's block
+    exactly (DESIGN §1.1 Versions), even after a later round replaced it; the
+    last ``keep_versions`` versions of each block are kept (references to
+    tensors that are never modified, so no copies), older ones answer
+    :class:`Superseded`.
+    """
+
+    def __init__(self, blocks: Sequence[Mapping[str, Tensor]], keep_versions: int = 2) -> None:
+        if keep_versions < 1:
+            raise AlgorithmError("keep at least the current version")
+        self.values: list[dict[str, Tensor]] = [dict(b) for b in blocks]
+        self.versions = [-1] * len(self.values)
+        self.keep_versions = keep_versions
+        self._history: list[dict[int, dict[str, Tensor]]] = [{-1: v} for v in self.values]
+
+    def install(self, round_index: int, block: int, new: dict[str, Tensor]) -> str:
+        """``new`` becomes version ``round_index`` of ``block``; returns ``''``, or why it was refused.
+
+        A non-finite aggregate is refused: the previous value stays, as
+        version ``round_index``, so that every client goes on from it.
+        """
+        if round_index <= self.versions[block]:
+            raise AlgorithmError(f"block {block} is at version {self.versions[block]}; round {round_index} cannot replace it")
+        problem = next(
+            (f"the aggregate of {n!r} is not finite; the global keeps its previous value" for n, t in new.items() if not _finite(t)), ""
+        )
+        if problem:
+            new = self.values[block]
+        self.values[block] = new
+        self.versions[block] = round_index
+        hist = self._history[block]
+        hist[round_index] = new
+        for v in sorted(hist)[: max(0, len(hist) - self.keep_versions)]:
+            del hist[v]
+        return problem
+
+    def value_at(self, block: int, version: int) -> dict[str, Tensor]:
+        """Version ``version`` of ``block``.
+
+        Raises:
+            Superseded: that version is no longer held (or never existed).
+        """
+        hist = self._history[block]
+        if version not in hist:
+            raise Superseded(f"version {version} of block {block} is superseded (the block is at version {self.versions[block]})")
+        return hist[version]
+
+    def restore(self, blocks: Sequence[Mapping[str, Tensor]], versions: Sequence[int]) -> None:
+        """Resume from a checkpoint: the current values only."""
+        self.values = [dict(b) for b in blocks]
+        self.versions = [int(v) for v in versions]
+        self._history = [{v: b} for v, b in zip(self.versions, self.values)]
