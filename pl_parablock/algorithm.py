@@ -38,6 +38,7 @@ version becomes ``t``.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
@@ -63,7 +64,9 @@ __all__ = [
     "RoundStep",
     "Superseded",
     "Update",
+    "activate",
     "client_weight",
+    "digest",
     "make_plan",
     "rebase",
     "sample_participants",
@@ -199,6 +202,17 @@ def rebase(local: Tensor, end: Tensor, new_global: Tensor) -> Tensor:
     g = new_global.to(device=local.device, dtype=local.dtype)
     e = end.to(device=local.device, dtype=local.dtype)
     return g + (local - e)
+
+
+def digest(tensors: Mapping[str, Tensor]) -> str:
+    """SHA-256 of named tensors (names, dtypes, shapes and bytes, in name order): equal digests, bitwise equal tensors."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _finite(t: Tensor) -> bool:
@@ -424,6 +438,26 @@ class ClientCore:
         self.mark_unverified()
 
 
+def activate(blocks: Sequence[Mapping[str, Tensor]], start: RoundStart, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+    """Step 1 of a round on the live parameters: block ``start.block`` alone trains.
+
+    Every other block is frozen and its gradients dropped; with
+    ``start.fresh_optimizer_state`` every block's optimizer state is dropped,
+    so the active block's is created fresh by its first step and only the
+    active block ever holds optimizer state (BAdam's memory saving).
+    """
+    for b, params in enumerate(blocks):
+        for p in params.values():
+            p.requires_grad_(b == start.block)
+            if b != start.block:
+                p.grad = None
+    if start.fresh_optimizer_state:
+        for opt in optimizers:
+            for params in blocks:
+                for p in params.values():
+                    opt.state.pop(p, None)
+
+
 # ---------------------------------------------------------------------------------------------------- server
 
 
@@ -464,57 +498,81 @@ class RoundStep:
 
 
 class GlobalState:
-    """The global value and version of every block, with the last versions kept for exact pulls.
+    """The global value and version of every block, with the versions some client has yet to pull.
 
     A pull for round ``r`` must return version ``r`` of the round's block
-    exactly (DESIGN §1.1 Versions), even after a later round replaced it; the
-    last ``keep_versions`` versions of each block are kept (references to
-    tensors that are never modified, so no copies), older ones answer
-    :class:`Superseded`.
+    exactly (DESIGN §1.1 Versions), even after a later round replaced it. So
+    a version stays held (a reference to tensors that are never modified:
+    no copy) until every client expected to read it has read it or was
+    released (it left, or rejoined and adopted the current values); then
+    only the current version remains. A pull for a version no longer held
+    raises :class:`Superseded`. At most ``max_old`` superseded versions of a
+    block are held (a reader that never comes back must not hold the
+    server's memory): a reader further behind must resync.
     """
 
-    def __init__(self, blocks: Sequence[Mapping[str, Tensor]], keep_versions: int = 2) -> None:
-        if keep_versions < 1:
-            raise AlgorithmError("keep at least the current version")
+    def __init__(self, blocks: Sequence[Mapping[str, Tensor]], max_old: int = 2) -> None:
+        self.max_old = max_old
         self.values: list[dict[str, Tensor]] = [dict(b) for b in blocks]
         self.versions = [-1] * len(self.values)
-        self.keep_versions = keep_versions
-        self._history: list[dict[int, dict[str, Tensor]]] = [{-1: v} for v in self.values]
+        self._held: list[dict[int, tuple[dict[str, Tensor], set[int]]]] = [{} for _ in self.values]
 
-    def install(self, round_index: int, block: int, new: dict[str, Tensor]) -> str:
-        """``new`` becomes version ``round_index`` of ``block``; returns ``''``, or why it was refused.
+    def install(self, round_index: int, block: int, new: dict[str, Tensor], readers: Iterable[int] = ()) -> str:
+        """``new`` becomes version ``round_index`` of ``block``, held for ``readers``; returns ``''``, or why it was refused.
 
         A non-finite aggregate is refused: the previous value stays, as
         version ``round_index``, so that every client goes on from it.
         """
         if round_index <= self.versions[block]:
             raise AlgorithmError(f"block {block} is at version {self.versions[block]}; round {round_index} cannot replace it")
-        problem = next(
-            (f"the aggregate of {n!r} is not finite; the global keeps its previous value" for n, t in new.items() if not _finite(t)), ""
-        )
+        bad = [n for n, t in new.items() if not _finite(t)]
+        problem = f"the aggregate of {bad[0]!r} is not finite; the global keeps its previous value" if bad else ""
         if problem:
             new = self.values[block]
         self.values[block] = new
         self.versions[block] = round_index
-        hist = self._history[block]
-        hist[round_index] = new
-        for v in sorted(hist)[: max(0, len(hist) - self.keep_versions)]:
-            del hist[v]
+        self._held[block][round_index] = (new, set(readers))
+        self._drop_read(block)
         return problem
 
-    def value_at(self, block: int, version: int) -> dict[str, Tensor]:
-        """Version ``version`` of ``block``.
+    def value_at(self, block: int, version: int, reader: int | None = None) -> dict[str, Tensor]:
+        """Version ``version`` of ``block``, read by ``reader`` (who then no longer holds it).
 
         Raises:
-            Superseded: that version is no longer held (or never existed).
+            Superseded: that version is no longer held.
         """
-        hist = self._history[block]
-        if version not in hist:
+        held = self._held[block].get(version)
+        if held is None:
+            if version == self.versions[block]:
+                return self.values[block]
             raise Superseded(f"version {version} of block {block} is superseded (the block is at version {self.versions[block]})")
-        return hist[version]
+        if reader is not None:
+            held[1].discard(reader)
+            self._drop_read(block)
+        return held[0]
+
+    def release(self, reader: int) -> None:
+        """``reader`` will read no held version (it left, or rejoined and adopts the current values)."""
+        for block, held in enumerate(self._held):
+            for _, readers in held.values():
+                readers.discard(reader)
+            self._drop_read(block)
+
+    def held_versions(self, block: int) -> list[int]:
+        """Versions of ``block`` still held for a reader, oldest first."""
+        return sorted(self._held[block])
+
+    def _drop_read(self, block: int) -> None:
+        held = self._held[block]
+        old = sorted(v for v in held if v != self.versions[block])
+        for v in [v for v in old if not held[v][1]] + old[: max(0, len(old) - self.max_old)]:
+            held.pop(v, None)
+        cur = held.get(self.versions[block])
+        if cur is not None and not cur[1]:
+            del held[self.versions[block]]
 
     def restore(self, blocks: Sequence[Mapping[str, Tensor]], versions: Sequence[int]) -> None:
         """Resume from a checkpoint: the current values only."""
         self.values = [dict(b) for b in blocks]
         self.versions = [int(v) for v in versions]
-        self._history = [{v: b} for v, b in zip(self.versions, self.values)]
+        self._held = [{} for _ in self.values]

@@ -243,14 +243,18 @@ def _tail(path: str, lines: int = 15) -> str:
         return "(no log)"
 
 
-def _local_inprocess(recipe: Recipe) -> int:
+def federate_in_process(recipe: Recipe, progress: bool = False) -> tuple[Aggregator, list[Any], float]:
+    """Run ``recipe``'s federation in this process, clients as threads over the in-process transport.
+
+    Returns the aggregator, the client runs and the wall time. The first
+    client failure is raised (a :class:`ParaBlockError` as it is).
+    """
     from pl_parablock.runner import prepare_client, quiet_third_party
 
     quiet_third_party()
     f = recipe.federation
-    agg = _aggregator(recipe, progress=True)
+    agg = _aggregator(recipe, progress=progress)
     service = FederationService(agg, chunk_bytes=f.chunk_kb * 1024, token=server_token(recipe))
-    _banner(recipe, "one process, clients as threads")
     wire = DTYPES[f.wire_dtype] if f.wire_dtype else None
     link = Link.from_section(recipe.link)
     runs = [
@@ -282,6 +286,12 @@ def _local_inprocess(recipe: Recipe) -> int:
         if isinstance(exc, ParaBlockError):
             raise exc
         raise RuntimeError(f"client {first} failed") from exc
+    return agg, runs, wall
+
+
+def _local_inprocess(recipe: Recipe) -> int:
+    _banner(recipe, "one process, clients as threads")
+    agg, _, wall = federate_in_process(recipe, progress=True)
     return _finish(recipe, agg, wall)
 
 

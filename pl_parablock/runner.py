@@ -104,7 +104,9 @@ class ClientRun:
         return {**self.strategy.report(), "shard_size": self.shard_size, **self.extra}
 
 
-def prepare_client(recipe: Recipe, client_id: int, server: str | Transport | None, *, evaluate: bool | None = None) -> ClientRun:
+def prepare_client(
+    recipe: Recipe, client_id: int, server: str | Transport | None, *, evaluate: bool | None = None, shard: bool | None = None
+) -> ClientRun:
     """Build client ``client_id`` of a recipe, connected to ``server``.
 
     The client reads only the data it needs: with a natural partition, its
@@ -115,6 +117,8 @@ def prepare_client(recipe: Recipe, client_id: int, server: str | Transport | Non
         client_id: which client (its data shard).
         server: ``HOST:PORT``, a transport, or ``None`` for a centralized run on all the data.
         evaluate: evaluate and save the global model (default: client 0 only).
+        shard: train on this client's share of the data (default: with a
+            server; a centralized run trains on all of it).
 
     Raises:
         ParaBlockError: a model, data or recipe problem, naming its cause.
@@ -122,7 +126,8 @@ def prepare_client(recipe: Recipe, client_id: int, server: str | Transport | Non
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     evaluate = client_id == 0 if evaluate is None else evaluate
-    data = client_data(recipe, client_id if server is not None else None, evaluate=evaluate)
+    shard = server is not None if shard is None else shard
+    data = client_data(recipe, client_id if shard else None, evaluate=evaluate)
     log.info("client %d: %d training records, %d evaluation records", client_id, len(data.train), len(data.evals))
     if data.skipped:
         log.warning(

@@ -35,7 +35,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
 from typing_extensions import override
 
-from pl_parablock.algorithm import MODES, WEIGHTINGS, ClientCore, Plan, make_plan
+from pl_parablock.algorithm import MODES, WEIGHTINGS, ClientCore, Plan, activate, digest, make_plan
 from pl_parablock.blocks import Partition, partition_model, whole_model_partition
 from pl_parablock.errors import ParaBlockError, ResyncNeeded, TransmitterError
 from pl_parablock.federation.link import Link
@@ -229,6 +229,14 @@ class FederatedBlockStrategy(Callback):
 
     # ----------------------------------------------------------------- setup
 
+    def partition_of(self, module: nn.Module) -> Partition:
+        """The blocks this strategy trains in ``module`` (every trainable parameter as one block for ``fedavg``)."""
+        if self.mode == "fedavg":
+            return whole_model_partition(module)
+        return partition_model(
+            module, layers_per_block=self.layers_per_block, embeddings=self.embeddings, head=self.head, patterns=self.block_patterns
+        )
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -241,12 +249,7 @@ class FederatedBlockStrategy(Callback):
                     "a multi-device client trains one block at a time, so DDP must allow parameters without gradients: "
                     "use Trainer(strategy='ddp_find_unused_parameters_true') or DDPStrategy(find_unused_parameters=True)"
                 )
-        if self.mode == "fedavg":
-            self.partition = whole_model_partition(pl_module)
-        else:
-            self.partition = partition_model(
-                pl_module, layers_per_block=self.layers_per_block, embeddings=self.embeddings, head=self.head, patterns=self.block_patterns
-            )
+        self.partition = self.partition_of(pl_module)
         params = dict(pl_module.named_parameters())
         in_blocks = set(self.partition.param_names)
         for name, p in params.items():
@@ -435,16 +438,7 @@ class FederatedBlockStrategy(Callback):
             if hook is not None:
                 hook(trainer, pl_module, self.core.round)
         start = self.core.begin()
-        for b, params in enumerate(self._block_params):
-            for p in params.values():
-                p.requires_grad_(b == start.block)
-                if b != start.block:
-                    p.grad = None
-        if start.fresh_optimizer_state:  # only the active block ever holds optimizer state, created fresh every round
-            for opt in trainer.optimizers:
-                for params in self._block_params:
-                    for p in params.values():
-                        opt.state.pop(p, None)
+        activate(self._block_params, start, trainer.optimizers)
         if self.federated and self.core.plan.staleness and self._wants_global(trainer, start.round - 1):
             self._snapshot = (start.round - 1, {n: p.detach().clone() for n, p in self._block_params[start.block].items()})
         self._round_start_step = trainer.global_step
@@ -601,6 +595,8 @@ class FederatedBlockStrategy(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._done:  # what this client holds at the end, to compare with the server's global and other drivers
+            self.final_metrics["blocks_sha256"] = digest({n: p for blk in self._block_params for n, p in blk.items()})
         if not self._done and not self.federated:
             rank_zero_warn(f"training stopped after {self.round} of {self.rounds} rounds; resume from a checkpoint to finish them")
         elif not self._done:

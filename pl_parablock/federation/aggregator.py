@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from pl_parablock.aggregate import PIECE_ELEMS, ROBUST_METHODS, assemble, clip_factor, pieces_of, robust_mean
-from pl_parablock.algorithm import GlobalState, RoundStep, Superseded, make_plan, sample_participants
+from pl_parablock.algorithm import GlobalState, RoundStep, Superseded, digest, make_plan, sample_participants
 from pl_parablock.blocks import Partition
 from pl_parablock.errors import FederationError
 from pl_parablock.federation.wire import DTYPES, Spec, StagedTensors
@@ -250,6 +250,8 @@ class Aggregator:
                     )
                 self._cond.wait(min(left, 0.5))
             again = client_id in self._joined
+            if again:  # it adopts the current values: it reads no older version
+                self._state.release(client_id)
             self._joined.add(client_id)
             self._left.discard(client_id)
             if again:
@@ -480,7 +482,7 @@ class Aggregator:
             rnd.closed_at = time.time()
             rnd.reason = reason
             with self._cond:
-                problem = self._state.install(rnd.index, rnd.block, new)
+                problem = self._state.install(rnd.index, rnd.block, new, readers=self._joined - self._left)
                 self._last_close = time.monotonic()
             if problem:
                 rnd.rejected.append({"round": rnd.index, "block": rnd.block, "reason": problem, "at": time.time() - self.started_at})
@@ -538,7 +540,7 @@ class Aggregator:
                 raise RefusedError(f"block {block} is outside 0..{len(self._state.values) - 1}", "invalid")
             return self._state.versions[block], self._state.values[block]
 
-    def round_value(self, round_index: int) -> tuple[int, dict[str, Tensor]]:
+    def round_value(self, round_index: int, client_id: int | None = None) -> tuple[int, dict[str, Tensor]]:
         """Version ``round_index`` of the round's block, once the round is aggregated (do not modify the tensors).
 
         Raises:
@@ -548,7 +550,7 @@ class Aggregator:
         block = self.expected_block(round_index)
         with self._cond:
             try:
-                return round_index, self._state.value_at(block, round_index)
+                return round_index, self._state.value_at(block, round_index, reader=client_id)
             except Superseded as exc:
                 raise RefusedError(str(exc), "superseded") from None
 
@@ -586,6 +588,7 @@ class Aggregator:
             if report:
                 self._reports[client_id] = dict(report)
             self._left.add(client_id)
+            self._state.release(client_id)
             self._cond.notify_all()
 
     def wait_finished(self, timeout: float, grace_s: float = 30.0) -> bool:
@@ -784,6 +787,7 @@ class Aggregator:
                 "dropped": sorted(self._joined - self._left),
                 "resumed_from_round": self.resumed_from,
                 "started_at": self.started_at,
+                "globals_sha256": digest({n: t for blk in self._state.values for n, t in blk.items()}) if self._ready else None,
             }
 
 

@@ -127,7 +127,7 @@ class FederationService:
 
     def Pull(self, request: bytes, token: str | None = None) -> Iterator[bytes]:  # noqa: N802
         h = parse_header(request, "pull")
-        self._authorize(h, token)
+        client = self._authorize(h, token)
         agg = self.aggregator
         wait_s = max(0.0, min(float(h.get("wait_s", MAX_WAIT_S)), MAX_WAIT_S))
         if h.get("instance") not in (None, agg.instance):
@@ -143,7 +143,7 @@ class FederationService:
                 yield from encode({"ready": False, "round": rnd, "block": block, "instance": agg.instance})
                 return
             try:
-                version, tensors = agg.round_value(rnd)
+                version, tensors = agg.round_value(rnd, client)
             except RefusedError as exc:
                 if exc.code != "superseded":
                     raise

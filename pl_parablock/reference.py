@@ -1,0 +1,172 @@
+"""The sequential reference: the algorithm core driven over every client of a recipe in one process.
+
+No transmitter, no transport, no server process, no Lightning loop: each
+client's ``K`` local steps are a plain PyTorch loop over the same data
+loader, model and optimizer its real process builds, and the server's step
+is :class:`~pl_parablock.algorithm.RoundStep` on a
+:class:`~pl_parablock.algorithm.GlobalState`. Round ``t``: every client in
+turn first applies the aggregates :meth:`~pl_parablock.algorithm.ClientCore.awaiting`
+names, then trains (or skips) the round; then the round is aggregated.
+
+It is the oracle of the tests: a federation run (threads in one process, or
+gRPC processes) of the same recipe must end with the same global model and
+the same parameters on every client, bitwise. The loop mirrors Lightning's
+automatic optimization (``training_step``, ``zero_grad``, ``backward``,
+optional norm clipping, ``step``), so it supports ``train.precision:
+32-true`` and ``train.accumulate_grad_batches: 1`` only; the aggregation
+must be ``mean`` without clipping.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities.data import extract_batch_size
+from torch import Tensor, nn
+
+from pl_parablock.algorithm import ClientCore, GlobalState, RoundStart, RoundStep, Update, activate, make_plan
+from pl_parablock.config import Recipe
+from pl_parablock.errors import ConfigError
+from pl_parablock.module import ParaBlockModule
+from pl_parablock.runner import prepare_client
+
+__all__ = ["ReferenceResult", "run_reference"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReferenceResult:
+    """The end of a reference run: the server's global blocks, each client's parameters, the rounds' arrivals."""
+
+    globals: dict[str, Tensor]
+    clients: list[dict[str, Tensor]]
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Client:
+    core: ClientCore
+    module: ParaBlockModule
+    optimizer: torch.optim.Optimizer
+    batches: Iterator[Any]
+    blocks: list[dict[str, nn.Parameter]]
+    shard_size: int
+
+
+def _check(recipe: Recipe) -> None:
+    t, f = recipe.train, recipe.federation
+    problems = []
+    if t.precision != "32-true":
+        problems.append(f"train.precision is {t.precision!r}; the reference runs 32-true only")
+    if t.accumulate_grad_batches != 1:
+        problems.append(f"train.accumulate_grad_batches is {t.accumulate_grad_batches}; the reference runs 1 only")
+    if f.aggregation != "mean" or f.clip_norm is not None:
+        problems.append("the reference aggregates with federation.aggregation=mean and no federation.clip_norm")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _batches(loader: Any) -> Iterator[Any]:
+    """Batches epoch after epoch, as Lightning's loop draws them from the same loader."""
+    for _ in itertools.count():
+        yield from loader
+
+
+def _client(recipe: Recipe, client_id: int) -> _Client:
+    run = prepare_client(recipe, client_id, None, evaluate=False, shard=True)
+    module, strategy = run.module, run.strategy
+    partition = strategy.partition_of(module)
+    params = dict(module.named_parameters())
+    in_blocks = set(partition.param_names)
+    for name, p in params.items():
+        p.requires_grad_(name in in_blocks)
+    blocks = [{n: params[n] for n in b.params} for b in partition.blocks]
+    optimizer = module.configure_optimizers()
+    module.train()
+    run.datamodule.setup("fit")
+    plan = make_plan(
+        recipe.mode,
+        num_blocks=len(partition),
+        rounds=recipe.federation.rounds,
+        schedule=recipe.blocks.schedule if recipe.mode != "fedavg" else "ascending",
+        seed=recipe.seed,
+        clients=recipe.federation.clients,
+        clients_per_round=recipe.federation.clients_per_round,
+        keep_optimizer_state=recipe.train.keep_optimizer_state,
+    )
+    core = ClientCore(plan, client_id, blocks, exact_uploads=recipe.federation.wire_dtype is None)
+    return _Client(core, module, optimizer, _batches(run.datamodule.train_dataloader()), blocks, run.shard_size)
+
+
+def _train(c: _Client, start: RoundStart, recipe: Recipe) -> Update:
+    """``K`` local steps of block ``start.block``, then the round's update."""
+    t = recipe.train
+    activate(c.blocks, start, [c.optimizer])
+    samples = tokens = 0
+    losses = []
+    trainable = [p for g in c.optimizer.param_groups for p in g["params"]]
+    for step in range(t.local_steps):
+        batch = next(c.batches)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # training_step logs, and there is no Trainer to log to
+            loss = c.module.training_step(batch, step)
+        c.optimizer.zero_grad()
+        loss.backward()
+        if t.gradient_clip_val is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, t.gradient_clip_val)
+        c.optimizer.step()
+        samples += extract_batch_size(batch)
+        tokens += int((batch["labels"] != -100).sum())
+        losses.append(loss.detach())
+    loss_value = float(torch.stack(losses).float().mean())
+    return c.core.end(samples=samples, tokens=tokens, shard=c.shard_size, weighting=recipe.federation.weighting, loss=loss_value)
+
+
+def run_reference(recipe: Recipe) -> ReferenceResult:
+    """Run ``recipe``'s federation sequentially in this process: the oracle every driver must match bitwise.
+
+    Raises:
+        ConfigError: a setting the reference does not run (see the module's docstring).
+    """
+    _check(recipe)
+    clients = [_client(recipe, i) for i in range(recipe.federation.clients)]
+    plan = clients[0].core.plan
+    state = GlobalState([{n: p.detach().to("cpu", copy=True) for n, p in blk.items()} for blk in clients[0].blocks])
+    records = []
+
+    def deliver(c: _Client) -> None:
+        for r in c.core.awaiting():
+            b = plan.schedule[r]
+            c.core.apply(r, r, state.value_at(b, r, reader=c.core.client_id))
+
+    for t in range(plan.rounds):
+        b = plan.schedule[t]
+        step = RoundStep(t, b, recipe.federation.server_lr)
+        arrived = []
+        for c in clients:
+            deliver(c)
+            if not c.core.participates():
+                c.core.skip()
+                continue
+            update = _train(c, c.core.begin(), recipe)
+            assert update.tensors is not None
+            step.add(update.tensors, update.weight, update.kind)
+            arrived.append(c.core.client_id)
+        problem = state.install(t, b, step.close(state.values[b]), readers=range(len(clients)))
+        records.append({"round": t, "block": b, "clients": arrived, "problem": problem})
+        log.info("reference round %d: block %d, clients %s", t, b, arrived)
+    for c in clients:
+        deliver(c)
+        assert c.core.finished
+    return ReferenceResult(
+        globals={n: v for blk in state.values for n, v in blk.items()},
+        clients=[{n: p.detach().clone() for n, p in c.module.named_parameters()} for c in clients],
+        rounds=records,
+    )

@@ -1,0 +1,267 @@
+"""The algorithm core against DESIGN.md §1 written out independently, on exact arithmetic.
+
+Each client's "training" is a fixed affine map of its local block,
+``e = a_i s + c_i``, on float64 tensors holding dyadic numbers, so every
+value below is exact and any two correct implementations agree bitwise.
+:func:`spec_run` is the algorithm as DESIGN.md states it, written plainly
+(one dict of blocks per client, the rebase as a formula); :func:`core_run`
+drives :class:`~pl_parablock.algorithm.ClientCore` and the server's
+:class:`~pl_parablock.algorithm.RoundStep` / :class:`~pl_parablock.algorithm.GlobalState`
+as every driver does.
+
+Wrong variants tried on the core (each made a test here fail, then was restored):
+
+* an aggregate applied one round late (``applied_before`` returning ``t - 2 - staleness``):
+  ``test_core_matches_the_spec`` (every parablock and sync case) and
+  ``test_parablock_applies_round_t_before_round_t_plus_2``;
+* ``g'`` dropped from the rebase (``rebase`` returning ``local``): ``test_core_matches_the_spec``
+  (parablock, one block) and ``test_rebase_with_progress``;
+* the rebase from the wrong ``e`` (the start value ``s`` kept instead of the hand-off value):
+  ``test_core_matches_the_spec`` (parablock, one block);
+* wrong weights (``client_weight`` returning ``samples`` for every weighting):
+  ``test_core_matches_the_spec`` (shard and uniform cases) and ``test_client_weight``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pl_parablock.algorithm import (
+    AlgorithmError,
+    ClientCore,
+    GlobalState,
+    RoundStep,
+    Superseded,
+    client_weight,
+    make_plan,
+    rebase,
+)
+
+SHAPE = (3,)
+
+
+def train(value: torch.Tensor, client: int, t: int) -> torch.Tensor:
+    """One client's K local steps, as an exact map: a client's own contraction plus a client- and round-dependent constant.
+
+    The contraction differs between clients, so the global depends on where
+    each client started, not only on the mean: a missed correction shows.
+    """
+    return value * (0.5, 0.25, 0.75)[client] + (client + 1) + t / 4
+
+
+def initial(num_blocks: int) -> list[dict[str, torch.Tensor]]:
+    return [{f"b{b}.w": torch.arange(3, dtype=torch.float64) + 8 * b} for b in range(num_blocks)]
+
+
+SAMPLES = [4, 12, 16]  # per round; totals of any two are 16, 20, 28
+SHARDS = [7, 1, 8]
+
+
+def weight(weighting: str, client: int) -> float:
+    return {"samples": SAMPLES[client], "shard": SHARDS[client], "uniform": 1.0, "tokens": SAMPLES[client]}[weighting]
+
+
+def spec_run(mode, num_blocks, rounds, schedule, clients, per_round, weighting, seed=0):
+    """DESIGN.md §1, written out: the clients' local blocks and the server's global after the run."""
+    plan = make_plan(mode, num_blocks=num_blocks, rounds=rounds, schedule=schedule, seed=seed, clients=clients, clients_per_round=per_round)
+    lag = 1 if mode == "parablock" else 0
+    g = [dict((n, v.clone()) for n, v in blk.items()) for blk in initial(num_blocks)]
+    local = [[dict((n, v.clone()) for n, v in blk.items()) for blk in initial(num_blocks)] for _ in range(clients)]
+    handed = [dict() for _ in range(clients)]  # round -> (block, e)
+    history = {}  # round -> global value of that round's block after it
+
+    def apply(i, r):
+        b, e = handed[i].pop(r)
+        for n in local[i][b]:
+            local[i][b][n] = history[r][n] + (local[i][b][n] - e[n])  # the rebase: g' + (theta - e)
+        for q, (blk, e_q) in handed[i].items():
+            if blk == b:  # a later hand-off of the block moves with it: "progress since the hand-off" excludes the correction
+                handed[i][q] = (blk, {n: history[r][n] + (e_q[n] - e[n]) for n in e_q})
+
+    applied = [0] * clients
+    for t in range(rounds):
+        b = plan.schedule[t]
+        members = plan.participants[t] if plan.participants else range(clients)
+        num = {n: torch.zeros(SHAPE, dtype=torch.float64) for n in g[b]}
+        total = 0.0
+        values_only = True
+        for i in range(clients):
+            while applied[i] <= t - 1 - lag:
+                apply(i, applied[i])
+                applied[i] += 1
+            if i not in members:
+                handed[i][t] = (b, {n: v.clone() for n, v in local[i][b].items()})
+                continue
+            start = {n: v.clone() for n, v in local[i][b].items()}
+            from_global = all(torch.equal(start[n], g[b][n]) for n in start) and not any(blk == b for blk, _ in handed[i].values())
+            for n in local[i][b]:
+                local[i][b][n] = train(local[i][b][n], i, t)
+            e = {n: v.clone() for n, v in local[i][b].items()}
+            handed[i][t] = (b, e)
+            w = weight(weighting, i)
+            total += w
+            if from_global:
+                for n in num:
+                    num[n] += w * e[n]
+            else:
+                values_only = False
+                for n in num:
+                    num[n] += w * (e[n] - start[n])
+        for n in g[b]:
+            # server: weighted mean of end values, or g + mean delta (value updates count as e - g)
+            g[b][n] = num[n] / total if values_only else g[b][n] + num[n] / total
+        history[t] = {n: v.clone() for n, v in g[b].items()}
+    for i in range(clients):
+        while applied[i] < rounds:
+            apply(i, applied[i])
+            applied[i] += 1
+    return g, local
+
+
+def core_run(mode, num_blocks, rounds, schedule, clients, per_round, weighting, seed=0):
+    """The same federation through the core, driven as the reference driver drives it."""
+    plan = make_plan(mode, num_blocks=num_blocks, rounds=rounds, schedule=schedule, seed=seed, clients=clients, clients_per_round=per_round)
+    blocks = [initial(num_blocks) for _ in range(clients)]
+    cores = [ClientCore(plan, i, blocks[i]) for i in range(clients)]
+    state = GlobalState(initial(num_blocks))
+
+    def deliver(core):
+        for r in core.awaiting():
+            core.apply(r, r, state.value_at(plan.schedule[r], r, reader=core.client_id))
+
+    for t in range(rounds):
+        b = plan.schedule[t]
+        step = RoundStep(t, b)
+        for core in cores:
+            deliver(core)
+            if not core.participates():
+                core.skip()
+                continue
+            start = core.begin()
+            for n, p in core.blocks[start.block].items():
+                p.copy_(train(p, core.client_id, t))
+            samples = SAMPLES[core.client_id]
+            update = core.end(samples=samples, tokens=samples, shard=SHARDS[core.client_id], weighting=weighting)
+            step.add(update.tensors, update.weight, update.kind)
+        state.install(t, b, step.close(state.values[b]), readers=range(clients))
+    for core in cores:
+        deliver(core)
+        assert core.finished
+    return state.values, blocks
+
+
+CASES = [
+    ("sync", 4, 9, "ascending", 3, None, "samples"),
+    ("parablock", 4, 9, "ascending", 3, None, "samples"),
+    ("parablock", 3, 10, "random", 3, None, "samples"),
+    ("parablock", 4, 9, "ascending", 3, 2, "samples"),
+    ("sync", 3, 9, "random", 3, 2, "shard"),
+    ("parablock", 1, 8, "ascending", 3, None, "samples"),
+    ("sync", 1, 8, "ascending", 3, None, "uniform"),
+    ("parablock", 1, 8, "ascending", 3, 2, "shard"),
+    ("fedavg", 1, 6, "ascending", 2, None, "samples"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(x) for x in c))
+def test_core_matches_the_spec(case):
+    """Every client's blocks and the server's global equal DESIGN.md's algorithm written out, bitwise."""
+    g_spec, local_spec = spec_run(*case)
+    g_core, local_core = core_run(*case)
+    for b, blk in enumerate(g_spec):
+        for n, v in blk.items():
+            assert torch.equal(g_core[b][n], v), (b, n, g_core[b][n], v)
+    for i, blocks in enumerate(local_spec):
+        for b, blk in enumerate(blocks):
+            for n, v in blk.items():
+                assert torch.equal(local_core[i][b][n], v), (i, b, n)
+    # and the run is not trivial: the clients' blocks moved
+    assert not all(torch.equal(g_core[0][n], v) for n, v in initial(case[1])[0].items())
+
+
+def test_parablock_applies_round_t_before_round_t_plus_2():
+    """The aggregate of round t is applied exactly before round t+2 begins (not t+1, not t+3)."""
+    plan = make_plan("parablock", num_blocks=3, rounds=5)
+    core = ClientCore(plan, 0, initial(3))
+    seen = []
+    for t in range(5):
+        seen.append(core.awaiting())
+        for r in core.awaiting():
+            core.apply(r, r, initial(3)[plan.schedule[r]])
+        core.begin()
+        core.end(samples=1, tokens=1, shard=1, weighting="samples")
+    assert seen == [[], [], [0], [1], [2]]
+    assert core.awaiting() == [3, 4]
+    sync = ClientCore(make_plan("sync", num_blocks=3, rounds=3), 0, initial(3))
+    sync.begin()
+    sync.end(samples=1, tokens=1, shard=1, weighting="samples")
+    assert sync.awaiting() == [0]
+    with pytest.raises(AlgorithmError, match="cannot begin"):
+        sync.begin()
+
+
+def test_apply_checks_turn_and_version():
+    plan = make_plan("parablock", num_blocks=2, rounds=4)
+    core = ClientCore(plan, 0, initial(2))
+    for _ in range(2):
+        core.begin()
+        core.end(samples=1, tokens=1, shard=1, weighting="samples")
+    with pytest.raises(AlgorithmError, match="out of turn"):
+        core.apply(1, 1, initial(2)[1])
+    with pytest.raises(AlgorithmError, match="version"):
+        core.apply(0, 1, initial(2)[0])
+    core.apply(0, 0, initial(2)[0])
+
+
+def test_rebase_with_progress():
+    local, end, g = torch.tensor([3.0, 5.0]), torch.tensor([2.0, 4.0]), torch.tensor([10.0, 20.0])
+    assert torch.equal(rebase(local, end, g), torch.tensor([11.0, 21.0]))
+
+
+def test_client_weight():
+    assert client_weight("samples", samples=8, tokens=100, shard=50) == 8.0
+    assert client_weight("tokens", samples=8, tokens=100, shard=50) == 100.0
+    assert client_weight("tokens", samples=8, tokens=0, shard=50) == 8.0
+    assert client_weight("shard", samples=8, tokens=100, shard=50) == 50.0
+    assert client_weight("uniform", samples=8, tokens=100, shard=50) == 1.0
+    with pytest.raises(AlgorithmError):
+        client_weight("bogus", samples=1, tokens=1, shard=1)
+
+
+def test_optimizer_state_is_fresh_every_round_unless_kept():
+    for keep in (False, True):
+        plan = make_plan("fedavg", num_blocks=1, rounds=2, keep_optimizer_state=keep)
+        start = ClientCore(plan, 0, initial(1)).begin()
+        assert start.fresh_optimizer_state is (not keep)
+
+
+def test_global_state_holds_a_version_until_its_readers_read_it():
+    state = GlobalState(initial(1))
+    v0 = {"b0.w": torch.ones(3, dtype=torch.float64)}
+    v1 = {"b0.w": 2 * torch.ones(3, dtype=torch.float64)}
+    state.install(0, 0, v0, readers=[0, 1])
+    state.install(1, 0, v1, readers=[0, 1])
+    assert state.value_at(0, 0, reader=0) is v0
+    assert state.held_versions(0) == [0, 1]
+    state.release(1)  # client 1 rejoined: it adopts the current value
+    assert state.held_versions(0) == [1]
+    with pytest.raises(Superseded):
+        state.value_at(0, 0, reader=1)
+    assert state.value_at(0, 1) is v1
+
+
+def test_global_state_bounds_versions_held_for_a_reader_that_never_comes():
+    state = GlobalState(initial(1), max_old=2)
+    for t in range(6):
+        state.install(t, 0, {"b0.w": torch.full((3,), float(t), dtype=torch.float64)}, readers=[0, 1])
+        state.value_at(0, t, reader=0)
+    assert state.held_versions(0) == [3, 4, 5]
+
+
+def test_a_non_finite_aggregate_keeps_the_previous_global():
+    state = GlobalState(initial(1))
+    before = state.values[0]
+    problem = state.install(0, 0, {"b0.w": torch.tensor([1.0, float("inf"), 0.0], dtype=torch.float64)})
+    assert "not finite" in problem
+    assert state.values[0] is before and state.versions[0] == 0
