@@ -7,10 +7,10 @@ import time
 import pytest
 import torch
 
+from pl_parablock.aggregate import PIECE_ELEMS
 from pl_parablock.blocks import Block, Partition
 from pl_parablock.errors import FederationError
 from pl_parablock.federation import Aggregator, FederationService, InProcessTransport, RefusedError
-from pl_parablock.aggregate import PIECE_ELEMS
 from pl_parablock.federation.aggregator import _all_finite
 from pl_parablock.federation.wire import StagedTensors, dtype_name, encode, parse_header
 

@@ -139,7 +139,7 @@ def core_run(mode, num_blocks, rounds, schedule, clients, per_round, weighting, 
                 core.skip()
                 continue
             start = core.begin()
-            for n, p in core.blocks[start.block].items():
+            for p in core.blocks[start.block].values():
                 p.copy_(train(p, core.client_id, t))
             samples = SAMPLES[core.client_id]
             update = core.end(samples=samples, tokens=samples, shard=SHARDS[core.client_id], weighting=weighting)
@@ -185,7 +185,7 @@ def test_parablock_applies_round_t_before_round_t_plus_2():
     plan = make_plan("parablock", num_blocks=3, rounds=5)
     core = ClientCore(plan, 0, initial(3))
     seen = []
-    for t in range(5):
+    for _ in range(5):
         seen.append(core.awaiting())
         for r in core.awaiting():
             core.apply(r, r, initial(3)[plan.schedule[r]])
