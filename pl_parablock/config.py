@@ -28,13 +28,12 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pl_parablock.algorithm import MODES, WEIGHTINGS
 from pl_parablock.errors import ConfigError
 
-MODES = ("parablock", "sync", "fedavg")
 SCHEDULES = ("ascending", "descending", "random")
 DTYPES = ("float32", "bfloat16", "float16")
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
-WEIGHTINGS = ("samples", "tokens", "uniform")
 DATA_FORMATS = ("synthetic", "alpaca", "gsm8k", "chat", "hf")
 ROW_FORMATS = ("auto", "alpaca", "gsm8k", "chat")
 PARTITIONS = ("iid", "dirichlet", "natural")
@@ -182,8 +181,8 @@ class TrainSection:
     keep_optimizer_state: bool = field(
         default=False,
         metadata=_help(
-            "Keep each block's optimizer state across its rounds (default: reset it "
-            "when the block goes inactive, so only the active block holds state)."
+            "Keep each block's optimizer state across its rounds (default: a block's state is created fresh at the "
+            "start of every round it trains in, in every mode, so only the active block holds state)."
         ),
     )
     accumulate_grad_batches: int = field(default=1, metadata=_help("Batches per optimizer step; rounds count optimizer steps."))
@@ -223,7 +222,10 @@ class FederationSection:
     server_lr: float = field(default=1.0, metadata=_help("Server learning rate (eta_g); 1.0 is FedAvg."))
     weighting: str = field(
         default="samples",
-        metadata=_help("Client weight in the aggregate: " + " | ".join(WEIGHTINGS) + " seen in the round."),
+        metadata=_help(
+            "Client weight in the aggregate: samples | tokens seen in the round, shard (the client's number of training "
+            "records, FedAvg's usual weight) | uniform."
+        ),
     )
     min_clients: int | None = field(
         default=None,

@@ -74,8 +74,10 @@ def _check(recipe: Recipe) -> None:
 
 
 def _batches(loader: Any) -> Iterator[Any]:
-    """Batches epoch after epoch, as Lightning's loop draws them from the same loader."""
-    for _ in itertools.count():
+    """Batches epoch after epoch, as Lightning's loop draws them (it sets the sampler's epoch first)."""
+    for epoch in itertools.count():
+        if callable(getattr(loader.sampler, "set_epoch", None)):
+            loader.sampler.set_epoch(epoch)
         yield from loader
 
 

@@ -97,6 +97,7 @@ def build_report(recipe: Recipe, server: dict[str, Any], *, wall_s: float, link:
                 **totals,
                 "comm_s": comm,
                 "comm_hidden_fraction": 1.0 - totals["blocked_s"] / comm if comm > 0 else None,
+                "blocks_sha256": rep.get("final", {}).get("blocks_sha256"),
                 "events": [{**e, "at": e["at"] - t0} if isinstance(e.get("at"), (int, float)) else e for e in rep.get("events", [])],
             }
         )
@@ -148,6 +149,7 @@ def build_report(recipe: Recipe, server: dict[str, Any], *, wall_s: float, link:
             "rounds_planned": server.get("rounds_planned"),
             "rounds_closed": len(rounds),
             "schedule": server.get("schedule"),
+            "globals_sha256": server.get("globals_sha256"),
             "blocks": [b["name"] for b in server.get("blocks", [])],
             "server_lr": server.get("server_lr"),
             "rejected_outside_rounds": server.get("rejected_outside_rounds", []),

@@ -17,7 +17,7 @@ example, which makes Hugging Face models attend within each example only
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -271,11 +271,36 @@ class _Collate:
         return collate(examples, self.pad_id)
 
 
+class EpochShuffle(torch.utils.data.Sampler[int]):
+    """A seeded permutation per epoch: the order of epoch ``e`` depends on ``(seed, e)`` alone.
+
+    Lightning calls :meth:`set_epoch` at the start of every epoch, so the data
+    order does not depend on how many times a loader's iterator was created
+    (every driver of the algorithm sees the same batches).
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=g).tolist())
+
+
 class ClientDataModule(pl.LightningDataModule):
     """One client's training shard and the evaluation set.
 
-    Training batches are shuffled by a generator seeded with ``seed``, so the
-    data order is the same in every run with the same seed.
+    Training batches are shuffled by :class:`EpochShuffle`, a permutation
+    seeded by ``seed`` and the epoch, so the data order is the same in every
+    run with the same seed.
 
     Args:
         train: this client's records.
@@ -349,8 +374,9 @@ class ClientDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader[Any]:
         self.setup("fit")
         assert self._train is not None
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self._train, batch_size=self.batch_size, shuffle=True, generator=g, collate_fn=self._collate)
+        g = torch.Generator().manual_seed(self.seed)  # the loader's own seed draws must not touch the global RNG
+        sampler = EpochShuffle(len(self._train), self.seed)
+        return DataLoader(self._train, batch_size=self.batch_size, sampler=sampler, generator=g, collate_fn=self._collate)
 
     def val_dataloader(self) -> DataLoader[Any]:
         self.setup("validate")
