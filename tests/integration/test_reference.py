@@ -11,12 +11,17 @@ server global and the same parameters on every client, bitwise.
 
 Wrong variants tried on the drivers (each made a test here fail, then was restored):
 
-* the strategy applying aggregates one round late (``awaiting()`` called
-  only after ``begin`` of the next round): every parablock and sync case;
-* the server's pull returning the block's current value instead of the round's
-  version: ``parablock-1-random-sampled`` (the core refuses the version);
-* the strategy reporting ``weighting`` ``samples`` where the recipe says
-  ``shard``: ``sync-4-random-shard``.
+* the strategy not dropping the optimizer state at the start of a round
+  (``activate`` given no optimizers): every case;
+* the strategy weighting every update by ``samples`` whatever the recipe
+  says: ``sync-4-random-shard`` and ``parablock-1-random-sampled`` (tokens).
+
+A driver cannot apply an aggregate late or early, or apply another version
+than the round's: the core refuses (``AlgorithmError``). A server pull that
+returned the block's current value instead of the round's version was *not*
+caught here (in these runs no later round of the block closes before every
+client pulled); GlobalState's holding rule is pinned in
+tests/unit/test_algorithm.py.
 
 The core's own rules (late application, rebase terms, the rebase's ``e``,
 weights) are pinned against DESIGN's algorithm in tests/unit/test_algorithm.py;
