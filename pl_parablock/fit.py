@@ -34,10 +34,11 @@ from typing import Any
 from pl_parablock.config import Recipe, client_token, load_recipe, reference_markdown, server_token, to_yaml
 from pl_parablock.errors import ParaBlockError
 from pl_parablock.federation.aggregator import Aggregator
+from pl_parablock.federation.channel import TLS
+from pl_parablock.federation.inprocess import InProcessTransport
 from pl_parablock.federation.link import Link
-from pl_parablock.federation.server import TLS, FederationServer, tune_server_memory
+from pl_parablock.federation.server import FederationServer, tune_server_memory
 from pl_parablock.federation.service import FederationService
-from pl_parablock.federation.transport import InProcessTransport
 from pl_parablock.federation.wire import DTYPES
 
 log = logging.getLogger("pl_parablock")

@@ -35,8 +35,8 @@ from typing_extensions import override
 from pl_parablock.config import Recipe, client_token
 from pl_parablock.data import ClientDataModule, client_data, collate, encode_record
 from pl_parablock.errors import DataError, ParaBlockError
+from pl_parablock.federation.channel import TLS
 from pl_parablock.federation.link import Link
-from pl_parablock.federation.server import TLS
 from pl_parablock.federation.transport import Transport
 from pl_parablock.metrics import evaluate_exact_match, evaluate_loss
 from pl_parablock.models import build_model, save_merged

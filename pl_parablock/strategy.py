@@ -39,8 +39,8 @@ from typing_extensions import override
 from pl_parablock.blocks import Partition, make_schedule, partition_model, whole_model_partition
 from pl_parablock.errors import ParaBlockError, ServerRestarted, TransmitterError, TransportError
 from pl_parablock.federation.aggregate import rebase
+from pl_parablock.federation.channel import TLS
 from pl_parablock.federation.link import Link
-from pl_parablock.federation.server import TLS
 from pl_parablock.federation.transport import GrpcTransport, Pulled, Transport
 from pl_parablock.federation.wire import DTYPES, dtype_name
 from pl_parablock.transmitter import Arrival, Handoff, Transmitter
