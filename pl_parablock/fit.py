@@ -39,7 +39,7 @@ from pl_parablock.federation.inprocess import InProcessTransport
 from pl_parablock.federation.link import Link
 from pl_parablock.federation.server import FederationServer, tune_server_memory
 from pl_parablock.federation.service import FederationService
-from pl_parablock.federation.wire import DTYPES
+from pl_parablock.federation.wire import WIRE_DTYPES
 
 log = logging.getLogger("pl_parablock")
 
@@ -252,7 +252,7 @@ def _local_inprocess(recipe: Recipe) -> int:
     agg = _aggregator(recipe, progress=True)
     service = FederationService(agg, chunk_bytes=f.chunk_kb * 1024, token=server_token(recipe))
     _banner(recipe, "one process, clients as threads")
-    wire = DTYPES[f.wire_dtype] if f.wire_dtype else None
+    wire = WIRE_DTYPES[f.wire_dtype] if f.wire_dtype else None
     link = Link.from_section(recipe.link)
     runs = [
         prepare_client(
