@@ -76,7 +76,7 @@ def _echo_server() -> int:
 def _raw_grpc_server() -> tuple[grpc.Server, int]:
     from concurrent import futures
 
-    from pl_parablock.federation.transport import SERVER_OPTIONS
+    from pl_parablock.federation.channel import SERVER_OPTIONS
 
     def sink(messages: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         n = 0

@@ -47,7 +47,7 @@ from _common import MB, ServerProcess, block_fingerprint, finish, machine, media
 
 from pl_parablock.federation import GrpcTransport, RoundAccumulator
 from pl_parablock.federation.aggregator import _check_values
-from pl_parablock.federation.transport import CLIENT_OPTIONS
+from pl_parablock.federation.channel import CLIENT_OPTIONS
 from pl_parablock.federation.wire import StagedTensors, decode, encode
 
 

@@ -23,6 +23,7 @@ from torch import Tensor
 __all__ = ["PIECE_ELEMS", "ROBUST_METHODS", "RoundAccumulator", "assemble", "clip_factor", "pieces_of", "robust_mean"]
 
 ROBUST_METHODS = ("trimmed_mean", "median")
+AGGREGATIONS = ("mean", *ROBUST_METHODS)
 
 
 def clip_factor(norm: float, max_norm: float | None) -> float:

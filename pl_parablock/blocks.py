@@ -32,7 +32,10 @@ import torch.nn as nn
 
 from pl_parablock.errors import ModelError
 
-__all__ = ["Block", "Partition", "find_layer_list", "make_schedule", "partition_model", "whole_model_partition"]
+__all__ = ["SCHEDULES", "Block", "Partition", "find_layer_list", "make_schedule", "partition_model", "whole_model_partition"]
+
+SCHEDULES = ("ascending", "descending", "random")
+"""The named schedules of :func:`make_schedule` (``blocks.schedule``; an explicit list of block indices is the other kind)."""
 
 
 @dataclass(frozen=True)
@@ -229,7 +232,7 @@ def make_schedule(kind: str | Sequence[int], num_blocks: int, rounds: int, seed:
                     sweep[0], sweep[j] = sweep[j], sweep[0]
                 out.extend(sweep)
             return out[:rounds]
-        raise ModelError(f"unknown schedule {kind!r}; use ascending, descending, random or a list of block indices")
+        raise ModelError(f"unknown schedule {kind!r}; use {', '.join(SCHEDULES)} or a list of block indices")
     order = list(kind)
     if not order:
         raise ModelError("the explicit schedule is empty")

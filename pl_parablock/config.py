@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,18 +29,19 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pl_parablock.aggregate import AGGREGATIONS
 from pl_parablock.algorithm import MODES, WEIGHTINGS
+from pl_parablock.blocks import SCHEDULES
+from pl_parablock.data.formats import DATA_FORMATS, ROW_FORMAT_CHOICES
 from pl_parablock.errors import ConfigError
+from pl_parablock.federation.wire import WIRE_DTYPES
+from pl_parablock.models import DTYPES
 
-SCHEDULES = ("ascending", "descending", "random")
-DTYPES = ("float32", "bfloat16", "float16")
-WIRE_DTYPES = ("float32", "bfloat16", "float16")
-DATA_FORMATS = ("synthetic", "alpaca", "gsm8k", "chat", "hf")
-ROW_FORMATS = ("auto", "alpaca", "gsm8k", "chat")
+# The vocabularies are the modules' that implement them, imported above (modes and weightings: the
+# algorithm core; schedules; parameter and wire dtypes; data and row formats; aggregation rules).
 PARTITIONS = ("iid", "dirichlet", "natural")
 ON_ERROR = ("raise", "skip")
 PEFT_METHODS = ("lora", "ffa_lora")
-AGGREGATIONS = ("mean", "trimmed_mean", "median")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
 
 
@@ -349,7 +351,7 @@ class DataSection:
     row_format: str = field(
         default="auto",
         metadata=_help(
-            "hf: how rows read: " + " | ".join(ROW_FORMATS) + " (auto: chat if there is a messages column, "
+            "hf: how rows read: " + " | ".join(ROW_FORMAT_CHOICES) + " (auto: chat if there is a messages column, "
             "gsm8k with question/answer, alpaca with instruction/output)."
         ),
     )
@@ -569,7 +571,7 @@ def to_dict(recipe: Recipe) -> dict[str, Any]:
 # validation
 
 
-def _one_of(problems: list[str], key: str, value: Any, allowed: tuple[str, ...]) -> None:
+def _one_of(problems: list[str], key: str, value: Any, allowed: Collection[str]) -> None:
     if value not in allowed:
         problems.append(f"`{key}` is {value!r}; allowed: {', '.join(allowed)}")
 
@@ -613,7 +615,7 @@ def validate(recipe: Recipe) -> list[str]:
         if not b.schedule or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in b.schedule):
             p.append(f"`blocks.schedule` list {b.schedule!r} must hold block indices >= 0")
     else:
-        p.append(f"`blocks.schedule` is {b.schedule!r}; give ascending, descending, random or a list of block indices")
+        p.append(f"`blocks.schedule` is {b.schedule!r}; give {', '.join(SCHEDULES)} or a list of block indices")
     if b.patterns is not None:
         if not b.patterns:
             p.append("`blocks.patterns` is empty; give one regular expression per block, or null")
@@ -719,7 +721,7 @@ def _validate_data(p: list[str], recipe: Recipe) -> None:
     _one_of(p, "data.format", d.format, DATA_FORMATS)
     _one_of(p, "data.partition.kind", d.partition.kind, PARTITIONS)
     _one_of(p, "data.on_error", d.on_error, ON_ERROR)
-    _one_of(p, "data.row_format", d.row_format, ROW_FORMATS)
+    _one_of(p, "data.row_format", d.row_format, ROW_FORMAT_CHOICES)
     natural = d.partition.kind == "natural"
     if d.format == "synthetic":
         if natural:

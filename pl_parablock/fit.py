@@ -34,11 +34,12 @@ from typing import Any
 from pl_parablock.config import Recipe, client_token, load_recipe, reference_markdown, server_token, to_yaml
 from pl_parablock.errors import ParaBlockError
 from pl_parablock.federation.aggregator import Aggregator
+from pl_parablock.federation.channel import TLS
+from pl_parablock.federation.inprocess import InProcessTransport
 from pl_parablock.federation.link import Link
-from pl_parablock.federation.server import TLS, FederationServer, tune_server_memory
+from pl_parablock.federation.server import FederationServer, tune_server_memory
 from pl_parablock.federation.service import FederationService
-from pl_parablock.federation.transport import InProcessTransport
-from pl_parablock.federation.wire import DTYPES
+from pl_parablock.federation.wire import WIRE_DTYPES
 
 log = logging.getLogger("pl_parablock")
 
@@ -255,7 +256,7 @@ def federate_in_process(recipe: Recipe, progress: bool = False) -> tuple[Aggrega
     f = recipe.federation
     agg = _aggregator(recipe, progress=progress)
     service = FederationService(agg, chunk_bytes=f.chunk_kb * 1024, token=server_token(recipe))
-    wire = DTYPES[f.wire_dtype] if f.wire_dtype else None
+    wire = WIRE_DTYPES[f.wire_dtype] if f.wire_dtype else None
     link = Link.from_section(recipe.link)
     runs = [
         prepare_client(

@@ -17,7 +17,7 @@ only ``B``. Blocks then form over the trainable adapter tensors only.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tokenizers import Tokenizer, decoders
@@ -25,13 +25,16 @@ from tokenizers import models as tk_models
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from pl_parablock.config import ModelSection, PeftSection
 from pl_parablock.errors import ModelError
 
-__all__ = ["apply_peft", "build_base_model", "build_model", "load_tokenizer", "offline_tokenizer", "save_merged"]
+if TYPE_CHECKING:  # the recipe's schema imports DTYPES from here
+    from pl_parablock.config import ModelSection, PeftSection
+
+__all__ = ["DTYPES", "apply_peft", "build_base_model", "build_model", "load_tokenizer", "offline_tokenizer", "save_merged"]
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The parameter dtypes a model is built or loaded in (``model.dtype``)."""
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -31,8 +31,8 @@ from pl_parablock.config import Recipe, client_token
 from pl_parablock.data import ClientDataModule, client_data
 from pl_parablock.errors import ParaBlockError
 from pl_parablock.evaluation import GlobalEvaluation
+from pl_parablock.federation.channel import TLS
 from pl_parablock.federation.link import Link
-from pl_parablock.federation.server import TLS
 from pl_parablock.federation.transport import Transport
 from pl_parablock.models import build_model, save_merged
 from pl_parablock.module import ParaBlockModule

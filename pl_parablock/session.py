@@ -29,7 +29,7 @@ from pl_parablock.federation.wire import DTYPES, dtype_name
 from pl_parablock.transmitter import Arrival, Transmitter
 
 if TYPE_CHECKING:
-    from pl_parablock.federation.server import TLS
+    from pl_parablock.federation.channel import TLS
 
 __all__ = ["TOKEN_ENV", "ClientSession", "model_fingerprint"]
 

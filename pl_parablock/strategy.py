@@ -44,7 +44,7 @@ from pl_parablock.federation.wire import WIRE_DTYPES
 from pl_parablock.session import ClientSession, model_fingerprint
 
 if TYPE_CHECKING:
-    from pl_parablock.federation.server import TLS
+    from pl_parablock.federation.channel import TLS
 
 __all__ = ["FederatedBlockStrategy"]
 

@@ -17,17 +17,19 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pl_parablock.config import Recipe
 from pl_parablock.data.chat import chat_prompt, chat_segments
 from pl_parablock.data.formats import WHERE, LoadedRecords, load_records, make_record, read_records
 from pl_parablock.data.module import ClientDataModule, collate, encode_example, encode_prompt, encode_record, pack_examples
 from pl_parablock.data.partition import dirichlet_partition, iid_partition
 from pl_parablock.data.synthetic import MATH_CATEGORIES, synthetic_records
 from pl_parablock.errors import DataError
+
+if TYPE_CHECKING:  # the recipe's schema imports the data formats from this package
+    from pl_parablock.config import Recipe
 
 __all__ = [
     "MATH_CATEGORIES",

@@ -36,13 +36,32 @@ from typing import Any
 
 from pl_parablock.errors import DataError
 
-__all__ = ["PROMPT", "PROMPT_WITH_INPUT", "WHERE", "LoadedRecords", "gsm8k_answer", "load_records", "make_record", "read_records"]
+__all__ = [
+    "DATA_FORMATS",
+    "FILE_FORMATS",
+    "PROMPT",
+    "PROMPT_WITH_INPUT",
+    "ROW_FORMATS",
+    "ROW_FORMAT_CHOICES",
+    "WHERE",
+    "LoadedRecords",
+    "gsm8k_answer",
+    "load_records",
+    "make_record",
+    "read_records",
+]
 
 PROMPT = "### Instruction:\n{instruction}\n### Response:\n"
 PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n### Input:\n{input}\n### Response:\n"
 
-FORMATS = ("alpaca", "gsm8k", "chat", "hf")
+FILE_FORMATS = ("alpaca", "gsm8k", "chat", "hf")
+"""The formats :func:`read_records` reads from a file (or, for ``hf``, a data set directory)."""
+DATA_FORMATS = ("synthetic", *FILE_FORMATS)
+"""``data.format``: the generated ``synthetic`` data (:mod:`pl_parablock.data.synthetic`) or a file format."""
 ROW_FORMATS = ("alpaca", "gsm8k", "chat")
+"""How the rows of an ``hf`` data set read."""
+ROW_FORMAT_CHOICES = ("auto", *ROW_FORMATS)
+"""``data.row_format``: a row format, or ``auto`` to detect it from the columns."""
 # record keys a row's extra fields may not overwrite
 WHERE = "_where"  # record key: the file and line (or data set row) it came from, for messages
 RESERVED = frozenset({"prompt", "response", "category", "answer", "messages", WHERE})
@@ -286,8 +305,8 @@ def read_records(
     Raises:
         DataError: missing or unreadable file, a bad row (unless skipped), or no valid record.
     """
-    if fmt not in FORMATS:
-        raise DataError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if fmt not in FILE_FORMATS:
+        raise DataError(f"unknown data format {fmt!r}; use one of {', '.join(FILE_FORMATS)}")
     if on_error not in ("raise", "skip"):
         raise DataError(f"on_error={on_error!r}; use raise or skip")
     cols = dict(columns or {})

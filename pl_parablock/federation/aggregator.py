@@ -43,7 +43,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from pl_parablock.aggregate import PIECE_ELEMS, ROBUST_METHODS, assemble, clip_factor, pieces_of, robust_mean
+from pl_parablock.aggregate import AGGREGATIONS, PIECE_ELEMS, assemble, clip_factor, pieces_of, robust_mean
 from pl_parablock.algorithm import GlobalState, RoundStep, Superseded, digest, make_plan, sample_participants
 from pl_parablock.blocks import Partition
 from pl_parablock.errors import FederationError
@@ -53,7 +53,6 @@ __all__ = ["AGGREGATIONS", "Aggregator", "RefusedError"]
 
 log = logging.getLogger(__name__)
 
-AGGREGATIONS = ("mean", *ROBUST_METHODS)
 WORK_SLOTS = max(1, min(4, os.cpu_count() or 1))
 CHECKPOINT_FORMAT = 1
 

@@ -3,9 +3,12 @@
 Serves a :class:`~pl_parablock.federation.service.FederationService` with
 generic handlers whose messages are raw bytes (the project's own framing, see
 :mod:`pl_parablock.federation.wire`), so no generated protobuf code is
-needed. Binds to 127.0.0.1 unless told otherwise; with a :class:`TLS`
-certificate and key it serves TLS only. Clients authenticate with a bearer
-token in the ``authorization`` metadata.
+needed. Binds to 127.0.0.1 unless told otherwise; with a
+:class:`~pl_parablock.federation.channel.TLS` certificate and key it serves
+TLS only. Clients authenticate with a bearer token in the ``authorization``
+metadata. The service name, the methods, the channel options and the token
+metadata are those of :mod:`pl_parablock.federation.channel`, which the
+clients' transports share; this module imports nothing of the client side.
 
 Example::
 
@@ -24,17 +27,16 @@ import platform
 import sys
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from pl_parablock.errors import FederationError, ParaBlockError
 from pl_parablock.federation.aggregator import RefusedError
-from pl_parablock.federation.service import METHODS, SERVICE_NAME, FederationService
-from pl_parablock.federation.transport import SERVER_OPTIONS
+from pl_parablock.federation.channel import METHODS, SERVER_OPTIONS, SERVICE_NAME, TLS, bearer_token
+from pl_parablock.federation.service import FederationService
 
-__all__ = ["TLS", "FederationServer", "token_of", "tune_server_memory"]
+__all__ = ["FederationServer", "token_of", "tune_server_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -46,47 +48,9 @@ _CODES = {
 }
 
 
-@dataclass(frozen=True)
-class TLS:
-    """TLS files. Server: ``cert`` and ``key`` (and ``ca`` to require client
-    certificates). Client: ``ca`` to verify the server (its certificate, when
-    self-signed), and optionally its own ``cert`` and ``key``."""
-
-    cert: str | None = None
-    key: str | None = None
-    ca: str | None = None
-
-    @staticmethod
-    def _read(path: str | None, what: str) -> bytes | None:
-        if path is None:
-            return None
-        try:
-            with open(path, "rb") as f:
-                return f.read()
-        except OSError as exc:
-            raise FederationError(f"cannot read the TLS {what} {path!r}: {exc.strerror}") from None
-
-    def server_credentials(self) -> grpc.ServerCredentials:
-        if not (self.cert and self.key):
-            raise FederationError("a TLS server needs federation.tls.cert and federation.tls.key")
-        pair = (self._read(self.key, "key"), self._read(self.cert, "certificate"))
-        ca = self._read(self.ca, "CA certificate")
-        return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
-
-    def channel_credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(
-            root_certificates=self._read(self.ca, "CA certificate"),
-            private_key=self._read(self.key, "key") if self.cert else None,
-            certificate_chain=self._read(self.cert, "certificate") if self.key else None,
-        )
-
-
 def token_of(context: grpc.ServicerContext) -> str | None:
     """The bearer token of a call's metadata, if any."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-            return value[len("Bearer ") :]
-    return None
+    return bearer_token(context.invocation_metadata())
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:

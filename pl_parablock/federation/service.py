@@ -21,6 +21,9 @@ Methods (message shapes):
   ``{ready: false, superseded: true}`` once a later round replaced that version
 * ``Versions``: ``{client_id}`` -> ``{versions, next_round, finished, instance}``
 * ``Leave``: ``{client_id, report}`` -> ``{ok}``
+
+The gRPC names of these methods and their call kinds are
+:data:`pl_parablock.federation.channel.METHODS`.
 """
 
 from __future__ import annotations
@@ -34,19 +37,10 @@ from pl_parablock.errors import FederationError
 from pl_parablock.federation.aggregator import Aggregator, RefusedError
 from pl_parablock.federation.wire import CorruptStream, StagedTensors, check_specs, encode, header_bytes, parse_header
 
-__all__ = ["METHODS", "SERVICE_NAME", "FederationService"]
+__all__ = ["FederationService"]
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "pl_parablock.Federation"
-METHODS = {
-    "Join": "unary",
-    "UploadState": "stream_unary",
-    "Push": "stream_unary",
-    "Pull": "unary_stream",
-    "Versions": "unary",
-    "Leave": "unary",
-}
 MAX_WAIT_S = 30.0
 
 

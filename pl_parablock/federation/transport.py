@@ -1,4 +1,4 @@
-"""Client side of the federation protocol, over gRPC or inside one process.
+"""Client side of the federation protocol.
 
 :class:`Transport` implements the protocol (join, upload the initial state,
 push an update, long-poll pull an aggregate, leave) once, on top of three raw
@@ -7,8 +7,15 @@ calls that its subclasses provide:
 * :class:`GrpcTransport` talks to a :class:`~pl_parablock.federation.server.FederationServer`
   over gRPC (separate processes or machines), with a bearer token and
   optional TLS;
-* :class:`InProcessTransport` calls a :class:`~pl_parablock.federation.service.FederationService`
-  in the same process (unit tests, one-process debugging).
+* :class:`~pl_parablock.federation.inprocess.InProcessTransport` calls a
+  :class:`~pl_parablock.federation.service.FederationService` in the same
+  process (unit tests, one-process debugging); it lives in its own module
+  because it holds the server side.
+
+This module is the client side only: it shares the protocol's names, the
+channel options, the token metadata and :class:`~pl_parablock.federation.channel.TLS`
+with the server through :mod:`pl_parablock.federation.channel` and imports
+nothing of the server side.
 
 Both encode and decode the same messages and pace them through the client's
 emulated :class:`~pl_parablock.federation.link.Link`, so byte counts and
@@ -30,43 +37,22 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import torch
 from torch import Tensor
 
 from pl_parablock.errors import FederationError, ServerRestarted, TransportError, VersionSuperseded
+from pl_parablock.federation.channel import CLIENT_OPTIONS, METHODS, SERVICE_NAME, TLS, token_metadata
 from pl_parablock.federation.link import Link
-from pl_parablock.federation.service import METHODS, SERVICE_NAME, FederationService
 from pl_parablock.federation.wire import CorruptStream, decode, encode, header_bytes, parse_header
 
-if TYPE_CHECKING:
-    from pl_parablock.federation.server import TLS
-
-__all__ = ["Faults", "GrpcTransport", "InProcessTransport", "Pulled", "Pushed", "Transport"]
+__all__ = ["Faults", "GrpcTransport", "Pulled", "Pushed", "Transport"]
 
 log = logging.getLogger(__name__)
 
 POLL_S = 20.0
-MESSAGE_OPTIONS = [
-    ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.max_receive_message_length", 64 << 20),
-]
-# Clients ping every 30 s so a dead peer is noticed during long polls and
-# reconnect quickly after a server restart; the server accepts pings that often.
-CLIENT_OPTIONS = [
-    *MESSAGE_OPTIONS,
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
-]
-SERVER_OPTIONS = [
-    *MESSAGE_OPTIONS,
-    ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
 FAULTS_ENV = "PL_PARABLOCK_TEST_FAULTS"
 
 
@@ -270,33 +256,6 @@ class Transport(ABC):
         parse_header(self._unary("Leave", req, timeout), "leave reply")
 
 
-class InProcessTransport(Transport):
-    """Calls a :class:`FederationService` in the same process.
-
-    Example::
-
-        >>> from pl_parablock.federation import Aggregator, FederationService, InProcessTransport
-        >>> service = FederationService(Aggregator(clients=1, rounds=2))
-        >>> transport = InProcessTransport(service)
-    """
-
-    def __init__(self, service: FederationService, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.service = service
-
-    def _unary(self, method: str, request: bytes, timeout: float) -> bytes:
-        return getattr(self.service, method)(request, self.token)  # type: ignore[no-any-return]
-
-    def _stream_unary(self, method: str, messages: Iterator[bytes], timeout: float) -> bytes:
-        return getattr(self.service, method)(messages, self.token)  # type: ignore[no-any-return]
-
-    def _unary_stream(self, method: str, request: bytes, timeout: float) -> Iterator[bytes]:
-        return getattr(self.service, method)(request, self.token)  # type: ignore[no-any-return]
-
-    def describe(self) -> str:
-        return "in-process"
-
-
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED}
 
 
@@ -322,7 +281,7 @@ class GrpcTransport(Transport):
             self._channel = grpc.secure_channel(address, tls.channel_credentials(), options=CLIENT_OPTIONS)
         else:
             self._channel = grpc.insecure_channel(address, options=CLIENT_OPTIONS)
-        self._metadata = (("authorization", f"Bearer {self.token}"),) if self.token else None
+        self._metadata = token_metadata(self.token)
         self._ready = False
         self._calls: dict[str, Any] = {}
         for method, kind in METHODS.items():

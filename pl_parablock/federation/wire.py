@@ -34,7 +34,18 @@ from torch import Tensor
 
 from pl_parablock.errors import FederationError
 
-__all__ = ["DTYPES", "CorruptStream", "Spec", "StagedTensors", "decode", "encode", "header_bytes", "parse_header", "tensor_specs"]
+__all__ = [
+    "DTYPES",
+    "WIRE_DTYPES",
+    "CorruptStream",
+    "Spec",
+    "StagedTensors",
+    "decode",
+    "encode",
+    "header_bytes",
+    "parse_header",
+    "tensor_specs",
+]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -46,9 +57,10 @@ DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
     "bool": torch.bool,
 }
-WIRE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-"""The floating dtypes a block may travel in."""
 _NAMES = {v: k for k, v in DTYPES.items()}
+WIRE_DTYPES: dict[str, torch.dtype] = {name: DTYPES[name] for name in ("float32", "bfloat16", "float16")}
+"""The wire dtypes (``federation.wire_dtype``): what a block's floating tensors may be cast to for the
+trip. :data:`DTYPES` is every dtype a tensor may travel in, as it is."""
 
 
 class CorruptStream(FederationError):  # noqa: N818 - reads as what happened to the stream
