@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import re
 from collections.abc import Sequence
@@ -32,7 +33,18 @@ import torch.nn as nn
 
 from pl_parablock.errors import ModelError
 
-__all__ = ["SCHEDULES", "Block", "Partition", "find_layer_list", "make_schedule", "partition_model", "whole_model_partition"]
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "SCHEDULES",
+    "Block",
+    "Partition",
+    "find_layer_list",
+    "freeze_to_blocks",
+    "make_schedule",
+    "partition_model",
+    "whole_model_partition",
+]
 
 SCHEDULES = ("ascending", "descending", "random")
 """The named schedules of :func:`make_schedule` (``blocks.schedule``; an explicit list of block indices is the other kind)."""
@@ -192,6 +204,22 @@ def whole_model_partition(module: nn.Module) -> Partition:
     if not names:
         raise ModelError(f"{type(module).__name__} has no trainable parameter")
     return Partition((Block(0, "all", names),))
+
+
+def freeze_to_blocks(module: nn.Module, partition: Partition) -> list[dict[str, nn.Parameter]]:
+    """Freeze every parameter of ``module`` in no block; return each block's parameters by name."""
+    params = dict(module.named_parameters())
+    in_blocks = set(partition.param_names)
+    for name, p in params.items():
+        p.requires_grad_(name in in_blocks)
+    log.info(
+        "%d blocks over %d parameters (%d frozen, never sent): %s",
+        len(partition),
+        sum(params[n].numel() for n in in_blocks),
+        sum(p.numel() for n, p in params.items() if n not in in_blocks),
+        ", ".join(b.name for b in partition.blocks),
+    )
+    return [{n: params[n] for n in b.params} for b in partition.blocks]
 
 
 def make_schedule(kind: str | Sequence[int], num_blocks: int, rounds: int, seed: int = 0) -> list[int]:

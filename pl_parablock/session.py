@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from pl_parablock.algorithm import Update
+from pl_parablock.algorithm import ClientCore, Plan, Update
 from pl_parablock.blocks import Partition
-from pl_parablock.errors import ResyncNeeded, ServerRestarted, TransmitterError, TransportError
+from pl_parablock.errors import ParaBlockError, ResyncNeeded, ServerRestarted, TransmitterError, TransportError
 from pl_parablock.federation.link import Link
 from pl_parablock.federation.transport import GrpcTransport, Pulled, Transport
 from pl_parablock.federation.wire import DTYPES, dtype_name
@@ -178,6 +178,37 @@ class ClientSession:
         reply = self.lead(join_and_upload)
         self.instance = reply.get("instance")
         return reply
+
+    def plan_of(self, reply: Mapping[str, Any], mode: str, num_blocks: int, keep_optimizer_state: bool) -> Plan:
+        """The federation's plan, from the server's join reply (the server owns the schedule and the sampling)."""
+        if reply.get("mode") not in (None, mode):
+            raise ParaBlockError(f"client {self.client_id} runs mode={mode} but the server runs mode={reply['mode']}")
+        participants = reply.get("participants")
+        return Plan(
+            mode,
+            tuple(int(b) for b in reply["schedule"]),
+            num_blocks,
+            tuple(tuple(int(c) for c in p) for p in participants) if participants else None,
+            keep_optimizer_state,
+        )
+
+    def adopt(self, core: ClientCore, reply: Mapping[str, Any], *, newer_only: bool = False) -> list[int]:
+        """Fetch and hold the server's global value of every block whose version differs (or is newer); returns them.
+
+        A client joining late, restarting from a crash, or facing a server
+        restarted from an older checkpoint so holds exactly the server's
+        global blocks; its hand-offs in flight are then dropped by
+        :meth:`~pl_parablock.algorithm.ClientCore.restart_at` (the server
+        either has them or rolled them back).
+        """
+        fetched = []
+        for b, v in enumerate(int(v) for v in reply.get("versions", [])):
+            stale = v > core.versions[b] if newer_only else (v != core.versions[b] or not core.clean[b])
+            if stale:
+                pulled = self.fetch(b)
+                core.adopt(b, pulled.version, pulled.tensors)
+                fetched.append(b)
+        return fetched
 
     def fetch(self, block: int) -> Pulled:
         """The current global value of ``block`` (every rank)."""

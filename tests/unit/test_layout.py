@@ -33,6 +33,8 @@ PACKAGE = "pl_parablock"
 CLIENT_SIDE = {
     "pl_parablock.strategy",
     "pl_parablock.session",
+    "pl_parablock.client",
+    "pl_parablock.rounds",
     "pl_parablock.evaluation",
     "pl_parablock.checkpoint",
     "pl_parablock.transmitter",
