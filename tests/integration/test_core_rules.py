@@ -1,0 +1,123 @@
+"""DESIGN §1.1 rules the drivers must keep: an exact global whatever travels, one optimizer-state rule, version-exact pulls.
+
+Wrong variants tried (each made a test here fail, then was restored):
+
+* the optimizer state kept when there is a single block (``activate``
+  dropping it only when ``len(blocks) > 1``, the old rule):
+  ``test_optimizer_state_...[fresh-fedavg]`` and ``[fresh-parablock-one-block]``;
+* the server's pull answering with the block's current value instead of the
+  round's version: ``test_a_pull_returns_the_rounds_version_or_says_it_was_superseded``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pl_parablock.config import load_recipe
+from pl_parablock.errors import VersionSuperseded
+from pl_parablock.federation import FederationService, InProcessTransport
+from pl_parablock.fit import federate_in_process
+from tests.helpers import federated_client, run_clients, service, tiny_data
+
+RECIPE = """
+seed: 0
+model:
+  config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 4,
+           num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 128}
+train: {local_steps: 2, lr: 3.0e-3, batch_size: 4, max_length: 64, threads: 1}
+federation: {clients: 2, rounds: 8, timeout_s: 60}
+data: {num_samples: 96}
+eval: {max_samples: 16, max_new_tokens: 2}
+"""
+
+
+def run(tmp_path, *overrides):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE)
+    out = tmp_path / "_".join(o.replace("=", "-").replace(".", "-") for o in overrides)
+    recipe = load_recipe(str(path), [*overrides, f"output_dir={out}"])
+    agg, runs, _ = federate_in_process(recipe)
+    return agg, runs, out
+
+
+@pytest.mark.parametrize("mode", ["parablock", "sync"])
+def test_a_bf16_wire_keeps_the_global_exact_and_the_saved_model_is_the_global(tmp_path, mode):
+    """Uploads travel as bf16 deltas; downloads carry the exact global; every client and the saved model hold it bitwise."""
+    agg, runs, out = run(tmp_path, f"mode={mode}", "federation.wire_dtype=bfloat16")
+    glob = agg.global_state()
+    assert all(t.dtype == torch.float32 for t in glob.values())
+    for r in runs:
+        local = dict(r.module.named_parameters())
+        diff = [n for n, v in glob.items() if not torch.equal(local[n], v)]
+        assert not diff, f"client {r.client_id}: {len(diff)} block tensors differ from the server's global"
+        assert {x.get("kind") for x in r.strategy.records} == {"delta"}  # a narrower wire always sends deltas
+    saved = dict(AutoModelForCausalLM.from_pretrained(out / "model").named_parameters())
+    diff = [n for n, v in glob.items() if not torch.equal(saved[n.removeprefix("model.")], v)]
+    assert not diff, f"the saved model differs from the server's global in {len(diff)} tensors"
+
+    _, fp32_runs, _ = run(tmp_path, f"mode={mode}")
+    bf16_loss = runs[0].strategy.final_metrics["eval_loss"]
+    fp32_loss = fp32_runs[0].strategy.final_metrics["eval_loss"]
+    assert abs(bf16_loss - fp32_loss) <= 0.01 * fp32_loss, (bf16_loss, fp32_loss)
+
+
+@pytest.mark.parametrize(
+    ("mode", "kw", "per_round"),
+    [
+        ("fedavg", {}, None),
+        ("parablock", {"blocks": [".*"]}, None),  # a single block, one-round-stale FedAvg
+        ("sync", {}, None),
+        ("parablock", {}, 1),  # a client sampled for some rounds only
+    ],
+    ids=["fedavg", "parablock-one-block", "sync", "parablock-sampled"],
+)
+@pytest.mark.parametrize("keep", [False, True], ids=["fresh", "kept"])
+def test_optimizer_state_lives_only_while_the_block_trains_unless_kept(mode, kw, per_round, keep):
+    """Default: a block's AdamW state is created fresh every round it trains in (its step count is K at the end);
+    keep_optimizer_state: each block's state runs on across its rounds (K x its rounds)."""
+    rounds, steps = 6, 2
+    svc = service(3 if per_round else 1, rounds, mode, **({"clients_per_round": per_round, "seed": 3} if per_round else {}))
+    jobs = []
+    for cid in range(3 if per_round else 1):
+        trainer, module, _data, strategy = federated_client(svc, cid, mode, local_steps=steps, keep_optimizer_state=keep, **kw)
+        jobs.append((trainer, module, tiny_data(module, seed=cid), strategy))
+    run_clients([j[:3] for j in jobs])
+    schedule = svc.aggregator.schedule
+    for trainer, _, _, strategy in jobs:
+        state = trainer.optimizers[0].state
+        trained = [t for t in range(rounds) if strategy.client_id in svc.aggregator.participants[t]]
+        if not trained:
+            continue
+        last_block = schedule[trained[-1]]
+        held = {int(s["step"]) for p, s in state.items() if "step" in s}
+        names_with_state = {n for n, p in strategy._block_params[last_block].items() if p in state}
+        if not keep:
+            assert held == {steps}, held  # only the last round's K steps: created fresh, nothing older kept
+            assert names_with_state == set(strategy._block_params[last_block])
+            others = [p for b, blk in enumerate(strategy._block_params) if b != last_block for p in blk.values()]
+            assert not any(p in state for p in others), "an inactive block holds optimizer state"
+        else:
+            times = sum(1 for t in trained if schedule[t] == last_block)
+            assert steps * times in held, (held, times)
+
+
+def test_a_pull_returns_the_rounds_version_or_says_it_was_superseded():
+    """A pull for round r returns version r of its block even after a later round replaced it, while a client has yet to read it."""
+    from tests.unit.test_aggregator import joined, update
+
+    agg = joined(clients=2, rounds=4)  # schedule 0, 1, 0, 1
+    svc = FederationService(agg)
+    t0, t1 = InProcessTransport(svc), InProcessTransport(svc)
+    for r, block in ((0, 0), (1, 1), (2, 0)):
+        for cid in (0, 1):
+            assert agg.submit(*update(cid, r, block, float(r + cid + 1), kind="delta"))["status"] == "accepted"
+    assert agg.versions() == [2, 1]  # round 2 replaced block 0's version 0
+    first = t1.pull(1, 0, 5)
+    assert first.version == 0 and first.block == 0
+    later = t1.pull(1, 2, 5)
+    assert later.version == 2 and not torch.equal(first.tensors["l0.w"], later.tensors["l0.w"])
+    assert t0.pull(0, 0, 5).version == 0  # every reader has now read version 0: it is no longer held
+    with pytest.raises(VersionSuperseded, match="round 0"):
+        t1.pull(1, 0, 5)
