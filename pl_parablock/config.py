@@ -244,8 +244,9 @@ class FederationSection:
     wire_dtype: str | None = field(
         default=None,
         metadata=_help(
-            "Dtype blocks travel in: " + " | ".join(WIRE_DTYPES) + "; null: the parameters' own. "
-            "bfloat16 halves the bytes (updates then travel as deltas)."
+            "Dtype the uploads travel in: " + " | ".join(WIRE_DTYPES) + "; null: the parameters' own. "
+            "bfloat16 halves the upload bytes (updates then travel as deltas); downloads always carry the exact "
+            "global in the parameters' dtype."
         ),
     )
     chunk_kb: int = field(default=1024, metadata=_help("Size of one streamed chunk, KiB."))

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from pl_parablock.algorithm import ClientCore, Plan, Update
 from pl_parablock.blocks import Partition
+from pl_parablock.config import TOKEN_ENV
 from pl_parablock.errors import ParaBlockError, ResyncNeeded, ServerRestarted, TransmitterError, TransportError
 from pl_parablock.federation.link import Link
 from pl_parablock.federation.transport import GrpcTransport, Pulled, Transport
@@ -36,7 +37,6 @@ __all__ = ["TOKEN_ENV", "ClientSession", "model_fingerprint"]
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-TOKEN_ENV = "PL_PARABLOCK_TOKEN"
 
 
 def model_fingerprint(module: nn.Module, partition: Partition, mode: str) -> dict[str, Any]:
