@@ -91,6 +91,30 @@ def federated_client(
 
 
 # ---------------------------------------------------------------------------
+# a tiny recipe: what the launcher, the reference and the process federation all build from
+
+TINY_RECIPE = """
+seed: 0
+model:
+  config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 4,
+           num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 128}
+train: {local_steps: 2, lr: 3.0e-3, batch_size: 4, max_length: 64, threads: 1}
+federation: {clients: 3, rounds: 8, timeout_s: 60}
+data: {num_samples: 96}
+eval: {max_samples: 4, max_new_tokens: 2}
+"""
+
+
+def tiny_recipe(tmp_path: Any, *overrides: str, output: str = "run") -> Any:
+    """The tiny recipe with dotlist ``overrides``, written to ``tmp_path/recipe.yaml``, output under ``tmp_path/output``."""
+    from pl_parablock.config import load_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(TINY_RECIPE)
+    return load_recipe(str(path), [*overrides, f"output_dir={tmp_path / output}"])
+
+
+# ---------------------------------------------------------------------------
 # fixture files for the data loaders and the shipped recipes
 
 ALPACA_ROWS = [

@@ -15,31 +15,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pl_parablock.config import load_recipe
 from pl_parablock.errors import VersionSuperseded
 from pl_parablock.federation import FederationService, InProcessTransport
 from pl_parablock.fit import federate_in_process
-from tests.helpers import federated_client, run_clients, service, tiny_data
-
-RECIPE = """
-seed: 0
-model:
-  config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 4,
-           num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 128}
-train: {local_steps: 2, lr: 3.0e-3, batch_size: 4, max_length: 64, threads: 1}
-federation: {clients: 2, rounds: 8, timeout_s: 60}
-data: {num_samples: 96}
-eval: {max_samples: 16, max_new_tokens: 2}
-"""
+from tests.helpers import federated_client, run_clients, service, tiny_data, tiny_recipe
 
 
 def run(tmp_path, *overrides):
-    path = tmp_path / "recipe.yaml"
-    path.write_text(RECIPE)
-    out = tmp_path / "_".join(o.replace("=", "-").replace(".", "-") for o in overrides)
-    recipe = load_recipe(str(path), [*overrides, f"output_dir={out}"])
+    name = "_".join(o.replace("=", "-").replace(".", "-") for o in overrides)
+    recipe = tiny_recipe(tmp_path, "federation.clients=2", "eval.max_samples=16", *overrides, output=name)
     agg, runs, _ = federate_in_process(recipe)
-    return agg, runs, out
+    return agg, runs, tmp_path / name
 
 
 @pytest.mark.parametrize("mode", ["parablock", "sync"])

@@ -80,11 +80,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_a_killed_client_is_dropped_then_restarted_and_catches_up(tmp_path, procs):
+@pytest.mark.parametrize("mode", ["sync", "parablock"])
+def test_a_killed_client_is_dropped_then_restarted_and_catches_up(tmp_path, procs, mode):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE)
     out = tmp_path / "run"
-    common = [str(recipe), f"output_dir={out}", "federation.clients=3", "federation.rounds=10", "federation.min_clients=2"]
+    common = [str(recipe), f"mode={mode}", f"output_dir={out}", "federation.clients=3", "federation.rounds=10", "federation.min_clients=2"]
     common += ["federation.round_timeout_s=1.5", "federation.timeout_s=60", "train.checkpoint_every=1"]
     server = Proc(tmp_path, "server", *common, "--role", "server")
     procs.append(server)
@@ -110,6 +111,8 @@ def test_a_killed_client_is_dropped_then_restarted_and_catches_up(tmp_path, proc
     assert [r["round"] for r in rounds] == list(range(10))
     dropped = [r for r in rounds if r["arrived"] == 2]
     assert dropped and all("timeout" in r["close_reason"] for r in dropped)
+    # no update applied twice: a round counts each client at most once, and only clients expected in it
+    assert all(len(set(r["clients"])) == r["arrived"] <= 3 for r in rounds)
     events = report["client_reports"]["2"]["events"] if "client_reports" in report else None
     if events is None:
         events = json.loads((out / "clients" / "client_2.json").read_text())["events"]
@@ -119,12 +122,21 @@ def test_a_killed_client_is_dropped_then_restarted_and_catches_up(tmp_path, proc
     assert synced["to_round"] > synced["from_round"]
 
 
-def test_a_killed_server_restarts_from_its_checkpoint_and_clients_reconnect(tmp_path, procs):
+@pytest.mark.parametrize("mode", ["sync", "parablock"])
+def test_a_killed_server_restarts_from_its_checkpoint_and_clients_reconnect(tmp_path, procs, mode):
+    """In parablock the server dies with two rounds in flight (a client hands off round t+1 before t is aggregated)."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE)
     out = tmp_path / "run"
     listen = f"127.0.0.1:{free_port()}"
-    common = [str(recipe), f"output_dir={out}", "federation.clients=2", "federation.rounds=8", "federation.checkpoint_every=1"]
+    common = [
+        str(recipe),
+        f"mode={mode}",
+        f"output_dir={out}",
+        "federation.clients=2",
+        "federation.rounds=8",
+        "federation.checkpoint_every=1",
+    ]
     common += ["federation.timeout_s=60"]
     server = Proc(tmp_path, "server", *common, "--role", "server", "--listen", listen)
     procs.append(server)

@@ -19,30 +19,16 @@ import pytest
 import torch
 
 from pl_parablock import FederatedBlockStrategy
-from pl_parablock.config import load_recipe
 from pl_parablock.federation import Aggregator, FederationService, InProcessTransport
 from pl_parablock.federation.transport import Faults
 from pl_parablock.fit import federate_in_process
 from pl_parablock.reference import run_reference
-from tests.helpers import params, run_clients, tiny_data, tiny_module, tiny_trainer
-
-RECIPE = """
-seed: 0
-model:
-  config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 3,
-           num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 128}
-train: {local_steps: 2, lr: 3.0e-3, batch_size: 4, max_length: 64, threads: 1}
-federation: {clients: 2, rounds: 6, timeout_s: 60}
-data: {num_samples: 64}
-eval: {max_samples: 4, max_new_tokens: 2}
-"""
+from tests.helpers import params, run_clients, tiny_data, tiny_module, tiny_recipe, tiny_trainer
 
 
 @pytest.mark.parametrize("mode", ["sync", "parablock"])
 def test_dropped_corrupted_and_delayed_transfers_end_on_the_reference_global(mode, tmp_path, monkeypatch):
-    path = tmp_path / "recipe.yaml"
-    path.write_text(RECIPE)
-    recipe = load_recipe(str(path), [f"mode={mode}", f"output_dir={tmp_path / 'run'}"])
+    recipe = tiny_recipe(tmp_path, f"mode={mode}", "federation.clients=2", "federation.rounds=6", "data.num_samples=64")
     reference = run_reference(recipe)
 
     monkeypatch.setenv("PL_PARABLOCK_TEST_FAULTS", "drop_after_push=2,corrupt_push=4,drop_pull=3,delay_push_s=0.05")

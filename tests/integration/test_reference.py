@@ -40,20 +40,9 @@ import pytest
 import torch
 
 from pl_parablock.algorithm import digest
-from pl_parablock.config import load_recipe
 from pl_parablock.fit import federate_in_process
 from pl_parablock.reference import run_reference
-
-RECIPE = """
-seed: 0
-model:
-  config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 4,
-           num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 128}
-train: {local_steps: 2, lr: 3.0e-3, batch_size: 4, max_length: 64, threads: 1}
-federation: {clients: 3, rounds: 8, timeout_s: 60}
-data: {num_samples: 96}
-eval: {max_samples: 4, max_new_tokens: 2}
-"""
+from tests.helpers import tiny_recipe
 
 CASES = {
     "sync-4-ascending": ["mode=sync"],
@@ -78,9 +67,7 @@ CASES = {
 
 
 def recipe_for(tmp_path, overrides):
-    path = tmp_path / "recipe.yaml"
-    path.write_text(RECIPE)
-    return load_recipe(str(path), [*overrides, f"output_dir={tmp_path / 'run'}"])
+    return tiny_recipe(tmp_path, *overrides)
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
