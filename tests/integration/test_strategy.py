@@ -54,6 +54,28 @@ def test_invalid_arguments_are_reported_together():
     assert "local_steps=0" in msg and "mode='turbo'" in msg and "rounds=None" in msg
 
 
+def test_only_floating_wire_dtypes_and_shard_weighting_with_a_shard_size_are_accepted():
+    with pytest.raises(ParaBlockError, match="wire_dtype='int64' must be one of float32, bfloat16, float16"):
+        FederatedBlockStrategy("127.0.0.1:1", wire_dtype="int64")
+    with pytest.raises(ParaBlockError, match="weighting='shard' needs shard_size"):
+        FederatedBlockStrategy("127.0.0.1:1", weighting="shard")
+    FederatedBlockStrategy("127.0.0.1:1", wire_dtype="bfloat16", weighting="shard", shard_size=10)
+
+
+def test_an_explicit_token_wins_over_the_environment(monkeypatch):
+    from pl_parablock.session import ClientSession
+
+    monkeypatch.setenv("PL_PARABLOCK_TOKEN", "from-env")
+    explicit = ClientSession("127.0.0.1:1", 0, timeout_s=1.0, token="explicit")
+    fallback = ClientSession("127.0.0.1:1", 0, timeout_s=1.0)
+    try:
+        assert explicit.transport is not None and explicit.transport.token == "explicit"
+        assert fallback.transport is not None and fallback.transport.token == "from-env"
+    finally:
+        explicit.close(cancel_pending=True)
+        fallback.close(cancel_pending=True)
+
+
 class UserLM(pl.LightningModule):
     """Not ours, not Hugging Face: a small transformer LM a user might write."""
 
