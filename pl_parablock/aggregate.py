@@ -15,7 +15,7 @@ centralized run.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -65,6 +65,9 @@ def robust_mean(deltas: Sequence[Tensor], method: str, trim_fraction: float = 0.
         return ordered[k : n - k].mean(dim=0)
     raise ValueError(f"unknown robust method {method!r}; use {', '.join(ROBUST_METHODS)}")
 
+
+ServerStep = Callable[[str, int, Tensor, Tensor], Tensor]
+"""``step(name, start, g, mean_delta) -> new g``: a server optimizer's update of one float64 piece of a tensor."""
 
 PIECE_ELEMS = 1 << 20
 """Elements per piece: the server reads, checks and sums updates a piece at a time (8 MiB of float64)."""
@@ -157,30 +160,32 @@ class RoundAccumulator:
             self.weight_deltas += weight
         self.count += 1
 
-    def finish(self, current: Mapping[str, Tensor], server_lr: float = 1.0) -> dict[str, Tensor]:
+    def finish(self, current: Mapping[str, Tensor], server_lr: float = 1.0, step: ServerStep | None = None) -> dict[str, Tensor]:
         """The new global value of the block.
 
-        With ``server_lr == 1`` and only value updates, the weighted mean of
-        the end values; otherwise ``g + server_lr * mean(delta)`` where value
-        updates count as ``e_i - g``. Each result keeps the dtype of ``current``.
-        The sums are consumed: call once.
+        With ``server_lr == 1``, no ``step`` and only value updates, the
+        weighted mean of the end values; otherwise ``g + server_lr * mean(delta)``
+        where value updates count as ``e_i - g``, or, with ``step``,
+        ``step(name, start, g, mean_delta)`` piece by piece (a server
+        optimizer). Each result keeps the dtype of ``current``. The sums are
+        consumed: call once.
         """
         total = self.total_weight
         if self.count == 0 or total <= 0:
             raise ValueError("cannot aggregate a round without updates")
         out: dict[str, Tensor] = {}
         for name, g in current.items():
-            out[name] = assemble(g, self._new_pieces(name, g, server_lr))
+            out[name] = assemble(g, self._new_pieces(name, g, server_lr, step))
         return out
 
-    def _new_pieces(self, name: str, g: Tensor, server_lr: float) -> Iterator[Tensor]:
+    def _new_pieces(self, name: str, g: Tensor, server_lr: float, step: ServerStep | None) -> Iterator[Tensor]:
         """The new value of ``name`` in float64 pieces; each piece of the sums is freed once it is used."""
         total = self.total_weight
         values = self._values.pop(name, {})
         deltas = self._deltas.pop(name, {})
         for _, start, g_piece in pieces_of({name: g.detach().to("cpu")}):
             i = start // PIECE_ELEMS
-            if server_lr == 1.0 and self.weight_deltas == 0.0:  # the weighted mean of the end values
+            if step is None and server_lr == 1.0 and self.weight_deltas == 0.0:  # the weighted mean of the end values
                 if i not in values:
                     raise ValueError(f"no update covered {name!r} at element {start}")
                 yield values.pop(i).div_(total)
@@ -191,4 +196,7 @@ class RoundAccumulator:
                 s.add_(deltas.pop(i))
             if i in values:
                 s.add_(values.pop(i)).sub_(piece, alpha=self.weight_values)
-            yield piece.add_(s, alpha=server_lr / total)
+            if step is None:
+                yield piece.add_(s, alpha=server_lr / total)
+            else:
+                yield step(name, start, piece, s.div_(total))

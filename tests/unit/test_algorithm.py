@@ -35,6 +35,7 @@ from pl_parablock.algorithm import (
     Superseded,
     client_weight,
     make_plan,
+    make_server_optimizer,
     rebase,
 )
 
@@ -265,3 +266,65 @@ def test_a_non_finite_aggregate_keeps_the_previous_global():
     problem = state.install(0, 0, {"b0.w": torch.tensor([1.0, float("inf"), 0.0], dtype=torch.float64)})
     assert "not finite" in problem
     assert state.values[0] is before and state.versions[0] == 0
+
+
+# ---------------------------------------------------------------------------------------------------- server optimizers
+
+
+def two_rounds(optimizer):
+    """Two rounds of one block, two clients sending deltas; returns the global after each round."""
+    g = {"w": torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)}
+    out = []
+    for r, deltas in enumerate(([0.5, 0.25, -1.0], [0.125, -0.5, 2.0])):
+        step = RoundStep(r, 0, optimizer=optimizer)
+        step.add({"w": torch.tensor(deltas, dtype=torch.float64)}, 1.0, "delta")
+        step.add({"w": torch.tensor(deltas, dtype=torch.float64) * 3}, 3.0, "delta")
+        g = step.close(g)
+        out.append(g["w"].clone())
+    return out
+
+
+def test_server_sgd_with_lr_1_is_fedavg_bitwise():
+    """sgd, lr 1: the exact weighted mean of value updates (the accumulator's own path), bitwise."""
+    g = {"w": torch.tensor([0.1, 0.2, 0.3])}
+    a, b = RoundStep(0, 0), RoundStep(0, 0, optimizer=make_server_optimizer("sgd", lr=1.0))
+    for step in (a, b):
+        step.add({"w": torch.tensor([0.7, 0.3, 0.9])}, 3.0, "value")
+        step.add({"w": torch.tensor([0.1, 0.5, 0.2])}, 5.0, "value")
+    assert torch.equal(a.close(g)["w"], b.close(g)["w"])
+
+
+def test_server_optimizers_follow_reddi_et_al():
+    """x_{t+1} = x_t + η m_t / (√v_t + τ) with FedAdam, FedYogi, FedAdagrad's v; FedAvgM's m; written out here."""
+    lr, b1, b2, tau = 0.5, 0.9, 0.99, 1e-3
+    x0 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    d = [torch.tensor(v, dtype=torch.float64) * (1 + 9) / 4 for v in ([0.5, 0.25, -1.0], [0.125, -0.5, 2.0])]  # weighted means
+    for name in ("momentum", "adam", "yogi", "adagrad"):
+        got = two_rounds(make_server_optimizer(name, lr=lr, betas=(b1, b2), tau=tau))
+        x, m, v = x0.clone(), torch.zeros(3, dtype=torch.float64), torch.full((3,), tau**2, dtype=torch.float64)
+        for t, delta in enumerate(d):
+            if name == "momentum":
+                m = b1 * m + delta
+                x = x + lr * m
+            else:
+                m = b1 * m + (1 - b1) * delta
+                if name == "adam":
+                    v = b2 * v + (1 - b2) * delta**2
+                elif name == "yogi":
+                    v = v - (1 - b2) * delta**2 * torch.sign(v - delta**2)
+                else:
+                    v = v + delta**2
+                x = x + lr * m / (v.sqrt() + tau)
+            torch.testing.assert_close(got[t], x, rtol=1e-12, atol=1e-12, msg=f"{name} round {t}")
+
+
+def test_server_optimizer_state_round_trips_through_tensors():
+    opt = make_server_optimizer("adam", lr=0.5)
+    two_rounds(opt)
+    saved = opt.state_tensors()
+    assert set(saved) == {"0/w/m", "0/w/v"}
+    again = make_server_optimizer("adam", lr=0.5)
+    again.load_state_tensors(saved)
+    assert all(torch.equal(again.state[0]["w"][k], opt.state[0]["w"][k]) for k in ("m", "v"))
+    with pytest.raises(AlgorithmError, match="unknown server optimizer"):
+        make_server_optimizer("lamb")
