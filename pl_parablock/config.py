@@ -776,5 +776,5 @@ def _validate_peft(p: list[str], recipe: Recipe) -> None:
         if on:
             p.append(
                 f"`blocks.{key}` is true but with model.peft.method={pe.method} only the adapters train "
-                f"(the {key} stay frozen); set blocks.{key}=false"
+                f"(the {key} {'stays' if key == 'head' else 'stay'} frozen); set blocks.{key}=false"
             )

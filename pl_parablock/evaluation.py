@@ -59,6 +59,8 @@ class GlobalEvaluation(Callback):
         on_error: ``raise`` on an evaluation record that cannot be encoded, or ``skip`` it.
         merged_dir: where to save the merged model (PEFT models only).
         merge: ``merge(adapter_dir, merged_dir)`` saves the merged model.
+        base_dir: where to save the base of an adapter built from a config.
+        save_base: ``save_base(adapter_dir, base_dir)`` saves the base and points the adapter at it.
     """
 
     def __init__(
@@ -75,6 +77,8 @@ class GlobalEvaluation(Callback):
         on_error: str = "raise",
         merged_dir: str | None = None,
         merge: Callable[[str, str], None] | None = None,
+        base_dir: str | None = None,
+        save_base: Callable[[str, str], str] | None = None,
     ) -> None:
         self.strategy = strategy
         self.tokenizer = tokenizer
@@ -85,6 +89,8 @@ class GlobalEvaluation(Callback):
         self.every = every
         self.merged_dir = merged_dir
         self.merge = merge
+        self.base_dir = base_dir
+        self.save_base = save_base
         self.curve: list[dict[str, Any]] = []
         self.records: list[dict[str, Any]] = []
         self.skipped: list[str] = []
@@ -152,6 +158,8 @@ class GlobalEvaluation(Callback):
             metrics["model_dir"] = os.path.abspath(self.model_dir)
             if pl_module.is_peft:
                 metrics["model_format"] = "peft_adapter"
+                if self.save_base is not None and self.base_dir is not None:
+                    metrics["base_model_dir"] = self.save_base(self.model_dir, self.base_dir)
                 if self.merge is not None and self.merged_dir is not None:
                     self.merge(self.model_dir, self.merged_dir)
                     metrics["merged_model_dir"] = os.path.abspath(self.merged_dir)

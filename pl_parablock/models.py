@@ -165,6 +165,35 @@ def save_merged(
         tokenizer.save_pretrained(directory)
 
 
+def save_base(section: ModelSection, seed: int, adapter_dir: str, directory: str, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
+    """Save the base of an adapter built from ``model.config`` next to it and point the adapter at it.
+
+    A model built from a config has no name or path, so its adapter's
+    ``base_model_name_or_path`` would be null and it would load nowhere. The
+    base is built again exactly as :func:`build_model` built it, saved in
+    ``directory`` (with ``tokenizer``), and the adapter's config in
+    ``adapter_dir`` is rewritten to name it (absolute path), so
+    ``AutoPeftModelForCausalLM.from_pretrained(adapter_dir)`` loads both.
+    Returns the base's absolute path.
+    """
+    import json
+
+    base, _ = build_base_model(section, seed)
+    base.config.use_cache = True
+    base.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    path = os.path.abspath(directory)
+    config_path = os.path.join(adapter_dir, "adapter_config.json")
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    config["base_model_name_or_path"] = path
+    with open(config_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    os.replace(config_path + ".tmp", config_path)
+    return path
+
+
 def build_base_model(section: ModelSection, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The causal LM and tokenizer of a recipe's ``model`` section, without adapters.
 

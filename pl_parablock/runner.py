@@ -34,7 +34,7 @@ from pl_parablock.evaluation import GlobalEvaluation
 from pl_parablock.federation.channel import TLS
 from pl_parablock.federation.link import Link
 from pl_parablock.federation.transport import Transport
-from pl_parablock.models import build_model, save_merged
+from pl_parablock.models import build_model, save_base, save_merged
 from pl_parablock.module import ParaBlockModule
 from pl_parablock.strategy import FederatedBlockStrategy
 
@@ -193,6 +193,8 @@ def prepare_client(
             on_error=d.on_error,
             merged_dir=os.path.join(recipe.output_dir, "merged_model") if pe.method and pe.merge else None,
             merge=partial(save_merged, recipe.model, recipe.seed, tokenizer=tokenizer) if pe.method and pe.merge else None,
+            base_dir=os.path.join(recipe.output_dir, "base_model") if pe.method and recipe.model.config else None,
+            save_base=partial(save_base, recipe.model, recipe.seed, tokenizer=tokenizer) if pe.method and recipe.model.config else None,
         )
         callbacks.append(evaluation)
     trainer = pl.Trainer(

@@ -77,6 +77,13 @@ def test_a_lora_federation_saves_an_adapter_that_loads_with_peft(tmp_path):
     embed = "model.embed_tokens.weight"
     assert torch.equal(dict(merged.named_parameters())[embed], initial[embed]), "the base stays frozen"
 
+    # built from a config, the adapter names the base saved next to it, so it loads on its own
+    from peft import AutoPeftModelForCausalLM
+
+    assert final["base_model_dir"] == str((out / "base_model").resolve())
+    alone = AutoPeftModelForCausalLM.from_pretrained(str(out / "model"))
+    assert evaluate_loss(alone, eval_batches(recipe, tok))["eval_loss"] == pytest.approx(loss, rel=1e-6)
+
 
 class RecordingTransport(InProcessTransport):
     """An in-process transport that remembers the names of the tensors it sends."""

@@ -164,7 +164,7 @@ def test_peft_keys_are_validated(tmp_path):
     msg = str(err.value)
     for key in ("model.peft.method", "model.peft.r", "model.peft.dropout"):
         assert key in msg
-    with pytest.raises(ConfigError, match="blocks.head"):
+    with pytest.raises(ConfigError, match=r"blocks.head.*\(the head stays frozen\)"):
         load_recipe(None, ["model.peft.method=lora", "blocks.head=true"])
     with pytest.raises(ConfigError, match="model.peft.merge"):
         load_recipe(None, ["model.peft.merge=true"])
