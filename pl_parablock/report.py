@@ -98,6 +98,7 @@ def build_report(recipe: Recipe, server: dict[str, Any], *, wall_s: float, link:
                 "comm_s": comm,
                 "comm_hidden_fraction": 1.0 - totals["blocked_s"] / comm if comm > 0 else None,
                 "blocks_sha256": rep.get("final", {}).get("blocks_sha256"),
+                "peak_rss_mb": rep.get("final", {}).get("peak_rss_mb"),
                 "events": [{**e, "at": e["at"] - t0} if isinstance(e.get("at"), (int, float)) else e for e in rep.get("events", [])],
             }
         )

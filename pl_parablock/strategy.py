@@ -21,6 +21,7 @@ pl_module, round_index)`` is called between rounds, when round
 from __future__ import annotations
 
 import logging
+import resource
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -231,6 +232,7 @@ class FederatedBlockStrategy(Callback):
                 )
         self.partition = self.partition_of(pl_module)
         self._block_params[:] = freeze_to_blocks(pl_module, self.partition)
+        self.final_metrics["trainable_params"] = sum(p.numel() for blk in self._block_params for p in blk.values())
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -291,6 +293,7 @@ class FederatedBlockStrategy(Callback):
         done = self.client is not None and self.client.done
         if done:  # what this client holds at the end, to compare with the server's global and other drivers
             self.final_metrics["blocks_sha256"] = digest({n: p for blk in self._block_params for n, p in blk.items()})
+        self.final_metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         if not done and not self.federated:
             rank_zero_warn(f"training stopped after {self.round} of {self.rounds} rounds; resume from a checkpoint to finish them")
         elif not done:

@@ -1,0 +1,185 @@
+"""``python -m pl_parablock.compare RECIPES_OR_FOLDERS... [key=value ...]``: one table for several methods.
+
+Every recipe given (a folder stands for its ``*.yaml`` files, e.g. all of
+``recipes/math/``) runs as a federation of its own, one after another, with
+the same overrides (so the same model, data, clients, rounds and link when
+the recipes agree on them otherwise); each run's output goes to
+``OUTPUT_DIR/<recipe>/`` (``OUTPUT_DIR`` from ``output_dir=``, default
+``runs/compare``). Then one table: markdown on screen, ``OUTPUT_DIR/compare.json``
+(``{"rows": [...]}``, one row per recipe) and ``OUTPUT_DIR/comparison.png``
+(loss versus wall-clock and versus round, every run on shared axes).
+
+Example::
+
+    python -m pl_parablock.compare recipes/math/ model.path=/models/Llama-3.2-1B \\
+        data.path=/data/gsm8k/train.jsonl eval.path=/data/gsm8k/test.jsonl output_dir=runs/math-table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pl_parablock.config import load_recipe
+from pl_parablock.errors import ConfigError, ParaBlockError
+
+__all__ = ["COLUMNS", "collect_recipes", "main", "row_of"]
+
+COLUMNS = (
+    "recipe",
+    "mode",
+    "eval_loss",
+    "perplexity",
+    "exact_match",
+    "wall_s",
+    "clock",
+    "bytes_up",
+    "bytes_down",
+    "peak_rss_mb",
+    "trainable_params",
+)
+
+
+def collect_recipes(items: Sequence[str]) -> list[str]:
+    """The recipe files named, folders expanded to their ``*.yaml`` files (sorted).
+
+    Raises:
+        ConfigError: a path that does not exist, a folder without recipes, or nothing given.
+    """
+    out: list[str] = []
+    problems = []
+    for item in items:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(item, f) for f in os.listdir(item) if f.endswith((".yaml", ".yml")))
+            if not found:
+                problems.append(f"folder `{item}` holds no .yaml recipe")
+            out.extend(found)
+        elif os.path.isfile(item):
+            out.append(item)
+        else:
+            problems.append(f"recipe `{item}` not found; give recipe files or folders of them")
+    if not items:
+        problems.append("give at least one recipe file or folder, e.g. recipes/math/")
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def _names(paths: Sequence[str]) -> list[str]:
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    return [f"{os.path.basename(os.path.dirname(os.path.abspath(p)))}-{s}" for p, s in zip(paths, stems)]
+
+
+def row_of(name: str, report: dict[str, Any]) -> dict[str, Any]:
+    """One table row from a run's report.json."""
+    final = report.get("final", {})
+    totals = report.get("totals", {})
+    clients = report.get("clients", [])
+    rss = [c.get("peak_rss_mb") for c in clients if isinstance(c.get("peak_rss_mb"), (int, float))]
+    return {
+        "recipe": name,
+        "mode": report.get("mode"),
+        "eval_loss": final.get("eval_loss"),
+        "perplexity": final.get("perplexity"),
+        "exact_match": final.get("exact_match"),
+        "wall_s": report.get("wall_s"),
+        "clock": report.get("clock", "measured"),
+        "bytes_up": totals.get("bytes_up"),
+        "bytes_down": totals.get("bytes_down"),
+        "peak_rss_mb": max(rss) if rss else None,
+        "trainable_params": final.get("trainable_params"),
+    }
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+    return str(v)
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as a markdown table (bytes in MB)."""
+    head = ["recipe", "mode", "eval loss", "perplexity", "exact match", "wall s", "clock", "MB up", "MB down", "peak RSS MB", "trainable"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        mb = [r[k] / 1e6 if isinstance(r[k], (int, float)) else None for k in ("bytes_up", "bytes_down")]
+        cells = [r["recipe"], r["mode"], r["eval_loss"], r["perplexity"], r["exact_match"], r["wall_s"], r["clock"], *mb]
+        cells += [r["peak_rss_mb"], r["trainable_params"]]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pl_parablock.compare",
+        description="Run several recipes with the same overrides and compare them in one table.",
+    )
+    p.add_argument("items", nargs="+", help="recipe files or folders of them, then key=value overrides for all of them")
+    p.add_argument("--inprocess", action="store_true", help="run each federation in one process (clients as threads)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides = [a for a in args.items if "=" in a and not os.path.exists(a)]
+    items = [a for a in args.items if a not in overrides]
+    out_dir = "runs/compare"
+    rest = []
+    for o in overrides:
+        if o.startswith("output_dir="):
+            out_dir = o.split("=", 1)[1]
+        else:
+            rest.append(o)
+    try:
+        paths = collect_recipes(items)
+        names = _names(paths)
+        problems = []
+        for path in paths:  # every recipe is checked before any runs
+            try:
+                load_recipe(path, rest)
+            except ConfigError as exc:
+                problems.append(f"{path}: {exc}")
+        if problems:
+            raise ConfigError(problems)
+        os.makedirs(out_dir, exist_ok=True)
+        rows, runs = [], []
+        for path, name in zip(paths, names):
+            run_dir = os.path.join(out_dir, name)
+            cmd = [sys.executable, "-m", "pl_parablock.fit", path, *rest, f"output_dir={run_dir}"]
+            if args.inprocess:
+                cmd.append("--inprocess")
+            print(f"  running {name}: {' '.join(cmd[1:])}", flush=True)
+            log_path = os.path.join(out_dir, f"{name}.log")
+            with open(log_path, "w", encoding="utf-8") as log:
+                done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
+            if done.returncode != 0:
+                raise ParaBlockError(f"recipe {path} failed (exit {done.returncode}); its output is in {log_path}")
+            with open(os.path.join(run_dir, "report.json"), encoding="utf-8") as f:
+                report = json.load(f)
+            rows.append(row_of(name, report))
+            runs.append((f"{name}: {report.get('mode')}", report))
+        with open(os.path.join(out_dir, "compare.json"), "w", encoding="utf-8") as f:
+            json.dump({"rows": rows}, f, indent=2)
+        from pl_parablock.report import plot_comparison
+
+        picture = plot_comparison(runs, os.path.join(out_dir, "comparison.png"))
+        print()
+        print(format_table(rows))
+        print(f"\n  table     {os.path.abspath(os.path.join(out_dir, 'compare.json'))}\n  picture   {os.path.abspath(picture)}")
+        return 0
+    except ParaBlockError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
