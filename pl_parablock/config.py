@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pl_parablock.aggregate import AGGREGATIONS
-from pl_parablock.algorithm import MODES, WEIGHTINGS
+from pl_parablock.algorithm import MODES, SERVER_OPTIMIZERS, WEIGHTINGS, ServerOptimizer, make_server_optimizer
 from pl_parablock.blocks import SCHEDULES
 from pl_parablock.data.formats import DATA_FORMATS, ROW_FORMAT_CHOICES
 from pl_parablock.errors import ConfigError
@@ -216,6 +216,22 @@ class TLSSection:
 
 
 @dataclass
+class ServerOptimizerSection:
+    """The server's optimizer per block (FedOpt, Reddi et al., Adaptive Federated Optimization)."""
+
+    name: str = field(
+        default="sgd",
+        metadata=_help(
+            "sgd | momentum (FedAvgM) | adam | yogi | adagrad: x_b <- x_b - opt(-mean delta), state per block on the server "
+            "and in its checkpoints; sgd with lr 1 is FedAvg, bitwise."
+        ),
+    )
+    lr: float | None = field(default=None, metadata=_help("Server learning rate; null: `federation.server_lr`."))
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99], metadata=_help("[beta1, beta2]: momentum and second-moment decay."))
+    tau: float = field(default=1.0e-3, metadata=_help("Adaptivity tau of adam, yogi and adagrad (second moments start at tau^2)."))
+
+
+@dataclass
 class FederationSection:
     """The federation: clients, rounds and the server."""
 
@@ -266,6 +282,7 @@ class FederationSection:
         ),
     )
     tls: TLSSection = field(default_factory=TLSSection)
+    server_optimizer: ServerOptimizerSection = field(default_factory=ServerOptimizerSection)
     clients_per_round: int | None = field(
         default=None, metadata=_help("Clients sampled (seeded) to train each round; the others only fetch the aggregate.")
     )
@@ -537,6 +554,13 @@ def reference_markdown() -> str:
 TOKEN_ENV = "PL_PARABLOCK_TOKEN"
 
 
+def server_optimizer_of(recipe: Recipe) -> ServerOptimizer:
+    """The recipe's server optimizer (``federation.server_optimizer``; its lr defaults to ``federation.server_lr``)."""
+    so, f = recipe.federation.server_optimizer, recipe.federation
+    betas = (float(so.betas[0]), float(so.betas[1]))
+    return make_server_optimizer(so.name, lr=so.lr if so.lr is not None else f.server_lr, betas=betas, tau=so.tau)
+
+
 def server_token(recipe: Recipe) -> str | dict[int, str] | None:
     """The token(s) the server accepts: PL_PARABLOCK_TOKEN if set, else federation.token."""
     env = os.environ.get(TOKEN_ENV)
@@ -642,6 +666,17 @@ def validate(recipe: Recipe) -> list[str]:
     _at_least(p, "federation.clients", f.clients, 1)
     _at_least(p, "federation.rounds", f.rounds, 1)
     _at_least(p, "federation.server_lr", f.server_lr, 0.0, strict=True)
+    so = f.server_optimizer
+    _one_of(p, "federation.server_optimizer.name", so.name, SERVER_OPTIMIZERS)
+    _at_least(p, "federation.server_optimizer.lr", so.lr, 0.0, strict=True)
+    _at_least(p, "federation.server_optimizer.tau", so.tau, 0.0, strict=True)
+    if len(so.betas) != 2 or not all(0.0 <= b < 1.0 for b in so.betas):
+        p.append(f"`federation.server_optimizer.betas` is {list(so.betas)}; give two numbers in [0, 1), e.g. [0.9, 0.99]")
+    if so.name != "sgd" and f.aggregation != "mean":
+        p.append(
+            f"`federation.server_optimizer.name` is {so.name!r} but federation.aggregation={f.aggregation} forms the new "
+            "global directly from robust statistics a server optimizer cannot follow; use aggregation=mean or server_optimizer sgd"
+        )
     _one_of(p, "federation.weighting", f.weighting, WEIGHTINGS)
     if f.min_clients is not None and not 1 <= f.min_clients <= max(f.clients, 1):
         p.append(f"`federation.min_clients` is {f.min_clients}; it must be between 1 and federation.clients ({f.clients})")

@@ -31,7 +31,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pl_parablock.config import Recipe, client_token, load_recipe, reference_markdown, server_token, to_yaml
+from pl_parablock.config import Recipe, client_token, load_recipe, reference_markdown, server_optimizer_of, server_token, to_yaml
 from pl_parablock.errors import ParaBlockError
 from pl_parablock.federation.aggregator import Aggregator
 from pl_parablock.federation.channel import TLS
@@ -96,6 +96,7 @@ def _aggregator(recipe: Recipe, progress: bool) -> Aggregator:
         schedule=schedule,
         seed=recipe.seed,
         server_lr=f.server_lr,
+        server_optimizer=server_optimizer_of(recipe),
         mode=recipe.mode,
         min_clients=f.min_clients,
         round_timeout_s=f.round_timeout_s,

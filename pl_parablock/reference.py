@@ -31,7 +31,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
 
 from pl_parablock.algorithm import ClientCore, GlobalState, RoundStart, RoundStep, Update, activate, make_plan
-from pl_parablock.config import Recipe
+from pl_parablock.config import Recipe, server_optimizer_of
 from pl_parablock.errors import ConfigError
 from pl_parablock.module import ParaBlockModule
 from pl_parablock.runner import prepare_client
@@ -142,6 +142,7 @@ def run_reference(recipe: Recipe) -> ReferenceResult:
     plan = clients[0].core.plan
     state = GlobalState([{n: p.detach().to("cpu", copy=True) for n, p in blk.items()} for blk in clients[0].blocks])
     records = []
+    optimizer = server_optimizer_of(recipe)
 
     def deliver(c: _Client) -> None:
         for r in c.core.awaiting():
@@ -150,7 +151,7 @@ def run_reference(recipe: Recipe) -> ReferenceResult:
 
     for t in range(plan.rounds):
         b = plan.schedule[t]
-        step = RoundStep(t, b, recipe.federation.server_lr)
+        step = RoundStep(t, b, optimizer=optimizer)
         arrived = []
         for c in clients:
             deliver(c)

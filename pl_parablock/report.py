@@ -153,6 +153,7 @@ def build_report(recipe: Recipe, server: dict[str, Any], *, wall_s: float, link:
             "globals_sha256": server.get("globals_sha256"),
             "blocks": [b["name"] for b in server.get("blocks", [])],
             "server_lr": server.get("server_lr"),
+            "server_optimizer": server.get("server_optimizer"),
             "rejected_outside_rounds": server.get("rejected_outside_rounds", []),
             "aggregation": server.get("aggregation"),
             "joined": server.get("joined", []),

@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from pl_parablock.aggregate import AGGREGATIONS, PIECE_ELEMS, assemble, clip_factor, pieces_of, robust_mean
-from pl_parablock.algorithm import GlobalState, RoundStep, Superseded, digest, make_plan, sample_participants
+from pl_parablock.algorithm import GlobalState, RoundStep, ServerOptimizer, Superseded, digest, make_plan, sample_participants
 from pl_parablock.blocks import Partition
 from pl_parablock.errors import FederationError
 from pl_parablock.federation.wire import DTYPES, Spec, StagedTensors
@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 WORK_SLOTS = max(1, min(4, os.cpu_count() or 1))
 CHECKPOINT_FORMAT = 1
+OPT_PREFIX = "server_optimizer::"
 
 
 class RefusedError(FederationError):
@@ -126,6 +127,8 @@ class Aggregator:
         schedule: ``ascending``, ``descending``, ``random`` or an explicit list.
         seed: seed of a random schedule and of client sampling.
         server_lr: server learning rate ``eta_g`` (1.0 is FedAvg).
+        server_optimizer: the server optimizer per block (its state lives here
+            and in the checkpoints); ``None``: SGD at ``server_lr``.
         mode: the federation's mode; clients must run the same.
         min_clients: quorum to close a round at ``round_timeout_s``.
         round_timeout_s: close a round this long after its first update if
@@ -150,6 +153,7 @@ class Aggregator:
         schedule: str | list[int] = "ascending",
         seed: int = 0,
         server_lr: float = 1.0,
+        server_optimizer: ServerOptimizer | None = None,
         mode: str = "parablock",
         min_clients: int | None = None,
         round_timeout_s: float | None = None,
@@ -173,6 +177,9 @@ class Aggregator:
         self.schedule_kind = schedule
         self.seed = seed
         self.server_lr = server_lr
+        self.server_optimizer = server_optimizer
+        if server_optimizer is not None and server_optimizer.name != "sgd" and aggregation != "mean":
+            raise ValueError(f"the server optimizer {server_optimizer.name} cannot follow aggregation={aggregation}; use mean")
         self.mode = mode
         self.clients_per_round = clients_per_round
         self.participants = sample_participants(clients, rounds, clients_per_round, seed)
@@ -385,7 +392,8 @@ class Aggregator:
         rnd = self._rounds.get(index)
         if rnd is None:
             block = self._schedule[index]
-            rnd = self._rounds[index] = _Round(index, block, self.participants[index], RoundStep(index, block, self.server_lr))
+            step = RoundStep(index, block, self.server_lr, self.server_optimizer)
+            rnd = self._rounds[index] = _Round(index, block, self.participants[index], step)
         return rnd
 
     def submit(self, header: Mapping[str, Any], tensors: StagedTensors | Mapping[str, Tensor]) -> dict[str, Any]:
@@ -647,6 +655,8 @@ class Aggregator:
                     raise FederationError("nothing to checkpoint before the first client joined")
                 closed = [r for r in self._rounds.values() if r.closed or r is extra_closed]
                 tensors = {n: t for blk in self._state.values for n, t in blk.items()}
+                if self.server_optimizer is not None:
+                    tensors.update({OPT_PREFIX + k: t.clone() for k, t in self.server_optimizer.state_tensors().items()})
                 state = {
                     "format": CHECKPOINT_FORMAT,
                     "params": self._params(),
@@ -686,6 +696,7 @@ class Aggregator:
             "schedule": self.schedule_kind,
             "seed": self.seed,
             "server_lr": self.server_lr,
+            "server_optimizer": _describe_optimizer(self.server_optimizer),
             "mode": self.mode,
             "clients_per_round": self.clients_per_round,
         }
@@ -722,6 +733,10 @@ class Aggregator:
             self._set_fingerprint(state["fingerprint"])
             assert self._partition is not None
             specs = self._fingerprint["tensors"]  # type: ignore[index]
+            opt_state = {k.removeprefix(OPT_PREFIX): t for k, t in tensors.items() if k.startswith(OPT_PREFIX)}
+            tensors = {k: t for k, t in tensors.items() if not k.startswith(OPT_PREFIX)}
+            if self.server_optimizer is not None:
+                self.server_optimizer.load_state_tensors(opt_state)
             if set(tensors) != set(specs):
                 raise FederationError(f"server checkpoint in {directory} is corrupt: its tensors do not match its fingerprint")
             self._state.restore([{n: tensors[n] for n in b.params} for b in self._partition.blocks], state["versions"])
@@ -778,6 +793,7 @@ class Aggregator:
                 "schedule": list(self._schedule),
                 "blocks": self._partition.to_dict() if self._partition else [],
                 "server_lr": self.server_lr,
+                "server_optimizer": _describe_optimizer(self.server_optimizer),
                 "aggregation": self.aggregation,
                 "rounds": rounds,
                 "rejected_outside_rounds": list(self._rejected),
@@ -788,6 +804,12 @@ class Aggregator:
                 "started_at": self.started_at,
                 "globals_sha256": digest({n: t for blk in self._state.values for n, t in blk.items()}) if self._ready else None,
             }
+
+
+def _describe_optimizer(opt: ServerOptimizer | None) -> dict[str, Any] | None:
+    if opt is None:
+        return None
+    return {"name": opt.name, "lr": opt.lr, "betas": [opt.beta1, opt.beta2], "tau": opt.tau}
 
 
 def _itemsize(dtype: str) -> int:

@@ -346,3 +346,22 @@ def test_finite_check_is_exact_for_every_dtype():
     t = torch.ones(4)
     t[0], t[1] = float("inf"), float("-inf")
     assert not _all_finite(t)
+
+
+def test_the_server_optimizer_state_is_in_the_checkpoint(tmp_path):
+    from pl_parablock.algorithm import make_server_optimizer
+
+    agg = joined(server_optimizer=make_server_optimizer("adam", lr=0.1), mode="sync")
+    for r, block in ((0, 0), (1, 1)):
+        for cid in (0, 1):
+            assert status(agg.submit(*update(cid, r, block, float(r + cid + 2), kind="delta"))) == "accepted"
+    assert agg.wait_round(1, 1.0)
+    agg.save_checkpoint(str(tmp_path))
+    again = Aggregator(clients=2, rounds=4, mode="sync", server_optimizer=make_server_optimizer("adam", lr=0.1))
+    assert again.load_checkpoint(str(tmp_path)) == 2
+    saved, loaded = agg.server_optimizer.state_tensors(), again.server_optimizer.state_tensors()
+    assert saved.keys() == loaded.keys() and {k.split("/")[0] for k in saved} == {"0", "1"}
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    other = Aggregator(clients=2, rounds=4, mode="sync", server_optimizer=make_server_optimizer("yogi", lr=0.1))
+    with pytest.raises(FederationError, match="server_optimizer"):
+        other.load_checkpoint(str(tmp_path))

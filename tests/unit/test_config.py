@@ -213,3 +213,13 @@ def test_scientific_notation_reads_as_a_number_in_free_form_sections(tmp_path):
     recipe = load_recipe(write(tmp_path, text))
     assert recipe.model.config["rms_norm_eps"] == 1e-05 and isinstance(recipe.model.config["rms_norm_eps"], float)
     assert recipe.train.lr == 3e-4
+
+
+def test_server_optimizer_keys_are_validated():
+    recipe = load_recipe(None, ["federation.server_optimizer.name=yogi", "federation.server_optimizer.tau=0.01"])
+    assert recipe.federation.server_optimizer.name == "yogi"
+    with pytest.raises(ConfigError) as err:
+        load_recipe(None, ["federation.server_optimizer.name=lamb", "federation.server_optimizer.betas=[0.9]"])
+    assert "federation.server_optimizer.name" in str(err.value) and "federation.server_optimizer.betas" in str(err.value)
+    with pytest.raises(ConfigError, match="cannot follow"):
+        load_recipe(None, ["federation.server_optimizer.name=adam", "federation.aggregation=median"])
