@@ -53,6 +53,7 @@ from pl_parablock.blocks import make_schedule
 from pl_parablock.errors import ParaBlockError
 
 __all__ = [
+    "CYCLIC_ORDERS",
     "MODES",
     "SERVER_OPTIMIZERS",
     "UPDATE_KINDS",
@@ -68,6 +69,7 @@ __all__ = [
     "Update",
     "activate",
     "client_weight",
+    "cyclic_assignment",
     "digest",
     "make_plan",
     "make_server_optimizer",
@@ -76,8 +78,14 @@ __all__ = [
     "staleness",
 ]
 
-MODES = ("parablock", "sync", "fedavg")
-"""``parablock`` overlaps a round's communication with the next round; ``sync`` waits every round; ``fedavg`` is one block of everything."""
+MODES = ("parablock", "sync", "fedavg", "cyclic")
+"""``parablock`` overlaps a round's communication with the next round; ``sync`` waits every round; ``fedavg`` is one
+block of everything; ``cyclic`` (FedCyBGD) visits the clients one after another, each training its own block of the
+model the previous one left."""
+
+CYCLIC_ORDERS = ("ascending", "descending", "random")
+"""How ``cyclic`` assigns client ``i`` its block in its epoch ``e``: ``(i + e) mod M``, ``M − 1 − (i + e) mod M``, or a
+seeded random sequence without repeats inside ``M`` epochs."""
 
 WEIGHTINGS = ("samples", "tokens", "shard", "uniform")
 """A client's weight ``w_i``: samples or tokens it saw in the round, its shard's size (FedAvg's usual weight), or 1."""
@@ -140,7 +148,8 @@ class Plan:
         return staleness(self.mode)
 
     def participates(self, client: int, t: int) -> bool:
-        return self.participants is None or client in self.participants[t]
+        """Whether ``client`` trains round ``t`` (no round after the last)."""
+        return t < self.rounds and (self.participants is None or client in self.participants[t])
 
     def applied_before(self, t: int) -> int:
         """The last round whose aggregate must be in place before round ``t`` begins (``-1``: none).
@@ -160,6 +169,33 @@ class Plan:
         return self.staleness > 0 and t + 1 < self.rounds and self.schedule[t + 1] == block
 
 
+def cyclic_assignment(order: str, clients: int, num_blocks: int, rounds: int, seed: int = 0) -> tuple[list[int], list[tuple[int, ...]]]:
+    """FedCyBGD's relay (DESIGN §1.1 Cyclic): round ``t`` is client ``i = t mod N``'s turn in its epoch ``e = t // N``.
+
+    Returns the block of every round and its one client.
+
+    Raises:
+        AlgorithmError: an order outside :data:`CYCLIC_ORDERS`.
+    """
+    if order not in CYCLIC_ORDERS:
+        raise AlgorithmError(f"cyclic assigns blocks {', '.join(CYCLIC_ORDERS)}, not {order!r}")
+    epochs = -(-rounds // clients)
+    rng = random.Random(seed + 104729)
+    sequences = []
+    for i in range(clients):
+        if order == "ascending":
+            sequences.append([(i + e) % num_blocks for e in range(epochs)])
+        elif order == "descending":
+            sequences.append([num_blocks - 1 - (i + e) % num_blocks for e in range(epochs)])
+        else:
+            seq: list[int] = []
+            while len(seq) < epochs:
+                seq.extend(rng.sample(range(num_blocks), num_blocks))
+            sequences.append(seq[:epochs])
+    schedule = [sequences[t % clients][t // clients] for t in range(rounds)]
+    return schedule, [(t % clients,) for t in range(rounds)]
+
+
 def make_plan(
     mode: str,
     *,
@@ -172,6 +208,13 @@ def make_plan(
     keep_optimizer_state: bool = False,
 ) -> Plan:
     """The plan of a federation (the server's) or of a centralized run (one client, every round)."""
+    if mode == "cyclic":
+        if clients_per_round is not None and clients_per_round < clients:
+            raise AlgorithmError("cyclic visits every client in turn; it takes no clients_per_round")
+        if not isinstance(schedule, str):
+            raise AlgorithmError(f"cyclic assigns blocks {', '.join(CYCLIC_ORDERS)}, not an explicit list")
+        order_, turns = cyclic_assignment(schedule, clients, num_blocks, rounds, seed)
+        return Plan(mode, tuple(order_), num_blocks, tuple(turns), keep_optimizer_state)
     kind: str | list[int] = schedule if isinstance(schedule, str) else list(schedule)
     order = make_schedule(kind, num_blocks, rounds, seed)
     sampled = clients_per_round is not None and clients_per_round < clients
@@ -300,6 +343,7 @@ class ClientCore:
         self.clean = [True] * plan.num_blocks  # the block holds exactly its global value of `versions[b]`
         self.inflight: dict[int, tuple[int, dict[str, Tensor] | None]] = {}  # round -> (block, e if the rebase needs it)
         self.open: _Open | None = None
+        self.catching_up = False  # cyclic: blocks changed since this client's last turn are still to be fetched
 
     # ------------------------------------------------------------ queries
 
@@ -341,6 +385,8 @@ class ClientCore:
         t = self._check_ready()
         if not self.participates():
             raise AlgorithmError(f"client {self.client_id} is not sampled for round {t}; call skip()")
+        if self.catching_up:
+            raise AlgorithmError(f"client {self.client_id}: fetch the blocks changed since its last turn before round {t}")
         b = self.plan.schedule[t]
         pending = any(blk == b for blk, _ in self.inflight.values())
         from_global = self.clean[b] and not pending and self.exact_uploads
@@ -363,12 +409,24 @@ class ClientCore:
         weight = client_weight(weighting, samples=samples, tokens=tokens, shard=shard)
         return Update(o.round, o.block, kind, o.start_version, weight, payload, loss)
 
-    def skip(self) -> Update:
-        """A round this client is not sampled for: nothing trains; its aggregate is fetched and applied in turn."""
+    def skip(self) -> Update | None:
+        """A round this client is not sampled for: nothing trains; its aggregate is fetched and applied in turn.
+
+        ``cyclic``: only the round just before the client's next turn (or the
+        last round) is fetched (the client waits for its turn, or the end);
+        the blocks other rounds changed are fetched once each, before its
+        turn or at the end (:attr:`catching_up`).
+        Returns ``None`` when nothing is to be fetched.
+        """
         t = self._check_ready()
         if self.participates():
             raise AlgorithmError(f"client {self.client_id} is sampled for round {t}; call begin()")
         b = self.plan.schedule[t]
+        if self.plan.mode == "cyclic":
+            self.catching_up = True
+            if not self.plan.participates(self.client_id, t + 1) and t + 1 < self.plan.rounds:
+                self.round = self.next_apply = t + 1
+                return None
         keep = self.plan.trains_again_before_apply(t, b)
         self.inflight[t] = (b, _cpu_copy(self.blocks[b]) if keep else None)
         self.round = t + 1
@@ -414,8 +472,13 @@ class ClientCore:
         self.versions[block] = version
         self.clean[block] = True
 
+    def caught_up(self) -> None:
+        """``cyclic``: the blocks changed since this client's last turn are now held (:meth:`adopt`)."""
+        self.catching_up = False
+
     def restart_at(self, next_round: int) -> None:
-        """Continue from the server's first round not yet aggregated; hand-offs in flight are dropped."""
+        """Continue from the server's first round not yet aggregated (its blocks adopted); hand-offs in flight are dropped."""
+        self.catching_up = False
         self.inflight.clear()
         self.open = None
         self.round = self.next_apply = next_round

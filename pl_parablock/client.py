@@ -130,10 +130,17 @@ class ClientRounds:
                     if core.round >= core.plan.rounds:
                         self._finish()
                     elif self.session is not None and not core.participates():
+                        t, block = core.round, core.plan.schedule[core.round]
                         update = core.skip()
-                        self.ledger.begun(update.round, update.block, participated=False)
-                        self.session.send(update)
+                        self.ledger.begun(t, block, participated=False)
+                        if update is not None:
+                            self.session.send(update)
                     else:
+                        if core.catching_up and self.session is not None:  # cyclic: each block changed since its last turn, once
+                            fetched = self.session.adopt(core, self.session.versions(), newer_only=True)
+                            self.ledger.event("caught_up", round=core.round, fetched_blocks=fetched)
+                            core.caught_up()
+                            self.view.show(trainer, pl_module, core, core.round - 1)
                         self._begin_round(trainer, pl_module)
                 break
             except (TransmitterError, ResyncNeeded) as exc:
@@ -181,7 +188,7 @@ class ClientRounds:
         arrival = self.session.wait(r)
         self.ledger.applied(arrival, time.perf_counter() - t0)
         self.core.apply(r, arrival.version, arrival.tensors)
-        if self.core.round < self.core.plan.rounds:  # the final model is evaluated once, at the end
+        if self.core.round < self.core.plan.rounds and not self.core.catching_up:  # the final model is evaluated once, at the end
             self.view.show(trainer, pl_module, self.core, r)
 
     def _finish(self) -> None:

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pl_parablock.aggregate import AGGREGATIONS
-from pl_parablock.algorithm import MODES, SERVER_OPTIMIZERS, WEIGHTINGS, ServerOptimizer, make_server_optimizer
+from pl_parablock.algorithm import CYCLIC_ORDERS, MODES, SERVER_OPTIMIZERS, WEIGHTINGS, ServerOptimizer, make_server_optimizer
 from pl_parablock.blocks import SCHEDULES
 from pl_parablock.data.formats import DATA_FORMATS, ROW_FORMAT_CHOICES
 from pl_parablock.errors import ConfigError
@@ -399,7 +399,13 @@ class EvalSection:
 class Recipe:
     """A whole run. Defaults are the offline quickstart."""
 
-    mode: str = field(default="parablock", metadata=_help("parablock | sync | fedavg"))
+    mode: str = field(
+        default="parablock",
+        metadata=_help(
+            "parablock | sync | fedavg | cyclic (FedCyBGD: clients in turn, each training its block of the model the "
+            "previous one left; blocks.schedule then assigns client i in epoch e: ascending (i + e) mod M | descending | random)"
+        ),
+    )
     seed: int = field(default=0, metadata=_help("Seed of model init, data and schedule."))
     output_dir: str = field(default="runs/quickstart", metadata=_help("Where report.json and model/ go."))
     model: ModelSection = field(default_factory=ModelSection)
@@ -610,6 +616,22 @@ def _at_least(problems: list[str], key: str, value: float | int | None, low: flo
         problems.append(f"`{key}` is {value}; it must be {rel} {low}")
 
 
+def _validate_cyclic(p: list[str], recipe: Recipe) -> None:
+    """FedCyBGD's relay: one client a round, in turn; its trained block replaces the global block."""
+    f, b = recipe.federation, recipe.blocks
+    if not (isinstance(b.schedule, str) and b.schedule in CYCLIC_ORDERS):
+        p.append(f"`blocks.schedule` is {b.schedule!r}; mode=cyclic assigns blocks {' | '.join(CYCLIC_ORDERS)}")
+    if f.clients_per_round is not None:
+        p.append("`federation.clients_per_round` is set but mode=cyclic visits every client in turn; remove it")
+    if f.server_lr != 1.0 or f.server_optimizer.name != "sgd" or f.server_optimizer.lr not in (None, 1.0):
+        p.append(
+            "`federation.server_optimizer` / `federation.server_lr`: mode=cyclic replaces the global block with the trained "
+            "one; use sgd at lr 1"
+        )
+    if f.aggregation != "mean":
+        p.append(f"`federation.aggregation` is {f.aggregation!r}; mode=cyclic has one update a round (use mean)")
+
+
 def validate(recipe: Recipe) -> list[str]:
     """Semantic checks of a typed recipe; returns one line per problem."""
     p: list[str] = []
@@ -634,6 +656,8 @@ def validate(recipe: Recipe) -> list[str]:
 
     b = recipe.blocks
     _at_least(p, "blocks.layers_per_block", b.layers_per_block, 1)
+    if recipe.mode == "cyclic":
+        _validate_cyclic(p, recipe)
     if isinstance(b.schedule, str):
         _one_of(p, "blocks.schedule", b.schedule, SCHEDULES)
     elif isinstance(b.schedule, list):

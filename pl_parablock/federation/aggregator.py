@@ -182,7 +182,11 @@ class Aggregator:
             raise ValueError(f"the server optimizer {server_optimizer.name} cannot follow aggregation={aggregation}; use mean")
         self.mode = mode
         self.clients_per_round = clients_per_round
-        self.participants = sample_participants(clients, rounds, clients_per_round, seed)
+        # cyclic visits one client per round in turn; otherwise every client or a seeded sample
+        cyclic = mode == "cyclic"
+        self.participants = (
+            [(t % clients,) for t in range(rounds)] if cyclic else sample_participants(clients, rounds, clients_per_round, seed)
+        )
         self.min_clients = min(min_clients or clients, min(len(p) for p in self.participants))
         self.round_timeout_s = round_timeout_s
         self.aggregation = aggregation
@@ -192,6 +196,7 @@ class Aggregator:
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
         self.on_round_closed = on_round_closed
+        self._sampled = any(len(p) < clients for p in self.participants)
         self.started_at = time.time()
         self.instance = uuid.uuid4().hex
         self.resumed_from: int | None = None
@@ -268,7 +273,7 @@ class Aggregator:
                 "rounds": self.rounds,
                 "versions": list(self._state.versions),
                 "next_round": self._next_round(),
-                "participants": [list(p) for p in self.participants] if self.clients_per_round else None,
+                "participants": [list(p) for p in self.participants] if self._sampled else None,
                 "mode": self.mode,
                 "clients": self.clients,
                 "instance": self.instance,
@@ -277,7 +282,15 @@ class Aggregator:
     def _set_fingerprint(self, fingerprint: dict[str, Any]) -> None:
         self._fingerprint = fingerprint
         self._partition = Partition.from_dict(fingerprint["partition"])
-        plan = make_plan(self.mode, num_blocks=len(self._partition), rounds=self.rounds, schedule=self.schedule_kind, seed=self.seed)
+        plan = make_plan(
+            self.mode,
+            num_blocks=len(self._partition),
+            rounds=self.rounds,
+            schedule=self.schedule_kind,
+            seed=self.seed,
+            clients=self.clients,
+            clients_per_round=self.clients_per_round,
+        )
         self._schedule = list(plan.schedule)
         self._state = GlobalState([{} for _ in self._partition.blocks])
 

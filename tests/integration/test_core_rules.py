@@ -107,3 +107,23 @@ def test_a_pull_returns_the_rounds_version_or_says_it_was_superseded():
     assert t0.pull(0, 0, 5).version == 0  # every reader has now read version 0: it is no longer held
     with pytest.raises(VersionSuperseded, match="round 0"):
         t1.pull(1, 0, 5)
+
+
+def test_a_cyclic_client_downloads_each_block_changed_since_its_turn_once(tmp_path):
+    """FedCyBGD: before its turn a client waits for the previous turn's block, then fetches the other changed blocks once."""
+    agg, runs, _ = run(tmp_path, "mode=cyclic", "federation.clients=3", "federation.rounds=9", "eval.max_samples=4")
+    schedule = agg.schedule
+    for r in runs:
+        cid = r.client_id
+        turns = [t for t in range(9) if t % 3 == cid]
+        caught = [e for e in r.strategy.events if e["event"] == "caught_up"]
+        expected = []
+        for prev, turn in zip([None, *turns], turns):
+            first = 0 if prev is None else prev + 1
+            if turn - first >= 1:  # rounds of others since its last turn; the last one came with the wait
+                changed = {schedule[q] for q in range(first, turn - 1)} - {schedule[turn - 1]}
+                expected.append((turn, sorted(changed)))
+        assert [(e["round"], sorted(e["fetched_blocks"])) for e in caught] == expected, cid
+        pulled = [x["round"] for x in r.strategy.records if x.get("participated") is False and "version" in x]
+        last = [8] if 8 % 3 != cid else []  # and the last round, to end on the global
+        assert pulled == [t - 1 for t in turns if t > 0 and (t - 1) % 3 != cid] + last, "only the round before a turn is pulled"

@@ -57,6 +57,8 @@ CASES = {
     ],
     "parablock-1": ["mode=parablock", "blocks.patterns=[.*]"],
     "sync-1-sampled": ["mode=sync", "blocks.patterns=[.*]", "federation.clients_per_round=2"],
+    "cyclic-4-ascending": ["mode=cyclic"],
+    "cyclic-4-random": ["mode=cyclic", "blocks.schedule=random"],
     "parablock-4-adam": ["mode=parablock", "federation.server_optimizer.name=adam", "federation.server_optimizer.lr=0.01"],
     "sync-4-momentum-sampled": ["mode=sync", "federation.server_optimizer.name=momentum", "federation.clients_per_round=2"],
     "parablock-1-random-sampled": [

@@ -34,6 +34,7 @@ from pl_parablock.algorithm import (
     RoundStep,
     Superseded,
     client_weight,
+    cyclic_assignment,
     make_plan,
     make_server_optimizer,
     rebase,
@@ -79,6 +80,13 @@ def spec_run(mode, num_blocks, rounds, schedule, clients, per_round, weighting, 
         for q, (blk, e_q) in handed[i].items():
             if blk == b:  # a later hand-off of the block moves with it: "progress since the hand-off" excludes the correction
                 handed[i][q] = (blk, {n: history[r][n] + (e_q[n] - e[n]) for n in e_q})
+
+    if mode == "cyclic":  # FedCyBGD: in turn, each client trains its block of the model the previous one left
+        for t in range(rounds):
+            b, (i,) = plan.schedule[t], plan.participants[t]
+            for n in g[b]:
+                g[b][n] = train(g[b][n].clone(), i, t)  # its block replaces the global block
+        return g, [[{n: v.clone() for n, v in blk.items()} for blk in g] for _ in range(clients)]
 
     applied = [0] * clients
     for t in range(rounds):
@@ -130,6 +138,11 @@ def core_run(mode, num_blocks, rounds, schedule, clients, per_round, weighting, 
     def deliver(core):
         for r in core.awaiting():
             core.apply(r, r, state.value_at(plan.schedule[r], r, reader=core.client_id))
+        if core.catching_up and (core.participates() or core.round >= rounds):  # cyclic: blocks changed since its turn
+            for b, v in enumerate(state.versions):
+                if v > core.versions[b]:
+                    core.adopt(b, v, state.values[b])
+            core.caught_up()
 
     for t in range(rounds):
         b = plan.schedule[t]
@@ -162,6 +175,9 @@ CASES = [
     ("sync", 1, 8, "ascending", 3, None, "uniform"),
     ("parablock", 1, 8, "ascending", 3, 2, "shard"),
     ("fedavg", 1, 6, "ascending", 2, None, "samples"),
+    ("cyclic", 4, 10, "ascending", 3, None, "samples"),
+    ("cyclic", 3, 9, "descending", 3, None, "samples"),
+    ("cyclic", 4, 11, "random", 3, None, "samples"),
 ]
 
 
@@ -328,3 +344,31 @@ def test_server_optimizer_state_round_trips_through_tensors():
     assert all(torch.equal(again.state[0]["w"][k], opt.state[0]["w"][k]) for k in ("m", "v"))
     with pytest.raises(AlgorithmError, match="unknown server optimizer"):
         make_server_optimizer("lamb")
+
+
+def test_cyclic_assigns_client_i_in_epoch_e_its_block_and_visits_clients_in_turn():
+    """DESIGN §1.1 Cyclic: round t is client t mod N's turn in its epoch t // N; ascending (i + e) mod M."""
+    schedule, turns = cyclic_assignment("ascending", clients=3, num_blocks=4, rounds=7)
+    assert [c for (c,) in turns] == [0, 1, 2, 0, 1, 2, 0]
+    assert schedule == [0, 1, 2, 1, 2, 3, 2]
+    down, _ = cyclic_assignment("descending", clients=3, num_blocks=4, rounds=4)
+    assert down == [3, 2, 1, 2]
+    rand, _ = cyclic_assignment("random", clients=2, num_blocks=3, rounds=6, seed=1)
+    assert sorted(rand[0::2]) == [0, 1, 2] and sorted(rand[1::2]) == [0, 1, 2]  # no repeat inside M epochs
+    with pytest.raises(AlgorithmError):
+        make_plan("cyclic", num_blocks=4, rounds=4, clients=3, clients_per_round=2)
+
+
+def test_a_cyclic_client_fetches_only_before_its_turn():
+    """Skipped rounds fetch nothing except the one right before the client's turn; then it catches up once."""
+    plan = make_plan("cyclic", num_blocks=4, rounds=6, clients=3)
+    core = ClientCore(plan, 2, initial(4))
+    assert core.skip() is None  # round 0 (client 0's): nothing to fetch yet
+    update = core.skip()  # round 1 (client 1's) comes right before client 2's turn: wait for it
+    assert update is not None and update.round == 1 and update.kind == "none"
+    assert core.awaiting() == [1] and core.catching_up
+    core.apply(1, 1, initial(4)[plan.schedule[1]])
+    with pytest.raises(AlgorithmError, match="changed since its last turn"):
+        core.begin()
+    core.caught_up()
+    assert core.begin().block == plan.schedule[2]
