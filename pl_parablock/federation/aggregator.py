@@ -223,6 +223,9 @@ class Aggregator:
         max_weight: refuse an update whose weight is larger (what a client
             can have seen in a round, see :func:`pl_parablock.config.weight_bound`);
             ``None``: :data:`MAX_WEIGHT`.
+        initial_state_wait_s: the first client's fingerprint is dropped if
+            its initial state has not begun to arrive this long after its
+            join (or within its join's timeout, if shorter).
     """
 
     def __init__(
@@ -246,6 +249,7 @@ class Aggregator:
         on_round_closed: Callable[[dict[str, Any]], None] | None = None,
         weighting: str | None = None,
         max_weight: float | None = None,
+        initial_state_wait_s: float = 30.0,
     ) -> None:
         if clients < 1 or rounds < 1:
             raise ValueError("a federation needs at least one client and one round")
@@ -275,6 +279,7 @@ class Aggregator:
         self.checkpoint_every = checkpoint_every
         self.on_round_closed = on_round_closed
         self.weighting = weighting
+        self.initial_state_wait_s = initial_state_wait_s
         self.max_weight = 1.0 if weighting == "uniform" else float(max_weight or MAX_WEIGHT)
         self._ahead = staleness(mode)  # rounds a client may push beyond the first one still open
         self.started_at = time.time()
@@ -317,8 +322,8 @@ class Aggregator:
         The fingerprint is checked in full (:func:`check_fingerprint`) before
         anything changes, and the federation's mode must be its mode. The
         first fingerprint stays pending until its client's initial state
-        arrives: if none arrives (and none is arriving) within ``timeout``,
-        it is dropped and the next join's is taken; while it is pending, a
+        arrives: if none begins to arrive within ``timeout`` (at most
+        ``initial_state_wait_s``), it is dropped and the next join's is taken; while it is pending, a
         join with another fingerprint is told to retry (``unavailable``)
         rather than refused for good.
 
@@ -346,7 +351,7 @@ class Aggregator:
             if self._fingerprint is None:
                 self._set_fingerprint(fp)
                 self._initializer = client_id
-                self._pending_until = time.monotonic() + timeout
+                self._pending_until = time.monotonic() + min(timeout, self.initial_state_wait_s)
                 assert self._partition is not None
                 log.info("client %d set the federation's model: %d blocks", client_id, len(self._partition))
             elif not _same_fingerprint(self._fingerprint, fp):
@@ -367,7 +372,7 @@ class Aggregator:
                 if self._expire_pending() or self._fingerprint is None:  # the announced state never came: this client's model
                     self._set_fingerprint(fp)
                     self._initializer = client_id
-                    self._pending_until = time.monotonic() + timeout
+                    self._pending_until = time.monotonic() + min(timeout, self.initial_state_wait_s)
                     need_state = True
                     break
                 left = deadline - time.monotonic()
@@ -377,8 +382,8 @@ class Aggregator:
                         "unavailable",
                     )
                 self._cond.wait(min(left, 0.5))
-            if need_state:
-                self._pending_until = max(self._pending_until, time.monotonic() + timeout)
+            if need_state:  # (again): its state is awaited from now
+                self._pending_until = max(self._pending_until, time.monotonic() + min(timeout, self.initial_state_wait_s))
             again = client_id in self._joined
             if again:  # it adopts the current values: it reads no older version
                 self._state.release(client_id)

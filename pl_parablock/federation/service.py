@@ -211,14 +211,12 @@ class FederationService:
         h = _first(it, "initial state")
         client = self._authorize(h, caller)
         agg = self.aggregator
-        limit = agg.state_nbytes()
-        if limit is None:
-            raise RefusedError(f"client {client} sent an initial state before joining; join first", "refused")
         try:
-            specs = check_specs(h.get("tensors", []), limit)
+            specs = check_specs(h.get("tensors", []), None)
         except FederationError as exc:
             raise RefusedError(str(exc), "invalid") from None
-        agg.begin_upload(client, specs)
+        agg.begin_upload(client, specs)  # from the client asked for it, exactly the fingerprint's tensors (so their size)
+        limit = agg.state_nbytes()
         try:
             staged = StagedTensors.receive(h, it, max_bytes=limit, what=f"initial state of client {client}")
             with staged:
