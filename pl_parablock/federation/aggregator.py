@@ -1019,8 +1019,8 @@ class Aggregator:
 
 def _strict_int(value: Any) -> int:
     """An integer of a header (JSON integer, not a bool, a float or a string)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{short(value, 40)} is not an integer")
+    if isinstance(value, bool) or not isinstance(value, int) or not -(2**63) <= value < 2**63:
+        raise TypeError(f"{short(value, 40)} is not a 64-bit integer")
     return value
 
 

@@ -98,8 +98,8 @@ class Caller:
 
 def _int(header: Mapping[str, Any], key: str, default: int | None = None) -> int:
     value = header.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RefusedError(f"request lacks a valid `{key}` (an integer): {short(value, 40)}", "invalid")
+    if isinstance(value, bool) or not isinstance(value, int) or not -(2**63) <= value < 2**63:
+        raise RefusedError(f"request lacks a valid `{key}` (a 64-bit integer): {short(value, 40)}", "invalid")
     return value
 
 

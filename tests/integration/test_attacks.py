@@ -349,6 +349,26 @@ def test_half_open_streams_of_a_token_holder_are_limited_and_cut(clean_of_three,
         server.stop()
 
 
+def test_calls_beyond_the_servers_total_are_refused_at_once_not_queued(clean, no_tracebacks):
+    server = make_server(2, max_workers=4, max_calls_per_peer=100, idle_timeout_s=0.5)
+    address = server.start()
+    attack = Attack(address)  # no token needed: this server has none
+    stop = threading.Event()
+    try:
+        started = time.monotonic()
+        calls = [attack.stream("Push", held_open(stop)) for _ in range(12)]
+        assert wait_until(lambda: sum(c.done() for c in calls) >= 8, 2.0)
+        refused = [c for c in calls if c.done() and c.exception().code() == grpc.StatusCode.RESOURCE_EXHAUSTED]  # type: ignore[union-attr]
+        assert len(refused) >= 8 and time.monotonic() - started < 2.0
+        glob = run_honest(address, [0, 1])  # served once the held calls are cut (idle), retrying meanwhile
+        assert wait_until(lambda: all(c.done() for c in calls), 3.0)
+        assert same(glob, clean)
+    finally:
+        stop.set()
+        attack.close()
+        server.stop()
+
+
 def _h2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
 
