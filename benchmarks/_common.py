@@ -172,7 +172,9 @@ class ServerProcess:
             cmd += ["--min-clients", str(min_clients)]
         if round_timeout_s is not None:
             cmd += ["--round-timeout-s", str(round_timeout_s)]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        # the server process imports this checkout's package (the script's own folder comes first on its path)
+        path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
         hello = self._read()
         self.address: str = hello["address"]

@@ -129,7 +129,8 @@ def _start_worker(
 ) -> subprocess.Popen[str]:
     cmd = [sys.executable, os.path.join(HERE, "memory.py"), "--worker", kind, "--model", json.dumps(model_config)]
     cmd += ["--steps", str(steps), "--threads", str(threads), "--client-id", str(client_id)] + (["--server", server] if server else [])
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
+    path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)  # this checkout's package
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "PYTHONPATH": path}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
 
 

@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Collection
@@ -297,6 +298,33 @@ class FederationSection:
     trim_fraction: float = field(default=0.1, metadata=_help("Share of values trimmed at each end by trimmed_mean."))
     clip_norm: float | None = field(default=None, metadata=_help("Scale every client's delta down to this L2 norm."))
     max_update_norm: float | None = field(default=None, metadata=_help("Refuse updates whose delta has a larger L2 norm."))
+    max_weight: float | None = field(
+        default=None,
+        metadata=_help(
+            "Server: refuse an update whose weight is larger. null: what one client can see in a round, from the recipe: "
+            "samples: train.local_steps x train.accumulate_grad_batches x train.batch_size; tokens: that x train.max_length; "
+            "shard: data.num_samples (synthetic data; with data files give it: the largest shard); uniform: exactly 1. "
+            "Raise it for a client spanning several devices."
+        ),
+    )
+    idle_timeout_s: float = field(
+        default=60.0,
+        metadata=_help(
+            "Server: cut a call whose peer sent nothing for this long while the server waits for its next message "
+            "(a half-open or stalled stream). Must exceed the time one chunk takes on the slowest client's link."
+        ),
+    )
+    max_calls: int | None = field(
+        default=None,
+        metadata=_help("Server: calls served at once; the rest are refused at once (the client retries). null: 6 x clients + 16."),
+    )
+    max_calls_per_peer: int | None = field(
+        default=None,
+        metadata=_help(
+            "Server: calls of one peer at once (a client id when every client has its own token, else a host). "
+            "null: 8 per client id, 4 x clients + 4 per host."
+        ),
+    )
 
 
 @dataclass
@@ -586,6 +614,28 @@ def client_token(recipe: Recipe, client_id: int) -> str | None:
     return token
 
 
+def weight_bound(recipe: Recipe) -> float | None:
+    """The largest weight the server accepts for one client's update (``federation.max_weight``).
+
+    Unless the recipe sets it: what one client can have seen in a round
+    under ``federation.weighting`` (one device per client): ``samples``:
+    ``local_steps x accumulate_grad_batches x batch_size``; ``tokens``: that
+    times ``max_length``; ``shard``: ``data.num_samples`` for synthetic data,
+    else ``None`` (no bound the server can know); ``uniform``: 1.
+    """
+    f, t = recipe.federation, recipe.train
+    if f.max_weight is not None:
+        return float(f.max_weight)
+    samples = float(t.local_steps * t.accumulate_grad_batches * t.batch_size)
+    if f.weighting == "samples":
+        return samples
+    if f.weighting == "tokens":
+        return samples * t.max_length
+    if f.weighting == "shard":
+        return float(recipe.data.num_samples) if recipe.data.format == "synthetic" else None
+    return 1.0
+
+
 def to_yaml(recipe: Recipe) -> str:
     """The recipe as YAML (all keys, resolved), e.g. to record it next to a run."""
     return OmegaConf.to_yaml(OmegaConf.structured(recipe))
@@ -718,7 +768,10 @@ def validate(recipe: Recipe) -> list[str]:
         if isinstance(f.token, dict):
             for k, v in f.token.items():
                 if not (str(k).isdigit() and isinstance(v, str) and v):
-                    p.append(f"`federation.token` maps {k!r} to {v!r}; give client id -> non-empty token string")
+                    p.append(f"`federation.token` maps {k!r} to a bad token; give client id -> non-empty token string")
+            values = [v for v in f.token.values() if isinstance(v, str)]
+            if len(set(values)) != len(values):
+                p.append("`federation.token` gives two clients the same token; give each client its own (a token names its client)")
         elif not (isinstance(f.token, str) and f.token):
             p.append("`federation.token` must be a non-empty string, a mapping client id -> token, or null")
     tls = f.tls
@@ -738,6 +791,12 @@ def validate(recipe: Recipe) -> list[str]:
         p.append(f"`federation.trim_fraction` is {f.trim_fraction}; it must be in [0, 0.5)")
     _at_least(p, "federation.clip_norm", f.clip_norm, 0.0, strict=True)
     _at_least(p, "federation.max_update_norm", f.max_update_norm, 0.0, strict=True)
+    if f.max_weight is not None and not 1.0 <= f.max_weight <= 2.0**53:
+        p.append(f"`federation.max_weight` is {f.max_weight}; it must be between 1 and 2**53 (9.0e15), or null")
+    if not (math.isfinite(f.idle_timeout_s) and f.idle_timeout_s > 0):
+        p.append(f"`federation.idle_timeout_s` is {f.idle_timeout_s}; it must be a number of seconds > 0")
+    _at_least(p, "federation.max_calls", f.max_calls, 4)
+    _at_least(p, "federation.max_calls_per_peer", f.max_calls_per_peer, 2)
 
     ln = recipe.link
     _at_least(p, "link.uplink_mbps", ln.uplink_mbps, 0.0, strict=True)

@@ -31,7 +31,16 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pl_parablock.config import Recipe, client_token, load_recipe, reference_markdown, server_optimizer_of, server_token, to_yaml
+from pl_parablock.config import (
+    Recipe,
+    client_token,
+    load_recipe,
+    reference_markdown,
+    server_optimizer_of,
+    server_token,
+    to_yaml,
+    weight_bound,
+)
 from pl_parablock.errors import ParaBlockError
 from pl_parablock.federation.aggregator import Aggregator
 from pl_parablock.federation.channel import TLS
@@ -39,7 +48,7 @@ from pl_parablock.federation.inprocess import InProcessTransport
 from pl_parablock.federation.link import Link
 from pl_parablock.federation.server import FederationServer, tune_server_memory
 from pl_parablock.federation.service import FederationService
-from pl_parablock.federation.wire import WIRE_DTYPES
+from pl_parablock.federation.wire import MAX_LARGE_HEADER_BYTES, WIRE_DTYPES
 
 log = logging.getLogger("pl_parablock")
 
@@ -108,7 +117,14 @@ def _aggregator(recipe: Recipe, progress: bool) -> Aggregator:
         checkpoint_dir=checkpoint_dir if f.checkpoint_every > 0 else None,
         checkpoint_every=f.checkpoint_every,
         on_round_closed=show if progress else None,
+        weighting=f.weighting,
+        max_weight=weight_bound(recipe),
     )
+    if f.weighting == "shard" and weight_bound(recipe) is None:
+        log.warning(
+            "federation.weighting=shard with data files: the server cannot know the largest shard, so one client's weight "
+            "can outweigh the others; set federation.max_weight to the largest shard"
+        )
     if f.checkpoint_every > 0 and os.path.isfile(os.path.join(checkpoint_dir, "state.json")):
         resumed = agg.load_checkpoint(checkpoint_dir)
         if resumed >= f.rounds:
@@ -117,12 +133,26 @@ def _aggregator(recipe: Recipe, progress: bool) -> Aggregator:
     return agg
 
 
+def _service(recipe: Recipe, agg: Aggregator) -> FederationService:
+    f = recipe.federation
+    return FederationService(agg, chunk_bytes=f.chunk_kb * 1024, token=server_token(recipe), max_wait_s=f.timeout_s)
+
+
 def _server(recipe: Recipe, agg: Aggregator, listen: str) -> FederationServer:
     f = recipe.federation
-    service = FederationService(agg, chunk_bytes=f.chunk_kb * 1024, token=server_token(recipe))
     tls = TLS(cert=f.tls.cert, key=f.tls.key) if f.tls.cert else None
     tune_server_memory()  # this process serves; its clients train in their own processes
-    return FederationServer(service, listen=listen, tls=tls, receive_window_kb=f.receive_window_kb)
+    return FederationServer(
+        _service(recipe, agg),
+        listen=listen,
+        tls=tls,
+        max_workers=f.max_calls,
+        max_calls_per_peer=f.max_calls_per_peer,
+        idle_timeout_s=f.idle_timeout_s,
+        call_timeout_s=f.timeout_s + 60.0,
+        max_message_bytes=max(f.chunk_kb * 1024, MAX_LARGE_HEADER_BYTES) + (64 << 10),
+        receive_window_kb=f.receive_window_kb,
+    )
 
 
 def _client_address(address: str, recipe: Recipe) -> str:
@@ -256,7 +286,7 @@ def federate_in_process(recipe: Recipe, progress: bool = False) -> tuple[Aggrega
     quiet_third_party()
     f = recipe.federation
     agg = _aggregator(recipe, progress=progress)
-    service = FederationService(agg, chunk_bytes=f.chunk_kb * 1024, token=server_token(recipe))
+    service = _service(recipe, agg)
     wire = WIRE_DTYPES[f.wire_dtype] if f.wire_dtype else None
     link = Link.from_section(recipe.link)
     runs = [
@@ -297,6 +327,18 @@ def _local_inprocess(recipe: Recipe) -> int:
     return _finish(recipe, agg, wall)
 
 
+def leave_grace_s(recipe: Recipe) -> float:
+    """How long a server waits, after the last round closed, for every joined client's Leave.
+
+    A client evaluates and saves the final model before it leaves, which may
+    take long: the server waits as long as any network wait may take
+    (``federation.timeout_s``), and at least a round's timeout; a client that
+    has not left by then is counted as dropped.
+    """
+    f = recipe.federation
+    return max(f.timeout_s, f.round_timeout_s or 0.0)
+
+
 def _serve(recipe: Recipe, listen: str) -> int:
     f = recipe.federation
     agg = _aggregator(recipe, progress=True)
@@ -308,7 +350,7 @@ def _serve(recipe: Recipe, listen: str) -> int:
     _say(f"pl_parablock server: mode={recipe.mode}, waiting for {f.clients} clients, {f.rounds} rounds, {auth}{tls}")
     start = time.perf_counter()
     limit = f.timeout_s * (f.rounds + 2)
-    grace = max(30.0, f.round_timeout_s or 0.0)
+    grace = leave_grace_s(recipe)
     try:
         finished = agg.wait_finished(timeout=limit, grace_s=grace)
     except KeyboardInterrupt:

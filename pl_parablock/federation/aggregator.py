@@ -44,18 +44,38 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from pl_parablock.aggregate import AGGREGATIONS, PIECE_ELEMS, assemble, clip_factor, pieces_of, robust_mean
-from pl_parablock.algorithm import GlobalState, RoundStep, ServerOptimizer, Superseded, digest, make_plan, sample_participants
+from pl_parablock.algorithm import (
+    WEIGHTINGS,
+    GlobalState,
+    RoundStep,
+    ServerOptimizer,
+    Superseded,
+    digest,
+    make_plan,
+    sample_participants,
+    staleness,
+)
 from pl_parablock.blocks import Partition
-from pl_parablock.errors import FederationError
-from pl_parablock.federation.wire import DTYPES, Spec, StagedTensors
+from pl_parablock.errors import FederationError, ParaBlockError
+from pl_parablock.federation._ratelimit import RateLimitedLog
+from pl_parablock.federation.wire import DTYPES, Spec, StagedTensors, dtype_name, short
 
-__all__ = ["AGGREGATIONS", "Aggregator", "RefusedError"]
+__all__ = ["AGGREGATIONS", "MAX_WEIGHT", "Aggregator", "RefusedError", "check_fingerprint"]
 
 log = logging.getLogger(__name__)
+warn = RateLimitedLog(log)
 
 WORK_SLOTS = max(1, min(4, os.cpu_count() or 1))
 CHECKPOINT_FORMAT = 1
 OPT_PREFIX = "server_optimizer::"
+MAX_WEIGHT = float(2**53)
+"""No update's weight may exceed this, whatever the bound of the recipe: every integer up to it is exact in
+float64, and a weight times any float32 value stays far from float64's overflow."""
+MAX_RECORDED_REJECTIONS = 1000
+"""Refusals kept with their reasons per round (and outside rounds); beyond it they are only counted."""
+MAX_BLOCKS = 1 << 16
+MAX_DIMS = 16
+MAX_NAME = 1024
 
 
 class RefusedError(FederationError):
@@ -86,6 +106,7 @@ class _Round:
     clients: dict[int, dict[str, Any]] = field(default_factory=dict)
     kept: dict[int, _Update] = field(default_factory=dict)
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    refused: int = 0  # also those beyond the recorded ones
     late: int = 0
     first_arrival: float | None = None
     closed: bool = False
@@ -118,6 +139,71 @@ def _same_fingerprint(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return all(a.get(k) == b.get(k) for k in ("mode", "partition", "tensors", "hash"))
 
 
+def _name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME:
+        raise RefusedError(f"malformed model fingerprint: {what} {short(value)} is not a name of 1..{MAX_NAME} characters", "invalid")
+    return value
+
+
+def check_fingerprint(fingerprint: Any) -> dict[str, Any]:
+    """A join's model fingerprint, checked in full; returns its canonical form (known keys only).
+
+    The fingerprint must hold ``mode`` (a string), ``partition`` (a non-empty
+    list of ``{name, params}`` blocks, disjoint), ``tensors`` (every
+    parameter of the partition and nothing else, each with a known
+    ``dtype``, a ``shape`` of non-negative integers and the ``nbytes`` they
+    make) and ``hash`` (a string). Anything else it carries is dropped.
+
+    Raises:
+        RefusedError: code ``invalid``, naming the first problem.
+    """
+
+    def bad(why: str) -> RefusedError:
+        return RefusedError(f"malformed model fingerprint: {why}", "invalid")
+
+    if not isinstance(fingerprint, dict):
+        raise bad("not a JSON object")
+    mode, parts, tensors, hash_ = (fingerprint.get(k) for k in ("mode", "partition", "tensors", "hash"))
+    if not isinstance(mode, str) or len(mode) > 64:
+        raise bad(f"`mode` {short(mode)} is not a mode name")
+    if not isinstance(hash_, str) or len(hash_) > 256:
+        raise bad(f"`hash` {short(hash_)} is not a string of at most 256 characters")
+    if not isinstance(parts, list) or not 0 < len(parts) <= MAX_BLOCKS:
+        raise bad(f"`partition` is not a list of 1..{MAX_BLOCKS} blocks")
+    partition = []
+    for i, block in enumerate(parts):
+        if not isinstance(block, dict) or not isinstance(block.get("params"), list) or not block["params"]:
+            raise bad(f"block {i} is not {{name, params}} with a non-empty list of parameter names")
+        partition.append(
+            {"name": _name(block.get("name"), f"block {i}'s name"), "params": [_name(p, "parameter") for p in block["params"]]}
+        )
+    if not isinstance(tensors, dict):
+        raise bad("`tensors` is not an object of tensor name -> {dtype, shape, nbytes}")
+    specs: dict[str, dict[str, Any]] = {}
+    for name, spec in tensors.items():
+        _name(name, "tensor")
+        if not isinstance(spec, dict):
+            raise bad(f"tensor {short(name)} has no {{dtype, shape, nbytes}}")
+        dtype, shape, nbytes = spec.get("dtype"), spec.get("shape"), spec.get("nbytes")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise bad(f"tensor {short(name)} has dtype {short(dtype)}; known: {', '.join(DTYPES)}")
+        if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(type(d) is int and 0 <= d < 1 << 48 for d in shape)):
+            raise bad(f"tensor {short(name)} has shape {short(shape)}, not a list of at most {MAX_DIMS} sizes")
+        if type(nbytes) is not int or nbytes != math.prod(shape) * _itemsize(dtype):
+            raise bad(f"tensor {short(name)}: nbytes {short(nbytes)} is not what shape {shape} of {dtype} takes")
+        specs[name] = {"dtype": dtype, "shape": list(shape), "nbytes": nbytes}
+    params = [p for b in partition for p in b["params"]]
+    if set(params) != set(specs):
+        missing = sorted(set(params) - set(specs))[:3]
+        extra = sorted(set(specs) - set(params))[:3]
+        raise bad(f"`tensors` does not list exactly the partition's parameters (missing {short(missing)}, not in a block {short(extra)})")
+    try:
+        Partition.from_dict(partition)
+    except ParaBlockError as exc:
+        raise bad(str(exc)) from None
+    return {"mode": mode, "partition": partition, "tensors": specs, "hash": hash_}
+
+
 class Aggregator:
     """Global state and round bookkeeping of a federation.
 
@@ -143,6 +229,16 @@ class Aggregator:
         checkpoint_dir: where to write the server checkpoint.
         checkpoint_every: write it every this many rounds (0: never).
         on_round_closed: called with the round's record after it closes.
+        weighting: the clients' weighting (one of
+            :data:`~pl_parablock.algorithm.WEIGHTINGS`); ``uniform`` refuses
+            any weight but 1. ``None``: any positive weight up to
+            ``max_weight``.
+        max_weight: refuse an update whose weight is larger (what a client
+            can have seen in a round, see :func:`pl_parablock.config.weight_bound`);
+            ``None``: :data:`MAX_WEIGHT`.
+        initial_state_wait_s: the first client's fingerprint is dropped if
+            its initial state has not begun to arrive this long after its
+            join (or within its join's timeout, if shorter).
     """
 
     def __init__(
@@ -165,6 +261,9 @@ class Aggregator:
         checkpoint_dir: str | None = None,
         checkpoint_every: int = 0,
         on_round_closed: Callable[[dict[str, Any]], None] | None = None,
+        weighting: str | None = None,
+        max_weight: float | None = None,
+        initial_state_wait_s: float = 30.0,
     ) -> None:
         if clients < 1 or rounds < 1:
             raise ValueError("a federation needs at least one client and one round")
@@ -172,6 +271,10 @@ class Aggregator:
             raise ValueError(f"server_lr must be > 0, not {server_lr}")
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, not {aggregation!r}")
+        if weighting is not None and weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, not {weighting!r}")
+        if max_weight is not None and not 1.0 <= max_weight <= MAX_WEIGHT:
+            raise ValueError(f"max_weight must be between 1 and 2**53, not {max_weight}")
         self.clients = clients
         self.rounds = rounds
         self.schedule_kind = schedule
@@ -197,6 +300,10 @@ class Aggregator:
         self.checkpoint_every = checkpoint_every
         self.on_round_closed = on_round_closed
         self._sampled = any(len(p) < clients for p in self.participants)
+        self.weighting = weighting
+        self.initial_state_wait_s = initial_state_wait_s
+        self.max_weight = 1.0 if weighting == "uniform" else float(max_weight or MAX_WEIGHT)
+        self._ahead = staleness(mode)  # rounds a client may push beyond the first one still open
         self.started_at = time.time()
         self.instance = uuid.uuid4().hex
         self.resumed_from: int | None = None
@@ -206,6 +313,8 @@ class Aggregator:
         self._partition: Partition | None = None
         self._schedule: list[int] = []
         self._initializer: int | None = None
+        self._pending_until = math.inf  # a fingerprint whose initial state has not come is dropped after this
+        self._uploads = 0  # initial-state uploads in progress
         self._ready = False
         self._state = GlobalState([])
         self._rounds: dict[int, _Round] = {}
@@ -213,6 +322,7 @@ class Aggregator:
         self._left: set[int] = set()
         self._reports: dict[int, dict[str, Any]] = {}
         self._rejected: list[dict[str, Any]] = []
+        self._refused_outside = 0
         self._last_close: float | None = None
         self._shutdown = False
         self._checkpoint_lock = threading.Lock()
@@ -222,30 +332,58 @@ class Aggregator:
 
     # ------------------------------------------------------------------ join
 
-    def join(self, client_id: int, fingerprint: Mapping[str, Any], timeout: float) -> dict[str, Any]:
+    def join(
+        self, client_id: int, fingerprint: Mapping[str, Any], timeout: float, cancelled: threading.Event | None = None
+    ) -> dict[str, Any]:
         """Admit a client (first time or again); the first one fixes the federation's model.
 
         Returns the schedule, the round count, the block versions, the next
         round to train, the participants of each round and whether this
         client must upload the initial state.
 
+        The fingerprint is checked in full (:func:`check_fingerprint`) before
+        anything changes, and the federation's mode must be its mode. The
+        first fingerprint stays pending until its client's initial state
+        arrives: if none begins to arrive within ``timeout`` (at most
+        ``initial_state_wait_s``), it is dropped and the next join's is taken; while it is pending, a
+        join with another fingerprint is told to retry (``unavailable``)
+        rather than refused for good.
+
         Raises:
-            RefusedError: bad client id, mismatching model or mode, or the
-                initial state not arriving within ``timeout``.
+            RefusedError: bad client id or fingerprint, mismatching model or
+                mode, or the initial state not arriving within ``timeout``
+                (or the caller going away: ``cancelled`` set).
         """
         if not 0 <= client_id < self.clients:
             raise RefusedError(
                 f"client id {client_id} is outside 0..{self.clients - 1}: this federation has {self.clients} clients", "invalid"
             )
+        if not (math.isfinite(timeout) and timeout >= 0):
+            raise RefusedError(f"join timeout {timeout!r} is not a number of seconds >= 0", "invalid")
+        fp = check_fingerprint(fingerprint)
+        if fp["mode"] != self.mode:
+            raise RefusedError(
+                f"client {client_id} refused: it runs mode={fp['mode']} but the federation runs mode={self.mode}. "
+                "Every client must build the same model (same model.config or model.path, blocks and seed)",
+                "refused",
+            )
         deadline = time.monotonic() + timeout
         with self._cond:
+            self._expire_pending()
             if self._fingerprint is None:
-                self._set_fingerprint(dict(fingerprint))
+                self._set_fingerprint(fp)
                 self._initializer = client_id
+                self._pending_until = time.monotonic() + min(timeout, self.initial_state_wait_s)
                 assert self._partition is not None
                 log.info("client %d set the federation's model: %d blocks", client_id, len(self._partition))
-            elif not _same_fingerprint(self._fingerprint, fingerprint):
-                why = _describe_mismatch(self._fingerprint, fingerprint)
+            elif not _same_fingerprint(self._fingerprint, fp):
+                why = _describe_mismatch(self._fingerprint, fp)
+                if not self._ready:
+                    raise RefusedError(
+                        f"client {client_id}: its model does not match the one client {self._initializer} announced ({why}), "
+                        "whose initial state has not arrived; retry later",
+                        "unavailable",
+                    )
                 raise RefusedError(
                     f"client {client_id} refused: its model does not match this federation's: {why}. "
                     "Every client must build the same model (same model.config or model.path, blocks and seed)",
@@ -253,13 +391,21 @@ class Aggregator:
                 )
             need_state = not self._ready and client_id == self._initializer
             while not self._ready and not need_state:
+                if self._expire_pending() or self._fingerprint is None:  # the announced state never came: this client's model
+                    self._set_fingerprint(fp)
+                    self._initializer = client_id
+                    self._pending_until = time.monotonic() + min(timeout, self.initial_state_wait_s)
+                    need_state = True
+                    break
                 left = deadline - time.monotonic()
-                if left <= 0 or self._shutdown:
+                if left <= 0 or self._shutdown or (cancelled is not None and cancelled.is_set()):
                     raise RefusedError(
                         f"client {client_id}: the initial model state from client {self._initializer} did not arrive within {timeout:g} s",
                         "unavailable",
                     )
                 self._cond.wait(min(left, 0.5))
+            if need_state:  # (again): its state is awaited from now
+                self._pending_until = max(self._pending_until, time.monotonic() + min(timeout, self.initial_state_wait_s))
             again = client_id in self._joined
             if again:  # it adopts the current values: it reads no older version
                 self._state.release(client_id)
@@ -279,20 +425,69 @@ class Aggregator:
                 "instance": self.instance,
             }
 
+    def _expire_pending(self) -> bool:
+        """Drop a fingerprint whose initial state did not come in time (none arriving); caller holds ``_cond``."""
+        if self._ready or self._fingerprint is None or self._uploads or time.monotonic() < self._pending_until:
+            return False
+        warn.warning(
+            "initializer",
+            "client %s announced the model but sent no initial state in time; the next client's model is taken",
+            self._initializer,
+        )
+        self._fingerprint = self._partition = self._initializer = None
+        self._schedule = []
+        self._state = GlobalState([])
+        self._pending_until = math.inf
+        return True
+
     def _set_fingerprint(self, fingerprint: dict[str, Any]) -> None:
-        self._fingerprint = fingerprint
-        self._partition = Partition.from_dict(fingerprint["partition"])
+        partition = Partition.from_dict(fingerprint["partition"])
         plan = make_plan(
             self.mode,
-            num_blocks=len(self._partition),
+            num_blocks=len(partition),
             rounds=self.rounds,
             schedule=self.schedule_kind,
             seed=self.seed,
             clients=self.clients,
             clients_per_round=self.clients_per_round,
         )
+        # only now, with everything built, does the federation take it
+        self._fingerprint = fingerprint
+        self._partition = partition
         self._schedule = list(plan.schedule)
-        self._state = GlobalState([{} for _ in self._partition.blocks])
+        self._state = GlobalState([{} for _ in partition.blocks])
+
+    def begin_upload(self, client_id: int, specs: list[Spec]) -> None:
+        """An initial-state upload is about to be read: only from the client asked for it, and exactly the fingerprint's tensors.
+
+        Call :meth:`end_upload` when it is read (or failed). While an upload
+        is in progress, the pending fingerprint does not expire.
+
+        Raises:
+            RefusedError: nobody joined yet, another client sets the state,
+                or the declared tensors differ from the fingerprint's.
+        """
+        with self._cond:
+            if self._fingerprint is None:
+                raise RefusedError(f"client {client_id} sent an initial state before joining; join first", "refused")
+            if client_id != self._initializer or self._ready:
+                raise RefusedError(f"client {client_id} may not set the initial state (client {self._initializer} does)", "refused")
+            expected = self._fingerprint["tensors"]
+            declared = {s.name: {"dtype": dtype_name(s.dtype), "shape": list(s.shape), "nbytes": s.nbytes} for s in specs}
+            if len(declared) != len(specs) or declared != expected:
+                missing = sorted(set(expected) - set(declared))[:3]
+                differ = sorted(n for n in declared if declared[n] != expected.get(n))[:3]
+                raise RefusedError(
+                    f"initial state does not match the fingerprint (missing {short(missing)}, unexpected or different {short(differ)})",
+                    "invalid",
+                )
+            self._uploads += 1
+
+    def end_upload(self) -> None:
+        with self._cond:
+            self._uploads -= 1
+            self._pending_until = max(self._pending_until, time.monotonic() + 1.0)
+            self._cond.notify_all()
 
     def set_initial_state(self, client_id: int, tensors: Mapping[str, Tensor] | StagedTensors) -> None:
         """Store the initial global value of every block (from the first client)."""
@@ -344,11 +539,25 @@ class Aggregator:
             return self._schedule[round_index]
 
     def refuse(self, record: dict[str, Any], reason: str, rnd: _Round | None = None) -> dict[str, Any]:
-        """Record a refused update (it shows in the report) and return the reply."""
+        """Record a refused update (it shows in the report) and return the reply.
+
+        At most :data:`MAX_RECORDED_REJECTIONS` refusals are kept with their
+        reasons per round (and outside rounds); the rest are counted only.
+        Warnings are rate-limited per client.
+        """
+        record = {k: (v if isinstance(v, int) and not isinstance(v, bool) else short(v, 40)) for k, v in record.items()}
         entry = {**record, "reason": reason, "at": time.time() - self.started_at}
         with self._cond:
-            (rnd.rejected if rnd is not None else self._rejected).append(entry)
-        log.warning("refused update from client %s for round %s: %s", record.get("client"), record.get("round"), reason)
+            if rnd is not None:
+                rnd.refused += 1
+                if len(rnd.rejected) < MAX_RECORDED_REJECTIONS:
+                    rnd.rejected.append(entry)
+            else:
+                self._refused_outside += 1
+                if len(self._rejected) < MAX_RECORDED_REJECTIONS:
+                    self._rejected.append(entry)
+        client = record.get("client")
+        warn.warning(f"client {client}", "refused update from client %s for round %s: %s", client, record.get("round"), reason)
         return {"accepted": False, "status": "rejected", "reason": reason}
 
     def precheck(self, header: Mapping[str, Any], specs: list[Spec] | None = None) -> dict[str, Any] | None:
@@ -358,14 +567,17 @@ class Aggregator:
         without reading it (refused, duplicate or late).
         """
         try:
-            client = int(header["client_id"])
-            rnd_i = int(header["round"])
-            block = int(header["block"])
-            kind = str(header["kind"])
-            base = int(header.get("base_version", -1))
-            weight = float(header["weight"])
-        except (KeyError, TypeError, ValueError) as exc:
-            return self.refuse({"client": header.get("client_id"), "round": header.get("round")}, f"malformed update header ({exc})")
+            client = _strict_int(header["client_id"])
+            rnd_i = _strict_int(header["round"])
+            block = _strict_int(header["block"])
+            kind = header["kind"]
+            base = _strict_int(header.get("base_version", -1))
+            weight = header["weight"]
+            if not isinstance(kind, str) or isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                raise TypeError("`kind` must be a string and `weight` a number")
+            weight = float(weight)
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            return self.refuse({"client": header.get("client_id"), "round": header.get("round")}, f"malformed update header ({short(exc)})")
         record = {"client": client, "round": rnd_i, "block": block}
         with self._cond:
             if client not in self._joined:
@@ -374,6 +586,8 @@ class Aggregator:
                 return self.refuse(record, "no initial state yet")
             if not 0 <= rnd_i < self.rounds:
                 return self.refuse(record, f"round {rnd_i} is outside 0..{self.rounds - 1}")
+            if rnd_i > self._next_round() + self._ahead:
+                return self.refuse(record, f"round {rnd_i} is not open: the federation is at round {self._next_round()}")
             if block != self._schedule[rnd_i]:
                 return self.refuse(record, f"round {rnd_i} trains block {self._schedule[rnd_i]}, not {block}")
             if client not in self.participants[rnd_i]:
@@ -388,9 +602,11 @@ class Aggregator:
             version = self._state.versions[block]
             current = self._state.values[block]
         if kind not in ("value", "delta"):
-            return self.refuse(record, f"unknown update kind {kind!r}", rnd)
+            return self.refuse(record, f"unknown update kind {short(kind)}", rnd)
         if not (weight > 0 and math.isfinite(weight)):
             return self.refuse(record, f"weight {weight!r} is not a positive number", rnd)
+        if weight > self.max_weight or (self.weighting == "uniform" and weight != 1.0):
+            return self.refuse(record, self._weight_problem(weight), rnd)
         if kind == "value" and base != version:
             return self.refuse(
                 record, f"stale base: the client started from version {base} of block {block}, the server holds {version}", rnd
@@ -400,6 +616,15 @@ class Aggregator:
             if problem:
                 return self.refuse(record, problem, rnd)
         return None
+
+    def _weight_problem(self, weight: float) -> str:
+        if self.weighting == "uniform":
+            return f"weight {weight:g} is not 1: this federation weighs clients uniformly (federation.weighting=uniform)"
+        what = f"federation.weighting={self.weighting}" if self.weighting else "this federation"
+        return (
+            f"weight {weight:g} exceeds the bound {self.max_weight:g} of {what}: more than a client can have seen in a round "
+            "(raise federation.max_weight if a client legitimately sees more, e.g. one spanning several devices)"
+        )
 
     def _round(self, index: int) -> _Round:
         rnd = self._rounds.get(index)
@@ -532,15 +757,15 @@ class Aggregator:
             and len(r.clients) >= min(self.min_clients, len(r.expected))
         ]
 
-    def wait_round(self, round_index: int, timeout: float) -> bool:
-        """Wait until round ``round_index`` is aggregated; ``False`` on timeout or shutdown."""
+    def wait_round(self, round_index: int, timeout: float, cancelled: threading.Event | None = None) -> bool:
+        """Wait until round ``round_index`` is aggregated; ``False`` on timeout, shutdown or ``cancelled``."""
         deadline = time.monotonic() + timeout
         while True:
             with self._cond:
                 rnd = self._rounds.get(round_index)
                 if rnd is not None and rnd.closed:
                     return True
-                if self._shutdown:
+                if self._shutdown or (cancelled is not None and cancelled.is_set()):
                     return False
                 due = self._due_rounds()
                 left = deadline - time.monotonic()
@@ -603,12 +828,23 @@ class Aggregator:
     # ------------------------------------------------------------ departures
 
     def leave(self, client_id: int, report: Mapping[str, Any] | None) -> None:
-        """A client is done; its report (per-round records, final metrics) is kept."""
+        """A client is done; its report (per-round records, final metrics) is kept, replacing an earlier one.
+
+        Raises:
+            RefusedError: the client never joined (nothing is kept).
+        """
         with self._cond:
+            if client_id not in self._joined:
+                raise RefusedError(f"client {short(client_id, 40)} has not joined; nothing to leave", "refused")
             if report:
                 self._reports[client_id] = dict(report)
             self._left.add(client_id)
             self._state.release(client_id)
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        """Wake every waiter to look again (a caller went away)."""
+        with self._cond:
             self._cond.notify_all()
 
     def wait_finished(self, timeout: float, grace_s: float = 30.0) -> bool:
@@ -784,7 +1020,7 @@ class Aggregator:
             "expected": len(rnd.expected),
             "expected_clients": list(rnd.expected),
             "arrived": len(rnd.clients),
-            "rejected": len(rnd.rejected),
+            "rejected": max(rnd.refused, len(rnd.rejected)),
             "late": rnd.late,
             "aggregation_s": rnd.aggregation_s,
             "closed_at": rnd.closed_at - self.started_at if rnd.closed_at else None,
@@ -810,6 +1046,7 @@ class Aggregator:
                 "aggregation": self.aggregation,
                 "rounds": rounds,
                 "rejected_outside_rounds": list(self._rejected),
+                "rejected_outside_rounds_count": max(self._refused_outside, len(self._rejected)),
                 "client_reports": {str(k): v for k, v in sorted(self._reports.items())},
                 "joined": sorted(self._joined),
                 "dropped": sorted(self._joined - self._left),
@@ -823,6 +1060,13 @@ def _describe_optimizer(opt: ServerOptimizer | None) -> dict[str, Any] | None:
     if opt is None:
         return None
     return {"name": opt.name, "lr": opt.lr, "betas": [opt.beta1, opt.beta2], "tau": opt.tau}
+
+
+def _strict_int(value: Any) -> int:
+    """An integer of a header (JSON integer, not a bool, a float or a string)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not -(2**63) <= value < 2**63:
+        raise TypeError(f"{short(value, 40)} is not a 64-bit integer")
+    return value
 
 
 def _itemsize(dtype: str) -> int:

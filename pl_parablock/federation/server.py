@@ -10,6 +10,26 @@ metadata. The service name, the methods, the channel options and the token
 metadata are those of :mod:`pl_parablock.federation.channel`, which the
 clients' transports share; this module imports nothing of the client side.
 
+Against an untrusted network peer (README: "What the server defends against"):
+
+* **Authentication before work.** Every method is served as a
+  request-streaming handler (on the wire the same as the unary calls
+  clients make), so the handler runs as soon as a call's metadata arrives:
+  it checks the token there, before it reads any message, and an
+  unauthenticated call holds a handler thread only for that check.
+* **Bounded calls.** At most ``max_calls`` calls run at once (gRPC's
+  ``maximum_concurrent_rpcs``: the rest are refused at once with
+  ``RESOURCE_EXHAUSTED``, never queued) and at most ``max_calls_per_peer``
+  per peer (a client id with per-client tokens, else a host).
+* **Deadlines of the server's own.** A call whose peer sends nothing for
+  ``idle_timeout_s`` while the server waits for its next message (a
+  half-open or trickling stream) is cut, and so is every call still running
+  ``call_timeout_s`` after it began; waits inside the service end when the
+  caller cancels or goes away.
+* **One line per bad request.** Refusals map to gRPC status codes with a
+  one-line reason; only a bug in the server logs a traceback, and warnings
+  about a peer are rate-limited.
+
 Example::
 
     >>> from pl_parablock.federation import Aggregator, FederationServer, FederationService
@@ -23,8 +43,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import math
 import platform
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
@@ -32,20 +55,25 @@ from typing import Any
 import grpc
 
 from pl_parablock.errors import FederationError, ParaBlockError
+from pl_parablock.federation._ratelimit import RateLimitedLog
 from pl_parablock.federation.aggregator import RefusedError
 from pl_parablock.federation.channel import METHODS, SERVER_OPTIONS, SERVICE_NAME, TLS, bearer_token
-from pl_parablock.federation.service import FederationService
+from pl_parablock.federation.service import Caller, FederationService
 
-__all__ = ["FederationServer", "token_of", "tune_server_memory"]
+__all__ = ["FederationServer", "peer_host", "token_of", "tune_server_memory"]
 
 log = logging.getLogger(__name__)
+warn = RateLimitedLog(log)
 
 _CODES = {
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
     "refused": grpc.StatusCode.FAILED_PRECONDITION,
     "unavailable": grpc.StatusCode.UNAVAILABLE,
     "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
+IDLE_TIMEOUT_S = 60.0
+"""Default of ``federation.idle_timeout_s``."""
 
 
 def token_of(context: grpc.ServicerContext) -> str | None:
@@ -53,38 +81,117 @@ def token_of(context: grpc.ServicerContext) -> str | None:
     return bearer_token(context.invocation_metadata())
 
 
-def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
-    if isinstance(exc, RefusedError):
-        context.abort(_CODES.get(exc.code, grpc.StatusCode.FAILED_PRECONDITION), str(exc))
-    if isinstance(exc, ParaBlockError):
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    log.exception("internal error in %s", method)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal server error in {method}: {exc!r} (see the server log)")
+def peer_host(peer: str) -> str:
+    """The host part of a gRPC peer string (``ipv4:10.0.0.5:4321`` -> ``ipv4:10.0.0.5``)."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6") and ":" in rest:
+        return f"{kind}:{rest.rpartition(':')[0]}"
+    return peer[:200]
 
 
-def _wrap(method: str, kind: str, fn: Callable[..., Any]) -> grpc.RpcMethodHandler:
-    if kind == "unary_stream":
+class _Call:
+    """One call the server admitted: who, since when, until when, and whether it waits for the peer."""
 
-        def stream_handler(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-            try:
-                yield from fn(request, token_of(context))
-            except Exception as exc:
-                _abort(context, exc, method)
+    __slots__ = ("caller", "context", "deadline", "key", "method", "reading_since")
 
-        return grpc.unary_stream_rpc_method_handler(stream_handler)
+    def __init__(self, method: str, key: str, caller: Caller, context: grpc.ServicerContext, deadline: float) -> None:
+        self.method = method
+        self.key = key
+        self.caller = caller
+        self.context = context
+        self.deadline = deadline
+        self.reading_since: float | None = None
 
-    def handler(request: Any, context: grpc.ServicerContext) -> bytes:
+
+class _Guard:
+    """Admission per peer and the watchdog that cuts idle and overdue calls."""
+
+    def __init__(self, *, per_peer: int, idle_timeout_s: float, call_timeout_s: float, on_cut: Callable[[], None]) -> None:
+        self.per_peer = per_peer
+        self.idle_timeout_s = idle_timeout_s
+        self.call_timeout_s = call_timeout_s
+        self._on_cut = on_cut
+        self._lock = threading.Lock()
+        self._calls: set[_Call] = set()
+        self._per_key: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="pl_parablock-server-watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5.0)
+
+    def admit(self, method: str, key: str, caller: Caller, context: grpc.ServicerContext) -> _Call:
+        with self._lock:
+            if self._per_key.get(key, 0) >= self.per_peer:
+                warn.warning(key, "refused a %s call from %s: it already has %d calls running", method, key, self.per_peer)
+                raise RefusedError(f"too many calls at once from {key} (at most {self.per_peer}); retry later", "exhausted")
+            call = _Call(method, key, caller, context, time.monotonic() + self.call_timeout_s)
+            caller.deadline = call.deadline
+            self._calls.add(call)
+            self._per_key[key] = self._per_key.get(key, 0) + 1
+        return call
+
+    def release(self, call: _Call) -> None:
+        with self._lock:
+            if call in self._calls:
+                self._calls.discard(call)
+                left = self._per_key.get(call.key, 1) - 1
+                if left:
+                    self._per_key[call.key] = left
+                else:
+                    self._per_key.pop(call.key, None)
+
+    def active(self) -> int:
+        with self._lock:
+            return len(self._calls)
+
+    def _watch(self) -> None:
+        tick = max(0.05, min(0.5, self.idle_timeout_s / 4))
+        while not self._stop.wait(tick):
+            now = time.monotonic()
+            with self._lock:
+                calls = list(self._calls)
+            for call in calls:
+                reading = call.reading_since
+                if reading is not None and now - reading > self.idle_timeout_s:
+                    self._cut(call, f"sent nothing for {self.idle_timeout_s:g} s (federation.idle_timeout_s)")
+                elif now > call.deadline:
+                    self._cut(call, f"ran past the server's limit of {self.call_timeout_s:g} s per call")
+
+    def _cut(self, call: _Call, why: str) -> None:
+        with self._lock:
+            if call not in self._calls:
+                return
+            call.deadline = math.inf  # cut once
+            call.reading_since = None
+        warn.warning(call.key, "cut a %s call from %s: it %s", call.method, call.key, why)
+        call.caller.cancelled.set()
+        call.context.cancel()
+        self._on_cut()
+
+
+def _reading(messages: Iterator[bytes], call: _Call) -> Iterator[bytes]:
+    """The call's messages; while it waits for the next one, the watchdog may cut an idle peer."""
+    while True:
+        call.reading_since = time.monotonic()
         try:
-            return fn(request, token_of(context))  # type: ignore[no-any-return]
-        except grpc.RpcError as exc:  # the client went away mid-stream
-            raise FederationError(f"{method}: client stream broke off") from exc
-        except Exception as exc:
-            _abort(context, exc, method)
-            raise  # unreachable: abort raises
+            message = next(messages)
+        except StopIteration:
+            return
+        finally:
+            call.reading_since = None
+        yield message
 
-    if kind == "unary":
-        return grpc.unary_unary_rpc_method_handler(handler)
-    return grpc.stream_unary_rpc_method_handler(handler)
+
+def _one(messages: Iterator[bytes], method: str) -> bytes:
+    for message in messages:
+        return message
+    raise RefusedError(f"{method}: empty request", "invalid")
 
 
 RECEIVE_WINDOW_KB = 1024
@@ -132,7 +239,18 @@ class FederationServer:
         service: the protocol handlers and their aggregator.
         listen: ``HOST:PORT`` to bind; port 0 picks a free one.
         tls: certificate and key to serve TLS; ``None``: plaintext.
-        max_workers: handler threads; each waiting pull holds one.
+        max_workers: the most calls served at once (``federation.max_calls``;
+            one handler thread each, every waiting pull holds one); the rest
+            are refused at once with ``RESOURCE_EXHAUSTED``. ``None``:
+            ``6 x clients + 16``.
+        max_calls_per_peer: the most calls of one peer at once
+            (``federation.max_calls_per_peer``): a client id when every
+            client has its own token, else a host. ``None``: 8 per client
+            id, ``4 x clients + 4`` per host (a local run's clients share one).
+        idle_timeout_s: cut a call whose peer sent nothing for this long
+            while the server waits for its next message.
+        call_timeout_s: cut any call still running this long after it began.
+        max_message_bytes: the largest message the server receives.
         receive_window_kb: fixed HTTP/2 receive window of each upload, KiB:
             the server buffers about two windows per upload in flight, and
             an upload moves at most one window per round trip. ``None``:
@@ -148,20 +266,109 @@ class FederationServer:
         listen: str = "127.0.0.1:0",
         tls: TLS | None = None,
         max_workers: int | None = None,
+        max_calls_per_peer: int | None = None,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
+        call_timeout_s: float | None = None,
+        max_message_bytes: int | None = None,
         receive_window_kb: int | None = RECEIVE_WINDOW_KB,
     ) -> None:
         self.service = service
         self.listen = listen
         self.tls = tls
-        workers = max_workers or max(8, 4 * service.aggregator.clients + 4)
-        self._executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pl_parablock-server")
+        clients = service.aggregator.clients
+        self.max_calls = max_workers or 6 * clients + 16
+        if max_calls_per_peer is None:
+            max_calls_per_peer = 8 if service.per_client_tokens else 4 * clients + 4
+        self.call_timeout_s = call_timeout_s if call_timeout_s is not None else service.max_wait_s + 60.0
+        self._guard = _Guard(
+            per_peer=max_calls_per_peer,
+            idle_timeout_s=idle_timeout_s,
+            call_timeout_s=self.call_timeout_s,
+            on_cut=service.aggregator.wake,
+        )
+        self._executor = futures.ThreadPoolExecutor(max_workers=self.max_calls, thread_name_prefix="pl_parablock-server")
         options = list(SERVER_OPTIONS)
+        if max_message_bytes is not None:
+            options = [o for o in options if o[0] != "grpc.max_receive_message_length"]
+            options.append(("grpc.max_receive_message_length", max_message_bytes))
         if receive_window_kb is not None:
             options += [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", receive_window_kb * 1024)]
-        self._server = grpc.server(self._executor, options=options)
-        handlers = {m: _wrap(m, kind, getattr(service, m)) for m, kind in METHODS.items()}
+        self._server = grpc.server(self._executor, options=options, maximum_concurrent_rpcs=self.max_calls)
+        handlers = {m: self._handler(m, kind, getattr(service, m)) for m, kind in METHODS.items()}
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         self.address: str | None = None
+
+    # ------------------------------------------------------------ calls
+
+    def _enter(self, method: str, context: grpc.ServicerContext) -> _Call:
+        """Identify the caller from the metadata and admit the call; nothing of the request is read yet."""
+        host = peer_host(context.peer())
+        caller = self.service.identify(token_of(context), host)
+        call = self._guard.admit(method, f"client {caller.client}" if caller.client is not None else host, caller, context)
+
+        def ended() -> None:
+            caller.cancelled.set()
+            self.service.aggregator.wake()
+
+        if not context.add_callback(ended):  # the call is already over
+            caller.cancelled.set()
+        return call
+
+    def _abort(self, context: grpc.ServicerContext, exc: Exception, method: str, call: _Call | None) -> None:
+        if isinstance(exc, RefusedError):
+            context.abort(_CODES.get(exc.code, grpc.StatusCode.FAILED_PRECONDITION), str(exc))
+        if isinstance(exc, ParaBlockError):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if call is not None and call.caller.cancelled.is_set():
+            context.abort(grpc.StatusCode.CANCELLED, f"{method}: the call was cut or cancelled")
+        key = call.key if call is not None else peer_host(context.peer())
+        if warn.log(logging.ERROR, key, "internal error in %s (a call from %s)", method, key):
+            log.error("internal error in %s", method, exc_info=exc)
+        context.abort(grpc.StatusCode.INTERNAL, f"internal server error in {method} (see the server log)")
+
+    def _handler(self, method: str, kind: str, fn: Callable[..., Any]) -> grpc.RpcMethodHandler:
+        """A request-streaming handler, whatever the method's kind: it runs before any message is read."""
+        if kind == "unary_stream":
+
+            def stream_handler(messages: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+                call = None
+                try:
+                    call = self._enter(method, context)
+                    request = _one(_reading(messages, call), method)
+                    yield from fn(request, caller=call.caller)
+                except grpc.RpcError:
+                    raise  # the peer went away (or was cut): gRPC ends the call quietly
+                except Exception as exc:
+                    self._abort(context, exc, method, call)
+                finally:
+                    if call is not None:
+                        self._guard.release(call)
+
+            return grpc.stream_stream_rpc_method_handler(stream_handler)
+
+        def handler(messages: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+            call = None
+            try:
+                call = self._enter(method, context)
+                reading = _reading(messages, call)
+                request: Any = _one(reading, method) if kind == "unary" else reading
+                return fn(request, caller=call.caller)  # type: ignore[no-any-return]
+            except grpc.RpcError:
+                raise
+            except Exception as exc:
+                self._abort(context, exc, method, call)
+                raise  # unreachable: abort raises
+            finally:
+                if call is not None:
+                    self._guard.release(call)
+
+        return grpc.stream_unary_rpc_method_handler(handler)
+
+    def active_calls(self) -> int:
+        """Calls the server is serving now."""
+        return self._guard.active()
+
+    # ------------------------------------------------------------ life
 
     def start(self) -> str:
         """Bind and start serving; returns the ``HOST:PORT`` clients should use."""
@@ -178,6 +385,7 @@ class FederationServer:
         if bound == 0:
             raise FederationError(f"cannot listen on {self.listen}: the port is taken or the host is not this machine's")
         self._server.start()
+        self._guard.start()
         self.address = f"{host}:{bound}"
         log.info("federation server listening on %s%s", self.address, " (TLS)" if self.tls else "")
         return self.address
@@ -186,6 +394,7 @@ class FederationServer:
         """Stop serving, wake waiting handlers and join every server thread."""
         self.service.aggregator.shutdown()
         self._server.stop(grace).wait(grace + 5.0)
+        self._guard.stop()
         self._executor.shutdown(wait=True)
 
     def __enter__(self) -> FederationServer:

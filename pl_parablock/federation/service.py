@@ -7,7 +7,19 @@ messages. The gRPC server and the in-process transport both call it, so a
 one-process federation runs exactly the protocol code a networked one runs.
 
 Every method first checks the caller's token (when the federation has one),
-before it reads anything else or changes any state.
+before it reads anything else or changes any state: :meth:`FederationService.identify`
+turns the call's token into a :class:`Caller` (the gRPC server does it from
+the call's metadata before it reads a message). With one token per client
+(``token`` a mapping), a caller can only speak as the client its token
+belongs to; with one shared token, any holder can speak as any client.
+
+Every request is checked before it is used: its header's size before it is
+parsed (:data:`~pl_parablock.federation.wire.MAX_HEADER_BYTES`, or
+:data:`~pl_parablock.federation.wire.MAX_LARGE_HEADER_BYTES` for the
+headers that list a model's tensors or carry a report), then each field's
+type and range; a bad request is refused with one line
+(:class:`~pl_parablock.federation.aggregator.RefusedError`, code
+``invalid``), never with an internal error.
 
 Methods (message shapes):
 
@@ -30,25 +42,81 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
+import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from pl_parablock.errors import FederationError
+from pl_parablock.federation._ratelimit import RateLimitedLog
 from pl_parablock.federation.aggregator import Aggregator, RefusedError
-from pl_parablock.federation.wire import CorruptStream, StagedTensors, check_specs, encode, header_bytes, parse_header
+from pl_parablock.federation.wire import (
+    MAX_LARGE_HEADER_BYTES,
+    CorruptStream,
+    StagedTensors,
+    check_specs,
+    encode,
+    header_bytes,
+    parse_header,
+    short,
+)
 
-__all__ = ["FederationService"]
+__all__ = ["Caller", "FederationService"]
 
 log = logging.getLogger(__name__)
+warn = RateLimitedLog(log)
 
 MAX_WAIT_S = 30.0
+"""Longest a ``Pull`` waits for its round before it answers "not ready" (the client polls again)."""
 
 
-def _int(header: dict[str, Any], key: str) -> int:
+@dataclass
+class Caller:
+    """Who makes a call, as its token tells (before any of its messages is read).
+
+    Attributes:
+        client: the client id the token belongs to (one token per client), or
+            ``None`` (a shared token, or no authentication): any client id.
+        peer: where the call comes from (for logs and per-peer limits).
+        cancelled: set when the call ends early (the caller went away, or the
+            server cut it); the service's waits end at once.
+        deadline: ``time.monotonic()`` by which the server cuts the call; the
+            service's waits end a second before.
+    """
+
+    client: int | None = None
+    peer: str = "in-process"
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    deadline: float = math.inf
+
+    def wait_limit(self, seconds: float) -> float:
+        """``seconds``, or less so that a wait ends a second before the call's deadline."""
+        return max(0.0, min(seconds, self.deadline - time.monotonic() - 1.0))
+
+
+def _int(header: Mapping[str, Any], key: str, default: int | None = None) -> int:
+    value = header.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not -(2**63) <= value < 2**63:
+        raise RefusedError(f"request lacks a valid `{key}` (a 64-bit integer): {short(value, 40)}", "invalid")
+    return value
+
+
+def _seconds(header: Mapping[str, Any], key: str, default: float, limit: float) -> float:
+    value = header.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise RefusedError(f"request lacks a valid `{key}` (seconds >= 0): {short(value, 40)}", "invalid")
+    return min(float(value), limit)
+
+
+def _header(message: bytes, what: str, *, large: bool = False) -> dict[str, Any]:
     try:
-        return int(header[key])
-    except (KeyError, TypeError, ValueError):
-        raise RefusedError(f"request lacks a valid `{key}`", "invalid") from None
+        if large:
+            return parse_header(message, what, max_bytes=MAX_LARGE_HEADER_BYTES)
+        return parse_header(message, what)
+    except FederationError as exc:
+        raise RefusedError(str(exc), "invalid") from None
 
 
 class FederationService:
@@ -60,49 +128,110 @@ class FederationService:
         token: the federation's token (every client uses it), or a mapping
             from client id to that client's own token; ``None``: no
             authentication (trusted networks only).
+        max_wait_s: longest a ``Join`` waits for the initial state, whatever
+            its ``timeout_s`` asks (``federation.timeout_s``).
     """
 
-    def __init__(self, aggregator: Aggregator, *, chunk_bytes: int = 1 << 20, token: str | Mapping[int, str] | None = None) -> None:
+    def __init__(
+        self,
+        aggregator: Aggregator,
+        *,
+        chunk_bytes: int = 1 << 20,
+        token: str | Mapping[int, str] | None = None,
+        max_wait_s: float = 600.0,
+    ) -> None:
         self.aggregator = aggregator
         self.chunk_bytes = chunk_bytes
         self.token = token
+        self.max_wait_s = max_wait_s
+        if isinstance(token, Mapping):
+            tokens = [str(t) for t in token.values()]
+            if len(set(tokens)) != len(tokens) or not all(tokens):
+                raise FederationError("federation.token maps two clients to one token (or to an empty one): give each client its own")
+            self._tokens = [(int(c), str(t).encode()) for c, t in token.items()]
 
-    def _authorize(self, header: dict[str, Any], token: str | None) -> int:
-        client = _int(header, "client_id")
+    # ------------------------------------------------------------ identity
+
+    @property
+    def per_client_tokens(self) -> bool:
+        """Whether every client has its own token (so a token names its client)."""
+        return isinstance(self.token, Mapping)
+
+    def identify(self, token: str | None, peer: str = "in-process") -> Caller:
+        """The caller of a call that presents ``token``; the first check of every call.
+
+        Raises:
+            RefusedError: code ``unauthenticated``: no token, or a wrong one.
+        """
         if self.token is None:
-            return client
-        expected = self.token if isinstance(self.token, str) else self.token.get(client)
-        if expected is None or token is None or not hmac.compare_digest(str(expected).encode(), str(token).encode()):
-            log.warning("refused a request for client %s: missing or wrong token", client)
-            raise RefusedError(
-                f"client {client}: missing or wrong token; give the federation's token "
-                "(federation.token or the PL_PARABLOCK_TOKEN environment variable)",
-                "unauthenticated",
+            return Caller(None, peer)
+        given = str(token or "").encode()
+        if isinstance(self.token, Mapping):
+            client = None
+            for c, expected in self._tokens:  # compare with every token, in constant time each
+                if hmac.compare_digest(expected, given):
+                    client = c
+            if client is not None and token:
+                return Caller(client, peer)
+        elif token and hmac.compare_digest(str(self.token).encode(), given):
+            return Caller(None, peer)
+        warn.warning(peer, "refused a call from %s: missing or wrong token", peer)
+        raise RefusedError(
+            "missing or wrong token; give the federation's token (federation.token or the PL_PARABLOCK_TOKEN environment variable)",
+            "unauthenticated",
+        )
+
+    def _authorize(self, header: Mapping[str, Any], caller: Caller) -> int:
+        client = _int(header, "client_id")
+        if caller.client is not None and client != caller.client:
+            warn.warning(
+                caller.peer, "refused a call from %s: client %s's token used to speak as client %s", caller.peer, caller.client, client
             )
+            raise RefusedError(f"client {caller.client}'s token does not allow speaking as client {client}", "unauthenticated")
         return client
 
-    def Join(self, request: bytes, token: str | None = None) -> bytes:  # noqa: N802 - protocol method names
-        h = parse_header(request, "join")
-        client = self._authorize(h, token)
+    def _caller(self, token: str | None, caller: Caller | None) -> Caller:
+        return caller if caller is not None else self.identify(token)
+
+    # ------------------------------------------------------------ methods
+
+    def Join(self, request: bytes, token: str | None = None, caller: Caller | None = None) -> bytes:  # noqa: N802 - protocol method names
+        caller = self._caller(token, caller)
+        h = _header(request, "join", large=True)
+        client = self._authorize(h, caller)
         fp = h.get("fingerprint")
         if not isinstance(fp, dict) or not {"partition", "tensors", "hash"} <= set(fp):
             raise RefusedError("join request lacks a model fingerprint", "invalid")
-        timeout = min(float(h.get("timeout_s", MAX_WAIT_S)), 3600.0)
-        return header_bytes(self.aggregator.join(client, fp, timeout))
+        timeout = caller.wait_limit(_seconds(h, "timeout_s", MAX_WAIT_S, self.max_wait_s))
+        return header_bytes(self.aggregator.join(client, fp, timeout, cancelled=caller.cancelled))
 
-    def UploadState(self, messages: Iterable[bytes], token: str | None = None) -> bytes:  # noqa: N802
+    def UploadState(self, messages: Iterable[bytes], token: str | None = None, caller: Caller | None = None) -> bytes:  # noqa: N802
+        caller = self._caller(token, caller)
         it = iter(messages)
         h = _first(it, "initial state")
-        client = self._authorize(h, token)
-        staged = StagedTensors.receive(h, it, max_bytes=self.aggregator.state_nbytes(), what=f"initial state of client {client}")
-        with staged:
-            self.aggregator.set_initial_state(client, staged)
+        client = self._authorize(h, caller)
+        agg = self.aggregator
+        try:
+            specs = check_specs(h.get("tensors", []), None)
+        except FederationError as exc:
+            raise RefusedError(str(exc), "invalid") from None
+        agg.begin_upload(client, specs)  # from the client asked for it, exactly the fingerprint's tensors (so their size)
+        limit = agg.state_nbytes()
+        try:
+            staged = StagedTensors.receive(h, it, max_bytes=limit, what=f"initial state of client {client}")
+            with staged:
+                agg.set_initial_state(client, staged)
+        except CorruptStream as exc:
+            raise RefusedError(str(exc), "invalid") from None
+        finally:
+            agg.end_upload()
         return header_bytes({"ok": True})
 
-    def Push(self, messages: Iterable[bytes], token: str | None = None) -> bytes:  # noqa: N802
+    def Push(self, messages: Iterable[bytes], token: str | None = None, caller: Caller | None = None) -> bytes:  # noqa: N802
+        caller = self._caller(token, caller)
         it = iter(messages)
         h = _first(it, "update")
-        client = self._authorize(h, token)
+        client = self._authorize(h, caller)
         agg = self.aggregator
         reply: dict[str, Any]
         try:
@@ -119,19 +248,23 @@ class FederationService:
             reply = agg.refuse({"client": client, "round": h.get("round")}, str(exc))
         return header_bytes({**reply, "instance": agg.instance})
 
-    def Pull(self, request: bytes, token: str | None = None) -> Iterator[bytes]:  # noqa: N802
-        h = parse_header(request, "pull")
-        client = self._authorize(h, token)
+    def Pull(self, request: bytes, token: str | None = None, caller: Caller | None = None) -> Iterator[bytes]:  # noqa: N802
+        caller = self._caller(token, caller)
+        h = _header(request, "pull")
+        client = self._authorize(h, caller)
         agg = self.aggregator
-        wait_s = max(0.0, min(float(h.get("wait_s", MAX_WAIT_S)), MAX_WAIT_S))
-        if h.get("instance") not in (None, agg.instance):
+        wait_s = caller.wait_limit(_seconds(h, "wait_s", MAX_WAIT_S, MAX_WAIT_S))
+        instance = h.get("instance")
+        if instance is not None and not isinstance(instance, str):
+            raise RefusedError(f"request lacks a valid `instance` (a string): {short(instance, 40)}", "invalid")
+        if instance not in (None, agg.instance):
             # the client joined another instance (this server restarted): tell it at once
             yield from encode({"ready": False, "round": h.get("round"), "block": h.get("block"), "instance": agg.instance})
             return
         if h.get("round") is not None:
             rnd = _int(h, "round")
             block = agg.expected_block(rnd)
-            if not agg.wait_round(rnd, wait_s):
+            if not agg.wait_round(rnd, wait_s, cancelled=caller.cancelled):
                 if agg.closed:
                     raise RefusedError("the federation server is shutting down", "unavailable")
                 yield from encode({"ready": False, "round": rnd, "block": block, "instance": agg.instance})
@@ -151,23 +284,27 @@ class FederationService:
         header = {"ready": True, "round": rnd, "block": block, "version": version, "instance": agg.instance}
         yield from encode(header, tensors, chunk_bytes=self.chunk_bytes)
 
-    def Versions(self, request: bytes, token: str | None = None) -> bytes:  # noqa: N802
-        self._authorize(parse_header(request, "versions"), token)
+    def Versions(self, request: bytes, token: str | None = None, caller: Caller | None = None) -> bytes:  # noqa: N802
+        caller = self._caller(token, caller)
+        self._authorize(_header(request, "versions"), caller)
         agg = self.aggregator
         return header_bytes(
             {"versions": agg.versions(), "next_round": agg.next_round(), "finished": agg.finished, "instance": agg.instance}
         )
 
-    def Leave(self, request: bytes, token: str | None = None) -> bytes:  # noqa: N802
-        h = parse_header(request, "leave")
-        client = self._authorize(h, token)
+    def Leave(self, request: bytes, token: str | None = None, caller: Caller | None = None) -> bytes:  # noqa: N802
+        caller = self._caller(token, caller)
+        h = _header(request, "leave", large=True)
+        client = self._authorize(h, caller)
         report = h.get("report")
-        self.aggregator.leave(client, report if isinstance(report, dict) else None)
+        if report is not None and not isinstance(report, dict):
+            raise RefusedError("leave request's `report` is not a JSON object", "invalid")
+        self.aggregator.leave(client, report)
         return header_bytes({"ok": True})
 
 
 def _first(it: Iterator[bytes], what: str) -> dict[str, Any]:
     try:
-        return parse_header(next(it), what)
+        return _header(next(it), what, large=True)
     except StopIteration:
         raise RefusedError(f"empty {what} stream", "invalid") from None

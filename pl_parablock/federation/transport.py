@@ -46,7 +46,15 @@ from torch import Tensor
 from pl_parablock.errors import FederationError, ServerRestarted, TransportError, VersionSuperseded
 from pl_parablock.federation.channel import CLIENT_OPTIONS, METHODS, SERVICE_NAME, TLS, token_metadata
 from pl_parablock.federation.link import Link
-from pl_parablock.federation.wire import CorruptStream, decode, encode, header_bytes, parse_header
+from pl_parablock.federation.wire import (
+    MAX_LARGE_HEADER_BYTES,
+    MAX_REPLY_HEADER_BYTES,
+    CorruptStream,
+    decode,
+    encode,
+    header_bytes,
+    parse_header,
+)
 
 __all__ = ["Faults", "GrpcTransport", "Pulled", "Pushed", "Transport"]
 
@@ -176,12 +184,12 @@ class Transport(ABC):
     def join(self, client_id: int, fingerprint: Mapping[str, Any], timeout: float) -> dict[str, Any]:
         """Join the federation; returns the schedule, rounds, versions and next round."""
         req = header_bytes({"client_id": client_id, "fingerprint": dict(fingerprint), "timeout_s": timeout})
-        return parse_header(self._unary("Join", req, timeout + 5.0), "join reply")
+        return parse_header(self._unary("Join", req, timeout + 5.0), "join reply", max_bytes=MAX_REPLY_HEADER_BYTES)
 
     def upload_state(self, client_id: int, tensors: Mapping[str, Tensor], timeout: float) -> int:
         """Send the initial global state (first client only); returns bytes sent."""
         counter = _Counter(self.link.pace_up(encode({"client_id": client_id}, tensors, chunk_bytes=self.chunk_bytes)))
-        parse_header(self._stream_unary("UploadState", iter(counter), timeout), "upload reply")
+        parse_header(self._stream_unary("UploadState", iter(counter), timeout), "upload reply", max_bytes=MAX_REPLY_HEADER_BYTES)
         return counter.nbytes
 
     def push(self, header: Mapping[str, Any], tensors: Mapping[str, Tensor], timeout: float) -> Pushed:
@@ -198,7 +206,7 @@ class Transport(ABC):
             messages = _corrupt(messages)
         counter = _Counter(self.link.pace_up(messages))
         t0 = time.perf_counter()
-        reply = parse_header(self._stream_unary("Push", iter(counter), timeout), "push reply")
+        reply = parse_header(self._stream_unary("Push", iter(counter), timeout), "push reply", max_bytes=MAX_REPLY_HEADER_BYTES)
         if f and self._pushes == f.drop_after_push:
             raise TransportError(f"injected fault: connection dropped after push {self._pushes}")
         return Pushed(
@@ -249,14 +257,35 @@ class Transport(ABC):
         return self._download({"client_id": client_id, "block": block}, timeout, f"block {block}")
 
     def versions(self, client_id: int, timeout: float) -> dict[str, Any]:
-        return parse_header(self._unary("Versions", header_bytes({"client_id": client_id}), timeout), "versions reply")
+        return parse_header(
+            self._unary("Versions", header_bytes({"client_id": client_id}), timeout), "versions reply", max_bytes=MAX_REPLY_HEADER_BYTES
+        )
 
     def leave(self, client_id: int, report: Mapping[str, Any] | None, timeout: float) -> None:
+        """Tell the server this client is done, with its report.
+
+        A report too large for the server's limit on a header
+        (:data:`~pl_parablock.federation.wire.MAX_LARGE_HEADER_BYTES`) goes
+        without its per-round records (``"truncated": true``), the client's
+        own report file keeps them.
+        """
         req = header_bytes({"client_id": client_id, "report": dict(report) if report else None})
-        parse_header(self._unary("Leave", req, timeout), "leave reply")
+        if len(req) > MAX_LARGE_HEADER_BYTES and report:
+            slim = {k: v for k, v in report.items() if k not in ("rounds", "events")}
+            req = header_bytes({"client_id": client_id, "report": {**slim, "truncated": True}})
+            if len(req) > MAX_LARGE_HEADER_BYTES:
+                req = header_bytes({"client_id": client_id, "report": {"truncated": True}})
+        parse_header(self._unary("Leave", req, timeout), "leave reply", max_bytes=MAX_REPLY_HEADER_BYTES)
 
 
-_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED}
+# RESOURCE_EXHAUSTED: the server is at its limit of calls at once (it refuses the rest rather than queue them)
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 
 
 class GrpcTransport(Transport):

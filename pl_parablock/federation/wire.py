@@ -36,6 +36,10 @@ from pl_parablock.errors import FederationError
 
 __all__ = [
     "DTYPES",
+    "MAX_HEADER_BYTES",
+    "MAX_HEADER_DEPTH",
+    "MAX_LARGE_HEADER_BYTES",
+    "MAX_REPLY_HEADER_BYTES",
     "WIRE_DTYPES",
     "CorruptStream",
     "Spec",
@@ -77,6 +81,12 @@ class Spec:
     nbytes: int
 
 
+def short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: what a message quotes of a peer's input."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     try:
         return _NAMES[dtype]
@@ -84,17 +94,88 @@ def dtype_name(dtype: torch.dtype) -> str:
         raise FederationError(f"tensors of dtype {dtype} cannot travel; use one of {', '.join(DTYPES)}") from None
 
 
+MAX_HEADER_BYTES = 64 << 10
+"""Largest header of a small request (``Pull``, ``Versions``) and of a trailer, in bytes."""
+MAX_LARGE_HEADER_BYTES = 4 << 20
+"""Largest header that may list every tensor of a model (``Join``, ``UploadState``, ``Push``) or carry a
+client's report (``Leave``), in bytes: about 20,000 tensor entries."""
+MAX_REPLY_HEADER_BYTES = 64 << 20
+"""Largest header a client accepts from its server (a join reply lists every round's clients)."""
+MAX_HEADER_DEPTH = 32
+"""Deepest nesting of lists and objects a header may have."""
+
+
+def _finite_floats(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by ``None`` (JSON has no such numbers)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _finite_floats(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_floats(v) for v in value]
+    return value
+
+
 def header_bytes(header: Mapping[str, Any]) -> bytes:
-    return json.dumps(header, separators=(",", ":")).encode("utf-8")
-
-
-def parse_header(message: bytes, what: str = "message") -> dict[str, Any]:
+    """``header`` as compact UTF-8 JSON; a NaN or infinite float (a diverged loss) travels as ``null``."""
     try:
-        header = json.loads(bytes(message).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FederationError(f"malformed {what} header: {exc}") from None
+        text = json.dumps(header, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        text = json.dumps(_finite_floats(header), separators=(",", ":"), allow_nan=False)
+    return text.encode("utf-8")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:32]} is out of range")
+    return value
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether lists and objects nest deeper than ``limit`` in ``value`` (iterative: no recursion to exhaust)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict):
+            children: Iterable[Any] = v.values()
+        elif isinstance(v, list):
+            children = v
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
+def parse_header(
+    message: bytes, what: str = "message", *, max_bytes: int | None = MAX_HEADER_BYTES, max_depth: int = MAX_HEADER_DEPTH
+) -> dict[str, Any]:
+    """A JSON object header, checked before and after it is parsed.
+
+    The size is checked before anything is parsed; NaN, infinite or
+    out-of-range numbers and nesting deeper than ``max_depth`` are refused.
+
+    Raises:
+        FederationError: one line naming what is wrong with the header.
+    """
+    if max_bytes is not None and len(message) > max_bytes:
+        raise FederationError(f"malformed {what} header: {len(message)} bytes, more than the {max_bytes} allowed")
+    try:
+        header = json.loads(bytes(message).decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise FederationError(f"malformed {what} header: nested more than {max_depth} deep") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError, as are refused numbers
+        raise FederationError(f"malformed {what} header: {str(exc)[:200]}") from None
     if not isinstance(header, dict):
         raise FederationError(f"malformed {what} header: not a JSON object")
+    if _depth_exceeds(header, max_depth):
+        raise FederationError(f"malformed {what} header: nested more than {max_depth} deep")
     return header
 
 
@@ -173,10 +254,12 @@ def check_specs(raw: Any, max_bytes: int | None) -> list[Spec]:
         try:
             name, dt, shape, nbytes = str(s["name"]), DTYPES[s["dtype"]], tuple(int(d) for d in s["shape"]), int(s["nbytes"])
         except (KeyError, TypeError, ValueError):
-            raise FederationError(f"malformed tensor entry in stream header: {s!r}") from None
+            raise FederationError(f"malformed tensor entry in stream header: {short(s)}") from None
         itemsize = torch.empty((), dtype=dt).element_size()
         if any(d < 0 for d in shape) or nbytes != math.prod(shape) * itemsize:
-            raise FederationError(f"tensor {name!r}: declared {nbytes} bytes do not match shape {list(shape)} of {s['dtype']}")
+            raise FederationError(
+                f"tensor {short(name)}: declared {short(nbytes)} bytes do not match shape {short(list(shape))} of {s['dtype']}"
+            )
         total += nbytes
         out.append(Spec(name, dt, shape, nbytes))
     if max_bytes is not None and total > max_bytes:
@@ -217,7 +300,7 @@ def _first(messages: Iterable[bytes], what: str) -> tuple[dict[str, Any], Iterat
         first = next(it)
     except StopIteration:
         raise FederationError(f"empty {what}: no header") from None
-    return parse_header(first, what), it
+    return parse_header(first, what, max_bytes=MAX_REPLY_HEADER_BYTES), it
 
 
 def decode(messages: Iterable[bytes], *, max_bytes: int | None = None, what: str = "stream") -> tuple[dict[str, Any], dict[str, Tensor]]:

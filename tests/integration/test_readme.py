@@ -48,12 +48,15 @@ def test_the_readme_cli_client_runs_against_a_server(tmp_path):
         config["data"]["clients"] = 1
         path = tmp_path / "client.yaml"
         path.write_text(yaml.safe_dump(config))
+        root = os.path.dirname(README)  # the client imports this checkout's package, whatever is installed
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         done = subprocess.run(
             [sys.executable, "-m", "pl_parablock.cli", "fit", "--config", str(path)],
             capture_output=True,
             text=True,
             timeout=300,
             cwd=tmp_path,
+            env=env,
         )
         assert done.returncode == 0, done.stderr[-3000:]
         assert agg.next_round() == 2

@@ -351,17 +351,139 @@ def test_finite_check_is_exact_for_every_dtype():
 def test_the_server_optimizer_state_is_in_the_checkpoint(tmp_path):
     from pl_parablock.algorithm import make_server_optimizer
 
-    agg = joined(server_optimizer=make_server_optimizer("adam", lr=0.1), mode="sync")
+    agg = joined(server_optimizer=make_server_optimizer("adam", lr=0.1))
     for r, block in ((0, 0), (1, 1)):
         for cid in (0, 1):
             assert status(agg.submit(*update(cid, r, block, float(r + cid + 2), kind="delta"))) == "accepted"
     assert agg.wait_round(1, 1.0)
     agg.save_checkpoint(str(tmp_path))
-    again = Aggregator(clients=2, rounds=4, mode="sync", server_optimizer=make_server_optimizer("adam", lr=0.1))
+    again = Aggregator(clients=2, rounds=4, server_optimizer=make_server_optimizer("adam", lr=0.1))
     assert again.load_checkpoint(str(tmp_path)) == 2
     saved, loaded = agg.server_optimizer.state_tensors(), again.server_optimizer.state_tensors()
     assert saved.keys() == loaded.keys() and {k.split("/")[0] for k in saved} == {"0", "1"}
     assert all(torch.equal(saved[k], loaded[k]) for k in saved)
-    other = Aggregator(clients=2, rounds=4, mode="sync", server_optimizer=make_server_optimizer("yogi", lr=0.1))
+    other = Aggregator(clients=2, rounds=4, server_optimizer=make_server_optimizer("yogi", lr=0.1))
     with pytest.raises(FederationError, match="server_optimizer"):
         other.load_checkpoint(str(tmp_path))
+
+
+# ------------------------------------------------------------ an untrusted peer (issue 14; over gRPC: tests/integration/test_attacks.py)
+
+
+def test_weights_are_bounded_and_uniform_means_one():
+    agg = joined(weighting="samples", max_weight=8)
+    for w in (1e300, 1e30, 8.5):
+        reply = agg.submit(*update(0, 0, 0, 1.0, weight=w))
+        assert not reply["accepted"] and "exceeds the bound 8" in reply["reason"]
+    assert status(agg.submit(*update(0, 0, 0, 1.0, weight=8))) == "accepted"
+    uniform = joined(weighting="uniform", max_weight=100)
+    reply = uniform.submit(*update(0, 0, 0, 1.0, weight=2.0))
+    assert not reply["accepted"] and "is not 1" in reply["reason"]
+    reply = joined().submit(*update(0, 0, 0, 1.0, weight=1e300))  # no recipe bound: still no overflow possible
+    assert not reply["accepted"] and "exceeds the bound" in reply["reason"]
+
+
+def test_a_non_finite_aggregate_keeps_the_previous_value_and_the_round_record_says_so():
+    agg = joined(clients=1, rounds=2)
+    big = {n: torch.full_like(STATE[n], 3e38) for n in PART.blocks[0].params}
+    head = {"client_id": 0, "round": 0, "block": 0, "kind": "delta", "base_version": -1, "weight": 1.0}
+    before = {n: t.clone() for n, t in agg.block_value(0)[1].items()}
+    agg._state.values[0] = {n: torch.full_like(t, 3e38) for n, t in before.items()}  # a global near float32's largest
+    assert status(agg.submit(head, big)) == "accepted"  # finite, but global + delta overflows float32
+    assert agg.wait_round(0, 1.0)
+    version, value = agg.block_value(0)
+    assert version == 0 and all(torch.isfinite(t).all() for t in value.values()), "clients go on from the previous value"
+    rec = agg.report()["rounds"][0]
+    assert rec["rejected"] == 1 and "not finite" in rec["rejections"][0]["reason"]
+    assert agg.round_value(0, 0)[0] == 0, "the round's version can be pulled"
+
+
+@pytest.mark.parametrize(
+    "change,why",
+    [
+        (lambda fp: {**fp, "partition": [{"name": "b", "params": [1]}]}, "parameter"),
+        (lambda fp: {**fp, "partition": []}, "partition"),
+        (lambda fp: {**fp, "tensors": {**fp["tensors"], "l0.w": {"dtype": "float32", "shape": [4, 3], "nbytes": 1}}}, "nbytes"),
+        (lambda fp: {**fp, "tensors": {**fp["tensors"], "l0.w": {"dtype": "complex", "shape": [4, 3], "nbytes": 48}}}, "dtype"),
+        (lambda fp: {**fp, "tensors": {**fp["tensors"], "l0.w": {"dtype": "float32", "shape": [-4, 3], "nbytes": 48}}}, "shape"),
+        (lambda fp: {**fp, "tensors": {**fp["tensors"], "l0.w": {"dtype": "float32", "shape": [4.0, 3], "nbytes": 48}}}, "shape"),
+        (lambda fp: {**fp, "tensors": {k: v for k, v in fp["tensors"].items() if k != "l1.w"}}, "exactly the partition"),
+        (lambda fp: {**fp, "partition": [*fp["partition"], {"name": "again", "params": ["l1.w"]}]}, "two blocks"),
+        (lambda fp: {**fp, "hash": 7}, "hash"),
+        (lambda fp: {**fp, "mode": None}, "mode"),
+        (lambda fp: "not a dict", "not a JSON object"),
+    ],
+)
+def test_a_malformed_fingerprint_is_refused_and_nothing_is_kept(change, why):
+    agg = Aggregator(clients=2, rounds=2)
+    with pytest.raises(RefusedError, match=why) as err:
+        agg.join(0, change(fingerprint()), 1)
+    assert err.value.code == "invalid"
+    assert agg.partition is None and agg.state_nbytes() is None
+    assert agg.join(1, fingerprint(), 1)["need_state"], "the next well-formed join sets the model"
+
+
+def test_a_fingerprint_whose_state_never_comes_expires_and_the_next_client_takes_over():
+    agg = Aggregator(clients=3, rounds=2, initial_state_wait_s=0.2)
+    agg.join(2, {**fingerprint(h="foreign"), "extra": "x" * 1000}, 60)  # the wrong party joins first, sends no state
+    assert "extra" not in agg._fingerprint
+    with pytest.raises(RefusedError, match="retry later") as err:
+        agg.join(0, fingerprint(), 1)  # while it is pending, not refused for good
+    assert err.value.code == "unavailable"
+    time.sleep(0.3)
+    assert agg.join(0, fingerprint(), 1)["need_state"]
+    with pytest.raises(RefusedError, match="may not set"):
+        agg.set_initial_state(2, STATE)
+    agg.set_initial_state(0, STATE)
+    assert not agg.join(1, fingerprint(), 1)["need_state"]
+    with pytest.raises(RefusedError, match="does not match this federation") as err:
+        agg.join(2, fingerprint(h="foreign"), 1)
+    assert err.value.code == "refused"
+
+
+def test_a_waiting_join_ends_when_its_caller_goes_away_and_a_nan_timeout_is_refused():
+    agg = Aggregator(clients=2, rounds=2)
+    agg.join(0, fingerprint(), 60)
+    with pytest.raises(RefusedError, match="not a number"):
+        agg.join(1, fingerprint(), float("nan"))
+    cancelled = threading.Event()
+    errors = []
+
+    def join() -> None:
+        try:
+            agg.join(1, fingerprint(), 3600, cancelled)
+        except RefusedError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=join)
+    t.start()
+    time.sleep(0.1)
+    cancelled.set()
+    agg.wake()
+    t.join(2)
+    assert not t.is_alive() and errors
+
+
+def test_leave_needs_a_join_and_pushes_need_an_open_round():
+    agg = joined(clients=2, rounds=4)
+    with pytest.raises(RefusedError, match="has not joined"):
+        agg.leave(7, {"x": 1})
+    assert agg.report()["client_reports"] == {}
+    assert status(agg.submit(*update(0, 1, 1, 1.0))) == "accepted", "parablock: one round ahead of the open one"
+    assert "round 2 is not open" in agg.submit(*update(0, 2, 0, 1.0))["reason"]
+    sync = Aggregator(clients=1, rounds=4, mode="sync")
+    sync.join(0, fingerprint(mode="sync"), 5)
+    sync.set_initial_state(0, STATE)
+    assert "round 1 is not open" in sync.submit(*update(0, 1, 1, 1.0))["reason"], "sync: only the open round"
+    assert status(sync.submit(*update(0, 0, 0, 1.0))) == "accepted"
+    assert status(sync.submit(*update(0, 1, 1, 1.0, base=-1))) == "accepted"
+
+
+def test_refusals_are_recorded_up_to_a_bound_and_counted_beyond():
+    from pl_parablock.federation.aggregator import MAX_RECORDED_REJECTIONS
+
+    agg = joined()
+    for _ in range(MAX_RECORDED_REJECTIONS + 50):
+        agg.submit(*update(0, 0, 0, 1.0, weight=-1))
+    rec = agg._round_record(agg._rounds[0])
+    assert len(rec["rejections"]) == MAX_RECORDED_REJECTIONS and rec["rejected"] == MAX_RECORDED_REJECTIONS + 50

@@ -223,3 +223,29 @@ def test_server_optimizer_keys_are_validated():
     assert "federation.server_optimizer.name" in str(err.value) and "federation.server_optimizer.betas" in str(err.value)
     with pytest.raises(ConfigError, match="cannot follow"):
         load_recipe(None, ["federation.server_optimizer.name=adam", "federation.aggregation=median"])
+
+
+def test_the_servers_defences_are_validated_with_the_key_named():
+    for override, key in (
+        ("federation.max_weight=0.5", "federation.max_weight"),
+        ("federation.max_weight=1e300", "federation.max_weight"),
+        ("federation.idle_timeout_s=0", "federation.idle_timeout_s"),
+        ("federation.idle_timeout_s=nan", "federation.idle_timeout_s"),
+        ("federation.max_calls=1", "federation.max_calls"),
+        ("federation.max_calls_per_peer=0", "federation.max_calls_per_peer"),
+        ("federation.token={0: same, 1: same}", "federation.token"),
+    ):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
+            load_recipe(None, [override])
+        assert len(err.value.problems) == 1, err.value.problems
+
+
+def test_the_weight_bound_follows_the_weighting():
+    from pl_parablock.config import weight_bound
+
+    base = ["train.local_steps=3", "train.batch_size=4", "train.accumulate_grad_batches=2", "train.max_length=16"]
+    assert weight_bound(load_recipe(None, base)) == 24
+    assert weight_bound(load_recipe(None, [*base, "federation.weighting=tokens"])) == 24 * 16
+    assert weight_bound(load_recipe(None, [*base, "federation.weighting=uniform"])) == 1
+    assert weight_bound(load_recipe(None, [*base, "federation.weighting=shard", "data.num_samples=500"])) == 500
+    assert weight_bound(load_recipe(None, [*base, "federation.max_weight=100"])) == 100

@@ -117,3 +117,34 @@ def test_staged_tensors_read_back_in_pieces_and_by_range():
             staged.read("a", 990, 20)
     in_memory = StagedTensors.from_tensors(src)
     assert torch.equal(in_memory.read("m", 5, 10), src["m"].reshape(-1)[5:15])
+
+
+def test_headers_are_bounded_before_they_are_parsed_and_checked_after():
+    from pl_parablock.federation.wire import MAX_HEADER_BYTES, header_bytes
+
+    ok = header_bytes({"client_id": 0, "pad": "x" * 100})
+    assert parse_header(ok) == {"client_id": 0, "pad": "x" * 100}
+    too_big = header_bytes({"pad": "x" * MAX_HEADER_BYTES})
+    with pytest.raises(FederationError, match="more than the 65536 allowed"):
+        parse_header(too_big)
+    assert parse_header(too_big, max_bytes=None)["pad"]
+    for raw, why in (
+        (b'{"a": NaN}', "not a number JSON allows"),
+        (b'{"a": -Infinity}', "not a number JSON allows"),
+        (b'{"a": 1e400}', "out of range"),
+        (b'{"a": ' + b"9" * 5000 + b"}", "malformed"),
+        (b'{"a": ' + b"[" * 33 + b"]" * 33 + b"}", "nested more than 32 deep"),
+        (b'{"a": ' + b"[" * 30000 + b"]" * 30000 + b"}", "nested more than 32 deep"),
+        (b"\xff", "malformed"),
+        (b"[]", "not a JSON object"),
+    ):
+        with pytest.raises(FederationError, match=why) as err:
+            parse_header(raw, max_bytes=None)
+        assert "\n" not in str(err.value) and len(str(err.value)) < 300
+    assert parse_header(b'{"a": ' + b"[" * 31 + b"]" * 31 + b"}")
+
+
+def test_a_non_finite_float_travels_as_null():
+    from pl_parablock.federation.wire import header_bytes
+
+    assert parse_header(header_bytes({"loss": float("nan"), "r": {"x": [float("inf"), 1.5]}})) == {"loss": None, "r": {"x": [None, 1.5]}}
