@@ -43,9 +43,9 @@ SCRIPT = textwrap.dedent(
 class CountingService(FederationService):
     joins = 0
 
-    def Join(self, request, token=None):
+    def Join(self, request, token=None, **kw):
         type(self).joins += 1
-        return super().Join(request, token)
+        return super().Join(request, token, **kw)
 
 
 def run_client(tmp_path, address: str, mode: str, ddp: str) -> subprocess.CompletedProcess[str]:
