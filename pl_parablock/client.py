@@ -26,6 +26,21 @@ __all__ = ["ClientRounds"]
 
 log = logging.getLogger(__name__)
 
+ROUND_METRICS = (
+    "round",
+    "block",
+    "loss",
+    "weight",
+    "compute_s",
+    "blocked_s",
+    "upload_s",
+    "server_wait_s",
+    "download_s",
+    "bytes_up",
+    "bytes_down",
+)
+"""What each finished round sends to the client's loggers (as ``round/<key>``)."""
+
 
 class ClientRounds:
     """The round loop of one client (one process of it when it spans several).
@@ -179,6 +194,7 @@ class ClientRounds:
             self.session.send(update)
         else:  # centralized: the round's update is its own aggregate
             self.core.apply(update.round, update.round, self.blocks[update.block])
+            self._log_round(trainer, update.round)
             self.view.show(trainer, pl_module, self.core, update.round)
 
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, r: int) -> None:
@@ -187,6 +203,7 @@ class ClientRounds:
         t0 = time.perf_counter()
         arrival = self.session.wait(r)
         self.ledger.applied(arrival, time.perf_counter() - t0)
+        self._log_round(trainer, r)
         self.core.apply(r, arrival.version, arrival.tensors)
         if self.core.round < self.core.plan.rounds and not self.core.catching_up:  # the final model is evaluated once, at the end
             self.view.show(trainer, pl_module, self.core, r)
@@ -197,6 +214,28 @@ class ClientRounds:
         if self.session is not None:
             self.session.adopt(self.core, self.session.versions(), newer_only=True)
         self.done = True
+
+    def _log_round(self, trainer: pl.Trainer, round_index: int) -> None:
+        """A finished round's record to the Trainer's loggers (round, block, loss, times, bytes), at the current step."""
+        if not trainer.loggers:
+            return
+        rec = next(x for x in reversed(self.ledger.records) if x["round"] == round_index)
+        keys = (
+            "round",
+            "block",
+            "loss",
+            "weight",
+            "compute_s",
+            "blocked_s",
+            "upload_s",
+            "server_wait_s",
+            "download_s",
+            "bytes_up",
+            "bytes_down",
+        )
+        metrics = {f"round/{k}": float(rec[k]) for k in keys if isinstance(rec.get(k), (int, float))}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
 
     # ------------------------------------------------------------ state
 

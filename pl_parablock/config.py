@@ -424,6 +424,22 @@ class EvalSection:
 
 
 @dataclass
+class LoggingSection:
+    """Lightning loggers: each client's and the server's records under OUTPUT_DIR/logs/."""
+
+    csv: bool = field(
+        default=True,
+        metadata=_help("CSV logs: OUTPUT_DIR/logs/client_I/metrics.csv (loss, lr, round, block, blocked time, bytes) and logs/server/."),
+    )
+    tensorboard: bool = field(
+        default=False,
+        metadata=_help(
+            "TensorBoard event files in the same folders (`tensorboard --logdir OUTPUT_DIR/logs`); needs tensorboard installed."
+        ),
+    )
+
+
+@dataclass
 class Recipe:
     """A whole run. Defaults are the offline quickstart."""
 
@@ -443,6 +459,7 @@ class Recipe:
     link: LinkSection = field(default_factory=LinkSection)
     data: DataSection = field(default_factory=DataSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
 
 
 # ---------------------------------------------------------------------------
@@ -666,6 +683,25 @@ def _at_least(problems: list[str], key: str, value: float | int | None, low: flo
         problems.append(f"`{key}` is {value}; it must be {rel} {low}")
 
 
+def _tensorboard_installed() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(m) is not None for m in ("tensorboard", "tensorboardX"))
+
+
+def run_loggers(recipe: Recipe, name: str) -> list[Any]:
+    """The Lightning loggers of one member of a run (``client_I`` or ``server``) under ``OUTPUT_DIR/logs/NAME``."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    root = os.path.join(recipe.output_dir, "logs")
+    out: list[Any] = []
+    if recipe.logging.csv:
+        out.append(CSVLogger(root, name=name, version=""))
+    if recipe.logging.tensorboard:
+        out.append(TensorBoardLogger(root, name=name, version="", default_hp_metric=False))
+    return out
+
+
 def _validate_cyclic(p: list[str], recipe: Recipe) -> None:
     """FedCyBGD's relay: one client a round, in turn; its trained block replaces the global block."""
     f, b = recipe.federation, recipe.blocks
@@ -685,6 +721,8 @@ def _validate_cyclic(p: list[str], recipe: Recipe) -> None:
 def validate(recipe: Recipe) -> list[str]:
     """Semantic checks of a typed recipe; returns one line per problem."""
     p: list[str] = []
+    if recipe.logging.tensorboard and not _tensorboard_installed():
+        p.append("`logging.tensorboard` is true but neither tensorboard nor tensorboardX is installed: pip install tensorboard")
     _one_of(p, "mode", recipe.mode, MODES)
     _at_least(p, "seed", recipe.seed, 0)
     if not recipe.output_dir:

@@ -36,6 +36,7 @@ from pl_parablock.config import (
     client_token,
     load_recipe,
     reference_markdown,
+    run_loggers,
     server_optimizer_of,
     server_token,
     to_yaml,
@@ -81,22 +82,56 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("pl_parablock").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
-def _aggregator(recipe: Recipe, progress: bool) -> Aggregator:
-    """The server state of a recipe, resumed from OUTPUT_DIR/server when a checkpoint is there."""
-    f = recipe.federation
-    total = f.rounds
-    start = time.time()
+class RoundPrinter:
+    """What the server does with each closed round's record: its loggers (OUTPUT_DIR/logs/server) and the console.
 
-    def show(rec: dict[str, Any]) -> None:
+    On a terminal, one line that redraws itself (rounds, a bar, ETA, loss);
+    otherwise one plain line per round.
+    """
+
+    def __init__(self, recipe: Recipe, progress: bool) -> None:
+        self.total = recipe.federation.rounds
+        self.progress = progress
+        self.tty = progress and sys.stdout.isatty()
+        self.loggers = run_loggers(recipe, "server")
+        self.start = time.time()
+
+    def __call__(self, rec: dict[str, Any]) -> None:
+        metrics = {
+            k: float(rec[k])
+            for k in ("block", "arrived", "expected", "rejected", "late", "aggregation_s", "loss")
+            if rec.get(k) is not None
+        }
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=int(rec["round"]))
+            logger.save()
+        if not self.progress:
+            return
         loss = rec.get("loss")
+        elapsed = time.time() - self.start
+        done = rec["round"] + 1
+        if self.tty:
+            eta = elapsed / done * (self.total - done)
+            bar = "#" * int(24 * done / self.total)
+            text = f"\r  round {done:>3}/{self.total} [{bar:<24}] ETA {eta:5.0f} s" + (f"  loss {loss:.4f}" if loss is not None else "")
+            print(text, end="\n" if done >= self.total else "", flush=True)
+            return
         missing = f" ({rec['arrived']}/{rec['expected']}: {rec['close_reason']})" if rec["arrived"] < rec["expected"] else ""
         _say(
-            f"  round {rec['round'] + 1:>3}/{total}  block {rec['block']:>2}  {rec['arrived']}/{rec['expected']} clients  "
+            f"  round {done:>3}/{self.total}  block {rec['block']:>2}  {rec['arrived']}/{rec['expected']} clients  "
             + (f"loss {loss:.4f}  " if loss is not None else "")
-            + f"t={time.time() - start:6.1f} s"
+            + f"t={elapsed:6.1f} s"
             + missing
         )
 
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.finalize("success")
+
+
+def _aggregator(recipe: Recipe, progress: bool) -> Aggregator:
+    """The server state of a recipe, resumed from OUTPUT_DIR/server when a checkpoint is there."""
+    f = recipe.federation
     schedule = recipe.blocks.schedule if recipe.mode != "fedavg" else "ascending"
     checkpoint_dir = os.path.join(recipe.output_dir, "server")
     agg = Aggregator(
@@ -116,7 +151,7 @@ def _aggregator(recipe: Recipe, progress: bool) -> Aggregator:
         max_update_norm=f.max_update_norm,
         checkpoint_dir=checkpoint_dir if f.checkpoint_every > 0 else None,
         checkpoint_every=f.checkpoint_every,
-        on_round_closed=show if progress else None,
+        on_round_closed=RoundPrinter(recipe, progress),
         weighting=f.weighting,
         max_weight=weight_bound(recipe),
     )
@@ -174,6 +209,8 @@ def _describe_data(recipe: Recipe) -> str:
 def _finish(recipe: Recipe, agg: Aggregator, wall_s: float) -> int:
     from pl_parablock.report import build_report, format_summary, write_pictures, write_report
 
+    if isinstance(agg.on_round_closed, RoundPrinter):
+        agg.on_round_closed.close()
     report = build_report(recipe, agg.report(), wall_s=wall_s, link=Link.from_section(recipe.link), output_dir=recipe.output_dir)
     try:
         report["pictures"] = write_pictures(report, recipe.output_dir)

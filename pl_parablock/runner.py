@@ -24,10 +24,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 
 from pl_parablock.checkpoint import RoundCheckpoint
-from pl_parablock.config import Recipe, client_token
+from pl_parablock.config import Recipe, client_token, run_loggers
 from pl_parablock.data import ClientDataModule, client_data
 from pl_parablock.errors import ParaBlockError
 from pl_parablock.evaluation import GlobalEvaluation
@@ -197,6 +197,10 @@ def prepare_client(
             save_base=partial(save_base, recipe.model, recipe.seed, tokenizer=tokenizer) if pe.method and recipe.model.config else None,
         )
         callbacks.append(evaluation)
+    # a reference run (no server, shard=True) writes no logs of its own
+    loggers = run_loggers(recipe, f"client_{client_id}") if server is not None else []
+    if loggers:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
     trainer = pl.Trainer(
         accelerator=t.accelerator,
         devices=1,
@@ -206,7 +210,8 @@ def prepare_client(
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val,
         callbacks=callbacks,
-        logger=False,
+        logger=loggers or False,
+        log_every_n_steps=1,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
