@@ -220,20 +220,7 @@ class ClientRounds:
         if not trainer.loggers:
             return
         rec = next(x for x in reversed(self.ledger.records) if x["round"] == round_index)
-        keys = (
-            "round",
-            "block",
-            "loss",
-            "weight",
-            "compute_s",
-            "blocked_s",
-            "upload_s",
-            "server_wait_s",
-            "download_s",
-            "bytes_up",
-            "bytes_down",
-        )
-        metrics = {f"round/{k}": float(rec[k]) for k in keys if isinstance(rec.get(k), (int, float))}
+        metrics = {f"round/{k}": float(rec[k]) for k in ROUND_METRICS if isinstance(rec.get(k), (int, float))}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
