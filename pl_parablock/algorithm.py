@@ -53,6 +53,7 @@ from pl_parablock.blocks import make_schedule
 from pl_parablock.errors import ParaBlockError
 
 __all__ = [
+    "ASSIGNMENTS",
     "CYCLIC_ORDERS",
     "MODES",
     "SERVER_OPTIMIZERS",
@@ -82,6 +83,10 @@ MODES = ("parablock", "sync", "fedavg", "cyclic")
 """``parablock`` overlaps a round's communication with the next round; ``sync`` waits every round; ``fedavg`` is one
 block of everything; ``cyclic`` (FedCyBGD) visits the clients one after another, each training its own block of the
 model the previous one left."""
+
+ASSIGNMENTS = ("shared", "staggered")
+"""Which block a client trains in round ``t``: ``shared``, every client ``b_t``; ``staggered``, client ``i`` block
+``(b_t + i) mod M``, so several blocks move in a round (each aggregated over the clients that trained it)."""
 
 CYCLIC_ORDERS = ("ascending", "descending", "random")
 """How ``cyclic`` assigns client ``i`` its block in its epoch ``e``: ``(i + e) mod M``, ``M − 1 − (i + e) mod M``, or a
@@ -124,6 +129,8 @@ class Plan:
         participants: the clients of every round; ``None``: every client.
         keep_optimizer_state: keep a block's optimizer state across its
             rounds (default: created fresh every round the block trains).
+        assignment: ``shared`` or ``staggered`` (:data:`ASSIGNMENTS`).
+        clients: ``N`` (the blocks of a staggered round depend on it).
     """
 
     mode: str
@@ -131,6 +138,8 @@ class Plan:
     num_blocks: int
     participants: tuple[tuple[int, ...], ...] | None = None
     keep_optimizer_state: bool = False
+    assignment: str = "shared"
+    clients: int = 1
 
     def __post_init__(self) -> None:
         staleness(self.mode)
@@ -138,6 +147,8 @@ class Plan:
             raise AlgorithmError(f"schedule {list(self.schedule)} names a block outside 0..{self.num_blocks - 1}")
         if self.participants is not None and len(self.participants) != len(self.schedule):
             raise AlgorithmError("participants must name the clients of every round")
+        if self.assignment not in ASSIGNMENTS:
+            raise AlgorithmError(f"unknown assignment {self.assignment!r}; use {', '.join(ASSIGNMENTS)}")
 
     @property
     def rounds(self) -> int:
@@ -151,6 +162,18 @@ class Plan:
         """Whether ``client`` trains round ``t`` (no round after the last)."""
         return t < self.rounds and (self.participants is None or client in self.participants[t])
 
+    def block_for(self, client: int, t: int) -> int:
+        """The block ``client`` trains in round ``t``: ``b_t``, or ``(b_t + i) mod M`` when staggered."""
+        b = self.schedule[t]
+        return (b + client) % self.num_blocks if self.assignment == "staggered" else b
+
+    def blocks_of(self, t: int) -> tuple[int, ...]:
+        """The blocks round ``t`` moves (each aggregated over the clients that trained it), in order."""
+        if self.assignment == "shared":
+            return (self.schedule[t],)
+        members = self.participants[t] if self.participants is not None else range(self.clients)
+        return tuple(sorted({self.block_for(c, t) for c in members}))
+
     def applied_before(self, t: int) -> int:
         """The last round whose aggregate must be in place before round ``t`` begins (``-1``: none).
 
@@ -159,14 +182,15 @@ class Plan:
         """
         return min(t, self.rounds) - 1 - (self.staleness if t < self.rounds else 0)
 
-    def trains_again_before_apply(self, t: int, block: int) -> bool:
-        """Whether ``block`` may train between the hand-off of round ``t`` and the application of its aggregate.
+    def trains_again_before_apply(self, t: int, block: int, client: int = 0) -> bool:
+        """Whether ``client`` may train ``block`` between the hand-off of round ``t`` and the application of its aggregate.
 
-        Only in ``parablock``, and only if round ``t + 1`` trains the same
-        block (a single block; schedules never repeat a block back to back
+        Only in ``parablock``, and only if round ``t + 1`` has the client
+        train that block (a single block, or a block another client moved in
+        a staggered round; schedules never repeat a block back to back
         otherwise). Then the hand-off value ``e`` must be kept for the rebase.
         """
-        return self.staleness > 0 and t + 1 < self.rounds and self.schedule[t + 1] == block
+        return self.staleness > 0 and t + 1 < self.rounds and self.block_for(client, t + 1) == block
 
 
 def cyclic_assignment(order: str, clients: int, num_blocks: int, rounds: int, seed: int = 0) -> tuple[list[int], list[tuple[int, ...]]]:
@@ -206,6 +230,7 @@ def make_plan(
     clients: int = 1,
     clients_per_round: int | None = None,
     keep_optimizer_state: bool = False,
+    assignment: str = "shared",
 ) -> Plan:
     """The plan of a federation (the server's) or of a centralized run (one client, every round)."""
     if mode == "cyclic":
@@ -213,13 +238,15 @@ def make_plan(
             raise AlgorithmError("cyclic visits every client in turn; it takes no clients_per_round")
         if not isinstance(schedule, str):
             raise AlgorithmError(f"cyclic assigns blocks {', '.join(CYCLIC_ORDERS)}, not an explicit list")
+        if assignment != "shared":
+            raise AlgorithmError("cyclic assigns each client its own block already; it takes assignment shared")
         order_, turns = cyclic_assignment(schedule, clients, num_blocks, rounds, seed)
-        return Plan(mode, tuple(order_), num_blocks, tuple(turns), keep_optimizer_state)
+        return Plan(mode, tuple(order_), num_blocks, tuple(turns), keep_optimizer_state, "shared", clients)
     kind: str | list[int] = schedule if isinstance(schedule, str) else list(schedule)
     order = make_schedule(kind, num_blocks, rounds, seed)
     sampled = clients_per_round is not None and clients_per_round < clients
     participants = tuple(sample_participants(clients, rounds, clients_per_round, seed)) if sampled else None
-    return Plan(mode, tuple(order), num_blocks, participants, keep_optimizer_state)
+    return Plan(mode, tuple(order), num_blocks, participants, keep_optimizer_state, assignment, clients)
 
 
 def client_weight(weighting: str, *, samples: int, tokens: int, shard: int) -> float:
@@ -341,7 +368,8 @@ class ClientCore:
         self.next_apply = 0
         self.versions = [-1] * plan.num_blocks
         self.clean = [True] * plan.num_blocks  # the block holds exactly its global value of `versions[b]`
-        self.inflight: dict[int, tuple[int, dict[str, Tensor] | None]] = {}  # round -> (block, e if the rebase needs it)
+        # round -> {block the round moves: this client's hand-off value e of it, kept only if the rebase needs it}
+        self.inflight: dict[int, dict[int, dict[str, Tensor] | None]] = {}
         self.open: _Open | None = None
         self.catching_up = False  # cyclic: blocks changed since this client's last turn are still to be fetched
 
@@ -387,8 +415,8 @@ class ClientCore:
             raise AlgorithmError(f"client {self.client_id} is not sampled for round {t}; call skip()")
         if self.catching_up:
             raise AlgorithmError(f"client {self.client_id}: fetch the blocks changed since its last turn before round {t}")
-        b = self.plan.schedule[t]
-        pending = any(blk == b for blk, _ in self.inflight.values())
+        b = self.plan.block_for(self.client_id, t)
+        pending = any(b in blocks for blocks in self.inflight.values())
         from_global = self.clean[b] and not pending and self.exact_uploads
         self.open = _Open(t, b, None if from_global else _cpu_copy(self.blocks[b]), self.versions[b])
         return RoundStart(t, b, fresh_optimizer_state=not self.plan.keep_optimizer_state)
@@ -403,7 +431,7 @@ class ClientCore:
             kind, payload = "value", e
         else:
             kind, payload = "delta", {n: e[n] - o.start[n] for n in e}
-        self.inflight[o.round] = (o.block, e if self.plan.trains_again_before_apply(o.round, o.block) else None)
+        self.inflight[o.round] = self._handed(o.round, own=(o.block, e))
         self.clean[o.block] = False
         self.round = o.round + 1
         weight = client_weight(weighting, samples=samples, tokens=tokens, shard=shard)
@@ -421,16 +449,27 @@ class ClientCore:
         t = self._check_ready()
         if self.participates():
             raise AlgorithmError(f"client {self.client_id} is sampled for round {t}; call begin()")
-        b = self.plan.schedule[t]
+        b = self.plan.block_for(self.client_id, t)
         if self.plan.mode == "cyclic":
             self.catching_up = True
             if not self.plan.participates(self.client_id, t + 1) and t + 1 < self.plan.rounds:
                 self.round = self.next_apply = t + 1
                 return None
-        keep = self.plan.trains_again_before_apply(t, b)
-        self.inflight[t] = (b, _cpu_copy(self.blocks[b]) if keep else None)
+        self.inflight[t] = self._handed(t)
         self.round = t + 1
         return Update(t, b, "none", self.versions[b], 0.0, None)
+
+    def _handed(self, t: int, own: tuple[int, dict[str, Tensor]] | None = None) -> dict[int, dict[str, Tensor] | None]:
+        """What round ``t`` leaves in flight: each block it moves, with this client's value ``e`` where the rebase will need it."""
+        out: dict[int, dict[str, Tensor] | None] = {}
+        for blk in self.plan.blocks_of(t):
+            if not self.plan.trains_again_before_apply(t, blk, self.client_id):
+                out[blk] = None
+            elif own is not None and own[0] == blk:
+                out[blk] = own[1]
+            else:
+                out[blk] = _cpu_copy(self.blocks[blk])
+        return out
 
     def apply(self, round_index: int, version: int, new_global: Mapping[str, Tensor]) -> None:
         """Apply the aggregate ``g'`` of ``round_index`` (version ``round_index`` exactly) by the rebase."""
@@ -442,26 +481,30 @@ class ClientCore:
             raise AlgorithmError(f"client {self.client_id}: round {round_index} was never handed off")
         if version != round_index:
             raise AlgorithmError(f"client {self.client_id}: asked for version {round_index} of the block, got version {version}")
-        b, end = self.inflight.pop(round_index)
-        later = [q for q, (blk, _) in self.inflight.items() if blk == b and q > round_index]
-        trained_since = bool(later) or (self.open is not None and self.open.block == b)
-        if not trained_since:
-            self._copy_in(b, new_global)
-            self.clean[b] = True
-        else:
-            if end is None:
-                raise AlgorithmError(f"client {self.client_id}: block {b} trained again before round {round_index}'s aggregate arrived")
-            with torch.no_grad():
-                for n, p in self.blocks[b].items():
-                    p.copy_(rebase(p, end[n], new_global[n]))
-            for q in later:
-                blk, e_q = self.inflight[q]
-                if e_q is not None:
-                    self.inflight[q] = (blk, {n: rebase(e_q[n], end[n], new_global[n]) for n in e_q})
-            if self.open is not None and self.open.block == b and self.open.start is not None:
-                self.open.start = {n: rebase(self.open.start[n], end[n], new_global[n]) for n in end}
-            self.clean[b] = False
-        self.versions[b] = version
+        for b, end in self.inflight.pop(round_index).items():
+            later = [q for q, blocks in self.inflight.items() if b in blocks and q > round_index]
+            trained = [q for q in later if self.plan.participates(self.client_id, q) and self.plan.block_for(self.client_id, q) == b]
+            if not trained and not (self.open is not None and self.open.block == b):
+                # untouched since the hand-off: the aggregate replaces it, and so do later hand-offs kept of it
+                self._copy_in(b, new_global)
+                self.clean[b] = True
+                for q in later:
+                    if self.inflight[q][b] is not None:
+                        self.inflight[q][b] = _cpu_copy(self.blocks[b])
+            else:
+                if end is None:
+                    raise AlgorithmError(f"client {self.client_id}: block {b} trained again before round {round_index}'s aggregate arrived")
+                with torch.no_grad():
+                    for n, p in self.blocks[b].items():
+                        p.copy_(rebase(p, end[n], new_global[n]))
+                for q in later:
+                    e_q = self.inflight[q][b]
+                    if e_q is not None:
+                        self.inflight[q][b] = {n: rebase(e_q[n], end[n], new_global[n]) for n in e_q}
+                if self.open is not None and self.open.block == b and self.open.start is not None:
+                    self.open.start = {n: rebase(self.open.start[n], end[n], new_global[n]) for n in end}
+                self.clean[b] = False
+            self.versions[b] = version
         self.next_apply = round_index + 1
 
     # ------------------------------------------------------------ joining

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pl_parablock.aggregate import AGGREGATIONS
-from pl_parablock.algorithm import CYCLIC_ORDERS, MODES, SERVER_OPTIMIZERS, WEIGHTINGS, ServerOptimizer, make_server_optimizer
+from pl_parablock.algorithm import ASSIGNMENTS, CYCLIC_ORDERS, MODES, SERVER_OPTIMIZERS, WEIGHTINGS, ServerOptimizer, make_server_optimizer
 from pl_parablock.blocks import SCHEDULES
 from pl_parablock.data.formats import DATA_FORMATS, ROW_FORMAT_CHOICES
 from pl_parablock.errors import ConfigError
@@ -155,6 +155,13 @@ class BlocksSection:
     )
     embeddings: bool = field(default=False, metadata=_help("Make the input embeddings a block of their own."))
     head: bool = field(default=False, metadata=_help("Make the LM head a block of its own."))
+    assignment: str = field(
+        default="shared",
+        metadata=_help(
+            "shared: every client trains the round's block b_t | staggered: client i trains (b_t + i) mod M, so several "
+            "blocks move each round (each aggregated over the clients that trained it; sync and parablock)."
+        ),
+    )
     patterns: list[str] | None = field(
         default=None,
         metadata=_help(
@@ -746,6 +753,11 @@ def validate(recipe: Recipe) -> list[str]:
     _at_least(p, "blocks.layers_per_block", b.layers_per_block, 1)
     if recipe.mode == "cyclic":
         _validate_cyclic(p, recipe)
+    _one_of(p, "blocks.assignment", b.assignment, ASSIGNMENTS)
+    if b.assignment == "staggered" and recipe.mode not in ("sync", "parablock"):
+        p.append(f"`blocks.assignment` is staggered but mode={recipe.mode} has one block a round; use shared")
+    if b.assignment == "staggered" and recipe.federation.aggregation != "mean":
+        p.append(f"`blocks.assignment` is staggered: federation.aggregation={recipe.federation.aggregation} does not support it; use mean")
     if isinstance(b.schedule, str):
         _one_of(p, "blocks.schedule", b.schedule, SCHEDULES)
     elif isinstance(b.schedule, list):

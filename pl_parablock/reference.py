@@ -102,6 +102,7 @@ def _client(recipe: Recipe, client_id: int) -> _Client:
         clients=recipe.federation.clients,
         clients_per_round=recipe.federation.clients_per_round,
         keep_optimizer_state=recipe.train.keep_optimizer_state,
+        assignment=recipe.blocks.assignment,
     )
     core = ClientCore(plan, client_id, blocks, exact_uploads=recipe.federation.wire_dtype is None)
     return _Client(core, module, optimizer, _batches(run.datamodule.train_dataloader()), blocks, run.shard_size)
@@ -146,8 +147,8 @@ def run_reference(recipe: Recipe) -> ReferenceResult:
 
     def deliver(c: _Client) -> None:
         for r in c.core.awaiting():
-            b = plan.schedule[r]
-            c.core.apply(r, r, state.value_at(b, r, reader=c.core.client_id))
+            moved = {n: t for b in plan.blocks_of(r) for n, t in state.value_at(b, r, reader=c.core.client_id).items()}
+            c.core.apply(r, r, moved)
         if c.core.catching_up and (c.core.participates() or c.core.round >= plan.rounds):
             catch_up(c)  # cyclic: the blocks changed since its last turn (or, at the end, since its last)
 
@@ -158,8 +159,7 @@ def run_reference(recipe: Recipe) -> ReferenceResult:
         c.core.caught_up()
 
     for t in range(plan.rounds):
-        b = plan.schedule[t]
-        step = RoundStep(t, b, optimizer=optimizer)
+        steps = {b: RoundStep(t, b, optimizer=optimizer) for b in plan.blocks_of(t)}
         arrived = []
         for c in clients:
             deliver(c)
@@ -168,11 +168,14 @@ def run_reference(recipe: Recipe) -> ReferenceResult:
                 continue
             update = _train(c, c.core.begin(), recipe)
             assert update.tensors is not None
-            step.add(update.tensors, update.weight, update.kind)
+            steps[update.block].add(update.tensors, update.weight, update.kind)
             arrived.append(c.core.client_id)
-        problem = state.install(t, b, step.close(state.values[b]), readers=range(len(clients)))
-        records.append({"round": t, "block": b, "clients": arrived, "problem": problem})
-        log.info("reference round %d: block %d, clients %s", t, b, arrived)
+        problems = []
+        for b, step in steps.items():  # a block nobody trained keeps its value
+            new = step.close(state.values[b]) if step.count else state.values[b]
+            problems.append(state.install(t, b, new, readers=range(len(clients))))
+        records.append({"round": t, "block": plan.schedule[t], "clients": arrived, "problem": "; ".join(p for p in problems if p)})
+        log.info("reference round %d: blocks %s, clients %s", t, list(steps), arrived)
     for c in clients:
         deliver(c)
         assert c.core.finished

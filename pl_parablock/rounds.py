@@ -163,7 +163,7 @@ class GlobalModelView:
 
     @contextmanager
     def _view(self, core: ClientCore, round_index: int) -> Iterator[bool]:
-        lagging = {b for q, (b, _) in core.inflight.items() if q > round_index and not core.clean[b]}
+        lagging = {b for q, blocks in core.inflight.items() if q > round_index for b in blocks if not core.clean[b]}
         exact_elsewhere = all(c for b, c in enumerate(core.clean) if b not in lagging)
         snap = self._snapshot
         if not lagging or not exact_elsewhere:

@@ -190,6 +190,8 @@ class ClientSession:
             num_blocks,
             tuple(tuple(int(c) for c in p) for p in participants) if participants else None,
             keep_optimizer_state,
+            str(reply.get("assignment", "shared")),
+            int(reply.get("clients", 1)),
         )
 
     def adopt(self, core: ClientCore, reply: Mapping[str, Any], *, newer_only: bool = False) -> list[int]:

@@ -47,11 +47,13 @@ from pl_parablock.aggregate import AGGREGATIONS, PIECE_ELEMS, assemble, clip_fac
 from pl_parablock.algorithm import (
     WEIGHTINGS,
     GlobalState,
+    Plan,
     RoundStep,
     ServerOptimizer,
     Superseded,
     digest,
     make_plan,
+    make_server_optimizer,
     sample_participants,
     staleness,
 )
@@ -99,9 +101,9 @@ class _Update:
 @dataclass
 class _Round:
     index: int
-    block: int
+    block: int  # the schedule's b_t
     expected: tuple[int, ...]
-    step: RoundStep
+    steps: dict[int, RoundStep]  # one per block the round moves (several when staggered)
     lock: threading.Lock = field(default_factory=threading.Lock)
     clients: dict[int, dict[str, Any]] = field(default_factory=dict)
     kept: dict[int, _Update] = field(default_factory=dict)
@@ -216,6 +218,9 @@ class Aggregator:
         server_optimizer: the server optimizer per block (its state lives here
             and in the checkpoints); ``None``: SGD at ``server_lr``.
         mode: the federation's mode; clients must run the same.
+        assignment: ``shared`` (every client trains ``b_t``) or ``staggered``
+            (client ``i`` trains ``(b_t + i) mod M``; each block is aggregated
+            over the clients that trained it).
         min_clients: quorum to close a round at ``round_timeout_s``.
         round_timeout_s: close a round this long after its first update if
             the quorum arrived; ``None`` waits for every expected client.
@@ -251,6 +256,7 @@ class Aggregator:
         server_lr: float = 1.0,
         server_optimizer: ServerOptimizer | None = None,
         mode: str = "parablock",
+        assignment: str = "shared",
         min_clients: int | None = None,
         round_timeout_s: float | None = None,
         clients_per_round: int | None = None,
@@ -284,6 +290,7 @@ class Aggregator:
         if server_optimizer is not None and server_optimizer.name != "sgd" and aggregation != "mean":
             raise ValueError(f"the server optimizer {server_optimizer.name} cannot follow aggregation={aggregation}; use mean")
         self.mode = mode
+        self.assignment = assignment
         self.clients_per_round = clients_per_round
         # cyclic visits one client per round in turn; otherwise every client or a seeded sample
         cyclic = mode == "cyclic"
@@ -311,6 +318,7 @@ class Aggregator:
         self._cond = threading.Condition()
         self._fingerprint: dict[str, Any] | None = None
         self._partition: Partition | None = None
+        self._plan: Plan | None = None
         self._schedule: list[int] = []
         self._initializer: int | None = None
         self._pending_until = math.inf  # a fingerprint whose initial state has not come is dropped after this
@@ -421,6 +429,7 @@ class Aggregator:
                 "next_round": self._next_round(),
                 "participants": [list(p) for p in self.participants] if self._sampled else None,
                 "mode": self.mode,
+                "assignment": self.assignment,
                 "clients": self.clients,
                 "instance": self.instance,
             }
@@ -450,10 +459,12 @@ class Aggregator:
             seed=self.seed,
             clients=self.clients,
             clients_per_round=self.clients_per_round,
+            assignment=self.assignment,
         )
         # only now, with everything built, does the federation take it
         self._fingerprint = fingerprint
         self._partition = partition
+        self._plan = plan
         self._schedule = list(plan.schedule)
         self._state = GlobalState([{} for _ in partition.blocks])
 
@@ -530,13 +541,18 @@ class Aggregator:
         specs = self._fingerprint["tensors"]
         return sum(math.prod(specs[n]["shape"]) * max(4, _itemsize(specs[n]["dtype"])) for n in self._partition.blocks[block].params)
 
-    def expected_block(self, round_index: int) -> int:
+    def expected_block(self, round_index: int, client_id: int | None = None) -> int:
+        """The block ``client_id`` trains in round ``round_index`` (the schedule's ``b_t`` without a client)."""
         with self._cond:
             if not self._ready:
                 raise RefusedError("the federation has no initial state yet; join first", "unavailable")
             if not 0 <= round_index < self.rounds:
                 raise RefusedError(f"round {round_index} is outside 0..{self.rounds - 1}", "invalid")
-            return self._schedule[round_index]
+            return self._block_for(client_id, round_index) if client_id is not None else self._schedule[round_index]
+
+    def _block_for(self, client: int, round_index: int) -> int:
+        assert self._plan is not None
+        return self._plan.block_for(client, round_index)
 
     def refuse(self, record: dict[str, Any], reason: str, rnd: _Round | None = None) -> dict[str, Any]:
         """Record a refused update (it shows in the report) and return the reply.
@@ -588,8 +604,8 @@ class Aggregator:
                 return self.refuse(record, f"round {rnd_i} is outside 0..{self.rounds - 1}")
             if rnd_i > self._next_round() + self._ahead:
                 return self.refuse(record, f"round {rnd_i} is not open: the federation is at round {self._next_round()}")
-            if block != self._schedule[rnd_i]:
-                return self.refuse(record, f"round {rnd_i} trains block {self._schedule[rnd_i]}, not {block}")
+            if block != self._block_for(client, rnd_i):
+                return self.refuse(record, f"round {rnd_i} trains block {self._block_for(client, rnd_i)} for client {client}, not {block}")
             if client not in self.participants[rnd_i]:
                 return self.refuse(record, f"client {client} is not sampled for round {rnd_i}")
             rnd = self._round(rnd_i)
@@ -629,9 +645,9 @@ class Aggregator:
     def _round(self, index: int) -> _Round:
         rnd = self._rounds.get(index)
         if rnd is None:
-            block = self._schedule[index]
-            step = RoundStep(index, block, self.server_lr, self.server_optimizer)
-            rnd = self._rounds[index] = _Round(index, block, self.participants[index], step)
+            assert self._plan is not None
+            steps = {b: RoundStep(index, b, self.server_lr, self.server_optimizer) for b in self._plan.blocks_of(index)}
+            rnd = self._rounds[index] = _Round(index, self._schedule[index], self.participants[index], steps)
         return rnd
 
     def submit(self, header: Mapping[str, Any], tensors: StagedTensors | Mapping[str, Tensor]) -> dict[str, Any]:
@@ -650,8 +666,9 @@ class Aggregator:
             client, rnd_i, kind, weight = int(header["client_id"]), int(header["round"]), str(header["kind"]), float(header["weight"])
             with self._cond:
                 rnd = self._round(rnd_i)
-                current = self._state.values[rnd.block]
-            record = {"client": client, "round": rnd_i, "block": rnd.block}
+                block = self._block_for(client, rnd_i)
+                current = self._state.values[block]
+            record = {"client": client, "round": rnd_i, "block": block}
             need_norm = self.max_update_norm is not None or self.clip_norm is not None
             with self._work_slots:
                 problem, norm = _check_values(current, staged, kind, need_norm)
@@ -669,9 +686,9 @@ class Aggregator:
                     return {"accepted": False, "status": "late", "reason": f"late: round {rnd_i} already closed"}
                 if self.aggregation == "mean":
                     if kind == "value" and scale == 1.0:
-                        rnd.step.add_pieces(staged.pieces(PIECE_ELEMS), weight, "value")
+                        rnd.steps[block].add_pieces(staged.pieces(PIECE_ELEMS), weight, "value")
                     else:
-                        rnd.step.add_pieces(_deltas(staged, current, kind), weight, "delta", scale)
+                        rnd.steps[block].add_pieces(_deltas(staged, current, kind), weight, "delta", scale)
                 else:
                     rnd.kept[client] = _Update(staged, weight, kind, scale)
                     keep = True
@@ -696,9 +713,10 @@ class Aggregator:
             if not keep:
                 staged.close()
 
-    def _aggregate(self, rnd: _Round, current: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _aggregate(self, rnd: _Round, block: int, current: dict[str, Tensor]) -> dict[str, Tensor]:
         if self.aggregation == "mean":
-            return rnd.step.close(current)
+            step = rnd.steps[block]
+            return step.close(current) if step.count else current  # a block nobody trained keeps its value
         # a piece of every kept update at a time: memory O(clients x piece + block), not O(clients x block)
         out = {name: assemble(g, self._robust_pieces(rnd, name, g)) for name, g in current.items()}
         for u in rnd.kept.values():
@@ -720,18 +738,21 @@ class Aggregator:
             if rnd.closed:
                 return
             t0 = time.perf_counter()
-            with self._cond:
-                current = self._state.values[rnd.block]
-            new = self._aggregate(rnd, current)
+            new = {}
+            for block in rnd.steps:
+                with self._cond:
+                    current = self._state.values[block]
+                new[block] = self._aggregate(rnd, block, current)
             rnd.aggregation_s = time.perf_counter() - t0
             rnd.closed_at = time.time()
             rnd.reason = reason
-            with self._cond:
-                problem = self._state.install(rnd.index, rnd.block, new, readers=self._joined - self._left)
-                self._last_close = time.monotonic()
-            if problem:
-                rnd.rejected.append({"round": rnd.index, "block": rnd.block, "reason": problem, "at": time.time() - self.started_at})
-                log.error("round %d: %s", rnd.index, problem)
+            for block, value in new.items():
+                with self._cond:
+                    problem = self._state.install(rnd.index, block, value, readers=self._joined - self._left)
+                    self._last_close = time.monotonic()
+                if problem:
+                    rnd.rejected.append({"round": rnd.index, "block": block, "reason": problem, "at": time.time() - self.started_at})
+                    log.error("round %d: %s", rnd.index, problem)
             self._checkpoint_if_due(rnd)
             rnd.closed = True
         with self._cond:
@@ -792,12 +813,14 @@ class Aggregator:
             RefusedError: code ``superseded`` when a later round of the block
                 replaced that version and it is no longer held.
         """
-        block = self.expected_block(round_index)
+        self.expected_block(round_index)
         with self._cond:
+            assert self._plan is not None
             try:
-                return round_index, self._state.value_at(block, round_index, reader=client_id)
+                blocks = [self._state.value_at(b, round_index, reader=client_id) for b in self._plan.blocks_of(round_index)]
             except Superseded as exc:
                 raise RefusedError(str(exc), "superseded") from None
+            return round_index, {n: t for blk in blocks for n, t in blk.items()}
 
     def versions(self) -> list[int]:
         with self._cond:
@@ -947,6 +970,7 @@ class Aggregator:
             "server_lr": self.server_lr,
             "server_optimizer": _describe_optimizer(self.server_optimizer),
             "mode": self.mode,
+            "assignment": self.assignment,
             "clients_per_round": self.clients_per_round,
         }
 
@@ -972,7 +996,10 @@ class Aggregator:
                 f"server checkpoint in {directory} has format {state.get('format')}, this version reads {CHECKPOINT_FORMAT}"
             )
         params = self._params()
-        diff = {k: (state["params"].get(k), v) for k, v in params.items() if state["params"].get(k) != v}
+        # keys added after the first checkpoints: a checkpoint without them ran their defaults
+        legacy = {"assignment": "shared", "server_optimizer": _describe_optimizer(make_server_optimizer("sgd", lr=self.server_lr))}
+        saved = {k: state["params"].get(k, legacy.get(k)) for k in params}
+        diff = {k: (saved[k], v) for k, v in params.items() if saved[k] != v}
         if diff:
             what = ", ".join(f"{k}: checkpoint {a!r} vs recipe {b!r}" for k, (a, b) in diff.items())
             raise FederationError(
@@ -1017,6 +1044,7 @@ class Aggregator:
         return {
             "round": rnd.index,
             "block": rnd.block,
+            "blocks": sorted(rnd.steps),
             "expected": len(rnd.expected),
             "expected_clients": list(rnd.expected),
             "arrived": len(rnd.clients),

@@ -235,7 +235,7 @@ class FederationService:
         agg = self.aggregator
         reply: dict[str, Any]
         try:
-            specs = check_specs(h.get("tensors", []), agg.block_nbytes(agg.expected_block(_int(h, "round"))))
+            specs = check_specs(h.get("tensors", []), agg.block_nbytes(agg.expected_block(_int(h, "round"), client)))
             early = agg.precheck(h, specs)
             if early is not None:
                 reply = early
@@ -263,7 +263,7 @@ class FederationService:
             return
         if h.get("round") is not None:
             rnd = _int(h, "round")
-            block = agg.expected_block(rnd)
+            block = agg.expected_block(rnd, client)
             if not agg.wait_round(rnd, wait_s, cancelled=caller.cancelled):
                 if agg.closed:
                     raise RefusedError("the federation server is shutting down", "unavailable")

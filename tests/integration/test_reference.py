@@ -57,6 +57,9 @@ CASES = {
     ],
     "parablock-1": ["mode=parablock", "blocks.patterns=[.*]"],
     "sync-1-sampled": ["mode=sync", "blocks.patterns=[.*]", "federation.clients_per_round=2"],
+    "sync-4-staggered": ["mode=sync", "blocks.assignment=staggered"],
+    "parablock-2-staggered": ["mode=parablock", "blocks.assignment=staggered", "blocks.layers_per_block=2"],
+    "parablock-4-staggered-sampled": ["mode=parablock", "blocks.assignment=staggered", "federation.clients_per_round=2"],
     "cyclic-4-ascending": ["mode=cyclic"],
     "cyclic-4-random": ["mode=cyclic", "blocks.schedule=random"],
     "parablock-4-adam": ["mode=parablock", "federation.server_optimizer.name=adam", "federation.server_optimizer.lr=0.01"],
@@ -95,6 +98,8 @@ def test_in_process_federation_equals_the_reference_bitwise(case, tmp_path):
     # the server's arrivals per round are the reference's
     server_rounds = agg.report()["rounds"]
     assert [r["clients"] for r in server_rounds] == [r["clients"] for r in reference.rounds]
+    if "staggered" in case:  # several blocks move each round, each over the clients that trained it
+        assert all(len(r["blocks"]) == min(len(r["clients"]), len(agg.partition)) for r in server_rounds)
 
 
 def test_reference_moves_the_model(tmp_path):

@@ -49,37 +49,40 @@ def train(value: torch.Tensor, client: int, t: int) -> torch.Tensor:
     The contraction differs between clients, so the global depends on where
     each client started, not only on the mean: a missed correction shows.
     """
-    return value * (0.5, 0.25, 0.75)[client] + (client + 1) + t / 4
+    return value * (0.5, 0.25, 0.75, 0.375, 0.625)[client] + (client + 1) + t / 4
 
 
 def initial(num_blocks: int) -> list[dict[str, torch.Tensor]]:
     return [{f"b{b}.w": torch.arange(3, dtype=torch.float64) + 8 * b} for b in range(num_blocks)]
 
 
-SAMPLES = [4, 12, 16]  # per round; totals of any two are 16, 20, 28
-SHARDS = [7, 1, 8]
+SAMPLES = [4, 12, 16, 8, 4]  # per round
+SHARDS = [7, 1, 8, 3, 5]
 
 
 def weight(weighting: str, client: int) -> float:
     return {"samples": SAMPLES[client], "shard": SHARDS[client], "uniform": 1.0, "tokens": SAMPLES[client]}[weighting]
 
 
-def spec_run(mode, num_blocks, rounds, schedule, clients, per_round, weighting, seed=0):
+def spec_run(mode, num_blocks, rounds, schedule, clients, per_round, weighting, assignment="shared", seed=0):
     """DESIGN.md §1, written out: the clients' local blocks and the server's global after the run."""
     plan = make_plan(mode, num_blocks=num_blocks, rounds=rounds, schedule=schedule, seed=seed, clients=clients, clients_per_round=per_round)
     lag = 1 if mode == "parablock" else 0
     g = [dict((n, v.clone()) for n, v in blk.items()) for blk in initial(num_blocks)]
     local = [[dict((n, v.clone()) for n, v in blk.items()) for blk in initial(num_blocks)] for _ in range(clients)]
-    handed = [dict() for _ in range(clients)]  # round -> (block, e)
-    history = {}  # round -> global value of that round's block after it
+    handed = [dict() for _ in range(clients)]  # round -> {block the round moved: this client's value of it then}
+    history = {}  # round -> {block: its global value after the round}
+
+    def block_for(i, t):  # §1.1 Assignment
+        return (plan.schedule[t] + i) % num_blocks if assignment == "staggered" else plan.schedule[t]
 
     def apply(i, r):
-        b, e = handed[i].pop(r)
-        for n in local[i][b]:
-            local[i][b][n] = history[r][n] + (local[i][b][n] - e[n])  # the rebase: g' + (theta - e)
-        for q, (blk, e_q) in handed[i].items():
-            if blk == b:  # a later hand-off of the block moves with it: "progress since the hand-off" excludes the correction
-                handed[i][q] = (blk, {n: history[r][n] + (e_q[n] - e[n]) for n in e_q})
+        for b, e in handed[i].pop(r).items():
+            for n in local[i][b]:
+                local[i][b][n] = history[r][b][n] + (local[i][b][n] - e[n])  # the rebase: g' + (theta - e)
+            for _q, blocks in handed[i].items():
+                if b in blocks:  # a later hand-off of the block moves with it: "progress since the hand-off" excludes the correction
+                    blocks[b] = {n: history[r][b][n] + (blocks[b][n] - e[n]) for n in e}
 
     if mode == "cyclic":  # FedCyBGD: in turn, each client trains its block of the model the previous one left
         for t in range(rounds):
@@ -90,37 +93,50 @@ def spec_run(mode, num_blocks, rounds, schedule, clients, per_round, weighting, 
 
     applied = [0] * clients
     for t in range(rounds):
-        b = plan.schedule[t]
         members = plan.participants[t] if plan.participants else range(clients)
-        num = {n: torch.zeros(SHAPE, dtype=torch.float64) for n in g[b]}
-        total = 0.0
-        values_only = True
+        moved = sorted({block_for(i, t) for i in members})
+        zeros = {b: {n: torch.zeros(SHAPE, dtype=torch.float64) for n in g[b]} for b in moved}
+        num = {b: {n: v.clone() for n, v in z.items()} for b, z in zeros.items()}  # Σ w e over value updates
+        num_d = {b: {n: v.clone() for n, v in z.items()} for b, z in zeros.items()}  # Σ w Δ over delta updates
+        total = dict.fromkeys(moved, 0.0)
+        w_values = dict.fromkeys(moved, 0.0)
+        values_only = dict.fromkeys(moved, True)
         for i in range(clients):
             while applied[i] <= t - 1 - lag:
                 apply(i, applied[i])
                 applied[i] += 1
             if i not in members:
-                handed[i][t] = (b, {n: v.clone() for n, v in local[i][b].items()})
+                handed[i][t] = {blk: {n: v.clone() for n, v in local[i][blk].items()} for blk in moved}
                 continue
+            b = block_for(i, t)
             start = {n: v.clone() for n, v in local[i][b].items()}
-            from_global = all(torch.equal(start[n], g[b][n]) for n in start) and not any(blk == b for blk, _ in handed[i].values())
+            pending = any(b in blocks for blocks in handed[i].values())
+            from_global = all(torch.equal(start[n], g[b][n]) for n in start) and not pending
             for n in local[i][b]:
                 local[i][b][n] = train(local[i][b][n], i, t)
-            e = {n: v.clone() for n, v in local[i][b].items()}
-            handed[i][t] = (b, e)
+            handed[i][t] = {blk: {n: v.clone() for n, v in local[i][blk].items()} for blk in moved}
+            e = handed[i][t][b]
             w = weight(weighting, i)
-            total += w
+            total[b] += w
             if from_global:
-                for n in num:
-                    num[n] += w * e[n]
+                w_values[b] += w
+                for n in num[b]:
+                    num[b][n].add_(e[n], alpha=w)
             else:
-                values_only = False
-                for n in num:
-                    num[n] += w * (e[n] - start[n])
-        for n in g[b]:
-            # server: weighted mean of end values, or g + mean delta (value updates count as e - g)
-            g[b][n] = num[n] / total if values_only else g[b][n] + num[n] / total
-        history[t] = {n: v.clone() for n, v in g[b].items()}
+                values_only[b] = False
+                for n in num[b]:
+                    num_d[b][n].add_(e[n] - start[n], alpha=w)
+        history[t] = {}
+        for b in moved:
+            for n in g[b]:
+                # server: weighted mean of end values, or g + mean delta, value updates counting as e - g
+                # (the delta form multiplies by 1 / Σw, as the server does, rather than dividing)
+                if values_only[b]:
+                    g[b][n] = num[b][n] / total[b]
+                else:  # Σ w Δ + Σ w e − (Σ w over values) g, scaled by 1 / Σ w
+                    step = num_d[b][n] + num[b][n] - w_values[b] * g[b][n]
+                    g[b][n] = g[b][n].clone().add_(step, alpha=1.0 / total[b])
+            history[t][b] = {n: v.clone() for n, v in g[b].items()}
     for i in range(clients):
         while applied[i] < rounds:
             apply(i, applied[i])
@@ -128,16 +144,20 @@ def spec_run(mode, num_blocks, rounds, schedule, clients, per_round, weighting, 
     return g, local
 
 
-def core_run(mode, num_blocks, rounds, schedule, clients, per_round, weighting, seed=0):
+def core_run(mode, num_blocks, rounds, schedule, clients, per_round, weighting, assignment="shared", seed=0):
     """The same federation through the core, driven as the reference driver drives it."""
-    plan = make_plan(mode, num_blocks=num_blocks, rounds=rounds, schedule=schedule, seed=seed, clients=clients, clients_per_round=per_round)
+    plan = make_plan(
+        mode, num_blocks=num_blocks, rounds=rounds, schedule=schedule, seed=seed, clients=clients, clients_per_round=per_round,
+        assignment=assignment,
+    )  # fmt: skip
     blocks = [initial(num_blocks) for _ in range(clients)]
     cores = [ClientCore(plan, i, blocks[i]) for i in range(clients)]
     state = GlobalState(initial(num_blocks))
 
     def deliver(core):
         for r in core.awaiting():
-            core.apply(r, r, state.value_at(plan.schedule[r], r, reader=core.client_id))
+            moved = {n: v for b in plan.blocks_of(r) for n, v in state.value_at(b, r, reader=core.client_id).items()}
+            core.apply(r, r, moved)
         if core.catching_up and (core.participates() or core.round >= rounds):  # cyclic: blocks changed since its turn
             for b, v in enumerate(state.versions):
                 if v > core.versions[b]:
@@ -145,8 +165,7 @@ def core_run(mode, num_blocks, rounds, schedule, clients, per_round, weighting, 
             core.caught_up()
 
     for t in range(rounds):
-        b = plan.schedule[t]
-        step = RoundStep(t, b)
+        steps = {b: RoundStep(t, b) for b in plan.blocks_of(t)}
         for core in cores:
             deliver(core)
             if not core.participates():
@@ -157,8 +176,9 @@ def core_run(mode, num_blocks, rounds, schedule, clients, per_round, weighting, 
                 p.copy_(train(p, core.client_id, t))
             samples = SAMPLES[core.client_id]
             update = core.end(samples=samples, tokens=samples, shard=SHARDS[core.client_id], weighting=weighting)
-            step.add(update.tensors, update.weight, update.kind)
-        state.install(t, b, step.close(state.values[b]), readers=range(clients))
+            steps[update.block].add(update.tensors, update.weight, update.kind)
+        for b, step in steps.items():
+            state.install(t, b, step.close(state.values[b]), readers=range(clients))
     for core in cores:
         deliver(core)
         assert core.finished
@@ -178,6 +198,10 @@ CASES = [
     ("cyclic", 4, 10, "ascending", 3, None, "samples"),
     ("cyclic", 3, 9, "descending", 3, None, "samples"),
     ("cyclic", 4, 11, "random", 3, None, "samples"),
+    ("sync", 4, 9, "ascending", 3, None, "samples", "staggered"),
+    ("parablock", 4, 9, "ascending", 3, None, "shard", "staggered"),
+    ("parablock", 3, 10, "random", 5, 3, "samples", "staggered"),  # N > M: several clients share a block
+    ("parablock", 2, 8, "ascending", 3, None, "samples", "staggered"),  # a block another client moved trains next round
 ]
 
 
