@@ -249,3 +249,17 @@ def test_the_weight_bound_follows_the_weighting():
     assert weight_bound(load_recipe(None, [*base, "federation.weighting=uniform"])) == 1
     assert weight_bound(load_recipe(None, [*base, "federation.weighting=shard", "data.num_samples=500"])) == 500
     assert weight_bound(load_recipe(None, [*base, "federation.max_weight=100"])) == 100
+
+
+def test_assignment_and_cyclic_keys_are_validated():
+    assert load_recipe(None, ["blocks.assignment=staggered", "mode=sync"]).blocks.assignment == "staggered"
+    for overrides, key in (
+        (["blocks.assignment=diagonal"], "blocks.assignment"),
+        (["blocks.assignment=staggered", "mode=fedavg"], "blocks.assignment"),
+        (["blocks.assignment=staggered", "federation.aggregation=median"], "blocks.assignment"),
+        (["mode=cyclic", "federation.clients_per_round=2"], "federation.clients_per_round"),
+        (["mode=cyclic", "blocks.schedule=[0,1]"], "blocks.schedule"),
+        (["mode=cyclic", "federation.server_optimizer.name=adam"], "federation.server_optimizer"),
+    ):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_recipe(None, overrides)
