@@ -122,6 +122,9 @@ def simulate(recipe: Recipe, *, progress: bool = False) -> dict[str, Any]:
         "simulated": True,
         "description": clock_line,
         "real_s": result.real_s,
+        "loop_s": result.loop_s,
+        "tokens": result.tokens,
+        "steps": result.steps,
         "clients_in_memory_peak": result.peak_clients_in_memory,
     }
     try:

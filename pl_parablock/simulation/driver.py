@@ -41,7 +41,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SimulationResult:
-    """The end of a simulation: the global blocks, the server's view (as :meth:`Aggregator.report` gives it) and timings."""
+    """The end of a simulation: the global blocks, the server's view (as :meth:`Aggregator.report` gives it) and timings.
+
+    ``wall_s`` is the simulated clock's; ``real_s`` the simulator's own run
+    time, ``loop_s`` that of its round loop alone (training, switching
+    clients, aggregating), in which ``steps`` optimizer steps trained on
+    ``tokens`` label tokens.
+    """
 
     globals: dict[str, Tensor]
     server: dict[str, Any]
@@ -49,6 +55,9 @@ class SimulationResult:
     real_s: float
     final: dict[str, Any] = field(default_factory=dict)
     peak_clients_in_memory: int = 0
+    loop_s: float = 0.0
+    tokens: int = 0
+    steps: int = 0
 
 
 def _check(recipe: Recipe) -> None:
@@ -146,20 +155,27 @@ def run_simulation(recipe: Recipe, progress: Callable[[dict[str, Any]], None] | 
         curve.append({"round": 0, **evaluation.evaluate(module.model)})
     rounds: list[dict[str, Any]] = []
     reports: dict[int, dict[str, Any]] = {}
-    peak = 0
+    peak = tokens = steps = 0
+    live: set[int] = set()  # the clients holding a core: those sampled last round
+    eval_s = 0.0
+    t_loop = time.perf_counter()
     for t in range(plan.rounds):
         block = plan.schedule[t]
         sampled = plan.participants[t] if plan.participants is not None else range(f.clients)
+        chosen = set(sampled)
+        for i in [i for i in live if i not in chosen]:  # nothing of theirs is needed before they are sampled again
+            clients[i].retire()
+            live.discard(i)
         for i in sampled:
             c = clients[i]
             if c.core is None or c.last_trained != t - 1:
                 executor.materialize(c, t, server)
-        peak = max(peak, sum(1 for c in clients if c.core is not None))
+                live.add(i)
+        peak = max(peak, len(live))
         results = executor.run_round(t, [clients[i] for i in sampled], server)
-        for c in clients:
-            if c.core is not None and c.last_trained != t:
-                c.retire()
         ups = {r.client_id: r.update for r in results}
+        tokens += sum(r.tokens for r in results)
+        steps += len(results) * tr.local_steps
         close = clock.upload(
             t, {r.client_id: r.compute_s for r in results}, {i: _nbytes(_wire(u.tensors, u.kind, wire)) for i, u in ups.items()}
         )
@@ -211,7 +227,10 @@ def run_simulation(recipe: Recipe, progress: Callable[[dict[str, Any]], None] | 
         if progress is not None:
             progress(record)
         if evaluation is not None and recipe.eval.every > 0 and (t + 1) % recipe.eval.every == 0 and t < plan.rounds - 1:
+            t_eval = time.perf_counter()
             curve.append({"round": t + 1, **evaluation.evaluate(module.model)})
+            eval_s += time.perf_counter() - t_eval
+    loop_s = time.perf_counter() - t_loop - eval_s
     wall = clock.finish()
     _merge_clock(reports, clock.records)
     final = _final(recipe, module, evaluation, curve, plan.rounds)
@@ -240,7 +259,7 @@ def run_simulation(recipe: Recipe, progress: Callable[[dict[str, Any]], None] | 
         "started_at": 0.0,
         "globals_sha256": digest(globals_),
     }
-    return SimulationResult(globals_, view, wall, time.perf_counter() - t_real, final, peak)
+    return SimulationResult(globals_, view, wall, time.perf_counter() - t_real, final, peak, loop_s, tokens, steps)
 
 
 def _wire(tensors: dict[str, Tensor] | None, kind: str, wire: torch.dtype | None) -> dict[str, Tensor] | None:
