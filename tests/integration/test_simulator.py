@@ -197,3 +197,20 @@ def test_a_thousand_virtual_clients_run_lean(tmp_path):
     assert len(sim.server["rounds"]) == 3 and all(r["arrived"] == 5 for r in sim.server["rounds"])
     assert sim.wall_s > 0 and sim.steps == 15
     assert os.path.isfile(os.path.join(recipe.output_dir, "model", "config.json"))
+
+
+SIM_RECIPES = sorted(os.listdir(os.path.join(ROOT, "recipes", "sim")))
+
+
+@pytest.mark.parametrize("name", [n for n in SIM_RECIPES if n.endswith(".yaml")])
+def test_a_shipped_simulation_recipe_runs_small_and_on_a_local_checkpoint(name, tmp_path, fixture_files, capsys):
+    """Its own 64 clients, 8 per round and heterogeneous links; two rounds of one step, here on the tiny local checkpoint."""
+    path = os.path.join(ROOT, "recipes", "sim", name)
+    small = ["federation.rounds=2", "train.local_steps=1", "train.max_length=64", "train.threads=1", "eval.max_samples=4"]
+    checkpoint = ["model.config=null", f"model.path={fixture_files['model']}", "data.num_samples=512"]
+    rc = simulate_main([path, *small, *checkpoint, f"output_dir={tmp_path / 'run'}", "--quiet"])
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["federation"]["clients"] == 64 and [r["expected"] for r in report["rounds"]] == [8, 8]
+    assert report["clock"]["simulated"] is True and "lognormal" not in report["link"]["description"]
+    assert report["final"]["model_format"] == "full" and report["final"]["eval_loss"] is not None
