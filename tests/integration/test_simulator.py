@@ -15,7 +15,9 @@ Wrong variants tried on the simulator (each made a test here fail, then was rest
 * a rebuilt client adopting the current global of every block (not, in
   ``parablock``, the previous version of the block round ``t − 1`` changed);
 * the shared block not restored to the global after a client trained;
-* the kept optimizer state not loaded back for the client that owns it.
+* the kept optimizer state not loaded back for the client that owns it;
+* a client's data position not kept between its rounds;
+* the round's updates added in another order than the clients' ids.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ CASES = {
         "federation.clients_per_round=2",
         "federation.weighting=tokens",
     ],
-    "fedavg-sampled": ["mode=fedavg", "federation.clients_per_round=2"],
+    "fedavg-ffa-lora-sampled": ["mode=fedavg", "model.peft.method=ffa_lora", "federation.clients_per_round=2"],
     "parablock-kept-optimizer-state-sampled": ["mode=parablock", "train.keep_optimizer_state=true", "federation.clients_per_round=2"],
     "parablock-lora-sampled": ["mode=parablock", "model.peft.method=lora", "federation.clients_per_round=2"],
     "sync-all-dirichlet-shard-clip-packing": [
@@ -74,8 +76,32 @@ def test_the_simulators_global_equals_the_references_bitwise(case, tmp_path):
     assert sim.peak_clients_in_memory <= (recipe.federation.clients_per_round or recipe.federation.clients)
 
 
-def test_the_simulators_global_equals_the_in_process_federations_bitwise(tmp_path):
-    recipe = tiny_recipe(tmp_path, *CASES["parablock-4-random-sampled"])
+def test_a_natural_partition_reads_each_clients_own_file(tmp_path):
+    from tests.helpers import ALPACA_ROWS, write_jsonl
+
+    paths = [
+        write_jsonl(
+            tmp_path / f"client{i}.jsonl",
+            [dict(r, instruction=f"{r['instruction']} ({i}-{k})") for k in range(4 + 3 * i) for r in ALPACA_ROWS],
+        )
+        for i in range(3)
+    ]
+    natural = ["data.format=alpaca", "data.partition.kind=natural", f"data.client_paths=[{','.join(paths)}]", "federation.weighting=shard"]
+    recipe = tiny_recipe(tmp_path, "mode=parablock", "federation.clients_per_round=2", *natural)
+    assert digest(run_simulation(recipe).globals) == digest(run_reference(recipe).globals)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        CASES["parablock-4-random-sampled"],
+        # uploads as bfloat16 deltas (the reference sends them unrounded, the federation and the simulator round them)
+        ["mode=parablock", "federation.wire_dtype=bfloat16", "federation.clients_per_round=2"],
+    ],
+    ids=["parablock-4-random-sampled", "parablock-bf16-wire-sampled"],
+)
+def test_the_simulators_global_equals_the_in_process_federations_bitwise(overrides, tmp_path):
+    recipe = tiny_recipe(tmp_path, *overrides)
     agg, _, _ = federate_in_process(recipe)
     sim = run_simulation(recipe)
     assert sim.server["globals_sha256"] == agg.report()["globals_sha256"]
