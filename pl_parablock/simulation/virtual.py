@@ -320,7 +320,8 @@ class SharedModelExecutor:
             core.restart_at(first)
             for b in range(plan.num_blocks):
                 version, values = server.after(b, first - 1)
-                core.adopt(b, version, values)
+                # the shared parameters hold the current global: adopting it from them copies nothing
+                core.adopt(b, version, self.blocks[b] if server.is_current(b, version) else values)
             for _ in range(first, round_index):
                 core.skip()
         client.core = core
