@@ -32,7 +32,7 @@ from pl_parablock.models import build_model, save_merged
 from pl_parablock.module import ParaBlockModule
 from pl_parablock.simulation.clock import SimClock
 from pl_parablock.simulation.profile import resolve_profiles
-from pl_parablock.simulation.virtual import ClientShards, ServerBlocks, SharedModelExecutor, VirtualClient
+from pl_parablock.simulation.virtual import ClientShards, RoundExecutor, ServerBlocks, SharedModelExecutor, VirtualClient
 
 __all__ = ["SimulationResult", "device_of", "run_simulation"]
 
@@ -89,8 +89,14 @@ def _nbytes(tensors: dict[str, Tensor] | None) -> int:
     return sum(t.numel() * t.element_size() for t in (tensors or {}).values())
 
 
-def run_simulation(recipe: Recipe, progress: Callable[[dict[str, Any]], None] | None = None) -> SimulationResult:
+def run_simulation(
+    recipe: Recipe, progress: Callable[[dict[str, Any]], None] | None = None, *, executor: Callable[..., RoundExecutor] | None = None
+) -> SimulationResult:
     """Simulate ``recipe``'s federation: virtual clients on one shared model, a simulated clock.
+
+    ``executor`` builds the :class:`~pl_parablock.simulation.virtual.RoundExecutor`
+    from the arguments :class:`~pl_parablock.simulation.virtual.SharedModelExecutor`
+    takes (the default: that one, sequential on one shared model).
 
     Client 0's duties of a real run (evaluating the global model every
     ``eval.every`` rounds and at the end, saving it to ``OUTPUT_DIR/model``)
@@ -129,7 +135,8 @@ def run_simulation(recipe: Recipe, progress: Callable[[dict[str, Any]], None] | 
     server = ServerBlocks([{n: p.detach().to("cpu", copy=True) for n, p in blk.items()} for blk in blocks])
     shards = ClientShards(recipe, tokenizer)
     wire = WIRE_DTYPES[f.wire_dtype] if f.wire_dtype else None
-    executor = SharedModelExecutor(
+    build = executor or SharedModelExecutor
+    runner: RoundExecutor = build(
         module,
         blocks,
         optimizer,
@@ -169,10 +176,10 @@ def run_simulation(recipe: Recipe, progress: Callable[[dict[str, Any]], None] | 
         for i in sampled:
             c = clients[i]
             if c.core is None or c.last_trained != t - 1:
-                executor.materialize(c, t, server)
+                runner.materialize(c, t, server)
                 live.add(i)
         peak = max(peak, len(live))
-        results = executor.run_round(t, [clients[i] for i in sampled], server)
+        results = runner.run_round(t, [clients[i] for i in sampled], server)
         ups = {r.client_id: r.update for r in results}
         tokens += sum(r.tokens for r in results)
         steps += len(results) * tr.local_steps
@@ -188,7 +195,7 @@ def run_simulation(recipe: Recipe, progress: Callable[[dict[str, Any]], None] | 
             step.add(_wire(u.tensors, u.kind, wire) or {}, u.weight, u.kind)
             arrived.append(i)
         problem = server.install(t, block, step.close(server.current(block)))
-        executor.install(block, server.current(block))
+        runner.install(block, server.current(block))
         aggregation_s = time.perf_counter() - t0
         sim_agg = recipe.simulation.aggregation_s if recipe.simulation.aggregation_s is not None else aggregation_s
         clock.deliver(t, sim_agg, _nbytes(server.current(block)))

@@ -18,7 +18,7 @@ import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from lightning.pytorch.utilities.data import extract_batch_size
@@ -30,7 +30,7 @@ from pl_parablock.data.module import EpochShuffle, adds_bos
 from pl_parablock.errors import DataError
 from pl_parablock.module import ParaBlockModule
 
-__all__ = ["ClientShards", "RoundResult", "ServerBlocks", "SharedModelExecutor", "VirtualClient"]
+__all__ = ["ClientShards", "RoundExecutor", "RoundResult", "ServerBlocks", "SharedModelExecutor", "VirtualClient"]
 
 Example = dict[str, list[int]]
 
@@ -234,6 +234,19 @@ class RoundResult:
     tokens: int
 
 
+class RoundExecutor(Protocol):
+    """What the driver asks of an executor: the contract a sequential, a multi-device or a Ray executor fulfils."""
+
+    def materialize(self, client: VirtualClient, round_index: int, server: ServerBlocks) -> None:
+        """Give ``client`` (sampled for ``round_index``, nothing in flight) its core."""
+
+    def run_round(self, round_index: int, clients: Sequence[VirtualClient], server: ServerBlocks) -> list[RoundResult]:
+        """Round ``round_index`` of the sampled ``clients``; their results in client-id order."""
+
+    def install(self, block: int, values: Mapping[str, Tensor]) -> None:
+        """The round's aggregate is the block's new global value."""
+
+
 class SharedModelExecutor:
     """Runs a round's sampled clients one after another on one shared model instance.
 
@@ -249,17 +262,23 @@ class SharedModelExecutor:
     the global.
 
     Room to grow: several devices or machines. A Ray-based executor replaces
-    this one without touching the core or the driver: ``run_round(t, clients,
-    server)`` is the whole contract. It would start one actor per device,
+    this one without touching the core: the driver only calls the
+    :class:`RoundExecutor` methods, and ``run_simulation(recipe,
+    executor=...)`` takes another. It would start one Ray actor per device,
     each building the model once (``build_model`` with the recipe's seed, as
-    here) and holding its own ``SharedModelExecutor``; ``run_round`` sends
-    each actor a share of the round's clients — a :class:`VirtualClient` is
-    plain data (CPU tensors; its core is rebuilt with :meth:`materialize`,
-    or rebound with ``core.blocks = executor.blocks`` on the actor) — with
-    the round's global blocks (:class:`ServerBlocks`, a ``ray.put`` once per
-    round), and returns the :class:`RoundResult` list in client-id order
-    with the clients' new states. The driver adds the updates to the round's
-    step in that order, so the global stays bitwise the same.
+    the driver does) and holding its own ``SharedModelExecutor``.
+    ``run_round`` would send each actor a share of the round's clients — a
+    :class:`VirtualClient` is plain data on the CPU (its core holds the
+    plan, versions and CPU copies; on the actor it is rebound to that
+    actor's parameters, ``core.blocks = executor.blocks``) — together with
+    the round's :class:`ServerBlocks` (one ``ray.put`` per round), run
+    ``SharedModelExecutor.run_round`` there, and return the clients' new
+    states with the :class:`RoundResult` list merged in client-id order:
+    the driver adds the updates to the round's step in that order, so the
+    global stays bitwise the same whatever the split. ``install`` would
+    copy the aggregate into the driver's model (which is evaluated and
+    saved) and into every actor's. The data shards are index lists into the
+    pooled tokenization, which each actor builds once.
     """
 
     def __init__(
