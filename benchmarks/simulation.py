@@ -268,7 +268,7 @@ def scale(rounds: int, root: str, clients: int = 1000, small: int = 100, per_rou
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     form = p.add_mutually_exclusive_group()
-    form.add_argument("--quick", action="store_true", help="about a minute: few rounds")
+    form.add_argument("--quick", action="store_true", help="about a minute and a half on 2 cores: few rounds")
     form.add_argument("--smoke", action="store_true", help="seconds: the smallest form (tests)")
     p.add_argument("--output", help="where the runs go (default: a temporary directory)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
