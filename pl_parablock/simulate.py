@@ -126,7 +126,11 @@ def simulate(recipe: Recipe, *, progress: bool = False) -> dict[str, Any]:
         "tokens": result.tokens,
         "steps": result.steps,
         "clients_in_memory_peak": result.peak_clients_in_memory,
+        "downloads_not_sampled": result.skipped_downloads,
+        "bytes_down_not_sampled": result.skipped_bytes_down,
     }
+    # clients not sampled for a round still download its aggregate (as real ones do); the totals count them
+    report["totals"]["bytes_down"] += result.skipped_bytes_down
     try:
         report["pictures"] = write_pictures(report, recipe.output_dir)
     except Exception as exc:  # the pictures must not cost the run its report

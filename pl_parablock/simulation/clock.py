@@ -141,6 +141,8 @@ class SimClock:
         self._pending: _Pending | None = None
         self.records: dict[int, list[dict[str, Any]]] = {}
         self.rounds: list[dict[str, Any]] = []
+        self.skipped_downloads = 0  # aggregates downloaded for rounds a client was not sampled for
+        self.skipped_bytes_down = 0
 
     # ------------------------------------------------------------ per client
 
@@ -155,6 +157,8 @@ class SimClock:
             start = max(self._tx_free[client], self._avail[q])
             arrivals[q] = self._tx_free[client] = start + self._download_s(client, self._down_bytes[q])
             self._done[client] = q
+            self.skipped_downloads += 1
+            self.skipped_bytes_down += self._down_bytes[q]
         for q in [q for q in arrivals if q < upto - 2]:
             del arrivals[q]
 

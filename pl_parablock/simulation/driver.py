@@ -55,6 +55,8 @@ class SimulationResult:
     real_s: float
     final: dict[str, Any] = field(default_factory=dict)
     peak_clients_in_memory: int = 0
+    skipped_downloads: int = 0
+    skipped_bytes_down: int = 0
     loop_s: float = 0.0
     tokens: int = 0
     steps: int = 0
@@ -233,7 +235,8 @@ def run_simulation(
             )
         if progress is not None:
             progress(record)
-        if evaluation is not None and recipe.eval.every > 0 and (t + 1) % recipe.eval.every == 0 and t < plan.rounds - 1:
+        last = plan.rounds - 1 - plan.staleness  # parablock: the point of the second-to-last round comes with the final one
+        if evaluation is not None and recipe.eval.every > 0 and (t + 1) % recipe.eval.every == 0 and t < last:
             t_eval = time.perf_counter()
             curve.append({"round": t + 1, **evaluation.evaluate(module.model)})
             eval_s += time.perf_counter() - t_eval
@@ -266,7 +269,19 @@ def run_simulation(
         "started_at": 0.0,
         "globals_sha256": digest(globals_),
     }
-    return SimulationResult(globals_, view, wall, time.perf_counter() - t_real, final, peak, loop_s, tokens, steps)
+    return SimulationResult(
+        globals_,
+        view,
+        wall,
+        time.perf_counter() - t_real,
+        final,
+        peak,
+        clock.skipped_downloads,
+        clock.skipped_bytes_down,
+        loop_s,
+        tokens,
+        steps,
+    )
 
 
 def _wire(tensors: dict[str, Tensor] | None, kind: str, wire: torch.dtype | None) -> dict[str, Tensor] | None:
