@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m pl_parablock.simulate [RECIPE.yaml] [key=value ...]
+    python -m pl_parablock.simulate [RECIPE.yaml] [key=value ...] [--quiet]
 
 The recipe is the one ``python -m pl_parablock.fit`` runs (same schema):
 ``federation.clients`` virtual clients (thousands fit: a client not

@@ -140,6 +140,9 @@ class VirtualClient:
         held: CPU values of the blocks it holds that differ from the global (its unaggregated block).
         optimizer_state: per parameter name, its optimizer state (``train.keep_optimizer_state`` only).
         last_trained: the last round it trained (``-1``: none).
+
+    A compressed upload's error-feedback residuals (per block, DESIGN §1.1)
+    are such state too: when the codecs arrive, they belong here, on the CPU.
     """
 
     client_id: int
