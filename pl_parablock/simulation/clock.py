@@ -15,10 +15,11 @@ round, from each client's measured compute time (times its profile's
   sampled for only downloads the aggregate;
 * a transfer takes the link's latency once, then the bytes at the client's
   rate (as the emulated link paces them); with ``bandwidth_mbps`` the
-  server's bandwidth is shared max-min fairly by the transfers of a round
-  (its sampled clients' uploads, and their downloads; the downloads of the
-  clients not sampled are not counted against it, nor are transfers of
-  different rounds against each other — an approximation);
+  server's bandwidth, each way, is shared max-min fairly by the transfers
+  of a round: its sampled clients' uploads, and the downloads of its
+  aggregate by every client (sampled or not). Transfers of different rounds
+  do not share it with each other (an approximation: in ``parablock`` a
+  round's uploads may overlap the previous round's late downloads);
 * a **round closes** when its last sampled client's update arrived, or,
   with ``round_timeout_s``, at ``first arrival + round_timeout_s`` once
   ``min_clients`` arrived (the :class:`~pl_parablock.federation.aggregator.Aggregator`'s
@@ -38,6 +39,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from pl_parablock.simulation.profile import ClientProfile
 
 __all__ = ["RoundClose", "SimClock", "shared_transfers"]
@@ -48,37 +51,47 @@ def shared_transfers(transfers: Sequence[tuple[float, float, float | None, float
 
     Each transfer waits its latency, then moves its bytes at its own rate;
     with ``capacity_mbps``, the transfers moving at the same time share it
-    max-min fairly (water-filling). ``None`` rates and capacity are unlimited.
+    max-min fairly (water-filling: each gets the same share, except those
+    capped lower by their own rate, whose leftover the others share).
+    ``None`` rates and capacity are unlimited.
     """
-    begins = [s + lat for s, _, _, lat in transfers]
+    begins = np.array([s + lat for s, _, _, lat in transfers], dtype=np.float64)
     if capacity_mbps is None:
-        return [b + (n * 8 / (r * 1e6) if r else 0.0) for b, (_, n, r, _) in zip(begins, transfers)]
+        return [float(b) + (n * 8 / (r * 1e6) if r else 0.0) for b, (_, n, r, _) in zip(begins, transfers)]
     capacity = capacity_mbps * 1e6
-    bits = [n * 8.0 for _, n, _, _ in transfers]
-    caps = [r * 1e6 if r else math.inf for _, _, r, _ in transfers]
-    finish: list[float | None] = [b if bits[j] <= 0 else None for j, b in enumerate(begins)]
-    now = min(begins, default=0.0)
-    while any(f is None for f in finish):
-        active = [j for j, f in enumerate(finish) if f is None and begins[j] <= now]
-        waiting = [begins[j] for j, f in enumerate(finish) if f is None and begins[j] > now]
-        if not active:
-            now = min(waiting)
+    bits = np.array([n * 8.0 for _, n, _, _ in transfers], dtype=np.float64)
+    caps = np.array([r * 1e6 if r else math.inf for _, _, r, _ in transfers], dtype=np.float64)
+    finish = np.where(bits <= 0, begins, np.nan)
+    now = float(begins.min()) if len(begins) else 0.0
+    while np.isnan(finish).any():
+        pending = np.isnan(finish)
+        active = np.flatnonzero(pending & (begins <= now))
+        waiting = begins[pending & (begins > now)]
+        if not len(active):
+            now = float(waiting.min())
             continue
-        rates: dict[int, float] = {}
-        left, n = capacity, len(active)
-        for j in sorted(active, key=lambda j: caps[j]):
-            rates[j] = min(caps[j], left / n)
-            left -= rates[j]
-            n -= 1
-        step = min(bits[j] / rates[j] for j in active)
-        if waiting:
-            step = min(step, min(waiting) - now)
+        rates = _water_fill(caps[active], capacity)
+        step = float((bits[active] / rates).min())
+        if len(waiting):
+            step = min(step, float(waiting.min()) - now)
         now += step
-        for j in active:
-            bits[j] -= rates[j] * step
-            if bits[j] <= 1e-6:
-                finish[j] = now
-    return [float(f) for f in finish]  # type: ignore[arg-type]
+        bits[active] -= rates * step
+        finish[active[bits[active] <= 1e-6]] = now
+    return [float(f) for f in finish]
+
+
+def _water_fill(caps: np.ndarray, capacity: float) -> np.ndarray:
+    """Max-min fair rates of flows capped at ``caps`` sharing ``capacity``."""
+    order = np.argsort(caps)
+    c = caps[order]
+    k = len(c)
+    below = np.concatenate(([0.0], np.cumsum(c[:-1])))  # what the j smallest caps take
+    level = (capacity - below) / (k - np.arange(k))  # the equal share left if the j smallest are capped
+    fits = np.flatnonzero(level <= c)
+    share = level[fits[0]] if len(fits) else math.inf
+    rates = np.empty(k)
+    rates[order] = np.minimum(c, share)
+    return rates
 
 
 @dataclass
@@ -222,8 +235,22 @@ class SimClock:
         self._avail.append(avail)
         self._down_bytes.append(int(bytes_down))
         starts = {i: max(avail, pending.uploaded[i]) for i in pending.participants}
+        others: list[int] = []
+        if self.bandwidth_mbps is not None:  # the clients not sampled download through the same server link
+            sampled = set(pending.participants)
+            others = [i for i in range(len(self.profiles)) if i not in sampled]
+            for i in others:
+                self._advance(i, round_index - 1)
+                starts[i] = max(avail, self._tx_free[i])
         transfers = [(starts[i], float(bytes_down), self.profiles[i].downlink_mbps, self.profiles[i].latency_ms / 1000.0) for i in starts]
-        for i, arrived in zip(starts, shared_transfers(transfers, self.bandwidth_mbps)):
+        arrivals = dict(zip(starts, shared_transfers(transfers, self.bandwidth_mbps)))
+        for i in others:
+            self._arrivals[i][round_index] = self._tx_free[i] = arrivals[i]
+            self._done[i] = round_index
+            self.skipped_downloads += 1
+            self.skipped_bytes_down += int(bytes_down)
+        for i in pending.participants:
+            arrived = arrivals[i]
             rec = pending.records[i]
             rec.update(
                 upload_s=pending.uploaded[i] - rec["sent_at"],

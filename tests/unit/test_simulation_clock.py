@@ -127,3 +127,14 @@ def test_a_shared_server_bandwidth_is_split_fairly():
     assert done[1] == pytest.approx(8 / 6) and done[0] == pytest.approx(8 / 6 + (8 - 2 * 8 / 6) / 2)
     assert shared_transfers([(1.0, MB, 8.0, 0.5)], None) == [2.5]
     assert math.isclose(shared_transfers([(0.0, 0, 8.0, 0.1)], 8.0)[0], 0.1)
+
+
+def test_with_a_shared_server_link_the_clients_not_sampled_download_through_it_too():
+    clock = SimClock([ClientProfile(1.0, 8.0, 8.0, 0.0)] * 3, staleness=0, bandwidth_mbps=8.0)
+    close = clock.upload(0, {0: 1.0}, {0: MB})
+    assert close.closed_at == pytest.approx(2.0)
+    clock.deliver(0, 0.0, MB)
+    # three 1 MB downloads share 8 Mbit/s: 3 s each
+    assert clock.records[0][0]["arrived_at"] == pytest.approx(5.0)
+    assert clock.skipped_downloads == 2 and clock.skipped_bytes_down == 2 * MB
+    assert clock.finish() == pytest.approx(5.0)
