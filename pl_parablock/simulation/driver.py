@@ -23,14 +23,14 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from pl_parablock.algorithm import RoundStep, digest, make_plan
+from pl_parablock.algorithm import RoundStep, Update, digest, make_plan
 from pl_parablock.blocks import freeze_to_blocks, partition_model, whole_model_partition
 from pl_parablock.config import Recipe
 from pl_parablock.errors import ConfigError
 from pl_parablock.federation.wire import WIRE_DTYPES
 from pl_parablock.models import build_model, save_merged
 from pl_parablock.module import ParaBlockModule
-from pl_parablock.simulation.clock import SimClock
+from pl_parablock.simulation.clock import RoundClose, SimClock
 from pl_parablock.simulation.profile import resolve_profiles
 from pl_parablock.simulation.virtual import ClientShards, RoundExecutor, ServerBlocks, SharedModelExecutor, VirtualClient
 
@@ -201,38 +201,12 @@ def run_simulation(
         aggregation_s = time.perf_counter() - t0
         sim_agg = recipe.simulation.aggregation_s if recipe.simulation.aggregation_s is not None else aggregation_s
         clock.deliver(t, sim_agg, _nbytes(server.current(block)))
-        losses = [(ups[i].weight, float(loss)) for i in arrived if (loss := ups[i].loss) is not None and ups[i].weight]
-        total = sum(w for w, _ in losses)
-        record = {
-            "round": t,
-            "block": block,
-            "expected": len(sampled),
-            "expected_clients": list(sampled),
-            "arrived": len(arrived),
-            "rejected": 1 if problem else 0,
-            "late": len(close.late),
-            "aggregation_s": sim_agg,
-            "closed_at": close.closed_at,
-            "close_reason": close.reason,
-            "loss": sum(w * v for w, v in losses) / total if total > 0 else None,
-            "clients": arrived,
-            "clipped": [],
-            "rejections": [{"round": t, "block": block, "reason": problem, "at": close.closed_at}] if problem else [],
-        }
+        record = _round_record(t, block, list(sampled), arrived, close, problem, sim_agg, ups)
         rounds.append(record)
         for r in results:
             rep = reports.setdefault(r.client_id, {"rounds": [], "events": [], "final": {}})
-            rep["rounds"].append(
-                {
-                    "round": t,
-                    "block": block,
-                    "samples": r.samples,
-                    "weight": r.update.weight,
-                    "kind": r.update.kind,
-                    "loss": r.update.loss,
-                    "version": t,
-                }
-            )
+            u = r.update
+            rep["rounds"].append(dict(round=t, block=block, samples=r.samples, weight=u.weight, kind=u.kind, loss=u.loss, version=t))
         if progress is not None:
             progress(record)
         last = plan.rounds - 1 - plan.staleness  # parablock: the point of the second-to-last round comes with the final one
@@ -282,6 +256,37 @@ def run_simulation(
         tokens,
         steps,
     )
+
+
+def _round_record(
+    t: int,
+    block: int,
+    sampled: list[int],
+    arrived: list[int],
+    close: RoundClose,
+    problem: str,
+    aggregation_s: float,
+    updates: dict[int, Update],
+) -> dict[str, Any]:
+    """The server's record of a round, as the aggregator writes it (the loss: the arrived updates' weighted mean)."""
+    losses = [(updates[i].weight, float(loss)) for i in arrived if (loss := updates[i].loss) is not None and updates[i].weight]
+    total = sum(w for w, _ in losses)
+    return {
+        "round": t,
+        "block": block,
+        "expected": len(sampled),
+        "expected_clients": sampled,
+        "arrived": len(arrived),
+        "rejected": 1 if problem else 0,
+        "late": len(close.late),
+        "aggregation_s": aggregation_s,
+        "closed_at": close.closed_at,
+        "close_reason": close.reason,
+        "loss": sum(w * v for w, v in losses) / total if total > 0 else None,
+        "clients": arrived,
+        "clipped": [],
+        "rejections": [{"round": t, "block": block, "reason": problem, "at": close.closed_at}] if problem else [],
+    }
 
 
 def _wire(tensors: dict[str, Tensor] | None, kind: str, wire: torch.dtype | None) -> dict[str, Tensor] | None:
