@@ -1,6 +1,6 @@
 """The README's performance table, from the benchmarks' JSON results.
 
-    python benchmarks/table.py --run [--quick] [--save DIR]   # run all five, then print the table
+    python benchmarks/table.py --run [--quick] [--save DIR]   # run all six, then print the table
     python benchmarks/table.py RESULT.json ...                # print the table of saved results
 
 Each result is the last line a benchmark printed (``python
@@ -20,7 +20,7 @@ from typing import Any
 
 from _common import HERE, REPO, last_json
 
-NAMES = ("overlap", "overhead", "transport", "memory", "scaling")
+NAMES = ("overlap", "overhead", "transport", "memory", "scaling", "simulation")
 
 
 def _fmt(v: Any, spec: str = ".2f") -> str:
@@ -139,6 +139,44 @@ def rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str, s
                     _load(r),
                 )
             )
+    if r := results.get("simulation"):
+        for c in r.get("clock", []):
+            out.append(
+                (
+                    "simulation",
+                    f"simulated / measured training time, quickstart, 2 clients, its emulated link: {c['mode']}",
+                    f"{_fmt(c['ratio'])} ({_fmt(c['simulated_s'])} / {_fmt(c['measured_s'])} s; compute factor "
+                    f"{_fmt(c['compute_factor'])}; {_fmt(c.get('ratio_factor_1'))} without it)",
+                    "0.9–1.1",
+                    _load(r),
+                )
+            )
+        runs = r.get("runs", {})
+        big = next((v for k, v in runs.items() if k.startswith("sim_") and v is not None and v.get("clients", 0) >= 1000), None)
+        small = next((v for k, v in runs.items() if k.startswith("sim_") and v is not None and v is not big), None)
+        plain = runs.get("plain") or {}
+        if big is not None:
+            out.append(
+                (
+                    "simulation",
+                    f"{big['clients']} virtual clients, {big['per_round']} per round: training tokens/s, simulator / a plain client "
+                    "on the same batches",
+                    f"{_fmt(r.get('throughput_ratio'))} ({_fmt(big.get('tokens_per_s'), '.0f')} / "
+                    f"{_fmt(plain.get('tokens_per_s'), '.0f')} tokens/s)",
+                    "≥ 0.9",
+                    _load(r),
+                )
+            )
+            if small is not None:
+                out.append(
+                    (
+                        "simulation",
+                        f"peak RSS, {big['clients']} virtual clients / {small['clients']} ({big['per_round']} per round)",
+                        f"{_fmt(r.get('rss_ratio'))} ({_fmt(big['peak_rss_mb'], '.0f')} / {_fmt(small['peak_rss_mb'], '.0f')} MB)",
+                        "≤ 1.1",
+                        _load(r),
+                    )
+                )
     return out
 
 
@@ -167,7 +205,7 @@ def run_all(quick: bool, save: str | None) -> dict[str, dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("results", nargs="*", help="saved results (the JSON line each benchmark printed last)")
-    p.add_argument("--run", action="store_true", help="run the five benchmarks first")
+    p.add_argument("--run", action="store_true", help="run the six benchmarks first")
     p.add_argument("--quick", action="store_true", help="with --run: their quick forms")
     p.add_argument("--save", help="with --run: keep each result as DIR/NAME.json")
     args = p.parse_args(argv)

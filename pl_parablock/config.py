@@ -37,6 +37,7 @@ from pl_parablock.data.formats import DATA_FORMATS, ROW_FORMAT_CHOICES
 from pl_parablock.errors import ConfigError
 from pl_parablock.federation.wire import WIRE_DTYPES
 from pl_parablock.models import DTYPES
+from pl_parablock.simulation.profile import DISTRIBUTIONS, profile_problems
 
 # The vocabularies are the modules' that implement them, imported above (modes and weightings: the
 # algorithm core; schedules; parameter and wire dtypes; data and row formats; aggregation rules).
@@ -447,6 +448,53 @@ class LoggingSection:
 
 
 @dataclass
+class ProfileSection:
+    """Each virtual client's compute speed and link in the simulator's clock (python -m pl_parablock.simulate)."""
+
+    compute_factor: Any = field(
+        default=1.0,
+        metadata=_help(
+            "Multiplier on the measured step time: a number (every client), a list (one per client), or a seeded "
+            "distribution {distribution: " + " | ".join(DISTRIBUTIONS) + ", median: 1.0, spread: 0.5} (spread: sigma of log)."
+        ),
+    )
+    uplink_mbps: Any = field(
+        default=None,
+        metadata=_help("Upload rate, Mbit/s: number, list per client (null entries: unlimited) or distribution; null: link.uplink_mbps."),
+    )
+    downlink_mbps: Any = field(
+        default=None,
+        metadata=_help("Download rate, Mbit/s: number, list per client or distribution; null: link.downlink_mbps."),
+    )
+    latency_ms: Any = field(
+        default=None,
+        metadata=_help("One-way latency per transfer, ms: number, list per client or distribution; null: link.latency_ms."),
+    )
+    csv: str | None = field(
+        default=None,
+        metadata=_help(
+            "CSV file, one row per client in client order, with a header naming some of client, compute_factor, "
+            "uplink_mbps, downlink_mbps, latency_ms; its columns win over the keys above."
+        ),
+    )
+
+
+@dataclass
+class SimulationSection:
+    """The simulator (python -m pl_parablock.simulate): virtual clients on one model, and a simulated clock."""
+
+    profile: ProfileSection = field(default_factory=ProfileSection)
+    aggregation_s: float | None = field(
+        default=None,
+        metadata=_help("Server time to aggregate one round in the simulated clock; null: the measured time of the simulator's own step."),
+    )
+    bandwidth_mbps: float | None = field(
+        default=None,
+        metadata=_help("Total server bandwidth, Mbit/s each way, shared max-min fairly by a round's transfers; null: unlimited."),
+    )
+
+
+@dataclass
 class Recipe:
     """A whole run. Defaults are the offline quickstart."""
 
@@ -467,6 +515,7 @@ class Recipe:
     data: DataSection = field(default_factory=DataSection)
     eval: EvalSection = field(default_factory=EvalSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    simulation: SimulationSection = field(default_factory=SimulationSection)
 
 
 # ---------------------------------------------------------------------------
@@ -854,6 +903,11 @@ def validate(recipe: Recipe) -> list[str]:
     _at_least(p, "link.latency_ms", ln.latency_ms, 0.0)
 
     _validate_data(p, recipe)
+
+    sim = recipe.simulation
+    p.extend(profile_problems(sim.profile, max(f.clients, 1), ln, recipe.seed))
+    _at_least(p, "simulation.aggregation_s", sim.aggregation_s, 0.0)
+    _at_least(p, "simulation.bandwidth_mbps", sim.bandwidth_mbps, 0.0, strict=True)
 
     e = recipe.eval
     _at_least(p, "eval.every", e.every, 0)

@@ -9,7 +9,10 @@ evaluation included; ``train_wall_s``: from the first round's start to the
 last aggregate applied on every client), the communication time hidden
 behind computation (``comm_hidden_fraction = 1 - blocked / comm``), the
 final metrics of the global model and the link (labelled as emulation when
-it is one).
+it is one). A run of the simulator (``python -m pl_parablock.simulate``)
+writes the same report with its times from the simulated clock: it holds
+``clock: {simulated: true, ...}``, and the summary, the pictures and the
+comparison label its times as simulated.
 
 Pictures (matplotlib, no display needed): ``timeline.png`` (one row per
 client: its compute bars above its communication bars, so the overlap is
@@ -224,7 +227,7 @@ def format_summary(report: dict[str, Any], report_path: str | None = None) -> st
     if skipped:
         rows.append(("data", f"skipped {skipped} bad records (data.on_error=skip); examples in report.json"))
     rows += [
-        ("wall time", f"{report['wall_s']:.1f} s" + _training(report)),
+        ("wall time", f"{report['wall_s']:.1f} s" + _training(report) + _clock_note(report)),
         ("compute", f"{t['compute_s']:.1f} s over all clients"),
         ("communication", f"{t['comm_s']:.1f} s, blocked {t['blocked_s']:.1f} s"),
         ("comm hidden", (f"{max(0.0, 100 * hidden):.0f} %" if hidden is not None else "n/a") + "  (1 - blocked / communication)"),
@@ -288,11 +291,20 @@ def _run_title(report: dict[str, Any]) -> str:
     hidden = report.get("totals", {}).get("comm_hidden_fraction")
     parts = [
         f"{report.get('mode')}: {fed.get('clients')} clients, {fed.get('rounds_closed')} rounds",
-        f"wall {report.get('wall_s', float('nan')):.1f} s" + _training(report),
+        f"wall {report.get('wall_s', float('nan')):.1f} s" + _training(report) + (" simulated" if _simulated(report) else ""),
     ]
     if hidden is not None:
         parts.append(f"comm hidden {max(0.0, 100 * hidden):.0f} %")
     return ", ".join(parts)
+
+
+def _simulated(report: dict[str, Any]) -> bool:
+    return bool((report.get("clock") or {}).get("simulated"))
+
+
+def _clock_note(report: dict[str, Any]) -> str:
+    """``'  (simulated clock)'`` for a simulator's run: its times are the event simulation's, not measured."""
+    return "  (simulated clock)" if _simulated(report) else ""
 
 
 def _training(report: dict[str, Any]) -> str:
@@ -305,18 +317,20 @@ def _link_label(report: dict[str, Any]) -> str:
     return str(link.get("description") or "link: unknown")
 
 
-def plot_timeline(report: dict[str, Any], path: str) -> str:
+def plot_timeline(report: dict[str, Any], path: str, max_clients: int = 32) -> str:
     """Draw the run's timeline: per client, compute bars above communication bars.
 
     Compute bars carry the round number when they are wide enough; the
     communication lane shows upload, waiting for the server's aggregate and
     download; red marks the time the training loop waited (blocked). The x
-    axis is seconds since the server started. Returns ``path``.
+    axis is seconds since the server started (the simulated clock's, for
+    a simulator's run). At most ``max_clients`` rows are drawn. Returns ``path``.
     """
     from matplotlib.patches import Patch
 
     lanes = _client_intervals(report)
-    clients = sorted(lanes)
+    clients = sorted(lanes)[:max_clients]
+    shown = f"  (the first {len(clients)} of {len(lanes)} clients that trained)" if len(lanes) > len(clients) else ""
     fig = _figure(12.0, 1.6 + 0.75 * max(len(clients), 1))
     ax = fig.subplots()
     ends = [s + w for c in lanes.values() for iv in c.values() for s, w in iv]
@@ -340,8 +354,8 @@ def plot_timeline(report: dict[str, Any], path: str) -> str:
                 ax.text(s + w / 2, y + 0.70, str(t + 1), ha="center", va="center", fontsize=7, color="white")
     ax.set_yticks([len(clients) - 1 - i + 0.5 for i in range(len(clients))], [f"client {c}" for c in clients])
     ax.set_ylim(0, max(len(clients), 1))
-    ax.set_xlabel("time since the server started (s)")
-    ax.set_title(f"Timeline — {_run_title(report)}\n{_link_label(report)}", fontsize=10)
+    ax.set_xlabel("simulated time since the start (s)" if _simulated(report) else "time since the server started (s)")
+    ax.set_title(f"Timeline — {_run_title(report)}{shown}\n{_link_label(report)}", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     legend = [
         Patch(color=COLORS["compute"], label="compute (round number inside)"),
@@ -369,7 +383,8 @@ def _loss_points(report: dict[str, Any]) -> tuple[list[float], list[int], list[f
 def _draw_losses(ax_time: Axes, ax_round: Axes, runs: Sequence[tuple[str, dict[str, Any]]]) -> None:
     for label, report in runs:
         times, rounds, losses = _loss_points(report)
-        (line,) = ax_time.plot(times, losses, marker=".", markersize=4, linewidth=1.3, label=label)
+        clocked = f"{label} (simulated clock)" if _simulated(report) else label
+        (line,) = ax_time.plot(times, losses, marker=".", markersize=4, linewidth=1.3, label=clocked)
         ax_round.plot(rounds, losses, marker=".", markersize=4, linewidth=1.3, color=line.get_color(), label=label)
         curve = [p for p in report.get("eval_curve") or [] if isinstance(p.get("eval_loss"), (int, float))]
         final_eval = (report.get("final") or {}).get("eval_loss")
@@ -384,7 +399,8 @@ def _draw_losses(ax_time: Axes, ax_round: Axes, runs: Sequence[tuple[str, dict[s
             )
         if isinstance(final_eval, (int, float)) and rounds:
             ax_round.plot([rounds[-1]], [final_eval], marker="*", markersize=11, color=line.get_color(), linestyle="none")
-    ax_time.set_xlabel("wall-clock: time since the server started (s)")
+    simulated = any(_simulated(r) for _, r in runs)
+    ax_time.set_xlabel("wall-clock: time since the start (s)" + ("; simulated clock where marked" if simulated else ""))
     ax_time.set_title("loss vs wall-clock", fontsize=10)
     ax_round.set_xlabel("round")
     evaluated = any(report.get("eval_curve") for _, report in runs)
@@ -414,7 +430,11 @@ def plot_comparison(runs: Sequence[tuple[str, dict[str, Any]]], path: str) -> st
     _draw_losses(ax_time, ax_round, runs)
     links = sorted({_link_label(r) for _, r in runs})
     fig.suptitle(
-        "  vs  ".join(f"{name}: wall {r.get('wall_s', float('nan')):.1f} s{_training(r)}" for name, r in runs) + "\n" + "; ".join(links),
+        "  vs  ".join(
+            f"{name}: wall {r.get('wall_s', float('nan')):.1f} s{_training(r)}{' simulated' if _simulated(r) else ''}" for name, r in runs
+        )
+        + "\n"
+        + "; ".join(links),
         fontsize=10,
     )
     fig.savefig(path)
@@ -465,6 +485,7 @@ def _comparison_rows(report: dict[str, Any]) -> list[tuple[str, Any, str]]:
     hidden = t.get("comm_hidden_fraction")
     return [
         ("mode", report.get("mode"), ""),
+        ("clock", "simulated" if _simulated(report) else "measured", ""),
         ("clients", fed.get("clients"), "d"),
         ("rounds", fed.get("rounds_closed"), "d"),
         ("wall time (s)", report.get("wall_s"), ".1f"),

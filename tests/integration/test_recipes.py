@@ -27,6 +27,7 @@ SMALL = [
     "train.local_steps=2",
     "train.threads=1",
     "federation.clients=2",
+    "federation.clients_per_round=null",  # the simulation recipes sample 8 of 64
     "federation.rounds=2",
     "eval.max_samples=4",
     "eval.max_new_tokens=4",

@@ -52,7 +52,8 @@ def test_recipes_ship_for_each_workload_and_baseline():
 def test_every_shipped_recipe_is_valid(path, fixture_files):
     """Each recipe is valid as shipped, or with only the values it leaves to the user (???) given."""
     text = open(path, encoding="utf-8").read()
-    assert text.startswith("#") and "python -m pl_parablock.fit recipes/" in text, "start with a comment giving the command"
+    command = any(f"python -m pl_parablock.{entry} recipes/" in text for entry in ("fit", "simulate"))
+    assert text.startswith("#") and command, "start with a comment giving the command"
     required = sorted(OmegaConf.missing_keys(OmegaConf.create(yaml.safe_load(text))))
     if required:
         with pytest.raises(ConfigError) as err:

@@ -1,0 +1,296 @@
+"""Simulation: the simulated clock against a real federation, and virtual clients at scale.
+
+    python benchmarks/simulation.py [--quick | --smoke] [--output DIR]
+
+1. ``clock``: the quickstart recipe (2 clients, ``train.threads=1``, its
+   emulated link: up 16, down 32 Mbit/s, 20 ms) runs as a real process
+   federation (``python -m pl_parablock.fit``: a gRPC server and one process
+   per client) and in the simulator, for ``sync`` and ``parablock``.
+   ``measured_s`` is the real run's training span (``train_wall_s``: first
+   round start to the last aggregate applied), ``simulated_s`` the simulated
+   clock's. The simulator measures a client's compute on one shared model in
+   one process, one client at a time; the real clients compute side by side
+   on the machine's cores (shared with whatever else runs), each slower by
+   a factor that the simulator cannot know. That factor is what the
+   profile's ``compute_factor`` is for: ``compute_factor`` = (a real
+   client's mean compute per round) / (the simulator's), and the
+   simulator's measured rounds are re-timed with it (the same
+   :class:`~pl_parablock.simulation.clock.SimClock`). So ``ratio =
+   simulated_s / measured_s`` checks the clock's event model (transfers,
+   waits, overlap, round closes) given the compute speed; the target is
+   within 10 %. Also reported: ``ratio_factor_1`` (no calibration) and
+   ``ratio_cross`` (the factor taken from the other mode's pair of runs,
+   on a machine whose load changes from run to run).
+2. ``scale``: 1000 virtual clients, 10 sampled per round, the quickstart
+   model (``parablock``, each run a fresh process): ``throughput_ratio`` =
+   the simulator's training tokens per second in its round loop (training,
+   switching clients, aggregating) over a single plain client's (the same
+   model, block activation per round, a plain PyTorch loop over the very batches the simulator trained, in its order,
+   in the same process right after it), target >= 0.9; ``rss_ratio`` = peak RSS
+   at 1000 virtual clients over 100 (same clients per round), target <= 1.1.
+
+The last output line is JSON (keys ``clock``: a list of ``{mode, measured_s,
+simulated_s, ratio, compute_factor, ...}``, ``throughput_ratio``, ``rss_ratio``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's package, not an installed one
+
+from _common import REPO, finish, last_json, machine, proc_status_kb, say
+
+QUICKSTART = os.path.join(REPO, "recipes", "quickstart.yaml")
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "PYTHONUNBUFFERED": "1"}
+
+
+def _overrides(mode: str, rounds: int, out: str) -> list[str]:
+    return [
+        f"mode={mode}",
+        "federation.clients=2",
+        f"federation.rounds={rounds}",
+        "train.threads=1",
+        "eval.max_samples=16",
+        f"output_dir={out}",
+    ]
+
+
+def _client_rounds(report: dict[str, Any]) -> list[dict[str, Any]]:
+    return [c for r in report["rounds"] for c in r["client_records"]]
+
+
+def _mean_compute(report: dict[str, Any]) -> float:
+    recs = _client_rounds(report)
+    return sum(float(c["compute_s"]) for c in recs) / max(len(recs), 1)
+
+
+def _retime(report: dict[str, Any], factor: float) -> float:
+    """The simulated wall-clock of a simulator run's measured rounds with every client's compute factor set to ``factor``."""
+    from pl_parablock.config import load_recipe
+    from pl_parablock.simulation.clock import SimClock
+    from pl_parablock.simulation.profile import resolve_profiles
+
+    recipe = load_recipe(os.path.join(report["output_dir"], "recipe.yaml"))
+    f = recipe.federation
+    profiles = resolve_profiles(recipe.simulation.profile, f.clients, recipe.link, recipe.seed)
+    base = [p.compute_factor for p in profiles]
+    profiles = [type(p)(factor * p.compute_factor, p.uplink_mbps, p.downlink_mbps, p.latency_ms) for p in profiles]
+    clock = SimClock(
+        profiles,
+        staleness=1 if recipe.mode == "parablock" else 0,
+        round_timeout_s=f.round_timeout_s,
+        min_clients=f.min_clients,
+        bandwidth_mbps=recipe.simulation.bandwidth_mbps,
+    )
+    for rnd in report["rounds"]:
+        recs = rnd["client_records"]
+        clock.upload(
+            rnd["round"],
+            {c["client_id"]: c["compute_s"] / base[c["client_id"]] for c in recs},
+            {c["client_id"]: c["bytes_up"] for c in recs},
+        )
+        clock.deliver(rnd["round"], rnd["aggregation_s"], max(c["bytes_down"] for c in recs))
+    return clock.finish()
+
+
+def clock_check(rounds: int, root: str) -> list[dict[str, Any]]:
+    from pl_parablock.config import load_recipe
+    from pl_parablock.simulate import simulate
+
+    runs: dict[str, dict[str, Any]] = {}
+    for mode in ("sync", "parablock"):
+        out = os.path.join(root, f"real-{mode}")
+        say(f"clock: real federation, {mode}, {rounds} rounds")
+        cmd = [sys.executable, "-m", "pl_parablock.fit", QUICKSTART, *_overrides(mode, rounds, out)]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=900)
+        if done.returncode != 0:
+            raise RuntimeError(f"the real {mode} run failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+        with open(os.path.join(out, "report.json"), encoding="utf-8") as fh:
+            real = json.load(fh)
+        say(f"clock: simulator, {mode}")
+        sim = simulate(load_recipe(QUICKSTART, _overrides(mode, rounds, os.path.join(root, f"sim-{mode}"))))
+        runs[mode] = {"real": real, "sim": sim}
+    out = []
+    for mode, other in (("sync", "parablock"), ("parablock", "sync")):
+        measured = float(runs[mode]["real"]["train_wall_s"])
+        factor = _mean_compute(runs[mode]["real"]) / _mean_compute(runs[mode]["sim"])
+        cross = _mean_compute(runs[other]["real"]) / _mean_compute(runs[other]["sim"])
+        simulated = _retime(runs[mode]["sim"], factor)
+        simulated_cross = _retime(runs[mode]["sim"], cross)
+        out.append(
+            {
+                "mode": mode,
+                "measured_s": round(measured, 3),
+                "simulated_s": round(simulated, 3),
+                "ratio": round(simulated / measured, 3),
+                "compute_factor": round(factor, 3),
+                "simulated_s_factor_1": round(float(runs[mode]["sim"]["wall_s"]), 3),
+                "ratio_factor_1": round(float(runs[mode]["sim"]["wall_s"]) / measured, 3),
+                "compute_factor_cross": round(cross, 3),
+                "ratio_cross": round(simulated_cross / measured, 3),
+                "real_compute_per_round_s": round(_mean_compute(runs[mode]["real"]), 3),
+                "sim_compute_per_round_s": round(_mean_compute(runs[mode]["sim"]), 3),
+            }
+        )
+        say(
+            f"clock {mode}: measured {measured:.2f} s, simulated {simulated:.2f} s (compute factor {factor:.2f}; "
+            f"with the factor of the {other} runs: ratio {simulated_cross / measured:.3f})"
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ scale
+
+
+def _recipe(clients: int, per_round: int, rounds: int, out: str) -> Any:
+    from pl_parablock.config import load_recipe
+
+    return load_recipe(
+        QUICKSTART,
+        [
+            "mode=parablock",
+            f"federation.clients={clients}",
+            f"federation.clients_per_round={per_round}",
+            f"federation.rounds={rounds}",
+            "train.threads=1",
+            "eval.max_samples=8",
+            f"output_dir={out}",
+        ],
+    )
+
+
+def _child_sim(clients: int, per_round: int, rounds: int, out: str, plain: bool) -> dict[str, Any]:
+    from pl_parablock.simulation.driver import run_simulation
+
+    recipe = _recipe(clients, per_round, rounds, out)
+    result = run_simulation(recipe)
+    peak = proc_status_kb("VmHWM")["VmHWM"]  # before the plain client runs in this process
+    run = {
+        "clients": clients,
+        "per_round": per_round,
+        "rounds": rounds,
+        "loop_s": result.loop_s,
+        "tokens": result.tokens,
+        "steps": result.steps,
+        "tokens_per_s": result.tokens / result.loop_s,
+        "peak_rss_mb": peak / 1024,
+        "clients_in_memory_peak": result.peak_clients_in_memory,
+    }
+    if plain:
+        run["plain"] = _plain_client(recipe)
+    return run
+
+
+def _plain_client(recipe: Any) -> dict[str, Any]:
+    """A single plain client on the same steps: the simulator's batches, in its order, on one model, no switching.
+
+    A fresh model; per round its block is activated once and the round's
+    ``clients_per_round x K`` batches (the sampled clients' own, drawn as the
+    simulator drew them) train it in a plain PyTorch loop: no core, no
+    copies of blocks, no aggregation.
+    """
+    import warnings
+
+    from pl_parablock.algorithm import RoundStart, activate, make_plan
+    from pl_parablock.blocks import freeze_to_blocks, partition_model
+    from pl_parablock.models import build_model
+    from pl_parablock.module import ParaBlockModule
+    from pl_parablock.simulation.virtual import ClientShards, VirtualClient
+
+    f, b, tr = recipe.federation, recipe.blocks, recipe.train
+    model, tok = build_model(recipe.model, recipe.seed)
+    module = ParaBlockModule(model, tok, lr=tr.lr)
+    partition = partition_model(module, layers_per_block=b.layers_per_block, embeddings=b.embeddings, head=b.head)
+    blocks = freeze_to_blocks(module, partition)
+    optimizer = module.configure_optimizers()
+    module.train()
+    plan = make_plan(
+        recipe.mode, num_blocks=len(partition), rounds=f.rounds, seed=recipe.seed, clients=f.clients, clients_per_round=f.clients_per_round
+    )
+    shards = ClientShards(recipe, tok)
+    cursors = [VirtualClient(i) for i in range(f.clients)]
+    batches = []
+    for t in range(plan.rounds):
+        for i in plan.participants[t] if plan.participants else range(f.clients):
+            it = cursors[i].batches(shards.examples(i), shards.batch_size, shards.seed, shards.pad)
+            batches.append((t, [next(it) for _ in range(tr.local_steps)]))
+    tokens = 0
+    t0 = time.perf_counter()
+    current = -1
+    for t, round_batches in batches:
+        if t != current:
+            activate(blocks, RoundStart(t, plan.schedule[t], True), [optimizer])
+            current = t
+        for step, batch in enumerate(round_batches):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loss = module.training_step(batch, step)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            tokens += int((batch["labels"] != -100).sum())
+    loop_s = time.perf_counter() - t0
+    return {"loop_s": loop_s, "tokens": tokens, "tokens_per_s": tokens / loop_s}
+
+
+def _run_child(args: list[str]) -> dict[str, Any]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return last_json(done.stdout)
+
+
+def scale(rounds: int, root: str, clients: int = 1000, small: int = 100, per_round: int = 10) -> dict[str, Any]:
+    say(f"scale: simulator, {clients} virtual clients, {per_round} per round, {rounds} rounds; then a plain client on the same steps")
+    big = _run_child(["sim", str(clients), str(per_round), str(rounds), os.path.join(root, f"scale-{clients}"), "plain"])
+    say(f"scale: simulator, {small} virtual clients")
+    little = _run_child(["sim", str(small), str(per_round), str(rounds), os.path.join(root, f"scale-{small}"), "-"])
+    plain = big.pop("plain")
+    return {
+        "throughput_ratio": round(big["tokens_per_s"] / plain["tokens_per_s"], 3),
+        "rss_ratio": round(big["peak_rss_mb"] / little["peak_rss_mb"], 3),
+        "runs": {f"sim_{clients}": big, f"sim_{small}": little, "plain": plain},
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--quick", action="store_true", help="about a minute and a half on 2 cores: few rounds")
+    form.add_argument("--smoke", action="store_true", help="seconds: the smallest form (tests)")
+    p.add_argument("--output", help="where the runs go (default: a temporary directory)")
+    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        _kind, *rest = args.child
+        result = _child_sim(int(rest[0]), int(rest[1]), int(rest[2]), rest[3], plain=rest[4] == "plain")
+        print(json.dumps(result), flush=True)
+        return
+    started = time.perf_counter()
+    form_name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    clock_rounds, scale_rounds = {"smoke": (2, 1), "quick": (4, 4), "full": (12, 8)}[form_name]
+    root = args.output or tempfile.mkdtemp(prefix="pl_parablock-simulation-")
+    result: dict[str, Any] = {"benchmark": "simulation", "form": form_name, "machine": machine()}
+    if args.smoke:
+        result.update(scale(scale_rounds, root, clients=50, small=10, per_round=2))
+        result["clock"] = clock_check(clock_rounds, root)
+    else:
+        result.update(scale(scale_rounds, root))
+        result["clock"] = clock_check(clock_rounds, root)
+    finish(result, started)
+
+
+if __name__ == "__main__":
+    main()

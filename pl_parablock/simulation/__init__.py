@@ -1,0 +1,15 @@
+"""The simulator: virtual clients sharing one model, and a simulated clock (``python -m pl_parablock.simulate``).
+
+* :mod:`~pl_parablock.simulation.profile`: each virtual client's compute
+  factor and link, from the recipe's ``simulation.profile`` (pure).
+* :mod:`~pl_parablock.simulation.clock`: the event simulation of a run's
+  wall-clock (pure).
+* :mod:`~pl_parablock.simulation.virtual`: virtual clients (only the state
+  the algorithm needs) and the executor that trains a round's sampled
+  clients on one shared model.
+* :mod:`~pl_parablock.simulation.driver`: the round loop over the algorithm
+  core, the report and the saved model.
+
+Nothing is imported here, so that :mod:`pl_parablock.config` can import the
+profile's checks without importing the simulator.
+"""

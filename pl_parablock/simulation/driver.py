@@ -1,0 +1,353 @@
+"""The simulator's round loop: the algorithm core over virtual clients, the server's step, the clock, the report.
+
+Round ``t``: the executor runs the round's sampled clients on the shared
+model (each applies the aggregates it awaits, trains ``K`` steps, ends the
+round, in client-id order); the clock times their computes and uploads and
+closes the round; the updates that arrived in time are added to the round's
+:class:`~pl_parablock.algorithm.RoundStep` in client-id order, as the
+reference and the server do; the aggregate is installed and the shared
+model takes it. So for the same recipe the final global model is the
+process federation's, bitwise (with ``round_timeout_s``, which updates are
+late depends on the measured compute times, as in a real run).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+from torch import Tensor
+
+from pl_parablock.algorithm import RoundStep, Update, digest, make_plan
+from pl_parablock.blocks import freeze_to_blocks, partition_model, whole_model_partition
+from pl_parablock.config import Recipe, server_optimizer_of
+from pl_parablock.errors import ConfigError
+from pl_parablock.federation.wire import WIRE_DTYPES
+from pl_parablock.models import build_model, save_merged
+from pl_parablock.module import ParaBlockModule
+from pl_parablock.simulation.clock import RoundClose, SimClock
+from pl_parablock.simulation.profile import resolve_profiles
+from pl_parablock.simulation.virtual import ClientShards, RoundExecutor, ServerBlocks, SharedModelExecutor, VirtualClient
+
+__all__ = ["SimulationResult", "device_of", "run_simulation"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SimulationResult:
+    """The end of a simulation: the global blocks, the server's view (as :meth:`Aggregator.report` gives it) and timings.
+
+    ``wall_s`` is the simulated clock's; ``real_s`` the simulator's own run
+    time, ``loop_s`` that of its round loop alone (training, switching
+    clients, aggregating), in which ``steps`` optimizer steps trained on
+    ``tokens`` label tokens.
+    """
+
+    globals: dict[str, Tensor]
+    server: dict[str, Any]
+    wall_s: float
+    real_s: float
+    final: dict[str, Any] = field(default_factory=dict)
+    peak_clients_in_memory: int = 0
+    skipped_downloads: int = 0
+    skipped_bytes_down: int = 0
+    loop_s: float = 0.0
+    tokens: int = 0
+    steps: int = 0
+
+
+def _check(recipe: Recipe) -> None:
+    t, f = recipe.train, recipe.federation
+    problems = []
+    if t.precision != "32-true":
+        problems.append(f"`train.precision` is {t.precision!r}; the simulator runs 32-true only")
+    if t.accumulate_grad_batches != 1:
+        problems.append(f"`train.accumulate_grad_batches` is {t.accumulate_grad_batches}; the simulator runs 1 only")
+    if f.aggregation != "mean":
+        problems.append(f"`federation.aggregation` is {f.aggregation!r}; the simulator aggregates with mean")
+    if f.clip_norm is not None or f.max_update_norm is not None:
+        problems.append("`federation.clip_norm` and `federation.max_update_norm` are not simulated; set them to null")
+    if recipe.blocks.assignment != "shared":
+        problems.append("`blocks.assignment` is staggered; the simulator runs shared (every client on b_t) in this version")
+    if problems:
+        raise ConfigError(problems)
+
+
+def device_of(accelerator: str) -> torch.device:
+    """The one device of ``train.accelerator`` (``auto``: the GPU when there is one)."""
+    a = accelerator.lower()
+    if a in ("gpu", "cuda") or (a == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    if a == "mps":
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _nbytes(tensors: dict[str, Tensor] | None) -> int:
+    return sum(t.numel() * t.element_size() for t in (tensors or {}).values())
+
+
+def run_simulation(
+    recipe: Recipe, progress: Callable[[dict[str, Any]], None] | None = None, *, executor: Callable[..., RoundExecutor] | None = None
+) -> SimulationResult:
+    """Simulate ``recipe``'s federation: virtual clients on one shared model, a simulated clock.
+
+    ``executor`` builds the :class:`~pl_parablock.simulation.virtual.RoundExecutor`
+    from the arguments :class:`~pl_parablock.simulation.virtual.SharedModelExecutor`
+    takes (the default: that one, sequential on one shared model).
+
+    Client 0's duties of a real run (evaluating the global model every
+    ``eval.every`` rounds and at the end, saving it to ``OUTPUT_DIR/model``)
+    are done on the shared model, which holds the global after every round.
+
+    Raises:
+        ConfigError: a setting the simulator does not run (precision, gradient accumulation, robust aggregation).
+    """
+    _check(recipe)
+    t_real = time.perf_counter()
+    f, tr = recipe.federation, recipe.train
+    if tr.threads:
+        torch.set_num_threads(tr.threads)
+    device = device_of(tr.accelerator)
+    model, tokenizer = build_model(recipe.model, recipe.seed)
+    module = ParaBlockModule(model, tokenizer, lr=tr.lr, weight_decay=tr.weight_decay)
+    module.to(device)
+    b = recipe.blocks
+    if recipe.mode == "fedavg":
+        partition = whole_model_partition(module)
+    else:
+        partition = partition_model(module, layers_per_block=b.layers_per_block, embeddings=b.embeddings, head=b.head, patterns=b.patterns)
+    blocks = freeze_to_blocks(module, partition)
+    optimizer = module.configure_optimizers()
+    module.train()
+    plan = make_plan(
+        recipe.mode,
+        num_blocks=len(partition),
+        rounds=f.rounds,
+        schedule=b.schedule if recipe.mode != "fedavg" else "ascending",
+        seed=recipe.seed,
+        clients=f.clients,
+        clients_per_round=f.clients_per_round,
+        keep_optimizer_state=tr.keep_optimizer_state,
+    )
+    server_optimizer = server_optimizer_of(recipe)  # its state per block lives here, as on the server
+    server = ServerBlocks([{n: p.detach().to("cpu", copy=True) for n, p in blk.items()} for blk in blocks])
+    shards = ClientShards(recipe, tokenizer)
+    wire = WIRE_DTYPES[f.wire_dtype] if f.wire_dtype else None
+    build = executor or SharedModelExecutor
+    runner: RoundExecutor = build(
+        module,
+        blocks,
+        optimizer,
+        plan,
+        shards,
+        local_steps=tr.local_steps,
+        weighting=f.weighting,
+        gradient_clip_val=tr.gradient_clip_val,
+        exact_uploads=wire is None,
+        device=device,
+    )
+    clients = [VirtualClient(i) for i in range(f.clients)]
+    clock = SimClock(
+        resolve_profiles(recipe.simulation.profile, f.clients, recipe.link, recipe.seed),
+        staleness=plan.staleness,
+        round_timeout_s=f.round_timeout_s,
+        min_clients=f.min_clients,
+        bandwidth_mbps=recipe.simulation.bandwidth_mbps,
+    )
+    evaluation = _evaluation(recipe, tokenizer, shards.evals)
+    curve: list[dict[str, Any]] = []
+    if evaluation is not None and recipe.eval.every > 0:
+        curve.append({"round": 0, **evaluation.evaluate(module.model)})
+    rounds: list[dict[str, Any]] = []
+    reports: dict[int, dict[str, Any]] = {}
+    peak = tokens = steps = 0
+    live: set[int] = set()  # the clients holding a core: those sampled last round
+    eval_s = 0.0
+    t_loop = time.perf_counter()
+    for t in range(plan.rounds):
+        block = plan.schedule[t]
+        sampled = plan.participants[t] if plan.participants is not None else range(f.clients)
+        chosen = set(sampled)
+        for i in [i for i in live if i not in chosen]:  # nothing of theirs is needed before they are sampled again
+            clients[i].retire()
+            live.discard(i)
+        for i in sampled:
+            c = clients[i]
+            if c.core is None or c.last_trained != t - 1:
+                runner.materialize(c, t, server)
+                live.add(i)
+        peak = max(peak, len(live))
+        results = runner.run_round(t, [clients[i] for i in sampled], server)
+        ups = {r.client_id: r.update for r in results}
+        tokens += sum(r.tokens for r in results)
+        steps += len(results) * tr.local_steps
+        close = clock.upload(
+            t, {r.client_id: r.compute_s for r in results}, {i: _nbytes(_wire(u.tensors, u.kind, wire)) for i, u in ups.items()}
+        )
+        t0 = time.perf_counter()
+        step = RoundStep(t, block, optimizer=server_optimizer)
+        arrived = []
+        for i in close.on_time:  # client-id order, as the reference and the server add them
+            u = ups[i]
+            assert u.tensors is not None
+            step.add(_wire(u.tensors, u.kind, wire) or {}, u.weight, u.kind)
+            arrived.append(i)
+        problem = server.install(t, block, step.close(server.current(block)))
+        runner.install(block, server.current(block))
+        aggregation_s = time.perf_counter() - t0
+        sim_agg = recipe.simulation.aggregation_s if recipe.simulation.aggregation_s is not None else aggregation_s
+        clock.deliver(t, sim_agg, _nbytes(server.current(block)))
+        record = _round_record(t, block, list(sampled), arrived, close, problem, sim_agg, ups)
+        rounds.append(record)
+        for r in results:
+            rep = reports.setdefault(r.client_id, {"rounds": [], "events": [], "final": {}})
+            u = r.update
+            rep["rounds"].append(dict(round=t, block=block, samples=r.samples, weight=u.weight, kind=u.kind, loss=u.loss, version=t))
+        if progress is not None:
+            progress(record)
+        last = plan.rounds - 1 - plan.staleness  # parablock: the point of the second-to-last round comes with the final one
+        if evaluation is not None and recipe.eval.every > 0 and (t + 1) % recipe.eval.every == 0 and t < last:
+            t_eval = time.perf_counter()
+            curve.append({"round": t + 1, **evaluation.evaluate(module.model)})
+            eval_s += time.perf_counter() - t_eval
+    loop_s = time.perf_counter() - t_loop - eval_s
+    wall = clock.finish()
+    _merge_clock(reports, clock.records)
+    final = _final(recipe, module, evaluation, curve, plan.rounds)
+    globals_ = {n: v for blk in server.state.values for n, v in blk.items()}
+    for i, rep in reports.items():
+        rep["shard_size"] = shards.shard_size(i)
+        rep["final"] = {"client_data": {"shard_size": shards.shard_size(i), "read_skipped": 0, "encode_skipped": 0}}
+    if reports:
+        first = reports[min(reports)]
+        first["final"].update(final)
+        first["final"]["client_data"].update(read_skipped=len(shards.read_skipped), encode_skipped=len(shards.encode_skipped))
+    view = {
+        "mode": recipe.mode,
+        "clients": f.clients,
+        "rounds_planned": f.rounds,
+        "schedule": list(plan.schedule),
+        "blocks": partition.to_dict(),
+        "server_lr": f.server_lr,
+        "aggregation": f.aggregation,
+        "rounds": rounds,
+        "rejected_outside_rounds": [],
+        "client_reports": {str(k): v for k, v in sorted(reports.items())},
+        "joined": list(range(f.clients)),
+        "dropped": [],
+        "resumed_from_round": None,
+        "started_at": 0.0,
+        "globals_sha256": digest(globals_),
+    }
+    return SimulationResult(
+        globals_,
+        view,
+        wall,
+        time.perf_counter() - t_real,
+        final,
+        peak,
+        clock.skipped_downloads,
+        clock.skipped_bytes_down,
+        loop_s,
+        tokens,
+        steps,
+    )
+
+
+def _round_record(
+    t: int,
+    block: int,
+    sampled: list[int],
+    arrived: list[int],
+    close: RoundClose,
+    problem: str,
+    aggregation_s: float,
+    updates: dict[int, Update],
+) -> dict[str, Any]:
+    """The server's record of a round, as the aggregator writes it (the loss: the arrived updates' weighted mean)."""
+    losses = [(updates[i].weight, float(loss)) for i in arrived if (loss := updates[i].loss) is not None and updates[i].weight]
+    total = sum(w for w, _ in losses)
+    return {
+        "round": t,
+        "block": block,
+        "expected": len(sampled),
+        "expected_clients": sampled,
+        "arrived": len(arrived),
+        "rejected": 1 if problem else 0,
+        "late": len(close.late),
+        "aggregation_s": aggregation_s,
+        "closed_at": close.closed_at,
+        "close_reason": close.reason,
+        "loss": sum(w * v for w, v in losses) / total if total > 0 else None,
+        "clients": arrived,
+        "clipped": [],
+        "rejections": [{"round": t, "block": block, "reason": problem, "at": close.closed_at}] if problem else [],
+    }
+
+
+def _wire(tensors: dict[str, Tensor] | None, kind: str, wire: torch.dtype | None) -> dict[str, Tensor] | None:
+    """An update as it travels: deltas in the wire dtype when one is set."""
+    if tensors is None or wire is None or kind != "delta":
+        return tensors
+    return {n: t.to(wire) if t.is_floating_point() else t for n, t in tensors.items()}
+
+
+def _merge_clock(reports: dict[int, dict[str, Any]], timed: dict[int, list[dict[str, Any]]]) -> None:
+    keys = ("started_at", "ended_at", "compute_s", "sent_at", "upload_s", "server_wait_s", "download_s", "arrived_at", "applied_at")
+    for i, recs in timed.items():
+        by_round = {r["round"]: r for r in recs}
+        for rec in reports.get(i, {}).get("rounds", []):
+            clocked = by_round.get(rec["round"])
+            if clocked is not None:
+                rec.update({k: clocked[k] for k in (*keys, "blocked_s", "bytes_up", "bytes_down") if k in clocked})
+                if clocked.get("late"):
+                    rec["late"] = True
+
+
+def _evaluation(recipe: Recipe, tokenizer: Any, records: list[dict[str, Any]]) -> Any:
+    if not records:
+        return None
+    from pl_parablock.evaluation import GlobalEvaluation
+
+    t = recipe.train
+    return GlobalEvaluation(
+        cast(Any, None),  # only its evaluate() is used: the simulator knows when the shared model holds the global
+        records,
+        tokenizer,
+        batch_size=t.batch_size,
+        max_length=t.max_length,
+        max_new_tokens=recipe.eval.max_new_tokens,
+        model_dir=None,
+        on_error=recipe.data.on_error,
+    )
+
+
+def _final(recipe: Recipe, module: ParaBlockModule, evaluation: Any, curve: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
+    metrics: dict[str, Any] = {}
+    if evaluation is not None:
+        metrics.update(evaluation.evaluate(module.model))
+        metrics["eval_samples"] = len(evaluation.records)
+        if recipe.eval.every > 0:
+            curve.append({"round": rounds, **{k: v for k, v in metrics.items() if k != "eval_samples"}})
+    model_dir = os.path.join(recipe.output_dir, "model")
+    module.save_pretrained(model_dir)
+    metrics["model_dir"] = os.path.abspath(model_dir)
+    pe = recipe.model.peft
+    if module.is_peft:
+        metrics["model_format"] = "peft_adapter"
+        if pe.merge:
+            merged = os.path.join(recipe.output_dir, "merged_model")
+            save_merged(recipe.model, recipe.seed, model_dir, merged, tokenizer=module.tokenizer)
+            metrics["merged_model_dir"] = os.path.abspath(merged)
+    else:
+        metrics["model_format"] = "full"
+    if curve:
+        metrics["eval_curve"] = list(curve)
+    return metrics
