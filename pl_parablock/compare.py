@@ -3,7 +3,9 @@
 Every recipe given (a folder stands for its ``*.yaml`` files, e.g. all of
 ``recipes/math/``) runs as a federation of its own, one after another, with
 the same overrides (so the same model, data, clients, rounds and link when
-the recipes agree on them otherwise); each run's output goes to
+the recipes agree on them otherwise), as process federations (``--inprocess``:
+clients as threads of one process; ``--simulate``: in the simulator, on its
+simulated clock); each run's output goes to
 ``OUTPUT_DIR/<recipe>/`` (``OUTPUT_DIR`` from ``output_dir=``, default
 ``runs/compare``). Then one table: markdown on screen, ``OUTPUT_DIR/compare.json``
 (``{"rows": [...]}``, one row per recipe) and ``OUTPUT_DIR/comparison.png``
@@ -90,7 +92,7 @@ def row_of(name: str, report: dict[str, Any]) -> dict[str, Any]:
         "perplexity": final.get("perplexity"),
         "exact_match": final.get("exact_match"),
         "wall_s": report.get("wall_s"),
-        "clock": report.get("clock", "measured"),
+        "clock": "simulated" if (report.get("clock") or {}).get("simulated") else "measured",
         "bytes_up": totals.get("bytes_up"),
         "bytes_down": totals.get("bytes_down"),
         "peak_rss_mb": max(rss) if rss else None,
@@ -124,7 +126,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Run several recipes with the same overrides and compare them in one table.",
     )
     p.add_argument("items", nargs="+", help="recipe files or folders of them, then key=value overrides for all of them")
-    p.add_argument("--inprocess", action="store_true", help="run each federation in one process (clients as threads)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--inprocess", action="store_true", help="run each federation in one process (clients as threads)")
+    how.add_argument("--simulate", action="store_true", help="run each recipe in the simulator (virtual clients, simulated clock)")
     return p
 
 
@@ -154,7 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows, runs = [], []
         for path, name in zip(paths, names):
             run_dir = os.path.join(out_dir, name)
-            cmd = [sys.executable, "-m", "pl_parablock.fit", path, *rest, f"output_dir={run_dir}"]
+            entry = "pl_parablock.simulate" if args.simulate else "pl_parablock.fit"
+            cmd = [sys.executable, "-m", entry, path, *rest, f"output_dir={run_dir}"]
             if args.inprocess:
                 cmd.append("--inprocess")
             print(f"  running {name}: {' '.join(cmd[1:])}", flush=True)

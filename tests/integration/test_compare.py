@@ -40,6 +40,22 @@ def test_a_folder_of_recipes_makes_one_table(tmp_path):
         assert (out / name / "report.json").exists()
 
 
+def test_the_simulator_makes_the_same_table_on_its_clock(tmp_path):
+    folder = tmp_path / "methods"
+    folder.mkdir()
+    (folder / "parablock.yaml").write_text(TINY_RECIPE + "mode: parablock\n")
+    (folder / "fedcybgd.yaml").write_text(TINY_RECIPE + "mode: cyclic\n")
+    out = tmp_path / "table"
+    done = compare(str(folder), "federation.rounds=3", f"output_dir={out}", "--simulate")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert [(r["recipe"], r["mode"], r["clock"]) for r in rows] == [
+        ("fedcybgd", "cyclic", "simulated"),
+        ("parablock", "parablock", "simulated"),
+    ]
+    assert all(r["eval_loss"] > 0 and r["bytes_up"] > 0 for r in rows)
+
+
 def test_bad_input_exits_2_naming_the_culprit(tmp_path):
     missing = compare(str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "nowhere" in missing.stderr and "Traceback" not in missing.stderr
