@@ -20,6 +20,10 @@ Wrong variants tried on the core (each made a test here fail, then was restored)
   ``test_core_matches_the_spec`` (parablock, one block);
 * wrong weights (``client_weight`` returning ``samples`` for every weighting):
   ``test_core_matches_the_spec`` (shard and uniform cases) and ``test_client_weight``.
+* a later round that moved a block counted as "this client trained it since" (staggered):
+  ``test_core_matches_the_spec`` (three staggered parablock cases);
+* a kept later hand-off of a block left unshifted when the aggregate replaces the block:
+  ``test_core_matches_the_spec`` (parablock, one block, sampled).
 """
 
 from __future__ import annotations
