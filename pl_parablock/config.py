@@ -292,6 +292,13 @@ class FederationSection:
     )
     tls: TLSSection = field(default_factory=TLSSection)
     server_optimizer: ServerOptimizerSection = field(default_factory=ServerOptimizerSection)
+    gather_s: float = field(
+        default=60.0,
+        metadata=_help(
+            "Before every client has joined once, the server asks updates to retry until this many seconds after the first "
+            "join, so that a client starting late still starts at round 0 like the others; 0: no wait."
+        ),
+    )
     clients_per_round: int | None = field(
         default=None, metadata=_help("Clients sampled (seeded) to train each round; the others only fetch the aggregate.")
     )
@@ -839,6 +846,7 @@ def validate(recipe: Recipe) -> list[str]:
     _at_least(p, "federation.clients", f.clients, 1)
     _at_least(p, "federation.rounds", f.rounds, 1)
     _at_least(p, "federation.server_lr", f.server_lr, 0.0, strict=True)
+    _at_least(p, "federation.gather_s", f.gather_s, 0.0)
     so = f.server_optimizer
     _one_of(p, "federation.server_optimizer.name", so.name, SERVER_OPTIMIZERS)
     _at_least(p, "federation.server_optimizer.lr", so.lr, 0.0, strict=True)

@@ -143,6 +143,7 @@ def _aggregator(recipe: Recipe, progress: bool) -> Aggregator:
         server_optimizer=server_optimizer_of(recipe),
         mode=recipe.mode,
         assignment=recipe.blocks.assignment,
+        gather_s=f.gather_s,
         min_clients=f.min_clients,
         round_timeout_s=f.round_timeout_s,
         clients_per_round=f.clients_per_round,

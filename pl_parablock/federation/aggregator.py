@@ -241,6 +241,10 @@ class Aggregator:
         max_weight: refuse an update whose weight is larger (what a client
             can have seen in a round, see :func:`pl_parablock.config.weight_bound`);
             ``None``: :data:`MAX_WEIGHT`.
+        gather_s: before every client has joined once, updates are refused
+            with "retry" until this many seconds after the first join, so
+            that a client starting late starts from round 0 like the others
+            (every client's view of the rounds is then the plan's); 0: no wait.
         initial_state_wait_s: the first client's fingerprint is dropped if
             its initial state has not begun to arrive this long after its
             join (or within its join's timeout, if shorter).
@@ -270,6 +274,7 @@ class Aggregator:
         weighting: str | None = None,
         max_weight: float | None = None,
         initial_state_wait_s: float = 30.0,
+        gather_s: float = 0.0,
     ) -> None:
         if clients < 1 or rounds < 1:
             raise ValueError("a federation needs at least one client and one round")
@@ -319,6 +324,9 @@ class Aggregator:
         self._fingerprint: dict[str, Any] | None = None
         self._partition: Partition | None = None
         self._plan: Plan | None = None
+        self.gather_s = gather_s
+        self._first_join: float | None = None
+        self._gathered_once = gather_s <= 0
         self._schedule: list[int] = []
         self._initializer: int | None = None
         self._pending_until = math.inf  # a fingerprint whose initial state has not come is dropped after this
@@ -418,6 +426,8 @@ class Aggregator:
             if again:  # it adopts the current values: it reads no older version
                 self._state.release(client_id)
             self._joined.add(client_id)
+            if self._first_join is None:
+                self._first_join = time.monotonic()
             self._left.discard(client_id)
             if again:
                 log.info("client %d joined again; next round %d", client_id, self._next_round())
@@ -550,6 +560,13 @@ class Aggregator:
                 raise RefusedError(f"round {round_index} is outside 0..{self.rounds - 1}", "invalid")
             return self._block_for(client_id, round_index) if client_id is not None else self._schedule[round_index]
 
+    def _gathered(self) -> bool:
+        """Every client joined once, or ``gather_s`` passed since the first join (caller holds ``_cond``)."""
+        if not self._gathered_once:
+            waited = self._first_join is not None and time.monotonic() - self._first_join >= self.gather_s
+            self._gathered_once = len(self._joined) >= self.clients or waited
+        return self._gathered_once
+
     def _block_for(self, client: int, round_index: int) -> int:
         assert self._plan is not None
         return self._plan.block_for(client, round_index)
@@ -602,6 +619,13 @@ class Aggregator:
                 return self.refuse(record, "no initial state yet")
             if not 0 <= rnd_i < self.rounds:
                 return self.refuse(record, f"round {rnd_i} is outside 0..{self.rounds - 1}")
+            if not self._gathered():
+                return {
+                    "accepted": False,
+                    "status": "waiting",
+                    "reason": f"waiting for every client to join ({len(self._joined)} of {self.clients})",
+                    "retry": True,
+                }
             if rnd_i > self._next_round() + self._ahead:
                 return self.refuse(record, f"round {rnd_i} is not open: the federation is at round {self._next_round()}")
             if block != self._block_for(client, rnd_i):
@@ -1032,6 +1056,7 @@ class Aggregator:
             self._left = set(state.get("left", []))
             self._reports = {int(k): v for k, v in state.get("reports", {}).items()}
             self._rejected = list(state.get("rejected", []))
+            self._gathered_once = True  # the federation had started
             self.resumed_from = self._next_round()
             return self.resumed_from
 

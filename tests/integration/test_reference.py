@@ -140,3 +140,43 @@ def test_grpc_process_federation_equals_the_reference_bitwise(case, tmp_path):
     saved = dict(AutoModelForCausalLM.from_pretrained(out / "model").named_parameters())
     names = {n: n.removeprefix("model.") for n in reference.globals}  # the LightningModule holds the HF model as `model`
     assert_same(reference.globals, {n: saved[m] for n, m in names.items()}, "saved model")
+
+
+def test_a_client_starting_late_still_starts_at_round_0(tmp_path):
+    """The server asks updates to retry until every client joined once (federation.gather_s), so participation stays the plan's.
+
+    Wrong variant tried: ``federation.gather_s=0`` (no wait): the late client
+    adopts round 0's aggregate early and the global differs from the reference.
+    """
+    import threading
+    import time
+
+    from pl_parablock.config import client_token, server_token
+    from pl_parablock.federation import FederationService, InProcessTransport
+    from pl_parablock.fit import _aggregator
+    from pl_parablock.runner import prepare_client
+
+    recipe = recipe_for(tmp_path, CASES["parablock-4-random-sampled"])
+    reference = run_reference(recipe)
+    agg = _aggregator(recipe, progress=False)
+    service = FederationService(agg, token=server_token(recipe))
+    runs = [prepare_client(recipe, i, InProcessTransport(service, token=client_token(recipe, i))) for i in range(3)]
+    late = next(i for i in range(3) if i not in agg.participants[0])  # not sampled in round 0: nothing would wait for it
+    errors: list[BaseException] = []
+
+    def fit(run, delay: float) -> None:
+        time.sleep(delay)
+        try:
+            run.fit()
+        except BaseException as exc:
+            errors.append(exc)
+            agg.shutdown()
+
+    threads = [threading.Thread(target=fit, args=(r, 3.0 if r.client_id == late else 0.0)) for r in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and not any(t.is_alive() for t in threads)
+    assert_same(agg.global_state(), reference.globals, "server global")
+    assert not [e for r in runs for e in r.strategy.events if e["event"] == "synced"], "no client had to catch up"

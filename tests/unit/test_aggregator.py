@@ -487,3 +487,20 @@ def test_refusals_are_recorded_up_to_a_bound_and_counted_beyond():
         agg.submit(*update(0, 0, 0, 1.0, weight=-1))
     rec = agg._round_record(agg._rounds[0])
     assert len(rec["rejections"]) == MAX_RECORDED_REJECTIONS and rec["rejected"] == MAX_RECORDED_REJECTIONS + 50
+
+
+def test_updates_wait_until_every_client_joined_once_or_the_gather_time_passed():
+    """A client starting late must still start at round 0: until all joined (or gather_s passed), pushes are asked to retry."""
+    agg = Aggregator(clients=2, rounds=4, gather_s=60.0)
+    agg.join(0, fingerprint(), 5)
+    agg.set_initial_state(0, STATE)
+    reply = agg.submit(*update(0, 0, 0, 1.0))
+    assert reply["status"] == "waiting" and reply["retry"] and "1 of 2" in reply["reason"]
+    agg.join(1, fingerprint(), 5)
+    assert status(agg.submit(*update(0, 0, 0, 1.0))) == "accepted"
+
+    alone = Aggregator(clients=2, rounds=4, gather_s=0.05)
+    alone.join(0, fingerprint(), 5)
+    alone.set_initial_state(0, STATE)
+    time.sleep(0.1)
+    assert status(alone.submit(*update(0, 0, 0, 1.0))) == "accepted", "a client that never comes does not hold the federation"
