@@ -31,6 +31,9 @@ SMALL = [
     "federation.rounds=2",
     "eval.max_samples=4",
     "eval.max_new_tokens=4",
+    "link.uplink_mbps=null",  # the offline recipes emulate the quickstart's slow link: not what is tested here
+    "link.downlink_mbps=null",
+    "link.latency_ms=0",
 ]
 
 
