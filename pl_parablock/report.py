@@ -429,14 +429,11 @@ def plot_comparison(runs: Sequence[tuple[str, dict[str, Any]]], path: str) -> st
     ax_time, ax_round = fig.subplots(1, 2)
     _draw_losses(ax_time, ax_round, runs)
     links = sorted({_link_label(r) for _, r in runs})
-    fig.suptitle(
-        "  vs  ".join(
-            f"{name}: wall {r.get('wall_s', float('nan')):.1f} s{_training(r)}{' simulated' if _simulated(r) else ''}" for name, r in runs
-        )
-        + "\n"
-        + "; ".join(links),
-        fontsize=10,
+    walls = "  vs  ".join(
+        f"{name}: wall {r.get('wall_s', float('nan')):.1f} s{_training(r)}{' simulated' if _simulated(r) else ''}" for name, r in runs
     )
+    # beyond two runs the walls would not fit one title line: the compare command puts them in the legend
+    fig.suptitle((walls + "\n" if len(runs) <= 2 else "") + "; ".join(links), fontsize=10)
     fig.savefig(path)
     return path
 
