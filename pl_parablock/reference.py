@@ -36,7 +36,7 @@ from pl_parablock.errors import ConfigError
 from pl_parablock.module import ParaBlockModule
 from pl_parablock.runner import prepare_client
 
-__all__ = ["ReferenceResult", "run_reference"]
+__all__ = ["ReferenceResult", "plain_steps", "run_reference"]
 
 log = logging.getLogger(__name__)
 
@@ -108,28 +108,42 @@ def _client(recipe: Recipe, client_id: int) -> _Client:
     return _Client(core, module, optimizer, _batches(run.datamodule.train_dataloader()), blocks, run.shard_size)
 
 
+def plain_steps(
+    module: ParaBlockModule, optimizer: torch.optim.Optimizer, batches: Iterator[Any], steps: int, gradient_clip_val: float | None
+) -> tuple[int, int, float]:
+    """``steps`` optimizer steps as Lightning's automatic optimization takes them; returns samples, label tokens, mean loss.
+
+    ``training_step``, ``zero_grad``, ``backward``, norm clipping over the
+    optimizer's parameters when asked, ``step``: the same arithmetic in the
+    same order as a Lightning client, so the reference and the simulator end
+    bitwise where the federation does.
+    """
+    samples = 0
+    tokens: Tensor | int = 0
+    losses = []
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    for step in range(steps):
+        batch = next(batches)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # training_step logs, and there is no Trainer to log to
+            loss = module.training_step(batch, step)
+        optimizer.zero_grad()
+        loss.backward()
+        if gradient_clip_val is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, gradient_clip_val)
+        optimizer.step()
+        samples += extract_batch_size(batch)
+        tokens = tokens + (batch["labels"] != -100).sum()
+        losses.append(loss.detach())
+    return samples, int(tokens), float(torch.stack(losses).float().mean())
+
+
 def _train(c: _Client, start: RoundStart, recipe: Recipe) -> Update:
     """``K`` local steps of block ``start.block``, then the round's update."""
     t = recipe.train
     activate(c.blocks, start, [c.optimizer])
-    samples = tokens = 0
-    losses = []
-    trainable = [p for g in c.optimizer.param_groups for p in g["params"]]
-    for step in range(t.local_steps):
-        batch = next(c.batches)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # training_step logs, and there is no Trainer to log to
-            loss = c.module.training_step(batch, step)
-        c.optimizer.zero_grad()
-        loss.backward()
-        if t.gradient_clip_val is not None:
-            torch.nn.utils.clip_grad_norm_(trainable, t.gradient_clip_val)
-        c.optimizer.step()
-        samples += extract_batch_size(batch)
-        tokens += int((batch["labels"] != -100).sum())
-        losses.append(loss.detach())
-    loss_value = float(torch.stack(losses).float().mean())
-    return c.core.end(samples=samples, tokens=tokens, shard=c.shard_size, weighting=recipe.federation.weighting, loss=loss_value)
+    samples, tokens, loss = plain_steps(c.module, c.optimizer, c.batches, t.local_steps, t.gradient_clip_val)
+    return c.core.end(samples=samples, tokens=tokens, shard=c.shard_size, weighting=recipe.federation.weighting, loss=loss)
 
 
 def run_reference(recipe: Recipe) -> ReferenceResult:

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import functools
 import time
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
 
 from pl_parablock.algorithm import AlgorithmError, ClientCore, GlobalState, Plan, RoundStart, Update, activate
@@ -29,6 +27,7 @@ from pl_parablock.data import client_data, client_shares, collate, encode_record
 from pl_parablock.data.module import EpochShuffle, adds_bos
 from pl_parablock.errors import DataError
 from pl_parablock.module import ParaBlockModule
+from pl_parablock.reference import plain_steps
 
 __all__ = ["ClientShards", "RoundExecutor", "RoundResult", "ServerBlocks", "SharedModelExecutor", "VirtualClient"]
 
@@ -310,7 +309,6 @@ class SharedModelExecutor:
         self.device = device
         self.initial_rng = torch.get_rng_state()
         self.initial_cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        self._trainable = [p for g in optimizer.param_groups for p in g["params"]]
 
     # ------------------------------------------------------------ shared parameters
 
@@ -412,24 +410,9 @@ class SharedModelExecutor:
             torch.cuda.set_rng_state(c.cuda_rng if c.cuda_rng is not None else self.initial_cuda_rng, self.device)
         examples = self.shards.examples(c.client_id)
         batches = c.batches(examples, self.shards.batch_size, self.shards.seed, self.shards.pad)
-        samples = 0
-        tokens: Tensor | int = 0
-        losses = []
         t0 = time.perf_counter()
-        for step in range(self.local_steps):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # training_step logs, and there is no Trainer to log to
-                loss = self.module.training_step(batch, step)
-            self.optimizer.zero_grad()
-            loss.backward()
-            if self.gradient_clip_val is not None:
-                torch.nn.utils.clip_grad_norm_(self._trainable, self.gradient_clip_val)
-            self.optimizer.step()
-            samples += extract_batch_size(batch)
-            tokens = tokens + (batch["labels"] != -100).sum()
-            losses.append(loss.detach())
-        loss_value = float(torch.stack(losses).float().mean())
+        on_device = ({k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in batches)
+        samples, tokens, loss_value = plain_steps(self.module, self.optimizer, on_device, self.local_steps, self.gradient_clip_val)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         compute_s = time.perf_counter() - t0
