@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -221,6 +222,8 @@ def run_simulation(
     wall = clock.finish()
     _merge_clock(reports, clock.records)
     final = _final(recipe, module, evaluation, curve, plan.rounds)
+    final["trainable_params"] = sum(p.numel() for blk in blocks for p in blk.values())
+    final["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the one process of every virtual client
     globals_ = {n: v for blk in server.state.values for n, v in blk.items()}
     for i, rep in reports.items():
         rep["shard_size"] = shards.shard_size(i)
