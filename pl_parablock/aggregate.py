@@ -143,17 +143,40 @@ class RoundAccumulator:
             raise ValueError(f"update weight must be a positive finite number, not {weight!r}")
         if kind == "value" and scale != 1.0:
             raise ValueError("only deltas can be scaled")
-        acc = self._values if kind == "value" else self._deltas
+        alpha = weight * scale
         for name, start, piece in pieces:
             if start % PIECE_ELEMS or piece.numel() > PIECE_ELEMS:
                 raise ValueError(f"piece of {name!r} at {start} is not aligned to {PIECE_ELEMS} elements")
-            sums = acc.setdefault(name, {})
-            i = start // PIECE_ELEMS
-            if i in sums:
-                # formed in float64: w * x is exact for an integer weight and a float32 (or narrower) x
-                sums[i].add_(piece.detach().to("cpu"), alpha=weight * scale)
-            else:
-                sums[i] = piece.detach().to(device="cpu", dtype=torch.float64, copy=True).mul_(weight * scale)
+            self.add_segment(kind, name, piece.numel(), start, piece.detach().to("cpu").reshape(-1), alpha)
+        self.commit(weight, kind)
+
+    def sums(self, kind: str) -> dict[str, dict[int, Tensor]]:
+        """The running sums of ``kind`` updates: tensor name -> piece index -> float64 piece."""
+        return self._values if kind == "value" else self._deltas
+
+    def add_segment(self, kind: str, name: str, piece_len: int, start: int, values: Tensor, alpha: float) -> None:
+        """Add ``alpha * values`` to elements ``start ..`` of tensor ``name``'s sums, within one piece.
+
+        ``piece_len`` is the length of the piece that holds ``start`` (only
+        used when the piece is created). A piece of the sums is created at
+        its first touch filled with ``-0.0``, the identity of IEEE addition
+        (``-0.0 + x == x`` bitwise, signed zeros included), so adding an
+        update a segment at a time in any cut gives bitwise what adding it
+        whole gives. ``alpha * x`` is exact in float64 for an integer weight
+        and a float32 (or narrower) ``x``, so each element is rounded once.
+        Does not count the update: call :meth:`commit` when all of it is in.
+        """
+        i, off = divmod(start, PIECE_ELEMS)
+        sums = self.sums(kind).setdefault(name, {})
+        piece = sums.get(i)
+        if piece is None:
+            piece = sums[i] = torch.full((piece_len,), -0.0, dtype=torch.float64)
+        if off + values.numel() > piece.numel():
+            raise ValueError(f"segment of {name!r} at {start} crosses a piece boundary")
+        piece[off : off + values.numel()].add_(values, alpha=alpha)
+
+    def commit(self, weight: float, kind: str) -> None:
+        """Count one update whose values were added with :meth:`add_segment`."""
         if kind == "value":
             self.weight_values += weight
         else:

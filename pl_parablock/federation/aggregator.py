@@ -32,12 +32,13 @@ import json
 import logging
 import math
 import os
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -60,9 +61,9 @@ from pl_parablock.algorithm import (
 from pl_parablock.blocks import Partition
 from pl_parablock.errors import FederationError, ParaBlockError
 from pl_parablock.federation._ratelimit import RateLimitedLog
-from pl_parablock.federation.wire import DTYPES, Spec, StagedTensors, dtype_name, short
+from pl_parablock.federation.wire import DTYPES, Spec, StagedTensors, check_specs, dtype_name, short, tensor_specs
 
-__all__ = ["AGGREGATIONS", "MAX_WEIGHT", "Aggregator", "RefusedError", "check_fingerprint"]
+__all__ = ["AGGREGATIONS", "MAX_WEIGHT", "Aggregator", "Feed", "RefusedError", "check_fingerprint"]
 
 log = logging.getLogger(__name__)
 warn = RateLimitedLog(log)
@@ -78,6 +79,12 @@ MAX_RECORDED_REJECTIONS = 1000
 MAX_BLOCKS = 1 << 16
 MAX_DIMS = 16
 MAX_NAME = 1024
+
+
+Consume = Callable[[str, int, Tensor], None]
+"""``consume(name, start, values)``: elements ``start .. start + values.numel()`` of tensor ``name`` of an update, flat."""
+Feed = Callable[[Consume, Callable[[memoryview], None]], None]
+"""``feed(consume, spool)``: delivers an update to :meth:`Aggregator.receive` as it arrives."""
 
 
 class RefusedError(FederationError):
@@ -98,6 +105,83 @@ class _Update:
     scale: float
 
 
+class _Refusal(Exception):  # noqa: N818 - control flow inside the aggregator, never raised to callers
+    """An update found bad while it streams in (its reason goes to the client and the report)."""
+
+
+class _Aborted(Exception):  # noqa: N818
+    """An update whose round closed, or which a newer upload of the same client replaced, while it streamed in."""
+
+
+@dataclass
+class _Entry:
+    """One segment of an update added to one piece of a round's sums: what a rollback replays."""
+
+    upload: _Upload
+    off: int  # first element within the piece
+    count: int
+
+
+class _Upload:
+    """An update being checked and summed as its stream arrives (the streaming path, see :meth:`Aggregator.receive`).
+
+    Its bytes are also written, as they arrive, to an unnamed temporary file
+    (disk, not memory): if this or another update of the round is refused
+    after part of it was summed, the pieces it touched are rebuilt from the
+    spools of the others' segments, in the order they were added.
+    """
+
+    def __init__(
+        self, rnd: _Round, client: int, block: int, kind: str, weight: float, specs: list[Spec], current: dict[str, Tensor]
+    ) -> None:
+        self.rnd = rnd
+        self.client = client
+        self.block = block
+        self.kind = kind
+        self.weight = weight
+        self.current = current
+        self.dtypes = {s.name: s.dtype for s in specs}
+        self.offsets: dict[str, int] = {}
+        at = 0
+        for spec in specs:
+            self.offsets[spec.name] = at
+            at += spec.nbytes
+        self.spool: IO[bytes] | None = tempfile.TemporaryFile(prefix="pl_parablock-", buffering=0)
+        self.written = 0
+        self.touched: dict[tuple[str, int], None] = {}  # (tensor, piece index) of the sums it added to, in order
+        self.sq = 0.0  # squared L2 norm of its delta so far
+        self.aborted = ""  # why it stopped counting: a reply status ("late", "superseded"), or "" while it counts
+        self.work_s = 0.0
+
+    def write(self, chunk: memoryview) -> None:
+        """Spool one body chunk (before its pieces are summed)."""
+        t0 = time.perf_counter()
+        assert self.spool is not None
+        view = memoryview(chunk).cast("B")
+        while view:
+            n = self.spool.write(view)
+            if not n:
+                raise OSError("could not spool an update to disk")
+            view = view[n:]
+            self.written += n
+        self.work_s += time.perf_counter() - t0
+
+    def read(self, name: str, start: int, count: int) -> Tensor:
+        """Elements ``start .. start + count`` of tensor ``name`` from the spool."""
+        assert self.spool is not None
+        dtype = self.dtypes[name]
+        at = self.offsets[name] + start * dtype.itemsize
+        data = os.pread(self.spool.fileno(), count * dtype.itemsize, at)
+        if len(data) != count * dtype.itemsize:
+            raise FederationError(f"the spool of client {self.client}'s update could not be read back")
+        return torch.frombuffer(data, dtype=dtype)
+
+    def close(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
+
+
 @dataclass
 class _Round:
     index: int
@@ -107,6 +191,10 @@ class _Round:
     lock: threading.Lock = field(default_factory=threading.Lock)
     clients: dict[int, dict[str, Any]] = field(default_factory=dict)
     kept: dict[int, _Update] = field(default_factory=dict)
+    streaming: dict[int, _Upload] = field(default_factory=dict)  # updates being summed as they arrive, by client
+    spooled: list[_Upload] = field(default_factory=list)  # accepted streamed updates (their spools until it closes)
+    log: dict[tuple[int, str, str, int], list[_Entry]] = field(default_factory=dict)  # (block, kind, tensor, piece) -> adds
+    work_s: float = 0.0  # the server's work on the round's updates as they arrived
     rejected: list[dict[str, Any]] = field(default_factory=list)
     refused: int = 0  # also those beyond the recorded ones
     late: int = 0
@@ -674,6 +762,181 @@ class Aggregator:
             rnd = self._rounds[index] = _Round(index, self._schedule[index], self.participants[index], steps)
         return rnd
 
+    @property
+    def streams(self) -> bool:
+        """Whether updates are checked and summed as they arrive (:meth:`receive`).
+
+        Weighted ``mean`` aggregation without ``clip_norm``. With
+        ``clip_norm`` an update's scale is known only once its norm is, at
+        its end, and ``median`` / ``trimmed_mean`` keep every update until
+        the round closes: those spool each update whole and read it back
+        (:meth:`submit` with :class:`~pl_parablock.federation.wire.StagedTensors`).
+        """
+        return self.aggregation == "mean" and self.clip_norm is None
+
+    def receive(self, header: Mapping[str, Any], specs: list[Spec], feed: Feed) -> dict[str, Any]:
+        """Check and sum one client's update as it arrives; returns the reply (as :meth:`submit`).
+
+        ``feed(consume, spool)`` delivers the update: ``spool(chunk)`` with
+        every body chunk as it comes, then ``consume(name, start, values)``
+        with its elements (flat, any float dtype, none crossing a multiple of
+        :data:`~pl_parablock.aggregate.PIECE_ELEMS`), in any order and cut;
+        it may raise (a cut or corrupt stream) after part was consumed.
+
+        Every piece is checked (finite values; the norm bound as the squared
+        norm grows) and added to the round's float64 sums at once, under the
+        round's lock for that piece only. The server never holds the update:
+        one piece at a time, and its bytes in an unnamed temporary file. An
+        update refused, cut short, superseded or overtaken by its round's
+        close after some of it was summed is rolled back: every piece of the
+        sums it touched is rebuilt from the other updates' spooled segments
+        in the order they were added, bitwise what the sums would hold had it
+        never arrived (no subtraction, which large values would make
+        inexact). Needs :attr:`streams`.
+        """
+        if not self.streams:
+            raise FederationError("this aggregator keeps whole updates (clip_norm or robust aggregation): use submit")
+        early = self.precheck(header, specs)
+        if early is not None:
+            return early
+        client, rnd_i, kind, weight = int(header["client_id"]), int(header["round"]), str(header["kind"]), float(header["weight"])
+        with self._cond:
+            rnd = self._round(rnd_i)
+            block = self._block_for(client, rnd_i)
+            current = self._state.values[block]
+        record = {"client": client, "round": rnd_i, "block": block}
+        up = _Upload(rnd, client, block, kind, weight, specs, current)
+        try:
+            with rnd.lock:
+                if client in rnd.clients:
+                    return {"accepted": True, "status": "duplicate", "reason": "duplicate: already applied"}
+                if rnd.closed:
+                    rnd.late += 1
+                    return {"accepted": False, "status": "late", "reason": f"late: round {rnd_i} already closed"}
+                older = rnd.streaming.pop(client, None)
+                if older is not None:  # a retry while the first try still streams (its connection died): the newer one counts
+                    older.aborted = "superseded"
+                    self._rollback(rnd, older)
+                rnd.streaming[client] = up
+            try:
+                feed(lambda name, start, values: self._consume(up, name, start, values), up.write)
+            except _Refusal as exc:
+                self._drop(up)
+                return self.refuse(record, str(exc), rnd)
+            except _Aborted:
+                return self._aborted_reply(up, rnd_i)
+            except BaseException:
+                self._drop(up)
+                raise
+            norm = math.sqrt(up.sq)
+            complete = False
+            with rnd.lock:
+                if up.aborted:
+                    return self._aborted_reply(up, rnd_i)
+                rnd.streaming.pop(client, None)
+                rnd.steps[block].acc.commit(weight, kind)
+                rnd.spooled.append(up)
+                loss = header.get("loss")
+                rnd.clients[client] = {
+                    "weight": weight,
+                    "kind": kind,
+                    "loss": loss if isinstance(loss, (int, float)) else None,
+                    "norm": norm if self.max_update_norm is not None else None,
+                    "clipped": False,
+                }
+                rnd.work_s += up.work_s
+                if rnd.first_arrival is None:
+                    rnd.first_arrival = time.monotonic()
+                complete = len(rnd.clients) >= len(rnd.expected)
+        finally:
+            if up not in rnd.spooled:
+                up.close()
+        if complete:
+            self._close(rnd, "all clients arrived")
+        else:
+            with self._cond:
+                self._cond.notify_all()
+        return {"accepted": True, "status": "accepted", "reason": "accepted"}
+
+    def _aborted_reply(self, up: _Upload, rnd_i: int) -> dict[str, Any]:
+        if up.aborted == "late":
+            return {"accepted": False, "status": "late", "reason": f"late: round {rnd_i} closed while the update arrived"}
+        return {"accepted": False, "status": "superseded", "reason": "a newer upload of the same update replaced this one", "retry": True}
+
+    def _consume(self, up: _Upload, name: str, start: int, values: Tensor) -> None:
+        """Check one piece of a streaming update and add it to the round's sums."""
+        t0 = time.perf_counter()
+        rnd = up.rnd
+        if up.aborted:
+            raise _Aborted
+        g = up.current[name]
+        count = values.numel()
+        if start < 0 or start + count > g.numel() or start // PIECE_ELEMS != (start + count - 1) // PIECE_ELEMS:
+            raise _Refusal(f"tensor {name!r}: elements {start}..{start + count} are not within one piece of the block")
+        with self._work_slots:
+            if not _all_finite(values):
+                raise _Refusal(f"tensor {name!r} holds NaN or infinite values")
+            if self.max_update_norm is not None:
+                d = values.to(torch.float64, copy=True)
+                if up.kind == "value":
+                    d -= _global_piece(up.current, name, start, count)
+                up.sq += float(d.square().sum())
+                norm = math.sqrt(up.sq)
+                if norm > self.max_update_norm:  # it only grows: refused as soon as it passes the bound
+                    raise _Refusal(f"update norm {norm:.4g} exceeds the bound {self.max_update_norm:g}")
+            i, off = divmod(start, PIECE_ELEMS)
+            with rnd.lock:
+                if up.aborted:
+                    raise _Aborted
+                rnd.steps[up.block].acc.add_segment(up.kind, name, min(PIECE_ELEMS, g.numel() - i * PIECE_ELEMS), start, values, up.weight)
+                rnd.log.setdefault((up.block, up.kind, name, i), []).append(_Entry(up, off, count))
+                up.touched[(name, i)] = None
+        up.work_s += time.perf_counter() - t0
+
+    def _drop(self, up: _Upload) -> None:
+        """Take a streaming update that will not count out of its round (rolling back what it added)."""
+        rnd = up.rnd
+        with rnd.lock:
+            if up.aborted:
+                return
+            up.aborted = "dropped"
+            if rnd.streaming.get(up.client) is up:
+                del rnd.streaming[up.client]
+            t0 = time.perf_counter()
+            self._rollback(rnd, up)
+            rnd.work_s += up.work_s + time.perf_counter() - t0
+
+    def _rollback(self, rnd: _Round, up: _Upload) -> None:
+        """Rebuild every piece of the sums ``up`` touched without it (caller holds ``rnd.lock``).
+
+        Each piece is formed again from ``-0.0`` by the other updates'
+        segments in the order they were first added, read from their
+        spools: the same additions, so bitwise what the piece would hold had
+        ``up`` never arrived.
+        """
+        if not up.touched:
+            return
+        acc = rnd.steps[up.block].acc
+        sums = acc.sums(up.kind)
+        for name, i in up.touched:
+            key = (up.block, up.kind, name, i)
+            entries = [e for e in rnd.log.get(key, []) if e.upload is not up]
+            if not entries:
+                rnd.log.pop(key, None)
+                sums.get(name, {}).pop(i, None)
+                if name in sums and not sums[name]:
+                    del sums[name]
+                continue
+            rnd.log[key] = entries
+            piece = torch.full_like(sums[name][i], -0.0)
+            for e in entries:
+                u = e.upload
+                values = u.read(name, i * PIECE_ELEMS + e.off, e.count)
+                piece[e.off : e.off + e.count].add_(values, alpha=u.weight)
+            sums[name][i] = piece
+        up.touched.clear()
+        log.info("round %d: rolled back client %d's partial update (%s)", rnd.index, up.client, up.aborted)
+
     def submit(self, header: Mapping[str, Any], tensors: StagedTensors | Mapping[str, Tensor]) -> dict[str, Any]:
         """Validate one client's update and add it to its round.
 
@@ -681,6 +944,21 @@ class Aggregator:
         the reply: ``accepted``, ``status`` (accepted, duplicate, late,
         rejected) and ``reason``.
         """
+        if self.streams and not isinstance(tensors, StagedTensors):
+            flat = {n: t.detach().to("cpu").contiguous().reshape(-1) for n, t in tensors.items()}
+            try:
+                specs = check_specs(tensor_specs(tensors), None)
+            except FederationError as exc:
+                return self.refuse({"client": header.get("client_id"), "round": header.get("round")}, str(exc))
+
+            def feed(consume: Consume, spool: Callable[[memoryview], None]) -> None:
+                for name, t in flat.items():
+                    if t.numel():
+                        spool(memoryview(t.view(torch.uint8).numpy()).cast("B"))  # type: ignore[arg-type]
+                    for start in range(0, t.numel(), PIECE_ELEMS):
+                        consume(name, start, t[start : start + PIECE_ELEMS])
+
+            return self.receive(header, specs, feed)
         staged = tensors if isinstance(tensors, StagedTensors) else StagedTensors.from_tensors(tensors)
         keep = False
         try:
@@ -694,8 +972,10 @@ class Aggregator:
                 current = self._state.values[block]
             record = {"client": client, "round": rnd_i, "block": block}
             need_norm = self.max_update_norm is not None or self.clip_norm is not None
+            t0 = time.perf_counter()
             with self._work_slots:
                 problem, norm = _check_values(current, staged, kind, need_norm)
+            checked_s = time.perf_counter() - t0
             if problem:
                 return self.refuse(record, problem, rnd)
             if self.max_update_norm is not None and norm > self.max_update_norm:
@@ -703,6 +983,7 @@ class Aggregator:
             scale = clip_factor(norm, self.clip_norm)
             complete = False
             with self._work_slots, rnd.lock:
+                t0 = time.perf_counter()
                 if client in rnd.clients:
                     return {"accepted": True, "status": "duplicate", "reason": "duplicate: already applied"}
                 if rnd.closed:
@@ -716,6 +997,7 @@ class Aggregator:
                 else:
                     rnd.kept[client] = _Update(staged, weight, kind, scale)
                     keep = True
+                rnd.work_s += checked_s + time.perf_counter() - t0
                 loss = header.get("loss")
                 rnd.clients[client] = {
                     "weight": weight,
@@ -762,12 +1044,23 @@ class Aggregator:
             if rnd.closed:
                 return
             t0 = time.perf_counter()
+            for up in list(rnd.streaming.values()):  # still arriving: not part of this round (their senders hear "late")
+                up.aborted = "late"
+                rnd.late += 1
+                self._rollback(rnd, up)
+            rnd.streaming.clear()
             new = {}
             for block in rnd.steps:
                 with self._cond:
                     current = self._state.values[block]
                 new[block] = self._aggregate(rnd, block, current)
-            rnd.aggregation_s = time.perf_counter() - t0
+            for up in rnd.spooled:
+                up.close()
+            rnd.spooled.clear()
+            rnd.log.clear()
+            # all the server's work on the round's updates: checking and summing each (as it arrived, or read
+            # back), rolling back refused ones, and forming the new value
+            rnd.aggregation_s = rnd.work_s + time.perf_counter() - t0
             rnd.closed_at = time.time()
             rnd.reason = reason
             for block, value in new.items():

@@ -45,13 +45,14 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pl_parablock.aggregate import PIECE_ELEMS
 from pl_parablock.errors import FederationError
 from pl_parablock.federation._ratelimit import RateLimitedLog
-from pl_parablock.federation.aggregator import Aggregator, RefusedError
+from pl_parablock.federation.aggregator import Aggregator, Consume, RefusedError
 from pl_parablock.federation.wire import (
     MAX_LARGE_HEADER_BYTES,
     CorruptStream,
@@ -60,6 +61,7 @@ from pl_parablock.federation.wire import (
     encode,
     header_bytes,
     parse_header,
+    receive_pieces,
     short,
 )
 
@@ -236,12 +238,27 @@ class FederationService:
         reply: dict[str, Any]
         try:
             specs = check_specs(h.get("tensors", []), agg.block_nbytes(agg.expected_block(_int(h, "round"), client)))
-            early = agg.precheck(h, specs)
-            if early is not None:
-                reply = early
+            what = f"update of client {client}"
+            if agg.streams:  # checked and summed as it arrives, one chunk held at a time
+
+                def feed(consume: Consume, spool: Callable[[memoryview], None]) -> None:
+                    receive_pieces(
+                        specs,
+                        it,
+                        lambda i, start, values: consume(specs[i].name, start, values),
+                        piece_elems=PIECE_ELEMS,
+                        what=what,
+                        on_chunk=spool,
+                    )
+
+                reply = agg.receive(h, specs, feed)
             else:
-                staged = StagedTensors.receive(h, it, max_bytes=None, what=f"update of client {client}")
-                reply = agg.submit(h, staged)
+                early = agg.precheck(h, specs)
+                if early is not None:
+                    reply = early
+                else:
+                    staged = StagedTensors.receive(h, it, max_bytes=None, what=what)
+                    reply = agg.submit(h, staged)
         except CorruptStream as exc:
             reply = {"accepted": False, "status": "corrupt", "reason": str(exc), "retry": True}
         except FederationError as exc:

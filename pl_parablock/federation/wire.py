@@ -24,8 +24,9 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import warnings
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -48,6 +49,7 @@ __all__ = [
     "encode",
     "header_bytes",
     "parse_header",
+    "receive_pieces",
     "tensor_specs",
 ]
 
@@ -62,6 +64,12 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
+
+with warnings.catch_warnings():
+    # torch warns once per process that a tensor over a read-only buffer (a received message) could be
+    # written through; :func:`receive_pieces` only reads those views, so the warning is spent here, silently
+    warnings.simplefilter("ignore")
+    torch.frombuffer(b"\0", dtype=torch.uint8)
 WIRE_DTYPES: dict[str, torch.dtype] = {name: DTYPES[name] for name in ("float32", "bfloat16", "float16")}
 """The wire dtypes (``federation.wire_dtype``): what a block's floating tensors may be cast to for the
 trip. :data:`DTYPES` is every dtype a tensor may travel in, as it is."""
@@ -214,29 +222,25 @@ def encode(
     specs = tensor_specs(tensors)
     yield header_bytes({**header, "tensors": specs, "nbytes": sum(s["nbytes"] for s in specs)})
     crc = 0
-    buf = bytearray()
+    parts: list[memoryview] = []  # views over the tensors' storage that make up the next chunk
+    filled = 0
     for t in tensors.values():
         if t.numel() == 0:
             continue
         mv = _as_bytes(t)
+        crc = zlib.crc32(mv, crc)  # once over each tensor's bytes, in order: the CRC of the body
         off = 0
         while off < len(mv):
-            if not buf and len(mv) - off >= chunk_bytes:
-                piece = mv[off : off + chunk_bytes].tobytes()
-                crc = zlib.crc32(piece, crc)
-                yield piece
-                off += chunk_bytes
-                continue
-            take = min(chunk_bytes - len(buf), len(mv) - off)
-            buf += mv[off : off + take]
+            take = min(chunk_bytes - filled, len(mv) - off)
+            parts.append(mv[off : off + take])
+            filled += take
             off += take
-            if len(buf) == chunk_bytes:
-                crc = zlib.crc32(buf, crc)
-                yield bytes(buf)
-                buf = bytearray()
-    if buf:
-        crc = zlib.crc32(buf, crc)
-        yield bytes(buf)
+            if filled == chunk_bytes:
+                # the one copy a message needs (gRPC sends bytes objects): straight from the tensors' storage
+                yield parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
+                parts, filled = [], 0
+    if parts:
+        yield parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
     yield header_bytes({"crc32": crc})
 
 
@@ -326,6 +330,64 @@ def decode(messages: Iterable[bytes], *, max_bytes: int | None = None, what: str
             filled += take
             off += take
     return header, {s.name: b.view(s.dtype).reshape(s.shape) for s, b in zip(specs, buffers)}
+
+
+Consumer = Callable[[int, int, Tensor], None]
+"""``consume(spec_index, start, values)``: elements ``start .. start + len(values)`` of a stream's tensor, as they arrive."""
+
+
+def receive_pieces(
+    specs: list[Spec],
+    rest: Iterator[bytes],
+    consume: Consumer,
+    *,
+    piece_elems: int,
+    what: str,
+    on_chunk: Callable[[memoryview], None] | None = None,
+) -> None:
+    """Hand a stream's body to ``consume`` as its chunks arrive, never holding more than one chunk.
+
+    ``consume(i, start, values)`` gets a flat tensor of ``specs[i].dtype``
+    over elements ``start .. start + values.numel()`` of tensor ``i``: a view
+    of the chunk's bytes (read-only: never write through it) that is valid
+    only during the call. Pieces are cut where a chunk ends and at multiples
+    of ``piece_elems``, so none crosses a piece boundary; an element split
+    between two chunks is reassembled and handed on alone. ``on_chunk``
+    sees every body chunk before its pieces are consumed (to spool it).
+
+    The trailer's CRC32 is checked after the last piece was consumed, so a
+    consumer must be ready to undo what it did when this raises.
+
+    Raises:
+        CorruptStream: the body is shorter or longer than the specs, or its
+            CRC32 differs from the trailer's.
+    """
+    total = sum(s.nbytes for s in specs)
+    idx, filled = 0, 0  # the tensor being read and its bytes read so far
+    carry = bytearray()  # the first bytes of an element split between chunks
+    for mv in _body(rest, total, what):
+        if on_chunk is not None:
+            on_chunk(mv)
+        off = 0
+        while off < len(mv):
+            while specs[idx].nbytes == filled:
+                idx, filled = idx + 1, 0
+            spec = specs[idx]
+            size = spec.dtype.itemsize
+            if carry or len(mv) - off < size:
+                take = min(size - len(carry), len(mv) - off)
+                carry += mv[off : off + take]
+                off += take
+                if len(carry) == size:
+                    consume(idx, filled // size, torch.frombuffer(bytearray(carry), dtype=spec.dtype))
+                    filled += size
+                    carry.clear()
+                continue
+            start = filled // size
+            count = min((len(mv) - off) // size, (spec.nbytes - filled) // size, piece_elems - start % piece_elems)
+            consume(idx, start, torch.frombuffer(mv, dtype=spec.dtype, count=count, offset=off))
+            off += count * size
+            filled += count * size
 
 
 class StagedTensors:
