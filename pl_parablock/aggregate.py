@@ -121,6 +121,7 @@ class RoundAccumulator:
         self.weight_values = 0.0
         self.weight_deltas = 0.0
         self.count = 0
+        self._filled: dict[tuple[str, str, int], int] = {}  # pieces whose elements are set only up to an index
 
     @property
     def total_weight(self) -> float:
@@ -157,23 +158,67 @@ class RoundAccumulator:
     def add_segment(self, kind: str, name: str, piece_len: int, start: int, values: Tensor, alpha: float) -> None:
         """Add ``alpha * values`` to elements ``start ..`` of tensor ``name``'s sums, within one piece.
 
-        ``piece_len`` is the length of the piece that holds ``start`` (only
-        used when the piece is created). A piece of the sums is created at
-        its first touch filled with ``-0.0``, the identity of IEEE addition
-        (``-0.0 + x == x`` bitwise, signed zeros included), so adding an
-        update a segment at a time in any cut gives bitwise what adding it
-        whole gives. ``alpha * x`` is exact in float64 for an integer weight
-        and a float32 (or narrower) ``x``, so each element is rounded once.
-        Does not count the update: call :meth:`commit` when all of it is in.
+        ``piece_len`` is the length of the piece that holds ``start`` (used
+        when the piece is created). Exactness: every element of the sums
+        starts as ``-0.0``, the identity of IEEE addition (``-0.0 + x == x``
+        bitwise, signed zeros included), and ``alpha * x`` is exact in
+        float64 for an integer weight and a float32 (or narrower) ``x``, so
+        adding an update a segment at a time, in any cut, gives bitwise what
+        adding it whole gives. Elements met for the first time in order (the
+        first update of a piece, as it streams in) are written as
+        ``alpha * x`` directly, bitwise ``-0.0 + alpha * x``, without
+        filling them first. Does not count the update: call :meth:`commit`
+        when all of it is in.
         """
         i, off = divmod(start, PIECE_ELEMS)
         sums = self.sums(kind).setdefault(name, {})
         piece = sums.get(i)
         if piece is None:
-            piece = sums[i] = torch.full((piece_len,), -0.0, dtype=torch.float64)
-        if off + values.numel() > piece.numel():
+            piece = sums[i] = torch.empty(piece_len, dtype=torch.float64)
+            self._filled[(kind, name, i)] = 0
+        n = values.numel()
+        if off + n > piece.numel():
             raise ValueError(f"segment of {name!r} at {start} crosses a piece boundary")
-        piece[off : off + values.numel()].add_(values, alpha=alpha)
+        key = (kind, name, i)
+        filled = self._filled.get(key)
+        if filled is not None and off == filled:  # new elements, in order: their sum is alpha * x
+            target = piece[off : off + n]
+            target.copy_(values)
+            if alpha != 1.0:
+                target.mul_(alpha)
+            if filled + n < piece.numel():
+                self._filled[key] = filled + n
+            else:
+                del self._filled[key]
+            return
+        if filled is not None:  # out of order (updates streaming in at once): start every remaining element at -0.0
+            piece[filled:].fill_(-0.0)
+            del self._filled[key]
+        # float64 + float64 is much faster than a mixed-dtype add, and the same arithmetic
+        piece[off : off + n].add_(values.to(torch.float64), alpha=alpha)
+
+    def piece(self, kind: str, name: str, index: int) -> Tensor | None:
+        """Piece ``index`` of tensor ``name``'s sums of ``kind`` updates (every element set), or ``None``."""
+        piece = self.sums(kind).get(name, {}).get(index)
+        if piece is not None:
+            self._complete(kind, name, index, piece)
+        return piece
+
+    def replace_piece(self, kind: str, name: str, index: int, piece: Tensor | None) -> None:
+        """Set (or, with ``None``, drop) a piece of the sums: a rollback's rebuilt piece (every element set)."""
+        sums = self.sums(kind)
+        self._filled.pop((kind, name, index), None)
+        if piece is not None:
+            sums.setdefault(name, {})[index] = piece
+            return
+        sums.get(name, {}).pop(index, None)
+        if name in sums and not sums[name]:
+            del sums[name]
+
+    def _complete(self, kind: str, name: str, index: int, piece: Tensor) -> None:
+        filled = self._filled.pop((kind, name, index), None)
+        if filled is not None:
+            piece[filled:].fill_(-0.0)
 
     def commit(self, weight: float, kind: str) -> None:
         """Count one update whose values were added with :meth:`add_segment`."""
@@ -211,13 +256,17 @@ class RoundAccumulator:
             if step is None and server_lr == 1.0 and self.weight_deltas == 0.0:  # the weighted mean of the end values
                 if i not in values:
                     raise ValueError(f"no update covered {name!r} at element {start}")
-                yield values.pop(i).div_(total)
+                piece = values.pop(i)
+                self._complete("value", name, i, piece)
+                yield piece if total == 1.0 else piece.div_(total)  # x / 1 == x: one pass less
                 continue
             piece = g_piece.to(torch.float64, copy=True)
             s = torch.zeros_like(piece)
             if i in deltas:
+                self._complete("delta", name, i, deltas[i])
                 s.add_(deltas.pop(i))
             if i in values:
+                self._complete("value", name, i, values[i])
                 s.add_(values.pop(i)).sub_(piece, alpha=self.weight_values)
             if step is None:
                 yield piece.add_(s, alpha=server_lr / total)

@@ -289,10 +289,10 @@ def digest(tensors: Mapping[str, Tensor]) -> str:
 
 
 def _finite(t: Tensor) -> bool:
-    """Whether every value of ``t`` is finite (one float64 sum decides unless it overflows)."""
+    """Whether every value of ``t`` is finite (one sum in its own dtype decides unless it overflows)."""
     if not t.is_floating_point():
         return True
-    return math.isfinite(float(t.sum(dtype=torch.float64))) or bool(torch.isfinite(t).all())
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _cpu_copy(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:

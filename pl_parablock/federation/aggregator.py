@@ -917,23 +917,22 @@ class Aggregator:
         if not up.touched:
             return
         acc = rnd.steps[up.block].acc
-        sums = acc.sums(up.kind)
         for name, i in up.touched:
             key = (up.block, up.kind, name, i)
             entries = [e for e in rnd.log.get(key, []) if e.upload is not up]
-            if not entries:
+            old = acc.piece(up.kind, name, i)
+            if not entries or old is None:
                 rnd.log.pop(key, None)
-                sums.get(name, {}).pop(i, None)
-                if name in sums and not sums[name]:
-                    del sums[name]
+                acc.replace_piece(up.kind, name, i, None)
                 continue
             rnd.log[key] = entries
-            piece = torch.full_like(sums[name][i], -0.0)
+            piece = torch.full_like(old, -0.0)
+            del old
             for e in entries:
                 u = e.upload
                 values = u.read(name, i * PIECE_ELEMS + e.off, e.count)
-                piece[e.off : e.off + e.count].add_(values, alpha=u.weight)
-            sums[name][i] = piece
+                piece[e.off : e.off + e.count].add_(values.to(torch.float64), alpha=u.weight)
+            acc.replace_piece(up.kind, name, i, piece)
         up.touched.clear()
         log.info("round %d: rolled back client %d's partial update (%s)", rnd.index, up.client, up.aborted)
 
@@ -1454,11 +1453,11 @@ def _check_values(current: Mapping[str, Tensor], staged: StagedTensors, kind: st
 def _all_finite(t: Tensor) -> bool:
     """Whether every value of ``t`` is finite.
 
-    A float64 sum is NaN or infinite when any value is, and a sum of float32
-    (or narrower) values cannot overflow float64, so one fast reduction
-    decides; only a float64 sum that overflows is checked value by value.
+    A sum is NaN or infinite when any value is, so a finite sum decides at
+    once (a sum in the values' own dtype: several times faster than in
+    float64); only one that overflows is checked value by value.
     """
-    if math.isfinite(float(t.sum(dtype=torch.float64))):
+    if math.isfinite(float(t.sum())):
         return True
     return bool(torch.isfinite(t).all())
 
