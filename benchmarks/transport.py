@@ -17,8 +17,9 @@ size it measures, with no link emulation:
 
 Throughput is bytes moved (2 x block, up and down) per second of round
 trip; each figure is the median of ``--repeats`` round trips after one
-warm-up, with gRPC and socket interleaved so that machine load affects both
-alike. Where the time goes, per size: ``grpc_transfer_mb_s`` leaves out the
+warm-up, with gRPC and socket interleaved, in alternating order, so that
+machine load affects both alike. The socket is the figure's physical ideal
+(``ratio`` = socket time / gRPC time; target >= 0.7 from 16 MB). Where the time goes, per size: ``grpc_transfer_mb_s`` leaves out the
 server's aggregation time (from the server's round records);
 ``raw_grpc_mb_s`` streams the same bytes through gRPC with no framing
 (pre-cut 1 MiB-style chunks to a sink, then from a source: gRPC's own cost);
@@ -26,7 +27,11 @@ server's aggregation time (from the server's round records);
 decode the block once, no network); ``breakdown_s`` times each part of a
 round trip alone: raw gRPC transfers, encode + decode both ways, and the
 server's arithmetic on the update (finite check, float64 accumulation, new
-global value), for comparison with ``grpc_round_trip_s``. The last output line is JSON with
+global value), for comparison with ``grpc_round_trip_s``; the server checks
+and sums an update while it arrives, so these parts overlap in a round trip.
+``server_aggregation_s`` is all the server's work on the round's update
+(its ``aggregation_s``: checking, summing and spooling it as it arrived, and
+the new global value). The last output line is JSON with
 ``results``: a list of ``{mb, grpc_mb_s, socket_mb_s, ratio, ...}``.
 
 Full form: 1, 4, 16, 64, 256 MB; ``--quick``: 1, 4, 16, 64 MB; ``--smoke``: 1 MB.
@@ -132,6 +137,10 @@ def run(sizes: list[int], repeats: int, chunk_kb: int) -> dict[str, Any]:
                     r = rep * k + i
                     ((name, tensor),) = blocks[i].items()
                     header = {"client_id": 0, "round": r, "block": i, "kind": "value", "base_version": versions[i], "weight": 1.0}
+                    payload = memoryview(tensor.numpy()).cast("B")
+                    into = memoryview(bytearray(len(payload)))
+                    if rep % 2:  # the pair in alternating order, so that neither always runs first (caches, load)
+                        ds = _socket_round_trip(sock, payload, into)
                     t0 = time.perf_counter()
                     pushed = transport.push(header, {name: tensor}, 600.0)
                     if not pushed.accepted:
@@ -142,9 +151,8 @@ def run(sizes: list[int], repeats: int, chunk_kb: int) -> dict[str, Any]:
                     if not torch.equal(pulled.tensors[name], tensor):
                         raise RuntimeError("the aggregate of one update differs from the update")
                     del pulled
-                    payload = memoryview(tensor.numpy()).cast("B")
-                    into = memoryview(bytearray(len(payload)))
-                    ds = _socket_round_trip(sock, payload, into)
+                    if not rep % 2:
+                        ds = _socket_round_trip(sock, payload, into)
                     del into
                     dr = _raw_grpc_round_trip(channel, payload, chunk)
                     dc = _codec_s(name, tensor, chunk)
@@ -216,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     result.update(run(sizes, repeats, args.chunk_kb))
     at16 = [r["ratio"] for r in result["results"] if r["mb"] >= 16]
     result["min_ratio_at_16mb_or_more"] = min(at16) if at16 else None
-    result["target"] = "ratio >= 0.5 at >= 16 MB"
-    result["target_met"] = (min(at16) >= 0.5) if at16 else None
+    # the bound is physical: a raw TCP socket moving the same bytes on the same loopback, measured side by side
+    result["ideal"] = "raw TCP socket round trip of the same bytes (sendall / recv_into), same loopback, same processes, alternating order"
+    result["target"] = "ratio >= 0.7 at >= 16 MB"
+    result["target_met"] = (min(at16) >= 0.7) if at16 else None
     finish(result, started)
     return 0
 

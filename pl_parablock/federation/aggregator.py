@@ -44,7 +44,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from pl_parablock.aggregate import AGGREGATIONS, PIECE_ELEMS, assemble, clip_factor, pieces_of, robust_mean
+from pl_parablock.aggregate import AGGREGATIONS, PIECE_ELEMS, PIECES, assemble, clip_factor, pieces_of, robust_mean
 from pl_parablock.algorithm import (
     WEIGHTINGS,
     GlobalState,
@@ -924,15 +924,18 @@ class Aggregator:
             if not entries or old is None:
                 rnd.log.pop(key, None)
                 acc.replace_piece(up.kind, name, i, None)
+                if old is not None:
+                    PIECES.give(old)
                 continue
             rnd.log[key] = entries
-            piece = torch.full_like(old, -0.0)
-            del old
+            piece = PIECES.take(old.numel()).fill_(-0.0)
             for e in entries:
                 u = e.upload
                 values = u.read(name, i * PIECE_ELEMS + e.off, e.count)
                 piece[e.off : e.off + e.count].add_(values.to(torch.float64), alpha=u.weight)
             acc.replace_piece(up.kind, name, i, piece)
+            PIECES.give(old)
+            del old
         up.touched.clear()
         log.info("round %d: rolled back client %d's partial update (%s)", rnd.index, up.client, up.aborted)
 

@@ -228,11 +228,12 @@ def encode(
         if t.numel() == 0:
             continue
         mv = _as_bytes(t)
-        crc = zlib.crc32(mv, crc)  # once over each tensor's bytes, in order: the CRC of the body
         off = 0
         while off < len(mv):
             take = min(chunk_bytes - filled, len(mv) - off)
-            parts.append(mv[off : off + take])
+            part = mv[off : off + take]
+            crc = zlib.crc32(part, crc)  # once over every byte, from the tensors' storage, as the chunks go
+            parts.append(part)
             filled += take
             off += take
             if filled == chunk_bytes:
