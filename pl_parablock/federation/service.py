@@ -70,6 +70,8 @@ __all__ = ["Caller", "FederationService"]
 log = logging.getLogger(__name__)
 warn = RateLimitedLog(log)
 
+MAX_CRCS = 256
+"""Versions of blocks whose CRC32 the service remembers for the next pulls."""
 MAX_WAIT_S = 30.0
 """Longest a ``Pull`` waits for its round before it answers "not ready" (the client polls again)."""
 
@@ -146,6 +148,7 @@ class FederationService:
         self.chunk_bytes = chunk_bytes
         self.token = token
         self.max_wait_s = max_wait_s
+        self._crcs: dict[tuple[tuple[str, ...], int], int] = {}  # (tensor names, version) -> CRC32 of the global's bytes
         if isinstance(token, Mapping):
             tokens = [str(t) for t in token.values()]
             if len(set(tokens)) != len(tokens) or not all(tokens):
@@ -299,7 +302,16 @@ class FederationService:
             version, tensors = agg.block_value(block)
         # the global travels exactly, in the parameters' own dtype, whatever the uploads' wire dtype
         header = {"ready": True, "round": rnd, "block": block, "version": version, "instance": agg.instance}
-        yield from encode(header, tensors, chunk_bytes=self.chunk_bytes)
+        # a version of a block never changes: its CRC32 is computed by its first pull only, not by every client's
+        key = (tuple(tensors), version)
+        crcs = self._crcs
+
+        def remember(crc: int) -> None:
+            crcs[key] = crc
+            while len(crcs) > MAX_CRCS:
+                crcs.pop(next(iter(crcs)), None)
+
+        yield from encode(header, tensors, chunk_bytes=self.chunk_bytes, crc=crcs.get(key), on_crc=remember)
 
     def Versions(self, request: bytes, token: str | None = None, caller: Caller | None = None) -> bytes:  # noqa: N802
         caller = self._caller(token, caller)

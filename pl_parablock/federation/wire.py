@@ -205,14 +205,22 @@ def encode(
     *,
     chunk_bytes: int = 1 << 20,
     dtype: torch.dtype | None = None,
+    crc: int | None = None,
+    on_crc: Callable[[int], None] | None = None,
 ) -> Iterator[bytes]:
     """Yield the header message, the tensors' bytes in chunks, then the trailer.
+
+    Each chunk is one copy of the tensors' bytes, taken from views over their
+    storage; the CRC32 is computed once over the same views as they go.
 
     Args:
         header: JSON-serialisable request fields.
         tensors: tensors to send, in order; cast to ``dtype`` when given.
         chunk_bytes: largest chunk.
         dtype: wire dtype for floating tensors (e.g. ``torch.bfloat16``).
+        crc: the body's CRC32, when known (the same tensors sent before, see
+            ``on_crc``): not computed again.
+        on_crc: called with the body's CRC32 once the last chunk went.
     """
     if chunk_bytes < 1:
         raise ValueError("chunk_bytes must be positive")
@@ -221,7 +229,7 @@ def encode(
         tensors = {n: (t.to(dtype) if t.is_floating_point() else t) for n, t in tensors.items()}
     specs = tensor_specs(tensors)
     yield header_bytes({**header, "tensors": specs, "nbytes": sum(s["nbytes"] for s in specs)})
-    crc = 0
+    known, body_crc = crc, 0
     parts: list[memoryview] = []  # views over the tensors' storage that make up the next chunk
     filled = 0
     for t in tensors.values():
@@ -232,7 +240,8 @@ def encode(
         while off < len(mv):
             take = min(chunk_bytes - filled, len(mv) - off)
             part = mv[off : off + take]
-            crc = zlib.crc32(part, crc)  # once over every byte, from the tensors' storage, as the chunks go
+            if known is None:
+                body_crc = zlib.crc32(part, body_crc)  # once over every byte, from the tensors' storage, as the chunks go
             parts.append(part)
             filled += take
             off += take
@@ -242,7 +251,11 @@ def encode(
                 parts, filled = [], 0
     if parts:
         yield parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
-    yield header_bytes({"crc32": crc})
+    if known is not None:
+        body_crc = known
+    elif on_crc is not None:
+        on_crc(body_crc)
+    yield header_bytes({"crc32": body_crc})
 
 
 def check_specs(raw: Any, max_bytes: int | None) -> list[Spec]:

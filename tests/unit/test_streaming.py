@@ -220,3 +220,29 @@ def test_receive_pieces_hands_on_every_element_once_within_piece_bounds(chunk):
     stream[1] = bytes([stream[1][0] ^ 1]) + stream[1][1:]
     with pytest.raises(CorruptStream, match="checksum"):  # after every piece was handed on: the consumer must undo
         receive_pieces(specs, iter(stream[1:]), lambda *a: None, piece_elems=10, what="test")
+
+
+def test_a_version_pulled_again_is_sent_without_computing_its_crc_again(monkeypatch):
+    import zlib
+
+    from pl_parablock.federation import wire
+    from pl_parablock.federation.wire import decode, header_bytes
+
+    agg, svc = federation(clients=1)
+    assert push(svc, messages(0, honest(0)))["status"] == "accepted"
+    calls = []
+
+    class Counting:
+        @staticmethod
+        def crc32(data: Any, value: int = 0) -> int:
+            calls.append(len(data))
+            return zlib.crc32(data, value)
+
+    monkeypatch.setattr(wire, "zlib", Counting)
+    pulls = [list(svc.Pull(header_bytes({"client_id": 0, "round": 0, "wait_s": 1.0}))) for _ in range(3)]
+    computed = sum(calls)
+    assert computed == sum(t.numel() * 4 for t in STATE.values())  # by the first pull only (decode below counts apart)
+    for stream in pulls:
+        assert stream[1:] == pulls[0][1:]
+        _, got = decode(stream)
+        assert_bitwise(agg, got)
