@@ -10,7 +10,11 @@ The aggregator owns the schedule (the active block of every round) and, with
 Every update is validated before it touches global state: a joined client
 sampled for the round, the round's block, exactly the block's tensor names,
 shapes and dtypes, finite values, and optionally an L2 norm bound. A bad
-update is refused with the reason and recorded; the round goes on. A repeated
+update is refused with the reason and recorded; the round goes on. With
+weighted ``mean`` aggregation and no ``clip_norm`` (:attr:`Aggregator.streams`),
+an update is checked and summed chunk by chunk as it arrives
+(:meth:`Aggregator.receive`) and one found bad late is rolled back exactly;
+otherwise it is spooled whole, then checked and summed (:meth:`Aggregator.submit`). A repeated
 update of the same client, round and block is acknowledged and not applied
 twice; an update for a round that already closed is counted as late and
 dropped.

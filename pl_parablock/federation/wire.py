@@ -12,11 +12,15 @@ A stream is a sequence of byte messages:
 The receiver knows the exact byte count from the header: a declared size
 above its bound is refused before anything is read or allocated, a longer or
 shorter body is refused, and a body whose CRC32 differs from the trailer is
-refused as corrupt. :func:`decode` reads a stream into memory (clients);
-:class:`StagedTensors` spools it to an unnamed temporary file and reads it
-back in pieces of a bounded number of elements (the server), so a server
-receiving many clients' blocks at once holds one piece per stream in memory,
-not one block, however large the block's tensors are.
+refused as corrupt. :func:`encode` takes each chunk's bytes with one copy from
+views over the tensors' storage and computes the CRC32 once over the same
+views. :func:`decode` reads a stream into memory (clients);
+:func:`receive_pieces` hands a stream's elements to a consumer chunk by chunk
+as they arrive (the server checks and sums an update that way, holding one
+chunk per stream); :class:`StagedTensors` spools a stream to an unnamed
+temporary file and reads it back in pieces of a bounded number of elements
+(the server, for what it must keep whole: clipped updates, robust
+aggregation, the initial state).
 """
 
 from __future__ import annotations
