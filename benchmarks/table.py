@@ -102,7 +102,7 @@ def rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str, s
                     f"push + pull of a {x['mb']} MB block, gRPC / raw TCP socket",
                     f"{_fmt(x['ratio'])} ({_fmt(x['grpc_mb_s'], '.0f')} / {_fmt(x['socket_mb_s'], '.0f')} MB/s; "
                     f"raw gRPC {_fmt(x['raw_grpc_mb_s'], '.0f')})",
-                    "≥ 0.5 at ≥ 16 MB" if x["mb"] >= 16 else "",
+                    "≥ 0.7 at ≥ 16 MB" if x["mb"] >= 16 else "",
                     _load(r),
                 )
             )
