@@ -23,7 +23,12 @@
    peak RSS during the federation minus its RSS before any tensor arrived,
    over the block's bytes: the memory the server needs per block, its global
    value included. ``round_peak_over_block`` leaves out what the server held
-   before the round (the global value). A fresh server process per N.
+   before the round (the global value). A fresh server process per N. The
+   server checks and sums each update as it arrives (one chunk per upload
+   held); its floor is the global value plus the round's float64 sums, 3
+   blocks (``server_ideal_over_block``); what each upload in flight adds on
+   top (its HTTP/2 window and the message being read) is independent of the
+   block size.
 
 The last output line is JSON.
 """
@@ -323,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         "server_blocks_per_client": _slope(servers),
         "server": servers,
         "targets": {"client_rss_ratio": "<= 0.6", "server_peak_over_block": "<= 3 (O(block), not O(N x block))"},
+        # what the server must hold at least, whatever the transport: the global value (1 block) and the round's
+        # exact float64 running sums (2 blocks); the round's own peak cannot go below the sums
+        "server_ideal_over_block": {"peak_over_block": 3.0, "round_peak_over_block": 2.0},
     }
     finish(result, started)
     return 0
