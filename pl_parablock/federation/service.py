@@ -28,9 +28,11 @@ Methods (message shapes):
 * ``UploadState``: header ``{client_id}`` + tensors -> ``{ok}``
 * ``Push``: header ``{client_id, round, block, kind, base_version, weight, loss}`` + tensors ->
   ``{accepted, status, reason, retry, instance}``
-* ``Pull``: ``{client_id, round | block, wait_s, instance}`` -> header ``{ready, round, block, version, instance}`` + tensors
+* ``Pull``: ``{client_id, round | block, wait_s, instance, delta}`` -> header ``{ready, round, block, version, instance}`` + tensors
   in the parameters' own dtype; a pull for round ``r`` returns version ``r`` of its block exactly, or
-  ``{ready: false, superseded: true}`` once a later round replaced that version
+  ``{ready: false, superseded: true}`` once a later round replaced that version. With ``delta: true`` and a
+  lossy download codec, the answer is the round's compressed broadcast ``D`` instead: header
+  ``{kind: "delta", codec, base_versions, shapes}`` + the parts of ``D``
 * ``Versions``: ``{client_id}`` -> ``{versions, next_round, finished, instance}``
 * ``Leave``: ``{client_id, report}`` -> ``{ok}``
 
@@ -270,18 +272,26 @@ class FederationService:
                 yield from encode({"ready": False, "round": rnd, "block": block, "instance": agg.instance})
                 return
             try:
-                version, tensors = agg.round_value(rnd, client)
+                version, tensors, bases = agg.round_answer(rnd, client, delta=h.get("delta") is True)
             except RefusedError as exc:
                 if exc.code != "superseded":
                     raise
                 yield from encode({"ready": False, "superseded": True, "round": rnd, "block": block, "instance": agg.instance})
                 return
         else:
-            rnd = None
+            rnd, bases = None, None
             block = _int(h, "block")
             version, tensors = agg.block_value(block)
-        # the global travels exactly, in the parameters' own dtype, whatever the uploads' wire dtype
-        header = {"ready": True, "round": rnd, "block": block, "version": version, "instance": agg.instance}
+        header: dict[str, Any] = {"ready": True, "round": rnd, "block": block, "version": version, "instance": agg.instance}
+        if bases is not None:  # the compressed broadcast D of the round's aggregate: the client forms g + D as the server did
+            assert rnd is not None
+            header.update(
+                kind="delta",
+                codec=agg.compression.download.name,
+                base_versions={str(b): v for b, v in bases.items()},
+                shapes=agg.round_shapes(rnd),
+            )
+        # otherwise the global travels exactly, in the parameters' own dtype
         yield from encode(header, tensors, chunk_bytes=self.chunk_bytes)
 
     def Versions(self, request: bytes, token: str | None = None, caller: Caller | None = None) -> bytes:  # noqa: N802

@@ -64,6 +64,15 @@ CASES = {
     "cyclic-4-random": ["mode=cyclic", "blocks.schedule=random"],
     "parablock-4-adam": ["mode=parablock", "federation.server_optimizer.name=adam", "federation.server_optimizer.lr=0.01"],
     "sync-4-momentum-sampled": ["mode=sync", "federation.server_optimizer.name=momentum", "federation.clients_per_round=2"],
+    "parablock-4-int8": ["mode=parablock", "federation.compression.codec=int8"],
+    "parablock-1-int4-sampled": ["mode=parablock", "blocks.patterns=[.*]", "federation.compression.codec=int4", "federation.clients_per_round=2"],
+    "sync-4-topk-staggered": [
+        "mode=sync",
+        "blocks.assignment=staggered",
+        "federation.compression.codec=topk",
+        "federation.compression.fraction=0.05",
+    ],
+    "cyclic-4-fp8": ["mode=cyclic", "federation.compression.codec=fp8"],
     "parablock-1-random-sampled": [
         "mode=parablock",
         "blocks.patterns=[.*]",
