@@ -65,7 +65,12 @@ CASES = {
     "parablock-4-adam": ["mode=parablock", "federation.server_optimizer.name=adam", "federation.server_optimizer.lr=0.01"],
     "sync-4-momentum-sampled": ["mode=sync", "federation.server_optimizer.name=momentum", "federation.clients_per_round=2"],
     "parablock-4-int8": ["mode=parablock", "federation.compression.codec=int8"],
-    "parablock-1-int4-sampled": ["mode=parablock", "blocks.patterns=[.*]", "federation.compression.codec=int4", "federation.clients_per_round=2"],
+    "parablock-1-int4-sampled": [
+        "mode=parablock",
+        "blocks.patterns=[.*]",
+        "federation.compression.codec=int4",
+        "federation.clients_per_round=2",
+    ],
     "sync-4-topk-staggered": [
         "mode=sync",
         "blocks.assignment=staggered",

@@ -2,13 +2,12 @@
 
 Wrong variants tried on the product (each made a test here fail, then was restored):
 
-* the server's residual not updated (``r ← x − D`` dropped): ``test_the_server_keeps_its_broadcast_error``;
+* the residual not kept (``r ← x − D`` dropped, in :class:`ErrorFeedback`, both sides):
+  ``test_error_feedback_sends_the_whole_sum_in_the_end`` and ``test_the_server_keeps_its_broadcast_error``;
 * the server's global set to the exact aggregate instead of ``g + D``:
   ``test_every_reader_forms_the_servers_global_from_the_broadcast``;
 * a client forming ``g + D`` from its live (training) block instead of its
   copy of the global: ``test_a_client_training_the_block_forms_g_plus_d_from_its_copy_of_the_global``;
-* the client's upload residual not added to the next delta:
-  ``test_error_feedback_sends_the_whole_sum_in_the_end``;
 * topk's decoder without the index bounds check: ``test_forged_parts_are_refused``.
 """
 
