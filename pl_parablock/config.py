@@ -270,7 +270,9 @@ class CompressionSection:
             "Keep each sender's compression error per block (client: on the CPU; server: per block) and add it to the next send."
         ),
     )
-    download: str | None = field(default=None, metadata=_help("Codec of the server's broadcasts; null: the same as `codec`."))
+    download: str | None = field(
+        default=None, metadata=_help("Codec of the server's broadcasts: " + " | ".join(CODECS) + "; null: the same as `codec`.")
+    )
     group: int = field(default=128, metadata=_help("int8, fp8, int4, topk: values per absmax scale."))
     fraction: float = field(default=0.01, metadata=_help("topk: share of each tensor's values sent, in (0, 1]."))
 

@@ -1161,6 +1161,7 @@ class Aggregator:
                 "server_lr": self.server_lr,
                 "server_optimizer": _describe_optimizer(self.server_optimizer),
                 "aggregation": self.aggregation,
+                "compression": _describe_compression(self.compression),
                 "rounds": rounds,
                 "rejected_outside_rounds": list(self._rejected),
                 "rejected_outside_rounds_count": max(self._refused_outside, len(self._rejected)),
