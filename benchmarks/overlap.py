@@ -1,6 +1,11 @@
 """Overlap: sync vs parablock, same recipe and seeds, on an emulated link where communication ≈ computation.
 
     python benchmarks/overlap.py [--quick | --smoke] [--clients 2] [--rounds N] [--ratios 0.25,1,4] [--output DIR]
+    python benchmarks/overlap.py --comm-bound [--quick]
+
+``--comm-bound``: the communication-bound regime instead (see ``_commbound.py``): a link where the fp32
+wire's communication is 4 x computation, parablock with the fp32 wire and with each codec; the last line's
+``codecs`` lists ``{codec, error_feedback, bytes_ratio, round_over_compute, final_loss_vs_fp32}``.
 
 Each run is the real launcher (``pl_parablock.fit.main``, as ``python -m
 pl_parablock.fit`` runs it: the gRPC server in this process and one process
@@ -256,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         help="redo a pair (recalibrated from its sync run) whose comm/compute missed the target by over 20%% (default 1)",
     )
     p.add_argument("--output", help="directory for the runs' reports and pictures (default: a temporary one, removed)")
+    p.add_argument("--comm-bound", action="store_true", help="communication = 4 x computation with fp32: parablock per codec")
+    p.add_argument("--fraction", type=float, default=0.01, help="--comm-bound: topk's fraction (default 0.01)")
     args = p.parse_args(argv)
     started = time.perf_counter()
     info = machine()
@@ -278,6 +285,13 @@ def main(argv: list[str] | None = None) -> int:
         say(f"overlap: {args.clients} clients, {rounds} rounds, ratios {ratios}; calibrating (sync, no emulation) ...")
         cal = calibrate(recipe, os.path.join(root, "calibration"), blocks, inprocess, sweeps=2 if (args.smoke or args.quick) else 3)
         say(f"  compute {cal['compute_s']:.3f} s/round, {cal['bytes_up'] / 1e6:.2f} MB up and down per round")
+        if args.comm_bound:
+            from _commbound import comm_bound
+
+            bound = comm_bound(recipe, root, cal, rounds, inprocess, args.fraction)
+            finish({"benchmark": "overlap-comm-bound", "form": form_name, "machine": info, "clients": args.clients,
+                    "rounds": rounds, "processes": not inprocess, "calibration": cal, **bound}, started)  # fmt: skip
+            return 0
         sweep = []
         for r in ratios:
             res = compare(recipe, root, r, cal, rounds, inprocess)

@@ -50,7 +50,8 @@ from torch import Tensor
 
 from pl_parablock.aggregate import RoundAccumulator
 from pl_parablock.blocks import make_schedule
-from pl_parablock.errors import ParaBlockError
+from pl_parablock.compression import Codec, CodecError, ErrorFeedback, NoCodec, advance, decode_block
+from pl_parablock.errors import ParaBlockError, ResyncNeeded
 
 __all__ = [
     "ASSIGNMENTS",
@@ -61,6 +62,7 @@ __all__ = [
     "WEIGHTINGS",
     "AlgorithmError",
     "ClientCore",
+    "Compression",
     "GlobalState",
     "Plan",
     "RoundStart",
@@ -71,6 +73,8 @@ __all__ = [
     "activate",
     "client_weight",
     "cyclic_assignment",
+    "decode_broadcast",
+    "decode_update",
     "digest",
     "make_plan",
     "make_server_optimizer",
@@ -313,6 +317,54 @@ class Update:
     weight: float
     tensors: dict[str, Tensor] | None = field(repr=False)
     loss: float | None = None
+    codec: str = "none"
+    """The codec ``tensors`` are parts of (:mod:`pl_parablock.compression`); ``none``: the tensors themselves."""
+
+
+@dataclass(frozen=True)
+class Compression:
+    """How updates and aggregates travel (``federation.compression``).
+
+    ``upload``: each client's update, ``D_i = Q(Δ_i + r_i)`` with its own
+    residual per block; ``download``: the server's broadcast of a round's
+    aggregate, ``D = Q(Δ_agg + r_b)`` with the server's residual per block,
+    applied by the server and every client as ``g ← g + D``
+    (:func:`~pl_parablock.compression.advance`). ``error_feedback=False``
+    drops the residuals (the compression error is lost).
+    """
+
+    upload: Codec = field(default_factory=NoCodec)
+    download: Codec = field(default_factory=NoCodec)
+    error_feedback: bool = True
+
+    @property
+    def lossy_upload(self) -> bool:
+        return not self.upload.lossless
+
+    @property
+    def lossy_download(self) -> bool:
+        return not self.download.lossless
+
+
+NO_COMPRESSION = Compression()
+
+
+def decode_update(compression: Compression, codec: str, tensors: Mapping[str, Tensor], like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The delta a compressed update's parts (of codec ``codec``) encode, for a block shaped ``like`` (the server's side).
+
+    Raises:
+        CodecError: another codec than the federation's, or parts that do not decode.
+    """
+    if codec != compression.upload.name:
+        raise CodecError(
+            f"the update is compressed with {codec!r}; this federation accepts {compression.upload.name!r} (federation.compression.codec)"
+        )
+    return decode_block(compression.upload, tensors, {n: tuple(t.shape) for n, t in like.items()})
+
+
+def decode_broadcast(compression: Compression, parts: Mapping[str, Tensor], like: Mapping[str, Sequence[int]]) -> dict[str, Tensor]:
+    """The aggregate delta ``D`` a compressed broadcast's parts encode (a client's side); ``like``: each tensor's shape."""
+    return decode_block(compression.download, parts, {n: tuple(v) for n, v in like.items()})
 
 
 @dataclass(frozen=True)
@@ -348,22 +400,32 @@ class ClientCore:
         client_id: this client.
         blocks: the live tensors of every block, by name (e.g. the module's
             parameters); index = block.
-        exact_uploads: uploads travel in the parameters' own dtype, so a
-            client that started from the global may send its end value;
-            ``False`` (a narrower wire dtype): always deltas.
+        compression: how updates and aggregates travel. A lossless upload
+            lets a client that started from the global send its end value;
+            a lossy one always sends the compressed delta ``Q(Δ + r)``,
+            keeping the residual ``r`` of each block (on the CPU). A lossy
+            download makes the client keep, for every block its live
+            tensors do not hold exactly, a CPU copy of the block's global
+            value, so that it can form ``g + D`` as the server does.
 
     Raises:
         AlgorithmError: a call out of order (an aggregate applied early, late,
             twice, or of another version than the round's).
     """
 
-    def __init__(self, plan: Plan, client_id: int, blocks: Sequence[Mapping[str, Tensor]], *, exact_uploads: bool = True) -> None:
+    def __init__(
+        self, plan: Plan, client_id: int, blocks: Sequence[Mapping[str, Tensor]], *, compression: Compression = NO_COMPRESSION
+    ) -> None:
         if len(blocks) != plan.num_blocks:
             raise AlgorithmError(f"the plan has {plan.num_blocks} blocks, the client {len(blocks)}")
         self.plan = plan
         self.client_id = client_id
         self.blocks = [dict(b) for b in blocks]
-        self.exact_uploads = exact_uploads
+        self.compression = compression
+        self.exact_uploads = not compression.lossy_upload
+        self.uplink = ErrorFeedback(compression.upload, compression.error_feedback) if compression.lossy_upload else None
+        # block -> its exact global value, where the live tensors do not hold it (lossy downloads only)
+        self.globals: list[dict[str, Tensor] | None] = [None] * plan.num_blocks
         self.round = 0
         self.next_apply = 0
         self.versions = [-1] * plan.num_blocks
@@ -419,6 +481,8 @@ class ClientCore:
         pending = any(b in blocks for blocks in self.inflight.values())
         from_global = self.clean[b] and not pending and self.exact_uploads
         self.open = _Open(t, b, None if from_global else _cpu_copy(self.blocks[b]), self.versions[b])
+        if self.compression.lossy_download and self.clean[b] and self.globals[b] is None:
+            self.globals[b] = self.open.start if self.open.start is not None else _cpu_copy(self.blocks[b])
         return RoundStart(t, b, fresh_optimizer_state=not self.plan.keep_optimizer_state)
 
     def end(self, *, samples: int, tokens: int, shard: int, weighting: str, loss: float | None = None) -> Update:
@@ -427,15 +491,19 @@ class ClientCore:
             raise AlgorithmError(f"client {self.client_id}: no round is open")
         o, self.open = self.open, None
         e = _cpu_copy(self.blocks[o.block])
+        codec = "none"
         if o.start is None:
             kind, payload = "value", e
         else:
             kind, payload = "delta", {n: e[n] - o.start[n] for n in e}
+            if self.uplink is not None:
+                payload, _ = self.uplink.compress(o.block, payload)
+                codec = self.compression.upload.name
         self.inflight[o.round] = self._handed(o.round, own=(o.block, e))
         self.clean[o.block] = False
         self.round = o.round + 1
         weight = client_weight(weighting, samples=samples, tokens=tokens, shard=shard)
-        return Update(o.round, o.block, kind, o.start_version, weight, payload, loss)
+        return Update(o.round, o.block, kind, o.start_version, weight, payload, loss, codec)
 
     def skip(self) -> Update | None:
         """A round this client is not sampled for: nothing trains; its aggregate is fetched and applied in turn.
@@ -471,6 +539,38 @@ class ClientCore:
                 out[blk] = _cpu_copy(self.blocks[blk])
         return out
 
+    def global_value(self, block: int) -> dict[str, Tensor] | None:
+        """The exact global value of ``block`` at :attr:`versions` ``[block]`` as this client holds it, or ``None`` if unknown."""
+        kept = self.globals[block]
+        if kept is not None:
+            return kept
+        if self.clean[block] and not (self.open is not None and self.open.block == block):
+            return self.blocks[block]
+        return None
+
+    def compressed_aggregate(self, round_index: int, delta: Mapping[str, Tensor], base_versions: Mapping[int, int]) -> dict[str, Tensor]:
+        """The aggregate ``g' = g + D`` of ``round_index`` from its decoded broadcast ``D`` (every block the round moves).
+
+        Raises:
+            ResyncNeeded: this client does not hold the version of a block
+                ``D`` applies to (it must adopt the server's values).
+        """
+        out: dict[str, Tensor] = {}
+        for b in self.plan.blocks_of(round_index):
+            base = base_versions.get(b)
+            g = self.global_value(b)
+            if g is None or base != self.versions[b]:
+                held = self.versions[b] if g is not None else "no exact copy"
+                raise ResyncNeeded(
+                    f"client {self.client_id}: the aggregate of round {round_index} applies to version {base} of block {b}; "
+                    f"this client holds {held}"
+                )
+            for n, t in g.items():
+                if n not in delta or tuple(delta[n].shape) != tuple(t.shape):
+                    raise ResyncNeeded(f"client {self.client_id}: the aggregate of round {round_index} lacks tensor {n!r} of its shape")
+                out[n] = advance(t, delta[n])
+        return out
+
     def apply(self, round_index: int, version: int, new_global: Mapping[str, Tensor]) -> None:
         """Apply the aggregate ``g'`` of ``round_index`` (version ``round_index`` exactly) by the rebase."""
         if round_index != self.next_apply:
@@ -481,6 +581,7 @@ class ClientCore:
             raise AlgorithmError(f"client {self.client_id}: round {round_index} was never handed off")
         if version != round_index:
             raise AlgorithmError(f"client {self.client_id}: asked for version {round_index} of the block, got version {version}")
+        keep = self.compression.lossy_download
         for b, end in self.inflight.pop(round_index).items():
             later = [q for q, blocks in self.inflight.items() if b in blocks and q > round_index]
             trained = [q for q in later if self.plan.participates(self.client_id, q) and self.plan.block_for(self.client_id, q) == b]
@@ -488,6 +589,7 @@ class ClientCore:
                 # untouched since the hand-off: the aggregate replaces it, and so do later hand-offs kept of it
                 self._copy_in(b, new_global)
                 self.clean[b] = True
+                self.globals[b] = None
                 for q in later:
                     if self.inflight[q][b] is not None:
                         self.inflight[q][b] = _cpu_copy(self.blocks[b])
@@ -504,6 +606,8 @@ class ClientCore:
                 if self.open is not None and self.open.block == b and self.open.start is not None:
                     self.open.start = {n: rebase(self.open.start[n], end[n], new_global[n]) for n in end}
                 self.clean[b] = False
+                if keep:
+                    self.globals[b] = {n: new_global[n].detach().to("cpu", copy=True) for n in self.blocks[b]}
             self.versions[b] = version
         self.next_apply = round_index + 1
 
@@ -514,6 +618,7 @@ class ClientCore:
         self._copy_in(block, new_global)
         self.versions[block] = version
         self.clean[block] = True
+        self.globals[block] = None
 
     def caught_up(self) -> None:
         """``cyclic``: the blocks changed since this client's last turn are now held (:meth:`adopt`)."""
@@ -529,6 +634,7 @@ class ClientCore:
     def mark_unverified(self) -> None:
         """The blocks may not hold their global values (restored from a checkpoint, server restarted)."""
         self.clean = [False] * self.plan.num_blocks
+        self.globals = [None] * self.plan.num_blocks
 
     def _copy_in(self, block: int, tensors: Mapping[str, Tensor]) -> None:
         with torch.no_grad():
@@ -746,29 +852,46 @@ class GlobalState:
     server's memory): a reader further behind must resync.
     """
 
-    def __init__(self, blocks: Sequence[Mapping[str, Tensor]], max_old: int = 2) -> None:
+    def __init__(self, blocks: Sequence[Mapping[str, Tensor]], max_old: int = 2, compression: Compression = NO_COMPRESSION) -> None:
         self.max_old = max_old
         self.values: list[dict[str, Tensor]] = [dict(b) for b in blocks]
         self.versions = [-1] * len(self.values)
         self._held: list[dict[int, tuple[dict[str, Tensor], set[int]]]] = [{} for _ in self.values]
+        self.compression = compression
+        self.downlink = ErrorFeedback(compression.download, compression.error_feedback) if compression.lossy_download else None
+        # (block, version) -> (the version it applies to, the parts of D): a lossy download's broadcast
+        self._broadcasts: dict[tuple[int, int], tuple[int, dict[str, Tensor]]] = {}
 
     def install(self, round_index: int, block: int, new: dict[str, Tensor], readers: Iterable[int] = ()) -> str:
         """``new`` becomes version ``round_index`` of ``block``, held for ``readers``; returns ``''``, or why it was refused.
 
         A non-finite aggregate is refused: the previous value stays, as
         version ``round_index``, so that every client goes on from it.
+        With a lossy download codec the version is ``g + D`` with
+        ``D = Q(new − g + r_b)`` (error feedback keeps ``r_b``), and ``D``'s
+        parts are kept for the version's readers (:meth:`broadcast_at`).
         """
         if round_index <= self.versions[block]:
             raise AlgorithmError(f"block {block} is at version {self.versions[block]}; round {round_index} cannot replace it")
         bad = [n for n, t in new.items() if not _finite(t)]
         problem = f"the aggregate of {bad[0]!r} is not finite; the global keeps its previous value" if bad else ""
+        old = self.values[block]
         if problem:
-            new = self.values[block]
+            new = old
+        elif self.downlink is not None:
+            delta = {n: new[n].to(torch.float64).sub_(old[n].to(torch.float64)).to(torch.float32) for n in old}
+            parts, decoded = self.downlink.compress(block, delta)
+            new = {n: advance(old[n], decoded[n]) for n in old}
+            self._broadcasts[(block, round_index)] = (self.versions[block], parts)
         self.values[block] = new
         self.versions[block] = round_index
         self._held[block][round_index] = (new, set(readers))
         self._drop_read(block)
         return problem
+
+    def broadcast_at(self, block: int, version: int) -> tuple[int, dict[str, Tensor]] | None:
+        """The compressed ``D`` that made version ``version`` of ``block``, with the version it applies to; ``None`` if not kept."""
+        return self._broadcasts.get((block, version))
 
     def value_at(self, block: int, version: int, reader: int | None = None) -> dict[str, Tensor]:
         """Version ``version`` of ``block``, read by ``reader`` (who then no longer holds it).
@@ -805,9 +928,12 @@ class GlobalState:
         cur = held.get(self.versions[block])
         if cur is not None and not cur[1]:
             del held[self.versions[block]]
+        for key in [k for k in self._broadcasts if k[0] == block and k[1] not in held and k[1] != self.versions[block]]:
+            del self._broadcasts[key]
 
     def restore(self, blocks: Sequence[Mapping[str, Tensor]], versions: Sequence[int]) -> None:
         """Resume from a checkpoint: the current values only."""
         self.values = [dict(b) for b in blocks]
         self.versions = [int(v) for v in versions]
         self._held = [{} for _ in self.values]
+        self._broadcasts = {}

@@ -17,7 +17,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
-from pl_parablock.algorithm import ClientCore, Plan, activate
+from pl_parablock.algorithm import NO_COMPRESSION, ClientCore, Compression, Plan, activate
 from pl_parablock.errors import ResyncNeeded, TransmitterError
 from pl_parablock.rounds import BatchCounter, GlobalModelView, RoundLedger
 from pl_parablock.session import ClientSession
@@ -54,7 +54,7 @@ class ClientRounds:
         weighting: this client's weight rule.
         shard_size: its number of training records.
         keep_optimizer_state: keep each block's optimizer state across its rounds.
-        exact_uploads: uploads travel in the parameters' dtype.
+        compression: how updates and aggregates travel (federated clients only).
         dist: the Trainer's strategy when the client spans several processes.
     """
 
@@ -68,7 +68,7 @@ class ClientRounds:
         weighting: str,
         shard_size: int,
         keep_optimizer_state: bool,
-        exact_uploads: bool,
+        compression: Compression = NO_COMPRESSION,
         dist: Any = None,
     ) -> None:
         self.client_id = client_id
@@ -78,7 +78,7 @@ class ClientRounds:
         self.weighting = weighting
         self.shard_size = shard_size
         self.keep_optimizer_state = keep_optimizer_state
-        self.exact_uploads = exact_uploads
+        self.compression = compression if session is not None else NO_COMPRESSION
         self.dist = dist
         self.core: ClientCore | None = None
         self.ledger = RoundLedger()
@@ -88,7 +88,7 @@ class ClientRounds:
         self.done = False
 
     def use_plan(self, plan: Plan) -> ClientCore:
-        self.core = ClientCore(plan, self.client_id, self.blocks, exact_uploads=self.exact_uploads)
+        self.core = ClientCore(plan, self.client_id, self.blocks, compression=self.compression)
         return self.core
 
     # -------------------------------------------------------------- joining
@@ -204,7 +204,10 @@ class ClientRounds:
         arrival = self.session.wait(r)
         self.ledger.applied(arrival, time.perf_counter() - t0)
         self._log_round(trainer, r)
-        self.core.apply(r, arrival.version, arrival.tensors)
+        value = arrival.tensors
+        if arrival.kind == "delta":  # the compressed broadcast D: g + D, as the server formed it
+            value = self.core.compressed_aggregate(r, value, arrival.base_versions)
+        self.core.apply(r, arrival.version, value)
         if self.core.round < self.core.plan.rounds and not self.core.catching_up:  # the final model is evaluated once, at the end
             self.view.show(trainer, pl_module, self.core, r)
 

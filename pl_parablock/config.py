@@ -31,8 +31,18 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pl_parablock.aggregate import AGGREGATIONS
-from pl_parablock.algorithm import ASSIGNMENTS, CYCLIC_ORDERS, MODES, SERVER_OPTIMIZERS, WEIGHTINGS, ServerOptimizer, make_server_optimizer
+from pl_parablock.algorithm import (
+    ASSIGNMENTS,
+    CYCLIC_ORDERS,
+    MODES,
+    SERVER_OPTIMIZERS,
+    WEIGHTINGS,
+    Compression,
+    ServerOptimizer,
+    make_server_optimizer,
+)
 from pl_parablock.blocks import SCHEDULES
+from pl_parablock.compression import CODECS, WIRE_DTYPE_CODECS, Codec, make_codec
 from pl_parablock.data.formats import DATA_FORMATS, ROW_FORMAT_CHOICES
 from pl_parablock.errors import ConfigError
 from pl_parablock.federation.wire import WIRE_DTYPES
@@ -241,6 +251,33 @@ class ServerOptimizerSection:
 
 
 @dataclass
+class CompressionSection:
+    """How updates travel up and aggregates down: a codec with error feedback (the global stays exact)."""
+
+    codec: str = field(
+        default="none",
+        metadata=_help(
+            "Codec of the uploads (and of the downloads unless `download` says otherwise): "
+            + " | ".join(CODECS)
+            + ". A lossy codec sends each update as a compressed delta Q(delta + residual); the server broadcasts "
+            "Q(aggregate delta + its residual) and every holder applies g + D, so the server and all clients hold the same "
+            "global bitwise."
+        ),
+    )
+    error_feedback: bool = field(
+        default=True,
+        metadata=_help(
+            "Keep each sender's compression error per block (client: on the CPU; server: per block) and add it to the next send."
+        ),
+    )
+    download: str | None = field(
+        default=None, metadata=_help("Codec of the server's broadcasts: " + " | ".join(CODECS) + "; null: the same as `codec`.")
+    )
+    group: int = field(default=128, metadata=_help("int8, fp8, int4, topk: values per absmax scale."))
+    fraction: float = field(default=0.01, metadata=_help("topk: share of each tensor's values sent, in (0, 1]."))
+
+
+@dataclass
 class FederationSection:
     """The federation: clients, rounds and the server."""
 
@@ -270,8 +307,8 @@ class FederationSection:
         default=None,
         metadata=_help(
             "Dtype the uploads travel in: " + " | ".join(WIRE_DTYPES) + "; null: the parameters' own. "
-            "bfloat16 halves the upload bytes (updates then travel as deltas); downloads always carry the exact "
-            "global in the parameters' dtype."
+            "A shorthand for `compression: {codec: bf16 | fp16, error_feedback: false, download: none}`: bfloat16 halves "
+            "the upload bytes (updates then travel as deltas), downloads carry the exact global."
         ),
     )
     chunk_kb: int = field(default=1024, metadata=_help("Size of one streamed chunk, KiB."))
@@ -290,6 +327,7 @@ class FederationSection:
             "The environment variable PL_PARABLOCK_TOKEN, when set, wins. null: no authentication."
         ),
     )
+    compression: CompressionSection = field(default_factory=CompressionSection)
     tls: TLSSection = field(default_factory=TLSSection)
     server_optimizer: ServerOptimizerSection = field(default_factory=ServerOptimizerSection)
     gather_s: float = field(
@@ -668,6 +706,25 @@ def reference_markdown() -> str:
 TOKEN_ENV = "PL_PARABLOCK_TOKEN"
 
 
+def compression_of(recipe: Recipe) -> Compression:
+    """How the recipe's updates and aggregates travel (``federation.compression``, or the ``wire_dtype`` shorthand)."""
+    f = recipe.federation
+    c = f.compression
+    if c.codec == "none" and f.wire_dtype is not None:
+        return Compression(make_codec(WIRE_DTYPE_CODECS[f.wire_dtype]), make_codec("none"), error_feedback=False)
+    return Compression(codec_of(c.codec, c), codec_of(c.download or c.codec, c), error_feedback=bool(c.error_feedback))
+
+
+def codec_of(name: str, section: Any) -> Codec:
+    """The codec ``name`` with the options of ``federation.compression`` it takes."""
+    options: dict[str, Any] = {}
+    if name in ("int8", "fp8", "int4", "topk"):
+        options["group"] = section.group
+    if name == "topk":
+        options["fraction"] = section.fraction
+    return make_codec(name, **options)
+
+
 def server_optimizer_of(recipe: Recipe) -> ServerOptimizer:
     """The recipe's server optimizer (``federation.server_optimizer``; its lr defaults to ``federation.server_lr``)."""
     so, f = recipe.federation.server_optimizer, recipe.federation
@@ -865,6 +922,18 @@ def validate(recipe: Recipe) -> list[str]:
     _at_least(p, "federation.timeout_s", f.timeout_s, 0.0, strict=True)
     if f.wire_dtype is not None:
         _one_of(p, "federation.wire_dtype", f.wire_dtype, WIRE_DTYPES)
+    c = f.compression
+    _one_of(p, "federation.compression.codec", c.codec, CODECS)
+    if c.download is not None:
+        _one_of(p, "federation.compression.download", c.download, CODECS)
+    _at_least(p, "federation.compression.group", c.group, 1)
+    if isinstance(c.fraction, bool) or not isinstance(c.fraction, (int, float)) or not 0.0 < c.fraction <= 1.0:
+        p.append(f"`federation.compression.fraction` is {c.fraction!r}; the share of values topk sends must be in (0, 1], e.g. 0.01")
+    if f.wire_dtype not in (None, "float32") and c.codec != "none":
+        p.append(
+            f"`federation.wire_dtype` ({f.wire_dtype}) and `federation.compression.codec` ({c.codec}) both set how uploads "
+            "travel; keep `compression` alone"
+        )
     _at_least(p, "federation.chunk_kb", f.chunk_kb, 1)
     if f.chunk_kb > 32768:
         p.append(f"`federation.chunk_kb` is {f.chunk_kb}; at most 32768 (32 MiB) fits a message")

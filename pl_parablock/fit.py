@@ -34,6 +34,7 @@ from typing import Any
 from pl_parablock.config import (
     Recipe,
     client_token,
+    compression_of,
     load_recipe,
     reference_markdown,
     run_loggers,
@@ -49,7 +50,7 @@ from pl_parablock.federation.inprocess import InProcessTransport
 from pl_parablock.federation.link import Link
 from pl_parablock.federation.server import FederationServer, tune_server_memory
 from pl_parablock.federation.service import FederationService
-from pl_parablock.federation.wire import MAX_LARGE_HEADER_BYTES, WIRE_DTYPES
+from pl_parablock.federation.wire import MAX_LARGE_HEADER_BYTES
 
 log = logging.getLogger("pl_parablock")
 
@@ -156,6 +157,7 @@ def _aggregator(recipe: Recipe, progress: bool) -> Aggregator:
         on_round_closed=RoundPrinter(recipe, progress),
         weighting=f.weighting,
         max_weight=weight_bound(recipe),
+        compression=compression_of(recipe),
     )
     if f.weighting == "shard" and weight_bound(recipe) is None:
         log.warning(
@@ -326,13 +328,12 @@ def federate_in_process(recipe: Recipe, progress: bool = False) -> tuple[Aggrega
     f = recipe.federation
     agg = _aggregator(recipe, progress=progress)
     service = _service(recipe, agg)
-    wire = WIRE_DTYPES[f.wire_dtype] if f.wire_dtype else None
     link = Link.from_section(recipe.link)
     runs = [
         prepare_client(
             recipe,
             i,
-            InProcessTransport(service, link=link, chunk_bytes=f.chunk_kb * 1024, wire_dtype=wire, token=client_token(recipe, i)),
+            InProcessTransport(service, link=link, chunk_bytes=f.chunk_kb * 1024, token=client_token(recipe, i)),
         )
         for i in range(f.clients)
     ]

@@ -30,8 +30,18 @@ import torch
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
 
-from pl_parablock.algorithm import ClientCore, GlobalState, RoundStart, RoundStep, Update, activate, make_plan
-from pl_parablock.config import Recipe, server_optimizer_of
+from pl_parablock.algorithm import (
+    ClientCore,
+    GlobalState,
+    RoundStart,
+    RoundStep,
+    Update,
+    activate,
+    decode_broadcast,
+    decode_update,
+    make_plan,
+)
+from pl_parablock.config import Recipe, compression_of, server_optimizer_of
 from pl_parablock.errors import ConfigError
 from pl_parablock.module import ParaBlockModule
 from pl_parablock.runner import prepare_client
@@ -104,7 +114,7 @@ def _client(recipe: Recipe, client_id: int) -> _Client:
         keep_optimizer_state=recipe.train.keep_optimizer_state,
         assignment=recipe.blocks.assignment,
     )
-    core = ClientCore(plan, client_id, blocks, exact_uploads=recipe.federation.wire_dtype is None)
+    core = ClientCore(plan, client_id, blocks, compression=compression_of(recipe))
     return _Client(core, module, optimizer, _batches(run.datamodule.train_dataloader()), blocks, run.shard_size)
 
 
@@ -155,13 +165,23 @@ def run_reference(recipe: Recipe) -> ReferenceResult:
     _check(recipe)
     clients = [_client(recipe, i) for i in range(recipe.federation.clients)]
     plan = clients[0].core.plan
-    state = GlobalState([{n: p.detach().to("cpu", copy=True) for n, p in blk.items()} for blk in clients[0].blocks])
+    compression = compression_of(recipe)
+    state = GlobalState(
+        [{n: p.detach().to("cpu", copy=True) for n, p in blk.items()} for blk in clients[0].blocks], compression=compression
+    )
     records = []
     optimizer = server_optimizer_of(recipe)
+    shapes = {n: tuple(t.shape) for blk in state.values for n, t in blk.items()}
 
     def deliver(c: _Client) -> None:
         for r in c.core.awaiting():
             moved = {n: t for b in plan.blocks_of(r) for n, t in state.value_at(b, r, reader=c.core.client_id).items()}
+            sent = [state.broadcast_at(b, r) for b in plan.blocks_of(r)]
+            if compression.lossy_download and plan.mode != "cyclic" and all(x is not None for x in sent):
+                parts = {n: t for x in sent if x is not None for n, t in x[1].items()}
+                bases = {b: x[0] for b, x in zip(plan.blocks_of(r), sent) if x is not None}
+                delta = decode_broadcast(compression, parts, {n: shapes[n] for n in moved})
+                moved = c.core.compressed_aggregate(r, delta, bases)  # the client's own g + D, as a real client forms it
             c.core.apply(r, r, moved)
         if c.core.catching_up and (c.core.participates() or c.core.round >= plan.rounds):
             catch_up(c)  # cyclic: the blocks changed since its last turn (or, at the end, since its last)
@@ -182,7 +202,10 @@ def run_reference(recipe: Recipe) -> ReferenceResult:
                 continue
             update = _train(c, c.core.begin(), recipe)
             assert update.tensors is not None
-            steps[update.block].add(update.tensors, update.weight, update.kind)
+            tensors = update.tensors
+            if update.codec != "none":
+                tensors = decode_update(compression, update.codec, tensors, state.values[update.block])
+            steps[update.block].add(tensors, update.weight, update.kind)
             arrived.append(c.core.client_id)
         problems = []
         for b, step in steps.items():  # a block nobody trained keeps its value

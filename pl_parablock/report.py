@@ -159,6 +159,7 @@ def build_report(recipe: Recipe, server: dict[str, Any], *, wall_s: float, link:
             "server_optimizer": server.get("server_optimizer"),
             "rejected_outside_rounds": server.get("rejected_outside_rounds", []),
             "aggregation": server.get("aggregation"),
+            "compression": server.get("compression"),
             "joined": server.get("joined", []),
             "dropped": server.get("dropped", []),
             "resumed_from_round": server.get("resumed_from_round"),
@@ -231,7 +232,7 @@ def format_summary(report: dict[str, Any], report_path: str | None = None) -> st
         ("compute", f"{t['compute_s']:.1f} s over all clients"),
         ("communication", f"{t['comm_s']:.1f} s, blocked {t['blocked_s']:.1f} s"),
         ("comm hidden", (f"{max(0.0, 100 * hidden):.0f} %" if hidden is not None else "n/a") + "  (1 - blocked / communication)"),
-        ("bytes moved", f"up {_mb(t['bytes_up'])}, down {_mb(t['bytes_down'])}"),
+        ("bytes moved", f"up {_mb(t['bytes_up'])}, down {_mb(t['bytes_down'])}{_codecs(report)}"),
         ("link", report["link"]["description"]),
         ("model", str(report.get("model_dir") or "not saved") + ("  (PEFT adapter)" if f.get("model_format") == "peft_adapter" else "")),
     ]
@@ -310,6 +311,15 @@ def _clock_note(report: dict[str, Any]) -> str:
 def _training(report: dict[str, Any]) -> str:
     train = report.get("train_wall_s")
     return f" (training {train:.1f} s)" if isinstance(train, (int, float)) else ""
+
+
+def _codecs(report: dict[str, Any]) -> str:
+    """`` (int8 up, int8 down, error feedback)`` when updates travel compressed; ``''`` otherwise."""
+    c = (report.get("federation") or {}).get("compression") or {}
+    if not c or (c.get("upload") == "none" and c.get("download") == "none"):
+        return ""
+    feedback = ", error feedback" if c.get("error_feedback") else ""
+    return f" ({c.get('upload')} up, {c.get('download')} down{feedback})"
 
 
 def _link_label(report: dict[str, Any]) -> str:

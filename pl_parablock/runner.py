@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 
 from pl_parablock.checkpoint import RoundCheckpoint
-from pl_parablock.config import Recipe, client_token, run_loggers
+from pl_parablock.config import Recipe, client_token, compression_of, run_loggers
 from pl_parablock.data import ClientDataModule, client_data
 from pl_parablock.errors import ParaBlockError
 from pl_parablock.evaluation import GlobalEvaluation
@@ -165,7 +165,7 @@ def prepare_client(
         shard_size=len(data.train),
         timeout_s=f.timeout_s,
         link=Link.from_section(recipe.link),
-        wire_dtype=f.wire_dtype,
+        compression=compression_of(recipe),
         chunk_kb=f.chunk_kb,
         token=client_token(recipe, client_id),
         tls=TLS(ca=f.tls.ca) if f.tls.ca else None,

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from pl_parablock.algorithm import ClientCore, Plan, Update
+from pl_parablock.algorithm import NO_COMPRESSION, ClientCore, Compression, Plan, Update
 from pl_parablock.blocks import Partition
 from pl_parablock.config import TOKEN_ENV
 from pl_parablock.errors import ParaBlockError, ResyncNeeded, ServerRestarted, TransmitterError, TransportError
 from pl_parablock.federation.link import Link
 from pl_parablock.federation.transport import GrpcTransport, Pulled, Transport
-from pl_parablock.federation.wire import DTYPES, dtype_name
+from pl_parablock.federation.wire import dtype_name
 from pl_parablock.transmitter import Arrival, Transmitter
 
 if TYPE_CHECKING:
@@ -68,7 +68,9 @@ class ClientSession:
         client_id: this client's id.
         timeout_s: longest single network wait, seconds.
         link: emulated link (a ``"HOST:PORT"`` server only).
-        wire_dtype: dtype the uploads travel in; ``None``: their own.
+        compression: the federation's codecs (see :class:`~pl_parablock.algorithm.Compression`).
+        delta_downloads: ask for compressed broadcasts of the aggregates
+            (when the download codec is lossy; not in cyclic mode).
         chunk_kb: chunk size of streamed blocks, KiB.
         token: the federation's (or this client's) token; ``None`` reads
             ``PL_PARABLOCK_TOKEN`` from the environment. An explicit token wins.
@@ -85,7 +87,8 @@ class ClientSession:
         *,
         timeout_s: float,
         link: Link | None = None,
-        wire_dtype: str | None = None,
+        compression: Compression = NO_COMPRESSION,
+        delta_downloads: bool = True,
         chunk_kb: int = 1024,
         token: str | None = None,
         tls: TLS | None = None,
@@ -106,12 +109,15 @@ class ClientSession:
             return
         if isinstance(server, Transport):
             self.transport = server
+            server.compression = compression  # the client's codecs, whoever built the transport
+            server.delta_downloads = delta_downloads and compression.lossy_download
         else:
             self.transport = GrpcTransport(
                 server,
                 link=link,
                 chunk_bytes=chunk_kb * 1024,
-                wire_dtype=DTYPES[wire_dtype] if wire_dtype else None,
+                compression=compression,
+                delta_downloads=delta_downloads,
                 connect_timeout_s=min(timeout_s, 60.0),
                 token=token if token is not None else os.environ.get(TOKEN_ENV),
                 tls=tls,

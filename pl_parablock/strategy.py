@@ -32,9 +32,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from pl_parablock.algorithm import ClientCore, digest, make_plan
+from pl_parablock.algorithm import NO_COMPRESSION, ClientCore, Compression, digest, make_plan
 from pl_parablock.blocks import Partition, freeze_to_blocks, partition_model, whole_model_partition
 from pl_parablock.client import ClientRounds
+from pl_parablock.compression import WIRE_DTYPE_CODECS, CodecError, make_codec
 from pl_parablock.errors import ParaBlockError
 from pl_parablock.federation.link import Link
 from pl_parablock.federation.transport import Transport
@@ -85,7 +86,12 @@ class FederatedBlockStrategy(Callback):
         timeout_s: longest single network wait, seconds.
         link: emulated link for a ``"HOST:PORT"`` server.
         wire_dtype: dtype uploads travel in (``"bfloat16"``, ``"float16"``);
-            ``None``: their own. Downloads always carry the exact global.
+            ``None``: their own. A shorthand for a ``compression`` of that
+            cast on uploads only, without error feedback.
+        compression: how updates and aggregates travel: a
+            :class:`~pl_parablock.algorithm.Compression`, or a codec name of
+            :data:`~pl_parablock.compression.CODECS` (both ways, with error
+            feedback). It must be the server's (``federation.compression``).
         chunk_kb: chunk size of streamed blocks, KiB.
         token: the federation's (or this client's) token for a ``"HOST:PORT"``
             server; ``None`` reads ``PL_PARABLOCK_TOKEN`` from the
@@ -122,6 +128,7 @@ class FederatedBlockStrategy(Callback):
         timeout_s: float = 600.0,
         link: Link | None = None,
         wire_dtype: str | None = None,
+        compression: Compression | str | None = None,
         chunk_kb: int = 1024,
         token: str | None = None,
         tls: TLS | None = None,
@@ -132,6 +139,7 @@ class FederatedBlockStrategy(Callback):
         )  # fmt: skip
         if problems:
             raise ParaBlockError("FederatedBlockStrategy: " + "; ".join(problems))
+        self.compression = _compression(compression, wire_dtype)
         self.server = server
         self.client_id = client_id
         self.local_steps = local_steps
@@ -146,9 +154,7 @@ class FederatedBlockStrategy(Callback):
         self.keep_optimizer_state = keep_optimizer_state
         self.weighting = weighting
         self.shard_size = shard_size or 0
-        self.session_options: dict[str, Any] = dict(
-            timeout_s=timeout_s, link=link, wire_dtype=wire_dtype, chunk_kb=chunk_kb, token=token, tls=tls
-        )
+        self.session_options: dict[str, Any] = dict(timeout_s=timeout_s, link=link, chunk_kb=chunk_kb, token=token, tls=tls)
 
         self.partition: Partition | None = None
         self.client: ClientRounds | None = None
@@ -241,10 +247,11 @@ class FederatedBlockStrategy(Callback):
         options = self.session_options
         session = None
         if self.server is not None:
-            session = ClientSession(self.server, self.client_id, dist=self._dist, leader=self._leader, **options)
+            session = ClientSession(self.server, self.client_id, dist=self._dist, leader=self._leader, compression=self.compression,
+                                    delta_downloads=self.mode != "cyclic", **options)  # fmt: skip
         self.client = ClientRounds(
             self.client_id, self.mode, self._block_params, session=session, weighting=self.weighting, shard_size=self.shard_size,
-            keep_optimizer_state=self.keep_optimizer_state, exact_uploads=options["wire_dtype"] is None, dist=self._dist,
+            keep_optimizer_state=self.keep_optimizer_state, compression=self.compression, dist=self._dist,
         )  # fmt: skip
         restored, self._restored = self._restored, None
         if restored is not None and restored.get("partition") not in (None, self.partition.to_dict()):
@@ -344,3 +351,21 @@ class FederatedBlockStrategy(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = dict(state_dict)
+
+
+def _compression(compression: Compression | str | None, wire_dtype: str | None) -> Compression:
+    """The strategy's ``compression`` argument (or its ``wire_dtype`` shorthand) as a :class:`Compression`."""
+    if compression is not None and wire_dtype not in (None, "float32"):
+        raise ParaBlockError("FederatedBlockStrategy: give compression= or wire_dtype=, not both")
+    if isinstance(compression, Compression):
+        return compression
+    try:
+        if isinstance(compression, str):
+            return Compression(make_codec(compression), make_codec(compression))
+        if compression is not None:
+            raise ParaBlockError(f"FederatedBlockStrategy: compression={compression!r} must be a Compression, a codec name or None")
+        if wire_dtype is not None:
+            return Compression(make_codec(WIRE_DTYPE_CODECS[wire_dtype]), make_codec("none"), error_feedback=False)
+    except CodecError as exc:
+        raise ParaBlockError(f"FederatedBlockStrategy: {exc}") from None
+    return NO_COMPRESSION

@@ -67,6 +67,9 @@ class Arrival:
     arrived_at: float
     late: bool = False
     retries: int = 0
+    kind: str = "value"
+    """``value``: ``tensors`` is the global value; ``delta``: the decoded broadcast ``D`` (apply ``g + D``)."""
+    base_versions: dict[int, int] = field(default_factory=dict)
 
 
 class Transmitter:
@@ -193,6 +196,7 @@ class Transmitter:
             "base_version": job.base_version,
             "weight": job.weight,
             "loss": job.loss,
+            "codec": job.codec,
         }
         pushed: Pushed | None = None
         retries = 0
@@ -243,6 +247,8 @@ class Transmitter:
             arrived_at=time.time(),
             late=pushed is not None and pushed.status == "late",
             retries=retries,
+            kind=pulled.kind,
+            base_versions=pulled.base_versions,
         )
 
     def close(self, timeout: float = 10.0, *, cancel_pending: bool = False) -> None:

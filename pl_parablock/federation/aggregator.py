@@ -50,12 +50,15 @@ from torch import Tensor
 
 from pl_parablock.aggregate import AGGREGATIONS, PIECE_ELEMS, PIECES, assemble, clip_factor, pieces_of, robust_mean
 from pl_parablock.algorithm import (
+    NO_COMPRESSION,
     WEIGHTINGS,
+    Compression,
     GlobalState,
     Plan,
     RoundStep,
     ServerOptimizer,
     Superseded,
+    decode_update,
     digest,
     make_plan,
     make_server_optimizer,
@@ -63,6 +66,7 @@ from pl_parablock.algorithm import (
     staleness,
 )
 from pl_parablock.blocks import Partition
+from pl_parablock.compression import CodecError, block_problem
 from pl_parablock.errors import FederationError, ParaBlockError
 from pl_parablock.federation._ratelimit import RateLimitedLog
 from pl_parablock.federation.wire import DTYPES, Spec, StagedTensors, check_specs, dtype_name, short, tensor_specs
@@ -75,6 +79,7 @@ warn = RateLimitedLog(log)
 WORK_SLOTS = max(1, min(4, os.cpu_count() or 1))
 CHECKPOINT_FORMAT = 1
 OPT_PREFIX = "server_optimizer::"
+RESIDUAL_PREFIX = "broadcast_residual::"
 MAX_WEIGHT = float(2**53)
 """No update's weight may exceed this, whatever the bound of the recipe: every integer up to it is exact in
 float64, and a weight times any float32 value stays far from float64's overflow."""
@@ -340,6 +345,10 @@ class Aggregator:
         initial_state_wait_s: the first client's fingerprint is dropped if
             its initial state has not begun to arrive this long after its
             join (or within its join's timeout, if shorter).
+        compression: the codecs of the federation: updates compressed with
+            another codec are refused; with a lossy download codec each
+            round's aggregate is broadcast as ``D = Q(Δ_agg + r_b)`` and the
+            global becomes ``g + D`` (its residuals are in the checkpoints).
     """
 
     def __init__(
@@ -367,6 +376,7 @@ class Aggregator:
         max_weight: float | None = None,
         initial_state_wait_s: float = 30.0,
         gather_s: float = 0.0,
+        compression: Compression = NO_COMPRESSION,
     ) -> None:
         if clients < 1 or rounds < 1:
             raise ValueError("a federation needs at least one client and one round")
@@ -384,6 +394,7 @@ class Aggregator:
         self.seed = seed
         self.server_lr = server_lr
         self.server_optimizer = server_optimizer
+        self.compression = compression
         if server_optimizer is not None and server_optimizer.name != "sgd" and aggregation != "mean":
             raise ValueError(f"the server optimizer {server_optimizer.name} cannot follow aggregation={aggregation}; use mean")
         self.mode = mode
@@ -568,7 +579,7 @@ class Aggregator:
         self._partition = partition
         self._plan = plan
         self._schedule = list(plan.schedule)
-        self._state = GlobalState([{} for _ in partition.blocks])
+        self._state = GlobalState([{} for _ in partition.blocks], compression=self.compression)
 
     def begin_upload(self, client_id: int, specs: list[Spec]) -> None:
         """An initial-state upload is about to be read: only from the client asked for it, and exactly the fingerprint's tensors.
@@ -623,7 +634,7 @@ class Aggregator:
         with self._cond:
             assert self._partition is not None
             if not self._ready:
-                self._state = GlobalState([{n: loaded[n] for n in b.params} for b in self._partition.blocks])
+                self._state = GlobalState([{n: loaded[n] for n in b.params} for b in self._partition.blocks], compression=self.compression)
                 self._ready = True
             self._cond.notify_all()
         self._checkpoint_if_due(None)
@@ -698,8 +709,9 @@ class Aggregator:
             kind = header["kind"]
             base = _strict_int(header.get("base_version", -1))
             weight = header["weight"]
-            if not isinstance(kind, str) or isinstance(weight, bool) or not isinstance(weight, (int, float)):
-                raise TypeError("`kind` must be a string and `weight` a number")
+            codec = header.get("codec", "none")
+            if not isinstance(kind, str) or isinstance(weight, bool) or not isinstance(weight, (int, float)) or not isinstance(codec, str):
+                raise TypeError("`kind` and `codec` must be strings and `weight` a number")
             weight = float(weight)
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             return self.refuse({"client": header.get("client_id"), "round": header.get("round")}, f"malformed update header ({short(exc)})")
@@ -735,6 +747,15 @@ class Aggregator:
             current = self._state.values[block]
         if kind not in ("value", "delta"):
             return self.refuse(record, f"unknown update kind {short(kind)}", rnd)
+        accepted = self.compression.upload.name
+        if codec != accepted:
+            return self.refuse(
+                record,
+                f"the update is compressed with {short(codec)}; this federation accepts {accepted!r} (federation.compression.codec)",
+                rnd,
+            )
+        if self.compression.lossy_upload and kind != "delta":
+            return self.refuse(record, f"a {accepted} update must be a delta, not a {short(kind)}", rnd)
         if not (weight > 0 and math.isfinite(weight)):
             return self.refuse(record, f"weight {weight!r} is not a positive number", rnd)
         if weight > self.max_weight or (self.weighting == "uniform" and weight != 1.0):
@@ -744,7 +765,11 @@ class Aggregator:
                 record, f"stale base: the client started from version {base} of block {block}, the server holds {version}", rnd
             )
         if specs is not None:
-            problem = _check_specs(current, specs, exact_dtype=(kind == "value"))
+            if self.compression.lossy_upload:
+                shapes = {n: tuple(t.shape) for n, t in current.items()}
+                problem = block_problem(self.compression.upload, [(s.name, s.dtype, s.shape) for s in specs], shapes)
+            else:
+                problem = _check_specs(current, specs, exact_dtype=(kind == "value"))
             if problem:
                 return self.refuse(record, problem, rnd)
         return None
@@ -770,13 +795,14 @@ class Aggregator:
     def streams(self) -> bool:
         """Whether updates are checked and summed as they arrive (:meth:`receive`).
 
-        Weighted ``mean`` aggregation without ``clip_norm``. With
-        ``clip_norm`` an update's scale is known only once its norm is, at
-        its end, and ``median`` / ``trimmed_mean`` keep every update until
-        the round closes: those spool each update whole and read it back
+        Weighted ``mean`` aggregation without ``clip_norm`` and without a
+        lossy upload codec. With ``clip_norm`` an update's scale is known
+        only once its norm is, at its end; ``median`` / ``trimmed_mean``
+        keep every update until the round closes; a compressed update is
+        decoded whole: those spool each update whole and read it back
         (:meth:`submit` with :class:`~pl_parablock.federation.wire.StagedTensors`).
         """
-        return self.aggregation == "mean" and self.clip_norm is None
+        return self.aggregation == "mean" and self.clip_norm is None and not self.compression.lossy_upload
 
     def receive(self, header: Mapping[str, Any], specs: list[Spec], feed: Feed) -> dict[str, Any]:
         """Check and sum one client's update as it arrives; returns the reply (as :meth:`submit`).
@@ -977,6 +1003,13 @@ class Aggregator:
                 block = self._block_for(client, rnd_i)
                 current = self._state.values[block]
             record = {"client": client, "round": rnd_i, "block": block}
+            if self.compression.lossy_upload:  # the parts of a compressed delta: decoded whole (one block of float32) before any check
+                try:
+                    dense = decode_update(self.compression, str(header.get("codec")), dict(iter(staged)), current)
+                except CodecError as exc:
+                    return self.refuse(record, f"corrupt compressed update: {exc}", rnd)
+                staged.close()
+                staged = StagedTensors.from_tensors(dense)
             need_norm = self.max_update_norm is not None or self.clip_norm is not None
             t0 = time.perf_counter()
             with self._work_slots:
@@ -1136,14 +1169,36 @@ class Aggregator:
             RefusedError: code ``superseded`` when a later round of the block
                 replaced that version and it is no longer held.
         """
+        version, values, _ = self.round_answer(round_index, client_id, delta=False)
+        return version, values
+
+    def round_answer(
+        self, round_index: int, client_id: int | None = None, *, delta: bool = True
+    ) -> tuple[int, dict[str, Tensor], dict[int, int] | None]:
+        """:meth:`round_value`, or, with ``delta`` and a lossy download codec, the compressed broadcast ``D`` of the round.
+
+        Returns the version, the tensors (values, or the parts of ``D``) and,
+        for ``D``, the version of each block it applies to (``None``: values).
+        """
         self.expected_block(round_index)
         with self._cond:
             assert self._plan is not None
+            blocks = self._plan.blocks_of(round_index)
             try:
-                blocks = [self._state.value_at(b, round_index, reader=client_id) for b in self._plan.blocks_of(round_index)]
+                values = [self._state.value_at(b, round_index, reader=client_id) for b in blocks]
             except Superseded as exc:
                 raise RefusedError(str(exc), "superseded") from None
-            return round_index, {n: t for blk in blocks for n, t in blk.items()}
+            sent = [self._state.broadcast_at(b, round_index) for b in blocks] if delta else []
+            if sent and all(x is not None for x in sent):
+                parts = {n: t for x in sent if x is not None for n, t in x[1].items()}
+                return round_index, parts, {b: x[0] for b, x in zip(blocks, sent) if x is not None}
+            return round_index, {n: t for blk in values for n, t in blk.items()}, None
+
+    def round_shapes(self, round_index: int) -> dict[str, list[int]]:
+        """The shape of every tensor of the blocks round ``round_index`` moves."""
+        with self._cond:
+            assert self._plan is not None
+            return {n: list(t.shape) for b in self._plan.blocks_of(round_index) for n, t in self._state.values[b].items()}
 
     def versions(self) -> list[int]:
         with self._cond:
@@ -1252,6 +1307,8 @@ class Aggregator:
                 tensors = {n: t for blk in self._state.values for n, t in blk.items()}
                 if self.server_optimizer is not None:
                     tensors.update({OPT_PREFIX + k: t.clone() for k, t in self.server_optimizer.state_tensors().items()})
+                if self._state.downlink is not None:
+                    tensors.update(self._state.downlink.state_tensors(RESIDUAL_PREFIX))
                 state = {
                     "format": CHECKPOINT_FORMAT,
                     "params": self._params(),
@@ -1295,6 +1352,7 @@ class Aggregator:
             "mode": self.mode,
             "assignment": self.assignment,
             "clients_per_round": self.clients_per_round,
+            "compression": _describe_compression(self.compression),
         }
 
     def load_checkpoint(self, directory: str) -> int:
@@ -1320,7 +1378,11 @@ class Aggregator:
             )
         params = self._params()
         # keys added after the first checkpoints: a checkpoint without them ran their defaults
-        legacy = {"assignment": "shared", "server_optimizer": _describe_optimizer(make_server_optimizer("sgd", lr=self.server_lr))}
+        legacy = {
+            "assignment": "shared",
+            "server_optimizer": _describe_optimizer(make_server_optimizer("sgd", lr=self.server_lr)),
+            "compression": _describe_compression(NO_COMPRESSION),
+        }
         saved = {k: state["params"].get(k, legacy.get(k)) for k in params}
         diff = {k: (saved[k], v) for k, v in params.items() if saved[k] != v}
         if diff:
@@ -1333,12 +1395,15 @@ class Aggregator:
             assert self._partition is not None
             specs = self._fingerprint["tensors"]  # type: ignore[index]
             opt_state = {k.removeprefix(OPT_PREFIX): t for k, t in tensors.items() if k.startswith(OPT_PREFIX)}
-            tensors = {k: t for k, t in tensors.items() if not k.startswith(OPT_PREFIX)}
+            residuals = {k: t for k, t in tensors.items() if k.startswith(RESIDUAL_PREFIX)}
+            tensors = {k: t for k, t in tensors.items() if not k.startswith((OPT_PREFIX, RESIDUAL_PREFIX))}
             if self.server_optimizer is not None:
                 self.server_optimizer.load_state_tensors(opt_state)
             if set(tensors) != set(specs):
                 raise FederationError(f"server checkpoint in {directory} is corrupt: its tensors do not match its fingerprint")
             self._state.restore([{n: tensors[n] for n in b.params} for b in self._partition.blocks], state["versions"])
+            if self._state.downlink is not None:
+                self._state.downlink.load_state_tensors(residuals, RESIDUAL_PREFIX)
             self._initializer = state["initializer"]
             self._ready = True
             for rec in state["rounds"]:
@@ -1396,6 +1461,7 @@ class Aggregator:
                 "server_lr": self.server_lr,
                 "server_optimizer": _describe_optimizer(self.server_optimizer),
                 "aggregation": self.aggregation,
+                "compression": _describe_compression(self.compression),
                 "rounds": rounds,
                 "rejected_outside_rounds": list(self._rejected),
                 "rejected_outside_rounds_count": max(self._refused_outside, len(self._rejected)),
@@ -1412,6 +1478,14 @@ def _describe_optimizer(opt: ServerOptimizer | None) -> dict[str, Any] | None:
     if opt is None:
         return None
     return {"name": opt.name, "lr": opt.lr, "betas": [opt.beta1, opt.beta2], "tau": opt.tau}
+
+
+def _describe_compression(compression: Compression) -> dict[str, Any]:
+    return {
+        "upload": compression.upload.describe(),
+        "download": compression.download.describe(),
+        "error_feedback": compression.error_feedback,
+    }
 
 
 def _strict_int(value: Any) -> int:

@@ -28,9 +28,11 @@ Methods (message shapes):
 * ``UploadState``: header ``{client_id}`` + tensors -> ``{ok}``
 * ``Push``: header ``{client_id, round, block, kind, base_version, weight, loss}`` + tensors ->
   ``{accepted, status, reason, retry, instance}``
-* ``Pull``: ``{client_id, round | block, wait_s, instance}`` -> header ``{ready, round, block, version, instance}`` + tensors
+* ``Pull``: ``{client_id, round | block, wait_s, instance, delta}`` -> header ``{ready, round, block, version, instance}`` + tensors
   in the parameters' own dtype; a pull for round ``r`` returns version ``r`` of its block exactly, or
-  ``{ready: false, superseded: true}`` once a later round replaced that version
+  ``{ready: false, superseded: true}`` once a later round replaced that version. With ``delta: true`` and a
+  lossy download codec, the answer is the round's compressed broadcast ``D`` instead: header
+  ``{kind: "delta", codec, base_versions, shapes}`` + the parts of ``D``
 * ``Versions``: ``{client_id}`` -> ``{versions, next_round, finished, instance}``
 * ``Leave``: ``{client_id, report}`` -> ``{ok}``
 
@@ -148,7 +150,7 @@ class FederationService:
         self.chunk_bytes = chunk_bytes
         self.token = token
         self.max_wait_s = max_wait_s
-        self._crcs: dict[tuple[tuple[str, ...], int], int] = {}  # (tensor names, version) -> CRC32 of the global's bytes
+        self._crcs: dict[tuple[bool, tuple[str, ...], int], int] = {}  # (a broadcast D?, names, version) -> CRC32 of what a pull sends
         if isinstance(token, Mapping):
             tokens = [str(t) for t in token.values()]
             if len(set(tokens)) != len(tokens) or not all(tokens):
@@ -290,20 +292,28 @@ class FederationService:
                 yield from encode({"ready": False, "round": rnd, "block": block, "instance": agg.instance})
                 return
             try:
-                version, tensors = agg.round_value(rnd, client)
+                version, tensors, bases = agg.round_answer(rnd, client, delta=h.get("delta") is True)
             except RefusedError as exc:
                 if exc.code != "superseded":
                     raise
                 yield from encode({"ready": False, "superseded": True, "round": rnd, "block": block, "instance": agg.instance})
                 return
         else:
-            rnd = None
+            rnd, bases = None, None
             block = _int(h, "block")
             version, tensors = agg.block_value(block)
-        # the global travels exactly, in the parameters' own dtype, whatever the uploads' wire dtype
-        header = {"ready": True, "round": rnd, "block": block, "version": version, "instance": agg.instance}
-        # a version of a block never changes: its CRC32 is computed by its first pull only, not by every client's
-        key = (tuple(tensors), version)
+        header: dict[str, Any] = {"ready": True, "round": rnd, "block": block, "version": version, "instance": agg.instance}
+        if bases is not None:  # the compressed broadcast D of the round's aggregate: the client forms g + D as the server did
+            assert rnd is not None
+            header.update(
+                kind="delta",
+                codec=agg.compression.download.name,
+                base_versions={str(b): v for b, v in bases.items()},
+                shapes=agg.round_shapes(rnd),
+            )
+        # otherwise the global travels exactly, in the parameters' own dtype
+        # what a pull sends for a version never changes: its CRC32 is computed by its first pull only, not by every client's
+        key = (bases is not None, tuple(tensors), version)
         crcs = self._crcs
 
         def remember(crc: int) -> None:

@@ -40,9 +40,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-import torch
 from torch import Tensor
 
+from pl_parablock.algorithm import NO_COMPRESSION, Compression, decode_broadcast
+from pl_parablock.compression import CodecError
 from pl_parablock.errors import FederationError, ServerRestarted, TransportError, VersionSuperseded
 from pl_parablock.federation.channel import CLIENT_OPTIONS, METHODS, SERVICE_NAME, TLS, token_metadata
 from pl_parablock.federation.link import Link
@@ -79,7 +80,10 @@ class Pushed:
 
 @dataclass
 class Pulled:
-    """A global block value as downloaded."""
+    """A global block value as downloaded, or (``kind="delta"``) the decoded broadcast ``D`` of a round's aggregate.
+
+    ``base_versions``: for a delta, the version of each block ``D`` applies to.
+    """
 
     block: int
     version: int
@@ -88,6 +92,8 @@ class Pulled:
     download_s: float
     nbytes: int
     instance: str | None = None
+    kind: str = "value"
+    base_versions: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -146,17 +152,28 @@ class Transport(ABC):
     Args:
         link: emulated link the bytes are paced through (``None``: none).
         chunk_bytes: size of the chunks blocks are cut into.
-        wire_dtype: dtype floating tensors travel in (``None``: their own).
         token: bearer token sent with every call (``None``: none).
+        compression: the federation's codecs; with a lossy download codec
+            and ``delta_downloads``, a round's pull asks for the compressed
+            broadcast ``D`` and decodes it (the client then forms ``g + D``).
+        delta_downloads: ask for compressed broadcasts (``False`` in cyclic
+            mode, where a client does not hold every version).
     """
 
     def __init__(
-        self, *, link: Link | None = None, chunk_bytes: int = 1 << 20, wire_dtype: torch.dtype | None = None, token: str | None = None
+        self,
+        *,
+        link: Link | None = None,
+        chunk_bytes: int = 1 << 20,
+        token: str | None = None,
+        compression: Compression = NO_COMPRESSION,
+        delta_downloads: bool = True,
     ) -> None:
         self.link = link or Link()
         self.chunk_bytes = chunk_bytes
-        self.wire_dtype = wire_dtype
         self.token = token
+        self.compression = compression
+        self.delta_downloads = delta_downloads and compression.lossy_download
         self.instance: str | None = None  # the server instance joined; set by the client after join
         self.faults = Faults.from_env()
         self._pushes = 0
@@ -200,8 +217,7 @@ class Transport(ABC):
             time.sleep(f.delay_push_s)
         if f and self._pushes == f.drop_before_push:
             raise TransportError(f"injected fault: connection dropped before push {self._pushes}")
-        dtype = self.wire_dtype if header.get("kind") == "delta" else None
-        messages: Iterator[bytes] = encode(header, tensors, chunk_bytes=self.chunk_bytes, dtype=dtype)
+        messages: Iterator[bytes] = encode(header, tensors, chunk_bytes=self.chunk_bytes)
         if f and self._pushes == f.corrupt_push:
             messages = _corrupt(messages)
         counter = _Counter(self.link.pace_up(messages))
@@ -242,15 +258,43 @@ class Transport(ABC):
             if header.get("superseded"):
                 raise VersionSuperseded(f"{what}: the server no longer holds that version (a later round replaced it)")
             if header.get("ready"):
+                kind, bases = "value", {}
+                if header.get("kind") == "delta":
+                    kind, tensors, bases = "delta", *self._decoded(header, tensors, what)
                 end = time.perf_counter()
                 first = counter.first_at or end
                 return Pulled(
-                    int(header["block"]), int(header["version"]), tensors, first - t0, end - first, nbytes, header.get("instance")
+                    int(header["block"]),
+                    int(header["version"]),
+                    tensors,
+                    first - t0,
+                    end - first,
+                    nbytes,
+                    header.get("instance"),
+                    kind=kind,
+                    base_versions=bases,
                 )
+
+    def _decoded(self, header: Mapping[str, Any], parts: dict[str, Tensor], what: str) -> tuple[dict[str, Tensor], dict[int, int]]:
+        """The broadcast ``D`` a compressed answer carries, and the block versions it applies to."""
+        codec = self.compression.download.name
+        if header.get("codec") != codec:
+            raise FederationError(f"{what}: the server compresses with {header.get('codec')!r}, this client decodes {codec!r}")
+        try:
+            shapes = {str(n): [int(d) for d in v] for n, v in dict(header["shapes"]).items()}
+            bases = {int(b): int(v) for b, v in dict(header["base_versions"]).items()}
+            return decode_broadcast(self.compression, parts, shapes), bases
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FederationError(f"{what}: malformed compressed answer ({exc})") from None
+        except CodecError as exc:
+            raise TransportError(f"{what}: {exc}") from None
 
     def pull(self, client_id: int, round_index: int, timeout: float) -> Pulled:
         """Wait for the aggregate of a round and download the block's new global value."""
-        return self._download({"client_id": client_id, "round": round_index}, timeout, f"the aggregate of round {round_index}")
+        request: dict[str, Any] = {"client_id": client_id, "round": round_index}
+        if self.delta_downloads:
+            request["delta"] = True
+        return self._download(request, timeout, f"the aggregate of round {round_index}")
 
     def fetch(self, client_id: int, block: int, timeout: float) -> Pulled:
         """Download a block's current global value without waiting."""

@@ -24,11 +24,10 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from pl_parablock.algorithm import RoundStep, Update, digest, make_plan
+from pl_parablock.algorithm import RoundStep, Update, decode_update, digest, make_plan
 from pl_parablock.blocks import freeze_to_blocks, partition_model, whole_model_partition
-from pl_parablock.config import Recipe, server_optimizer_of
+from pl_parablock.config import Recipe, compression_of, server_optimizer_of
 from pl_parablock.errors import ConfigError
-from pl_parablock.federation.wire import WIRE_DTYPES
 from pl_parablock.models import build_model, save_merged
 from pl_parablock.module import ParaBlockModule
 from pl_parablock.simulation.clock import RoundClose, SimClock
@@ -76,6 +75,12 @@ def _check(recipe: Recipe) -> None:
         problems.append("`federation.clip_norm` and `federation.max_update_norm` are not simulated; set them to null")
     if recipe.blocks.assignment != "shared":
         problems.append("`blocks.assignment` is staggered; the simulator runs shared (every client on b_t) in this version")
+    c = compression_of(recipe)
+    if c.lossy_download or (c.lossy_upload and c.error_feedback):
+        problems.append(
+            "`federation.compression`: the simulator runs lossy codecs on uploads without error feedback only in this version "
+            "(set error_feedback: false and download: none, or run the federation with python -m pl_parablock.fit)"
+        )
     if problems:
         raise ConfigError(problems)
 
@@ -140,7 +145,7 @@ def run_simulation(
     server_optimizer = server_optimizer_of(recipe)  # its state per block lives here, as on the server
     server = ServerBlocks([{n: p.detach().to("cpu", copy=True) for n, p in blk.items()} for blk in blocks])
     shards = ClientShards(recipe, tokenizer)
-    wire = WIRE_DTYPES[f.wire_dtype] if f.wire_dtype else None
+    compression = compression_of(recipe)
     build = executor or SharedModelExecutor
     runner: RoundExecutor = build(
         module,
@@ -151,7 +156,7 @@ def run_simulation(
         local_steps=tr.local_steps,
         weighting=f.weighting,
         gradient_clip_val=tr.gradient_clip_val,
-        exact_uploads=wire is None,
+        compression=compression,
         device=device,
     )
     clients = [VirtualClient(i) for i in range(f.clients)]
@@ -189,16 +194,15 @@ def run_simulation(
         ups = {r.client_id: r.update for r in results}
         tokens += sum(r.tokens for r in results)
         steps += len(results) * tr.local_steps
-        close = clock.upload(
-            t, {r.client_id: r.compute_s for r in results}, {i: _nbytes(_wire(u.tensors, u.kind, wire)) for i, u in ups.items()}
-        )
+        close = clock.upload(t, {r.client_id: r.compute_s for r in results}, {i: _nbytes(u.tensors) for i, u in ups.items()})
         t0 = time.perf_counter()
         step = RoundStep(t, block, optimizer=server_optimizer)
         arrived = []
         for i in close.on_time:  # client-id order, as the reference and the server add them
             u = ups[i]
             assert u.tensors is not None
-            step.add(_wire(u.tensors, u.kind, wire) or {}, u.weight, u.kind)
+            tensors = u.tensors if u.codec == "none" else decode_update(compression, u.codec, u.tensors, server.current(block))
+            step.add(tensors, u.weight, u.kind)
             arrived.append(i)
         problem = server.install(t, block, step.close(server.current(block)))
         runner.install(block, server.current(block))
@@ -293,13 +297,6 @@ def _round_record(
         "clipped": [],
         "rejections": [{"round": t, "block": block, "reason": problem, "at": close.closed_at}] if problem else [],
     }
-
-
-def _wire(tensors: dict[str, Tensor] | None, kind: str, wire: torch.dtype | None) -> dict[str, Tensor] | None:
-    """An update as it travels: deltas in the wire dtype when one is set."""
-    if tensors is None or wire is None or kind != "delta":
-        return tensors
-    return {n: t.to(wire) if t.is_floating_point() else t for n, t in tensors.items()}
 
 
 def _merge_clock(reports: dict[int, dict[str, Any]], timed: dict[int, list[dict[str, Any]]]) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from pl_parablock.algorithm import AlgorithmError, ClientCore, GlobalState, Plan, RoundStart, Update, activate
+from pl_parablock.algorithm import AlgorithmError, ClientCore, Compression, GlobalState, Plan, RoundStart, Update, activate
 from pl_parablock.data import client_data, client_shares, collate, encode_record, pack_examples
 from pl_parablock.data.module import EpochShuffle, adds_bos
 from pl_parablock.errors import DataError
@@ -294,7 +294,7 @@ class SharedModelExecutor:
         local_steps: int,
         weighting: str,
         gradient_clip_val: float | None,
-        exact_uploads: bool,
+        compression: Compression,
         device: torch.device,
     ) -> None:
         self.module = module
@@ -305,7 +305,7 @@ class SharedModelExecutor:
         self.local_steps = local_steps
         self.weighting = weighting
         self.gradient_clip_val = gradient_clip_val
-        self.exact_uploads = exact_uploads
+        self.compression = compression
         self.device = device
         self.initial_rng = torch.get_rng_state()
         self.initial_cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
@@ -334,7 +334,7 @@ class SharedModelExecutor:
         rounds between, as the real client's core did.
         """
         plan = self.plan
-        core = ClientCore(plan, client.client_id, self.blocks, exact_uploads=self.exact_uploads)
+        core = ClientCore(plan, client.client_id, self.blocks, compression=self.compression)
         first = max(0, round_index - plan.staleness)
         if round_index > 0:
             core.restart_at(first)

@@ -504,3 +504,37 @@ def test_updates_wait_until_every_client_joined_once_or_the_gather_time_passed()
     alone.set_initial_state(0, STATE)
     time.sleep(0.1)
     assert status(alone.submit(*update(0, 0, 0, 1.0))) == "accepted", "a client that never comes does not hold the federation"
+
+
+def test_a_compressed_update_of_another_codec_or_forged_is_refused_and_nothing_is_summed():
+    from pl_parablock.algorithm import Compression
+    from pl_parablock.compression import encode_block, make_codec
+
+    def int8_update(client, value, codec="int8"):
+        header = {"client_id": client, "round": 0, "block": 0, "kind": "delta", "base_version": -1, "weight": 1.0, "codec": codec}
+        delta = {n: torch.full_like(STATE[n], value) for n in PART.blocks[0].params}
+        return header, encode_block(make_codec(codec), delta)
+
+    def honest_run(*rogues):
+        agg = joined(compression=Compression(make_codec("int8"), make_codec("int8")))
+        replies = [agg.submit(*r) for r in rogues]
+        assert status(agg.submit(*int8_update(0, 0.5))) == "accepted"
+        assert status(agg.submit(*int8_update(1, 1.5))) == "accepted"
+        assert agg.wait_round(0, 1.0)
+        return agg.block_value(0)[1], replies
+
+    clean, _ = honest_run()
+    int4 = int8_update(0, 0.5, codec="int4")
+    forged = int8_update(0, 0.5)
+    forged[1]["l0.w::q"].fill_(-128)
+    nan_scale = int8_update(1, 1.5)
+    nan_scale[1]["l0.b::scale"].fill_(float("nan"))
+    value_kind = ({**int8_update(0, 0.5)[0], "kind": "value"}, int8_update(0, 0.5)[1])
+    got, replies = honest_run(int4, forged, nan_scale, value_kind)
+    reasons = [r["reason"] for r in replies]
+    assert [r["status"] for r in replies] == ["rejected"] * 4, reasons
+    assert "compressed with 'int4'; this federation accepts 'int8' (federation.compression.codec)" in reasons[0]
+    assert reasons[1].startswith("corrupt compressed update") and reasons[2].startswith("corrupt compressed update")
+    assert "must be a delta" in reasons[3]
+    assert all(torch.equal(got[n], clean[n]) for n in clean)  # the refused updates left no trace
+    assert torch.allclose(clean["l0.w"], torch.full((4, 3), 2.0), atol=0.02)  # 1 + mean(0.5, 1.5), through int8 both ways

@@ -264,3 +264,28 @@ def test_assignment_and_cyclic_keys_are_validated():
     ):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_recipe(None, overrides)
+
+
+def test_compression_keys_are_validated_with_the_key_named():
+    from pl_parablock.config import compression_of
+
+    recipe = load_recipe(None, ["federation.compression.codec=topk", "federation.compression.fraction=0.02"])
+    c = compression_of(recipe)
+    assert c.upload.name == c.download.name == "topk" and c.error_feedback
+    assert compression_of(
+        load_recipe(None, ["federation.compression.codec=int8", "federation.compression.download=none"])
+    ).download.lossless
+    shorthand = compression_of(load_recipe(None, ["federation.wire_dtype=bfloat16"]))
+    assert (shorthand.upload.name, shorthand.download.name, shorthand.error_feedback) == ("bf16", "none", False)
+    for override, key in (
+        ("federation.compression.codec=zstd", "federation.compression.codec"),
+        ("federation.compression.download=gzip", "federation.compression.download"),
+        ("federation.compression.fraction=0", "federation.compression.fraction"),
+        ("federation.compression.fraction=1.5", "federation.compression.fraction"),
+        ("federation.compression.group=0", "federation.compression.group"),
+    ):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
+            load_recipe(None, [override])
+        assert len(err.value.problems) == 1, err.value.problems
+    with pytest.raises(ConfigError, match="keep `compression` alone"):
+        load_recipe(None, ["federation.wire_dtype=bfloat16", "federation.compression.codec=int8"])

@@ -205,7 +205,10 @@ def test_the_checks_see_a_server_import_on_the_client_side():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-PURE_CORE = {"pl_parablock.algorithm": {"pl_parablock.aggregate", "pl_parablock.blocks", "pl_parablock.errors"}}
+PURE_CORE = {
+    "pl_parablock.algorithm": {"pl_parablock.aggregate", "pl_parablock.blocks", "pl_parablock.compression", "pl_parablock.errors"},
+    "pl_parablock.compression": {"pl_parablock.errors"},
+}
 STDLIB_ALLOWED = {"__future__", "collections", "dataclasses", "hashlib", "math", "random", "typing", "torch"}
 
 

@@ -3,7 +3,7 @@
 The recipe (config.py) accepts exactly the values the module that implements
 a key knows: schedules (blocks.py), parameter dtypes (models.py), wire dtypes
 (federation/wire.py), data and row formats (data/formats.py), aggregation
-rules (aggregate.py). What the recipe accepts is measured by
+rules (aggregate.py), codecs (compression.py). What the recipe accepts is measured by
 validating a recipe with each candidate value, not read from config.py's
 names.
 """
@@ -18,6 +18,7 @@ import pytest
 from pl_parablock import config
 from pl_parablock.aggregate import AGGREGATIONS, ROBUST_METHODS
 from pl_parablock.blocks import SCHEDULES, make_schedule
+from pl_parablock.compression import CODECS
 from pl_parablock.config import Recipe, validate
 from pl_parablock.data.formats import DATA_FORMATS, FILE_FORMATS, ROW_FORMAT_CHOICES, ROW_FORMATS
 from pl_parablock.errors import ModelError
@@ -33,6 +34,8 @@ OWNERS: dict[str, tuple[str, ...]] = {
     "data.format": DATA_FORMATS,
     "data.row_format": ROW_FORMAT_CHOICES,
     "federation.aggregation": AGGREGATIONS,
+    "federation.compression.codec": tuple(CODECS),
+    "federation.compression.download": tuple(CODECS),
 }
 # every word of every vocabulary, and some that belong to none
 CANDIDATES = {w for words in OWNERS.values() for w in words} | set(TRAVEL_DTYPES) | {"", "mean ", "Ascending", "bogus"}
