@@ -72,8 +72,8 @@ __all__ = ["Caller", "FederationService"]
 log = logging.getLogger(__name__)
 warn = RateLimitedLog(log)
 
-MAX_CRCS = 256
-"""Versions of blocks whose CRC32 the service remembers for the next pulls."""
+MAX_CHECKSUMS = 256
+"""Versions of blocks whose checksum the service remembers for the next pulls."""
 MAX_WAIT_S = 30.0
 """Longest a ``Pull`` waits for its round before it answers "not ready" (the client polls again)."""
 
@@ -150,7 +150,9 @@ class FederationService:
         self.chunk_bytes = chunk_bytes
         self.token = token
         self.max_wait_s = max_wait_s
-        self._crcs: dict[tuple[bool, tuple[str, ...], int], int] = {}  # (a broadcast D?, names, version) -> CRC32 of what a pull sends
+        self._checksums: dict[
+            tuple[bool, tuple[str, ...], int], int
+        ] = {}  # (a broadcast D?, names, version) -> checksum of what a pull sends
         if isinstance(token, Mapping):
             tokens = [str(t) for t in token.values()]
             if len(set(tokens)) != len(tokens) or not all(tokens):
@@ -312,16 +314,16 @@ class FederationService:
                 shapes=agg.round_shapes(rnd),
             )
         # otherwise the global travels exactly, in the parameters' own dtype
-        # what a pull sends for a version never changes: its CRC32 is computed by its first pull only, not by every client's
+        # what a pull sends for a version never changes: its checksum is computed by its first pull only, not by every client's
         key = (bases is not None, tuple(tensors), version)
-        crcs = self._crcs
+        sums = self._checksums
 
-        def remember(crc: int) -> None:
-            crcs[key] = crc
-            while len(crcs) > MAX_CRCS:
-                crcs.pop(next(iter(crcs)), None)
+        def remember(checksum: int) -> None:
+            sums[key] = checksum
+            while len(sums) > MAX_CHECKSUMS:
+                sums.pop(next(iter(sums)), None)
 
-        yield from encode(header, tensors, chunk_bytes=self.chunk_bytes, crc=crcs.get(key), on_crc=remember)
+        yield from encode(header, tensors, chunk_bytes=self.chunk_bytes, checksum=sums.get(key), on_checksum=remember)
 
     def Versions(self, request: bytes, token: str | None = None, caller: Caller | None = None) -> bytes:  # noqa: N802
         caller = self._caller(token, caller)

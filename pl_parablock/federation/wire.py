@@ -7,13 +7,13 @@ A stream is a sequence of byte messages:
    (``nbytes``);
 2. the tensors' bytes, packed and cut into chunks of at most ``chunk_bytes``,
    so a block of any size goes through gRPC's per-message limit;
-3. a JSON trailer ``{"crc32": N}`` over all the body bytes.
+3. a JSON trailer ``{"xxh3_64": N}``: a 64-bit checksum (XXH3) of all the body bytes.
 
 The receiver knows the exact byte count from the header: a declared size
 above its bound is refused before anything is read or allocated, a longer or
-shorter body is refused, and a body whose CRC32 differs from the trailer is
+shorter body is refused, and a body whose checksum differs from the trailer is
 refused as corrupt. :func:`encode` takes each chunk's bytes with one copy from
-views over the tensors' storage and computes the CRC32 once over the same
+views over the tensors' storage and computes the checksum once over the same
 views. :func:`decode` reads a stream into memory (clients);
 :func:`receive_pieces` hands a stream's elements to a consumer chunk by chunk
 as they arrive (the server checks and sums an update that way, holding one
@@ -29,12 +29,12 @@ import json
 import math
 import tempfile
 import warnings
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
 import torch
+import xxhash
 from torch import Tensor
 
 from pl_parablock.errors import FederationError
@@ -211,22 +211,24 @@ def encode(
     *,
     chunk_bytes: int = 1 << 20,
     dtype: torch.dtype | None = None,
-    crc: int | None = None,
-    on_crc: Callable[[int], None] | None = None,
+    checksum: int | None = None,
+    on_checksum: Callable[[int], None] | None = None,
 ) -> Iterator[bytes]:
     """Yield the header message, the tensors' bytes in chunks, then the trailer.
 
     Each chunk is one copy of the tensors' bytes, taken from views over their
-    storage; the CRC32 is computed once over the same views as they go.
+    storage; the checksum is computed once over the same views as they go
+    (XXH3, 64 bits: several times faster than CRC32, which was most of the
+    framing's cost).
 
     Args:
         header: JSON-serialisable request fields.
         tensors: tensors to send, in order; cast to ``dtype`` when given.
         chunk_bytes: largest chunk.
         dtype: wire dtype for floating tensors (e.g. ``torch.bfloat16``).
-        crc: the body's CRC32, when known (the same tensors sent before, see
-            ``on_crc``): not computed again.
-        on_crc: called with the body's CRC32 once the last chunk went.
+        checksum: the body's checksum, when known (the same tensors sent
+            before, see ``on_checksum``): not computed again.
+        on_checksum: called with the body's checksum once the last chunk went.
     """
     if chunk_bytes < 1:
         raise ValueError("chunk_bytes must be positive")
@@ -235,7 +237,7 @@ def encode(
         tensors = {n: (t.to(dtype) if t.is_floating_point() else t) for n, t in tensors.items()}
     specs = tensor_specs(tensors)
     yield header_bytes({**header, "tensors": specs, "nbytes": sum(s["nbytes"] for s in specs)})
-    known, body_crc = crc, 0
+    hasher = xxhash.xxh3_64() if checksum is None else None
     parts: list[memoryview] = []  # views over the tensors' storage that make up the next chunk
     filled = 0
     for t in tensors.values():
@@ -246,8 +248,8 @@ def encode(
         while off < len(mv):
             take = min(chunk_bytes - filled, len(mv) - off)
             part = mv[off : off + take]
-            if known is None:
-                body_crc = zlib.crc32(part, body_crc)  # once over every byte, from the tensors' storage, as the chunks go
+            if hasher is not None:
+                hasher.update(part)  # once over every byte, from the tensors' storage, as the chunks go
             parts.append(part)
             filled += take
             off += take
@@ -257,11 +259,11 @@ def encode(
                 parts, filled = [], 0
     if parts:
         yield parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
-    if known is not None:
-        body_crc = known
-    elif on_crc is not None:
-        on_crc(body_crc)
-    yield header_bytes({"crc32": body_crc})
+    if hasher is not None:
+        checksum = hasher.intdigest()
+        if on_checksum is not None:
+            on_checksum(checksum)
+    yield header_bytes({"xxh3_64": checksum})
 
 
 def check_specs(raw: Any, max_bytes: int | None) -> list[Spec]:
@@ -292,8 +294,8 @@ def check_specs(raw: Any, max_bytes: int | None) -> list[Spec]:
 
 
 def _body(messages: Iterator[bytes], total: int, what: str) -> Iterator[memoryview]:
-    """Yield the body's chunks, then check the trailer's CRC32 and that nothing follows."""
-    crc = 0
+    """Yield the body's chunks, then check the trailer's checksum and that nothing follows."""
+    hasher = xxhash.xxh3_64()
     filled = 0
     while filled < total:
         try:
@@ -303,7 +305,7 @@ def _body(messages: Iterator[bytes], total: int, what: str) -> Iterator[memoryvi
         mv = memoryview(chunk).cast("B")
         if filled + len(mv) > total:
             raise CorruptStream(f"{what} is longer than its header declares")
-        crc = zlib.crc32(mv, crc)
+        hasher.update(mv)
         filled += len(mv)
         yield mv
     try:
@@ -312,8 +314,9 @@ def _body(messages: Iterator[bytes], total: int, what: str) -> Iterator[memoryvi
         raise CorruptStream(f"{what} was cut short: no trailer") from None
     except FederationError as exc:
         raise CorruptStream(f"{what} is longer than its header declares ({exc})") from None
-    if trailer.get("crc32") != crc:
-        raise CorruptStream(f"{what} is corrupt: checksum {crc} differs from the sender's {trailer.get('crc32')}")
+    checksum = hasher.intdigest()
+    if trailer.get("xxh3_64") != checksum:
+        raise CorruptStream(f"{what} is corrupt: checksum {checksum} differs from the sender's {short(trailer.get('xxh3_64'), 40)}")
     for _ in messages:
         raise CorruptStream(f"{what} is longer than its header declares")
 
@@ -375,12 +378,12 @@ def receive_pieces(
     between two chunks is reassembled and handed on alone. ``on_chunk``
     sees every body chunk before its pieces are consumed (to spool it).
 
-    The trailer's CRC32 is checked after the last piece was consumed, so a
+    The trailer's checksum is checked after the last piece was consumed, so a
     consumer must be ready to undo what it did when this raises.
 
     Raises:
         CorruptStream: the body is shorter or longer than the specs, or its
-            CRC32 differs from the trailer's.
+            checksum differs from the trailer's.
     """
     total = sum(s.nbytes for s in specs)
     idx, filled = 0, 0  # the tensor being read and its bytes read so far

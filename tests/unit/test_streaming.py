@@ -102,7 +102,7 @@ def rogue_stream(kind: str) -> list[bytes]:
         bad["b"][-1] = float("nan")
     stream = messages(2, bad)
     if kind == "corrupt":
-        stream[-2] = bytes([stream[-2][0] ^ 1]) + stream[-2][1:]  # the last chunk: caught by the trailer's CRC
+        stream[-2] = bytes([stream[-2][0] ^ 1]) + stream[-2][1:]  # the last chunk: caught by the trailer's checksum
     return stream
 
 
@@ -222,26 +222,31 @@ def test_receive_pieces_hands_on_every_element_once_within_piece_bounds(chunk):
         receive_pieces(specs, iter(stream[1:]), lambda *a: None, piece_elems=10, what="test")
 
 
-def test_a_version_pulled_again_is_sent_without_computing_its_crc_again(monkeypatch):
-    import zlib
+def test_a_version_pulled_again_is_sent_without_computing_its_checksum_again(monkeypatch):
+    import xxhash
 
     from pl_parablock.federation import wire
     from pl_parablock.federation.wire import decode, header_bytes
 
     agg, svc = federation(clients=1)
     assert push(svc, messages(0, honest(0)))["status"] == "accepted"
-    calls = []
+    hashed = []
+    real = xxhash.xxh3_64
 
     class Counting:
-        @staticmethod
-        def crc32(data: Any, value: int = 0) -> int:
-            calls.append(len(data))
-            return zlib.crc32(data, value)
+        def __init__(self) -> None:
+            self.h = real()
 
-    monkeypatch.setattr(wire, "zlib", Counting)
+        def update(self, data: Any) -> None:
+            hashed.append(len(data))
+            self.h.update(data)
+
+        def intdigest(self) -> int:
+            return int(self.h.intdigest())
+
+    monkeypatch.setattr(wire.xxhash, "xxh3_64", Counting)
     pulls = [list(svc.Pull(header_bytes({"client_id": 0, "round": 0, "wait_s": 1.0}))) for _ in range(3)]
-    computed = sum(calls)
-    assert computed == sum(t.numel() * 4 for t in STATE.values())  # by the first pull only (decode below counts apart)
+    assert sum(hashed) == sum(t.numel() * 4 for t in STATE.values())  # by the first pull only
     for stream in pulls:
         assert stream[1:] == pulls[0][1:]
         _, got = decode(stream)
