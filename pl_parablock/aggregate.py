@@ -122,23 +122,26 @@ class PiecePool:
 
     def __init__(self, max_pieces: int = 64) -> None:
         self.max_pieces = max_pieces
-        self._free: list[Tensor] = []
+        self._free: dict[int, list[Tensor]] = {}  # by length (a tensor's last piece is shorter)
+        self._count = 0
         self._lock = threading.Lock()
 
     def take(self, n: int) -> Tensor:
         """A float64 buffer of ``n`` elements, contents undefined."""
-        if n == PIECE_ELEMS:
-            with self._lock:
-                if self._free:
-                    return self._free.pop()
+        with self._lock:
+            free = self._free.get(n)
+            if free:
+                self._count -= 1
+                return free.pop()
         return torch.empty(n, dtype=torch.float64)
 
     def give(self, piece: Tensor) -> None:
         """Return a buffer from :meth:`take` (the caller no longer uses it)."""
-        if piece.numel() == PIECE_ELEMS and piece.dtype == torch.float64 and piece.is_contiguous() and piece._base is None:
+        if piece.dtype == torch.float64 and piece.dim() == 1 and piece._base is None and 0 < piece.numel() <= PIECE_ELEMS:
             with self._lock:
-                if len(self._free) < self.max_pieces:
-                    self._free.append(piece)
+                if self._count < self.max_pieces:
+                    self._free.setdefault(piece.numel(), []).append(piece)
+                    self._count += 1
 
 
 PIECES = PiecePool()

@@ -155,17 +155,22 @@ class _Upload:
         for spec in specs:
             self.offsets[spec.name] = at
             at += spec.nbytes
-        self.spool: IO[bytes] | None = tempfile.TemporaryFile(prefix="pl_parablock-", buffering=0)
+        self.spool: IO[bytes] | None = None  # see :meth:`keep_spool`
         self.written = 0
         self.touched: dict[tuple[str, int], None] = {}  # (tensor, piece index) of the sums it added to, in order
         self.sq = 0.0  # squared L2 norm of its delta so far
         self.aborted = ""  # why it stopped counting: a reply status ("late", "superseded"), or "" while it counts
         self.work_s = 0.0
 
+    def keep_spool(self) -> None:
+        """Spool this update's bytes as they arrive: another update of the round may need them replayed."""
+        self.spool = tempfile.TemporaryFile(prefix="pl_parablock-", buffering=0)
+
     def write(self, chunk: memoryview) -> None:
-        """Spool one body chunk (before its pieces are summed)."""
+        """Spool one body chunk (before its pieces are summed), if :meth:`keep_spool` was called."""
+        if self.spool is None:
+            return
         t0 = time.perf_counter()
-        assert self.spool is not None
         view = memoryview(chunk).cast("B")
         while view:
             n = self.spool.write(view)
@@ -177,7 +182,8 @@ class _Upload:
 
     def read(self, name: str, start: int, count: int) -> Tensor:
         """Elements ``start .. start + count`` of tensor ``name`` from the spool."""
-        assert self.spool is not None
+        if self.spool is None:
+            raise FederationError(f"client {self.client}'s update was not spooled, yet a rollback needs it")
         dtype = self.dtypes[name]
         at = self.offsets[name] + start * dtype.itemsize
         data = os.pread(self.spool.fileno(), count * dtype.itemsize, at)
@@ -847,6 +853,10 @@ class Aggregator:
                 if older is not None:  # a retry while the first try still streams (its connection died): the newer one counts
                     older.aborted = "superseded"
                     self._rollback(rnd, older)
+                # the round's last update, with no other arriving, never needs to be replayed (a rollback replays the
+                # *others'* segments, and no other update can come after it): only the others are spooled
+                if rnd.streaming or not set(rnd.expected) <= {*rnd.clients, client}:
+                    up.keep_spool()
                 rnd.streaming[client] = up
             try:
                 feed(lambda name, start, values: self._consume(up, name, start, values), up.write)

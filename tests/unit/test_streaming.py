@@ -134,6 +134,17 @@ def test_an_update_failing_after_summed_chunks_leaves_the_sums_bitwise_untouched
     assert_bitwise(agg, honest_global)
 
 
+def test_the_last_update_of_a_round_is_not_spooled_and_can_still_be_rolled_back(honest_global):
+    agg, svc = federation()
+    for c in (0, 1):
+        assert push(svc, messages(c, honest(c)))["status"] == "accepted"
+    reply = push(svc, rogue_stream("nan-last"))  # the last expected update: nobody needs its bytes replayed
+    assert reply["status"] == "rejected" and "NaN" in reply["reason"]
+    assert push(svc, messages(2, honest(2)))["status"] == "accepted"
+    assert agg.wait_round(0, 5.0)
+    assert_bitwise(agg, honest_global)
+
+
 def test_a_norm_bound_exceeded_in_the_last_chunk_is_refused_and_rolled_back(honest_global):
     agg, svc = federation(max_update_norm=5.0)
     assert push(svc, messages(0, honest(0)))["status"] == "accepted"
