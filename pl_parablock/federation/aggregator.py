@@ -40,7 +40,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -160,7 +159,6 @@ class _Upload:
         self.written = 0
         self.touched: dict[tuple[str, int], None] = {}  # (tensor, piece index) of the sums it added to, in order
         self.sq = 0.0  # squared L2 norm of its delta so far
-        self.backlog: deque[tuple[str, int, int]] = deque()  # (tensor, start, count) spooled, not yet summed
         self.aborted = ""  # why it stopped counting: a reply status ("late", "superseded"), or "" while it counts
         self.work_s = 0.0
 
@@ -862,9 +860,6 @@ class Aggregator:
                 rnd.streaming[client] = up
             try:
                 feed(lambda name, start, values: self._consume(up, name, start, values), up.write)
-                if up.backlog:  # what waited for a slot, read back from the spool
-                    with self._work_slots:
-                        self._drain(up)
             except _Refusal as exc:
                 self._drop(up)
                 return self.refuse(record, str(exc), rnd)
@@ -909,61 +904,33 @@ class Aggregator:
         return {"accepted": False, "status": "superseded", "reason": "a newer upload of the same update replaced this one", "retry": True}
 
     def _consume(self, up: _Upload, name: str, start: int, values: Tensor) -> None:
-        """Check one piece of a streaming update and add it to the round's sums, or leave it for later.
-
-        At most :data:`WORK_SLOTS` uploads check and sum at once (the work is
-        CPU-bound). An upload whose bytes are spooled does not wait for a
-        slot with the stream stalled (every stalled stream would hold its
-        chunk and fill its HTTP/2 window): it notes the piece and reads on;
-        the pieces noted are read back from its spool and summed, in order,
-        when it next gets a slot, at the latest after its last chunk.
-        """
+        """Check one piece of a streaming update and add it to the round's sums."""
+        t0 = time.perf_counter()
+        rnd = up.rnd
         if up.aborted:
             raise _Aborted
         g = up.current[name]
         count = values.numel()
         if start < 0 or start + count > g.numel() or start // PIECE_ELEMS != (start + count - 1) // PIECE_ELEMS:
             raise _Refusal(f"tensor {name!r}: elements {start}..{start + count} are not within one piece of the block")
-        if up.spool is None:
-            with self._work_slots:
-                self._sum(up, name, start, values)
-            return
-        up.backlog.append((name, start, count))
-        if self._work_slots.acquire(blocking=False):
-            try:
-                self._drain(up, values)
-            finally:
-                self._work_slots.release()
-
-    def _drain(self, up: _Upload, last: Tensor | None = None) -> None:
-        """Sum the pieces ``up`` noted, in order (caller holds a work slot); ``last``: the newest one's values, in memory."""
-        while up.backlog:
-            name, start, count = up.backlog.popleft()
-            values = last if last is not None and not up.backlog else up.read(name, start, count)
-            self._sum(up, name, start, values)
-
-    def _sum(self, up: _Upload, name: str, start: int, values: Tensor) -> None:
-        t0 = time.perf_counter()
-        rnd = up.rnd
-        count = values.numel()
-        if not _all_finite(values):
-            raise _Refusal(f"tensor {name!r} holds NaN or infinite values")
-        if self.max_update_norm is not None:
-            d = values.to(torch.float64, copy=True)
-            if up.kind == "value":
-                d -= _global_piece(up.current, name, start, count)
-            up.sq += float(d.square().sum())
-            norm = math.sqrt(up.sq)
-            if norm > self.max_update_norm:  # it only grows: refused as soon as it passes the bound
-                raise _Refusal(f"update norm {norm:.4g} exceeds the bound {self.max_update_norm:g}")
-        i, off = divmod(start, PIECE_ELEMS)
-        piece_len = min(PIECE_ELEMS, up.current[name].numel() - i * PIECE_ELEMS)
-        with rnd.lock:
-            if up.aborted:
-                raise _Aborted
-            rnd.steps[up.block].acc.add_segment(up.kind, name, piece_len, start, values, up.weight)
-            rnd.log.setdefault((up.block, up.kind, name, i), []).append(_Entry(up, off, count))
-            up.touched[(name, i)] = None
+        with self._work_slots:
+            if not _all_finite(values):
+                raise _Refusal(f"tensor {name!r} holds NaN or infinite values")
+            if self.max_update_norm is not None:
+                d = values.to(torch.float64, copy=True)
+                if up.kind == "value":
+                    d -= _global_piece(up.current, name, start, count)
+                up.sq += float(d.square().sum())
+                norm = math.sqrt(up.sq)
+                if norm > self.max_update_norm:  # it only grows: refused as soon as it passes the bound
+                    raise _Refusal(f"update norm {norm:.4g} exceeds the bound {self.max_update_norm:g}")
+            i, off = divmod(start, PIECE_ELEMS)
+            with rnd.lock:
+                if up.aborted:
+                    raise _Aborted
+                rnd.steps[up.block].acc.add_segment(up.kind, name, min(PIECE_ELEMS, g.numel() - i * PIECE_ELEMS), start, values, up.weight)
+                rnd.log.setdefault((up.block, up.kind, name, i), []).append(_Entry(up, off, count))
+                up.touched[(name, i)] = None
         up.work_s += time.perf_counter() - t0
 
     def _drop(self, up: _Upload) -> None:

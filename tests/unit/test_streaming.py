@@ -145,36 +145,6 @@ def test_the_last_update_of_a_round_is_not_spooled_and_can_still_be_rolled_back(
     assert_bitwise(agg, honest_global)
 
 
-def test_pieces_waiting_for_a_work_slot_are_read_back_from_the_spool_in_order(honest_global, monkeypatch):
-    agg, svc = federation()
-    assert push(svc, messages(0, honest(0)))["status"] == "accepted"
-    slots = aggregator_module.WORK_SLOTS
-    read = []
-    real_read = aggregator_module._Upload.read
-
-    def counted(self: Any, name: str, start: int, count: int) -> torch.Tensor:
-        read.append(count)
-        return real_read(self, name, start, count)
-
-    monkeypatch.setattr(aggregator_module._Upload, "read", counted)
-
-    def busy_server() -> Iterator[bytes]:  # every work slot taken while the first half arrives: the stream reads on
-        stream = messages(1, honest(1))
-        yield stream[0]
-        for _ in range(slots):
-            assert agg._work_slots.acquire(timeout=1.0)
-        yield from stream[1:7]
-        for _ in range(slots):
-            agg._work_slots.release()
-        yield from stream[7:]
-
-    assert push(svc, busy_server())["status"] == "accepted"
-    assert sum(read) == 6 * CHUNK // 4  # the six chunks that waited, read back; the rest summed as they came
-    assert push(svc, messages(2, honest(2)))["status"] == "accepted"
-    assert agg.wait_round(0, 5.0)
-    assert_bitwise(agg, honest_global)
-
-
 def test_a_norm_bound_exceeded_in_the_last_chunk_is_refused_and_rolled_back(honest_global):
     agg, svc = federation(max_update_norm=5.0)
     assert push(svc, messages(0, honest(0)))["status"] == "accepted"
