@@ -159,9 +159,11 @@ class RoundAccumulator:
 
     Memory is two float64 copies of the block at most, whatever the number
     of clients. The sums are kept in pieces of :data:`PIECE_ELEMS` elements,
-    so an update can be added a piece at a time as it is read, and
-    :meth:`finish` frees each piece of the sums as soon as it has written the
-    new value's piece: the round's peak is the sums plus one piece.
+    so an update can be added a piece at a time, in any cut, as it arrives,
+    and :meth:`finish` hands each piece of the sums back to :data:`PIECES`
+    as soon as it has written the new value's piece; the pool keeps them for
+    the next round's sums (no page faults), so the round's peak is the sums
+    plus the new value.
     """
 
     def __init__(self) -> None:
