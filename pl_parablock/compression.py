@@ -182,6 +182,26 @@ class _Grouped(Codec):
     def _chunks(self, numel: int) -> int:
         return -(-numel // self.group)
 
+    # the packed values (part ``q``) of the dense grouped codecs
+    q_dtype: ClassVar[torch.dtype] = torch.int8
+
+    def _q_len(self, numel: int) -> int:
+        return numel
+
+    def _values(self, q: Tensor, numel: int) -> Tensor:
+        """The ``numel`` float32 values (before scaling) part ``q`` holds; raises :class:`CodecError` on an impossible one."""
+        raise NotImplementedError
+
+    def decode(self, parts: Mapping[str, Tensor], shape: tuple[int, ...]) -> Tensor:
+        numel = math.prod(shape)
+        values = self._values(parts["q"].reshape(-1), numel)
+        padded = torch.nn.functional.pad(values, (0, (-numel) % self.group))
+        return self._unscale(padded, parts["scale"].reshape(-1), numel).reshape(shape)
+
+    def parts(self, shape: tuple[int, ...]) -> dict[str, PartSpec]:
+        n = math.prod(shape)
+        return {"q": ((self.q_dtype,), (self._q_len(n),)), "scale": ((torch.float32,), (self._chunks(n),))}
+
 
 class Int8(_Grouped):
     """Symmetric 8-bit integers, absmax scale per chunk of ``group`` values."""
@@ -195,17 +215,10 @@ class Int8(_Grouped):
         q = self._scaled(g, scale).round().clamp(-127, 127).to(torch.int8).reshape(-1)[: flat.numel()]
         return {"q": q, "scale": scale}
 
-    def decode(self, parts: Mapping[str, Tensor], shape: tuple[int, ...]) -> Tensor:
-        numel = math.prod(shape)
-        q = parts["q"].reshape(-1)
+    def _values(self, q: Tensor, numel: int) -> Tensor:
         if bool((q == -128).any()):
             raise CodecError("int8: a value is -128, outside the codec's [-127, 127]")
-        padded = torch.nn.functional.pad(q.to(torch.float32), (0, (-numel) % self.group))
-        return self._unscale(padded, parts["scale"].reshape(-1), numel).reshape(shape)
-
-    def parts(self, shape: tuple[int, ...]) -> dict[str, PartSpec]:
-        n = math.prod(shape)
-        return {"q": ((torch.int8,), (n,)), "scale": ((torch.float32,), (self._chunks(n),))}
+        return q.to(torch.float32)
 
 
 class FP8(_Grouped):
@@ -220,18 +233,12 @@ class FP8(_Grouped):
         q = self._scaled(g, scale).clamp(-448, 448).to(torch.float8_e4m3fn).reshape(-1)[: flat.numel()]
         return {"q": q.view(torch.uint8), "scale": scale}
 
-    def decode(self, parts: Mapping[str, Tensor], shape: tuple[int, ...]) -> Tensor:
-        numel = math.prod(shape)
-        raw = parts["q"].reshape(-1)
-        if bool(((raw & 0x7F) == 0x7F).any()):
-            raise CodecError("fp8: a value is NaN")
-        values = raw.view(torch.float8_e4m3fn).to(torch.float32)
-        padded = torch.nn.functional.pad(values, (0, (-numel) % self.group))
-        return self._unscale(padded, parts["scale"].reshape(-1), numel).reshape(shape)
+    q_dtype = torch.uint8
 
-    def parts(self, shape: tuple[int, ...]) -> dict[str, PartSpec]:
-        n = math.prod(shape)
-        return {"q": ((torch.uint8,), (n,)), "scale": ((torch.float32,), (self._chunks(n),))}
+    def _values(self, q: Tensor, numel: int) -> Tensor:
+        if bool(((q & 0x7F) == 0x7F).any()):
+            raise CodecError("fp8: a value is NaN")
+        return q.view(torch.float8_e4m3fn).to(torch.float32)
 
 
 class Int4(_Grouped):
@@ -249,19 +256,16 @@ class Int4(_Grouped):
         pairs = q.view(-1, 2)
         return {"q": pairs[:, 0] | (pairs[:, 1] << 4), "scale": scale}
 
-    def decode(self, parts: Mapping[str, Tensor], shape: tuple[int, ...]) -> Tensor:
-        numel = math.prod(shape)
-        packed = parts["q"].reshape(-1)
-        q = torch.stack([packed & 0x0F, packed >> 4], dim=1).reshape(-1)[:numel]
-        if bool((q == 0).any()):
-            raise CodecError("int4: a value is -8, outside the codec's [-7, 7]")
-        values = q.to(torch.float32) - 8
-        padded = torch.nn.functional.pad(values, (0, (-numel) % self.group))
-        return self._unscale(padded, parts["scale"].reshape(-1), numel).reshape(shape)
+    q_dtype = torch.uint8
 
-    def parts(self, shape: tuple[int, ...]) -> dict[str, PartSpec]:
-        n = math.prod(shape)
-        return {"q": ((torch.uint8,), (-(-n // 2),)), "scale": ((torch.float32,), (self._chunks(n),))}
+    def _q_len(self, numel: int) -> int:
+        return -(-numel // 2)
+
+    def _values(self, q: Tensor, numel: int) -> Tensor:
+        nibbles = torch.stack([q & 0x0F, q >> 4], dim=1).reshape(-1)[:numel]
+        if bool((nibbles == 0).any()):
+            raise CodecError("int4: a value is -8, outside the codec's [-7, 7]")
+        return nibbles.to(torch.float32) - 8
 
 
 _GAP_DTYPES = (torch.uint8, torch.int16, torch.int32)
