@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         return server_main(argv[1], json.loads(argv[argv.index("--server-kwargs") + 1]))
     if argv[:1] == ["--client"]:
         return client_main(int(argv[1]), int(argv[2]), int(argv[argv.index("--block-bytes") + 1]))
-    sys.path.insert(0, HERE)
+    sys.path[:0] = [HERE, REPO]  # this checkout's package, whatever is installed
     from _common import finish, machine, say
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -21,6 +21,11 @@ Against an untrusted network peer (README: "What the server defends against"):
   ``maximum_concurrent_rpcs``: the rest are refused at once with
   ``RESOURCE_EXHAUSTED``, never queued) and at most ``max_calls_per_peer``
   per peer (a client id with per-client tokens, else a host).
+* **Bounded uploads.** At most ``max_uploads`` uploads (``Push``,
+  ``UploadState``) are read at once; the others wait their turn before the
+  server reads any of their bytes, held back by HTTP/2 flow control (one
+  receive window per connection at most), and give up at their call's
+  deadline.
 * **Deadlines of the server's own.** A call whose peer sends nothing for
   ``idle_timeout_s`` while the server waits for its next message (a
   half-open or trickling stream) is cut, and so is every call still running
@@ -194,8 +199,47 @@ def _one(messages: Iterator[bytes], method: str) -> bytes:
     raise RefusedError(f"{method}: empty request", "invalid")
 
 
-RECEIVE_WINDOW_KB = 1024
-"""Default HTTP/2 receive window of each upload (``federation.receive_window_kb``)."""
+UPLOADS = ("Push", "UploadState")
+"""The methods whose requests carry blocks (admitted by :class:`_Uploads`)."""
+
+
+class _Uploads:
+    """At most ``limit`` uploads read at once; the others wait their turn (first come, first served)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._cond = threading.Condition()
+        self._reading = 0
+        self._queue: list[object] = []
+
+    def enter(self, caller: Caller) -> None:
+        """Wait for a turn until the call is cancelled or cut (its deadline); raises ``RefusedError`` then."""
+        ticket = object()
+        with self._cond:
+            self._queue.append(ticket)
+            try:
+                while self._reading >= self.limit or self._queue[0] is not ticket:
+                    if caller.cancelled.is_set() or time.monotonic() >= caller.deadline:
+                        raise RefusedError(f"waited for a turn to upload (at most {self.limit} at once) until the call ended", "exhausted")
+                    self._cond.wait(0.25)
+            finally:
+                self._queue.remove(ticket)
+                self._cond.notify_all()
+            self._reading += 1
+
+    def leave(self) -> None:
+        with self._cond:
+            self._reading -= 1
+            self._cond.notify_all()
+
+    def counts(self) -> tuple[int, int]:
+        """(uploads being read, uploads waiting)."""
+        with self._cond:
+            return self._reading, len(self._queue)
+
+
+RECEIVE_WINDOW_KB: int | None = None
+"""Default HTTP/2 receive window of each upload (``federation.receive_window_kb``): gRPC's adaptive one."""
 MMAP_THRESHOLD = 2 << 20
 """Allocations of this many bytes or more get their own memory mapping in a tuned server process."""
 
@@ -253,10 +297,14 @@ class FederationServer:
         max_message_bytes: the largest message the server receives.
         receive_window_kb: fixed HTTP/2 receive window of each upload, KiB:
             the server buffers about two windows per upload in flight, and
-            an upload moves at most one window per round trip. ``None``:
-            gRPC's adaptive window, which on a fast link grows to the
-            bandwidth-delay product (measured on loopback: about 8 MB per
-            upload in flight, against about 2 MB with 1024 KiB).
+            an upload moves at most one window per round trip (1024 KiB at
+            100 ms: 84 Mbit/s). ``None`` (the default): gRPC's adaptive
+            window (BDP probing), at least 4 MiB and growing to twice the
+            bandwidth-delay product, so that one upload keeps up with its
+            link (``benchmarks/links.py``); measured on loopback about 8 MB
+            per upload in flight, against about 2 MB with 1024 KiB.
+        max_uploads: uploads read at once (``federation.max_uploads``); the
+            others wait their turn unread. ``None``: one per client.
     """
 
     def __init__(
@@ -271,6 +319,7 @@ class FederationServer:
         call_timeout_s: float | None = None,
         max_message_bytes: int | None = None,
         receive_window_kb: int | None = RECEIVE_WINDOW_KB,
+        max_uploads: int | None = None,
     ) -> None:
         self.service = service
         self.listen = listen
@@ -286,6 +335,8 @@ class FederationServer:
             call_timeout_s=self.call_timeout_s,
             on_cut=service.aggregator.wake,
         )
+        self.max_uploads = max_uploads or max(clients, 1)
+        self._uploads = _Uploads(self.max_uploads)
         self._executor = futures.ThreadPoolExecutor(max_workers=self.max_calls, thread_name_prefix="pl_parablock-server")
         options = list(SERVER_OPTIONS)
         if max_message_bytes is not None:
@@ -293,6 +344,7 @@ class FederationServer:
             options.append(("grpc.max_receive_message_length", max_message_bytes))
         if receive_window_kb is not None:
             options += [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", receive_window_kb * 1024)]
+        self.options = options
         self._server = grpc.server(self._executor, options=options, maximum_concurrent_rpcs=self.max_calls)
         handlers = {m: self._handler(m, kind, getattr(service, m)) for m, kind in METHODS.items()}
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
@@ -346,10 +398,16 @@ class FederationServer:
 
             return grpc.stream_stream_rpc_method_handler(stream_handler)
 
+        upload = method in UPLOADS
+
         def handler(messages: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
             call = None
+            admitted = False
             try:
                 call = self._enter(method, context)
+                if upload:
+                    self._uploads.enter(call.caller)  # before any of its bytes is read
+                    admitted = True
                 reading = _reading(messages, call)
                 request: Any = _one(reading, method) if kind == "unary" else reading
                 return fn(request, caller=call.caller)  # type: ignore[no-any-return]
@@ -359,6 +417,8 @@ class FederationServer:
                 self._abort(context, exc, method, call)
                 raise  # unreachable: abort raises
             finally:
+                if admitted:
+                    self._uploads.leave()
                 if call is not None:
                     self._guard.release(call)
 
@@ -367,6 +427,10 @@ class FederationServer:
     def active_calls(self) -> int:
         """Calls the server is serving now."""
         return self._guard.active()
+
+    def uploads(self) -> tuple[int, int]:
+        """Uploads the server reads now, and uploads waiting for their turn."""
+        return self._uploads.counts()
 
     # ------------------------------------------------------------ life
 
