@@ -23,6 +23,10 @@ client moves one block of ``--block-mb``:
 * ``raw_up`` / ``raw_down``: the same bytes over a plain TCP socket through
   the same relay and the same tbf (the physical ideal of this path: rate,
   delay and TCP, no HTTP/2);
+* ``grpc_sink_up``: the same bytes in 1 MiB messages through gRPC to a sink
+  that only counts them, on a server with the federation server's channel
+  options (flow control and gRPC alone, none of the federation's work on
+  the bytes; a fresh connection with one tiny call before);
 * ``state_up``: ``upload_state`` of the block on a fresh connection (cold:
   flow control starts from its initial window);
 * ``push_up``: ``push`` of the block as the round's update (warm: the same
@@ -184,6 +188,23 @@ def _status_kb(key: str) -> int:
     return 0
 
 
+def _sink_server(host: str, options: list[tuple[str, Any]]) -> tuple[Any, int]:
+    """A gRPC service with the federation server's channel options whose ``Sink`` only counts the bytes it receives."""
+    from concurrent import futures
+
+    import grpc
+
+    def sink(messages: Any, context: Any) -> bytes:
+        return struct.pack("!Q", sum(len(m) for m in messages))
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=options)
+    handler = grpc.method_handlers_generic_handler("bench.Links", {"Sink": grpc.stream_unary_rpc_method_handler(sink)})
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port(f"{host}:0")
+    server.start()
+    return server, port
+
+
 def server_main(host: str, server_kwargs: dict[str, Any]) -> int:
     sys.path.insert(0, REPO)
     from pl_parablock.federation import Aggregator, FederationServer, FederationService, tune_server_memory
@@ -202,7 +223,9 @@ def server_main(host: str, server_kwargs: dict[str, Any]) -> int:
     agg = Aggregator(clients=1, rounds=2, mode="sync")
     server = FederationServer(FederationService(agg), listen=f"{host}:0", **server_kwargs)
     address = server.start()
-    print(json.dumps({"grpc_port": int(address.rpartition(":")[2]), "raw_port": raw.getsockname()[1]}), flush=True)
+    sink = _sink_server(host, server.options)
+    ports = {"grpc_port": int(address.rpartition(":")[2]), "raw_port": raw.getsockname()[1], "sink_port": sink[1]}
+    print(json.dumps(ports), flush=True)
     try:
         for line in sys.stdin:
             cmd = line.strip()
@@ -213,6 +236,7 @@ def server_main(host: str, server_kwargs: dict[str, Any]) -> int:
                 break
             print(json.dumps({"rss_kb": _status_kb("VmRSS"), "hwm_kb": _status_kb("VmHWM")}), flush=True)
     finally:
+        sink[0].stop(0.5).wait(5.0)
         server.stop(grace=0.5)
     return 0
 
@@ -239,7 +263,34 @@ def _raw(port: int, kind: bytes, n: int) -> float:
         return time.perf_counter() - t0
 
 
-def client_main(grpc_port: int, raw_port: int, block_bytes: int) -> int:
+def _grpc_sink(port: int, n: int) -> float:
+    """Stream ``n`` bytes in 1 MiB messages to the sink (the server's options, none of the federation's work)."""
+    import grpc
+
+    from pl_parablock.federation.channel import CLIENT_OPTIONS
+
+    piece = bytes(1 << 20)
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=CLIENT_OPTIONS) as channel:
+        grpc.channel_ready_future(channel).result(timeout=60.0)
+        call = channel.stream_unary("/bench.Links/Sink")
+
+        def messages() -> Any:
+            sent = 0
+            while sent < n:
+                k = min(len(piece), n - sent)
+                yield piece if k == len(piece) else piece[:k]
+                sent += k
+
+        call(iter([b"x"]), timeout=60.0)  # a first, tiny call: the connection is up, its window not grown
+        t0 = time.perf_counter()
+        got = struct.unpack("!Q", call(messages(), timeout=600.0))[0]
+        elapsed = time.perf_counter() - t0
+    if got != n:
+        raise RuntimeError(f"the sink got {got} of {n} bytes")
+    return elapsed
+
+
+def client_main(grpc_port: int, raw_port: int, sink_port: int, block_bytes: int) -> int:
     """Measure raw and gRPC transfers through the relay; ``mem`` lines on stdout ask the orchestrator for server memory."""
     sys.path.insert(0, REPO)
     sys.path.insert(0, HERE)
@@ -251,6 +302,7 @@ def client_main(grpc_port: int, raw_port: int, block_bytes: int) -> int:
     out: dict[str, float] = {}
     out["raw_up_s"] = _raw(raw_port, b"U", block_bytes)
     out["raw_down_s"] = _raw(raw_port, b"D", block_bytes)
+    out["grpc_sink_up_s"] = _grpc_sink(sink_port, block_bytes)
     block = {"w": torch.full((block_bytes // 4,), 0.5)}
     tr = GrpcTransport(f"127.0.0.1:{grpc_port}", chunk_bytes=1 << 20)
     try:
@@ -358,11 +410,11 @@ def measure(path: Path, rtt_ms: float, block_bytes: int, server_kwargs: dict[str
         server = path.spawn(path.server_ns, "--serve", path.server_ip, "--server-kwargs", json.dumps(server_kwargs))
         procs.append(server)
         ports = json.loads(_line(server, 60.0))
-        targets = [f"{path.server_ip}:{ports['grpc_port']}", f"{path.server_ip}:{ports['raw_port']}"]
+        targets = [f"{path.server_ip}:{ports[k]}" for k in ("grpc_port", "raw_port", "sink_port")]
         relay = path.spawn(path.client_ns, "--relay", *targets, "--delay-ms", str(rtt_ms / 2))
         procs.append(relay)
-        grpc_port, raw_port = json.loads(_line(relay, 30.0))["ports"]
-        client = path.spawn(path.client_ns, "--client", str(grpc_port), str(raw_port), "--block-bytes", str(block_bytes))
+        relayed = [str(x) for x in json.loads(_line(relay, 30.0))["ports"]]
+        client = path.spawn(path.client_ns, "--client", *relayed, "--block-bytes", str(block_bytes))
         procs.append(client)
         assert client.stdin is not None and server.stdin is not None
         while True:
@@ -384,9 +436,9 @@ def measure(path: Path, rtt_ms: float, block_bytes: int, server_kwargs: dict[str
     rate = path.rate_mbit
     bits = block_bytes * 8 / 1e6
     out: dict[str, Any] = {"rtt_ms": rtt_ms}
-    for name in ("raw_up", "raw_down", "state_up", "push_up", "pull_down"):
+    for name in ("raw_up", "raw_down", "grpc_sink_up", "state_up", "push_up", "pull_down"):
         out[f"{name}_mbit_s"] = round(bits / times[f"{name}_s"], 1)
-    for name, raw in (("state_up", "raw_up"), ("push_up", "raw_up"), ("pull_down", "raw_down")):
+    for name, raw in (("grpc_sink_up", "raw_up"), ("state_up", "raw_up"), ("push_up", "raw_up"), ("pull_down", "raw_down")):
         out[f"{name}_vs_link"] = round(out[f"{name}_mbit_s"] / rate, 3)
         out[f"{name}_vs_raw"] = round(out[f"{name}_mbit_s"] / out[f"{raw}_mbit_s"], 3)
     out["raw_up_vs_link"] = round(out["raw_up_mbit_s"] / rate, 3)
@@ -409,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--serve"]:
         return server_main(argv[1], json.loads(argv[argv.index("--server-kwargs") + 1]))
     if argv[:1] == ["--client"]:
-        return client_main(int(argv[1]), int(argv[2]), int(argv[argv.index("--block-bytes") + 1]))
+        return client_main(int(argv[1]), int(argv[2]), int(argv[3]), int(argv[argv.index("--block-bytes") + 1]))
     sys.path[:0] = [HERE, REPO]  # this checkout's package, whatever is installed
     from _common import finish, machine, say
 
@@ -442,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
                 r = {"window": w, **measure(path, rtt, block_bytes, _window_kwargs(w, args.max_uploads), args.timeout_s)}
                 results.append(r)
                 say(
-                    f"  window {w:>8}, RTT {rtt:5g} ms: raw {r['raw_up_mbit_s']:7.1f} Mbit/s; push {r['push_up_mbit_s']:7.1f} "
+                    f"  window {w:>8}, RTT {rtt:5g} ms: raw {r['raw_up_mbit_s']:7.1f} Mbit/s; gRPC sink {r['grpc_sink_up_mbit_s']:7.1f}; "
+                    f"push {r['push_up_mbit_s']:7.1f} "
                     f"({r['push_up_vs_link']:.2f} of the link, {r['push_up_vs_raw']:.2f} of raw), cold upload "
                     f"{r['state_up_mbit_s']:7.1f}, pull {r['pull_down_mbit_s']:7.1f}; server peak +{r['server_peak_mb']:.0f} MB"
                 )
