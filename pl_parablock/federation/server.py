@@ -26,6 +26,11 @@ Against an untrusted network peer (README: "What the server defends against"):
   server reads any of their bytes, held back by HTTP/2 flow control (one
   receive window per connection at most), and give up at their call's
   deadline.
+* **Bounded downloads.** A download's next chunk is produced only once
+  gRPC has taken the previous one, which it does as the client's receive
+  window allows: a peer that stops reading holds about its window and a
+  chunk of the server's memory, not the block (tested with a real client
+  that stops reading), until the call's deadline cuts it.
 * **Deadlines of the server's own.** A call whose peer sends nothing for
   ``idle_timeout_s`` while the server waits for its next message (a
   half-open or trickling stream) is cut, and so is every call still running
