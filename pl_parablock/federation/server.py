@@ -22,7 +22,8 @@ Against an untrusted network peer (README: "What the server defends against"):
   ``RESOURCE_EXHAUSTED``, never queued) and at most ``max_calls_per_peer``
   per peer (a client id with per-client tokens, else a host).
 * **Bounded uploads.** At most ``max_uploads`` uploads (``Push``,
-  ``UploadState``) are read at once; the others wait their turn before the
+  ``UploadState``) are read at once, one per client id when every client
+  has its own token; the others wait their turn before the
   server reads any of their bytes, held back by HTTP/2 flow control (one
   receive window per connection at most), and give up at their call's
   deadline.
@@ -209,38 +210,59 @@ UPLOADS = ("Push", "UploadState")
 
 
 class _Uploads:
-    """At most ``limit`` uploads read at once; the others wait their turn (first come, first served)."""
+    """At most ``limit`` uploads read at once, at most ``per_client`` of one client id; the others wait, first come first served."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, per_client: int = 1) -> None:
         self.limit = limit
+        self.per_client = per_client
         self._cond = threading.Condition()
-        self._reading = 0
-        self._queue: list[object] = []
+        self._reading: dict[object, int] = {}  # uploads being read per peer key
+        self._queue: list[tuple[object, object, float]] = []  # (ticket, key, the key's limit)
 
-    def enter(self, caller: Caller) -> None:
-        """Wait for a turn until the call is cancelled or cut (its deadline); raises ``RefusedError`` then."""
+    def _may_go(self, ticket: object) -> bool:
+        """Whether ``ticket`` is the first waiting upload that may be read now."""
+        if sum(self._reading.values()) >= self.limit:
+            return False
+        for t, key, cap in self._queue:
+            if self._reading.get(key, 0) < cap:
+                return t is ticket
+        return False
+
+    def enter(self, key: str, caller: Caller) -> None:
+        """Wait for a turn until the call is cancelled or cut (its deadline); raises ``RefusedError`` then.
+
+        A client id (per-client tokens) has at most ``per_client`` uploads
+        read at once, so that one token holder's stalled streams cannot take
+        the turns of the others; a host (shared token) is bounded by the
+        total only, since its clients are indistinguishable.
+        """
         ticket = object()
+        cap = self.per_client if caller.client is not None else math.inf
         with self._cond:
-            self._queue.append(ticket)
+            self._queue.append((ticket, key, cap))
             try:
-                while self._reading >= self.limit or self._queue[0] is not ticket:
+                while not self._may_go(ticket):
                     if caller.cancelled.is_set() or time.monotonic() >= caller.deadline:
                         raise RefusedError(f"waited for a turn to upload (at most {self.limit} at once) until the call ended", "exhausted")
                     self._cond.wait(0.25)
             finally:
-                self._queue.remove(ticket)
+                self._queue = [q for q in self._queue if q[0] is not ticket]
                 self._cond.notify_all()
-            self._reading += 1
+            self._reading[key] = self._reading.get(key, 0) + 1
 
-    def leave(self) -> None:
+    def leave(self, key: str) -> None:
         with self._cond:
-            self._reading -= 1
+            left = self._reading.get(key, 1) - 1
+            if left:
+                self._reading[key] = left
+            else:
+                self._reading.pop(key, None)
             self._cond.notify_all()
 
     def counts(self) -> tuple[int, int]:
         """(uploads being read, uploads waiting)."""
         with self._cond:
-            return self._reading, len(self._queue)
+            return sum(self._reading.values()), len(self._queue)
 
 
 RECEIVE_WINDOW_KB: int | None = None
@@ -411,7 +433,7 @@ class FederationServer:
             try:
                 call = self._enter(method, context)
                 if upload:
-                    self._uploads.enter(call.caller)  # before any of its bytes is read
+                    self._uploads.enter(call.key, call.caller)  # before any of its bytes is read
                     admitted = True
                 reading = _reading(messages, call)
                 request: Any = _one(reading, method) if kind == "unary" else reading
@@ -422,8 +444,8 @@ class FederationServer:
                 self._abort(context, exc, method, call)
                 raise  # unreachable: abort raises
             finally:
-                if admitted:
-                    self._uploads.leave()
+                if admitted and call is not None:
+                    self._uploads.leave(call.key)
                 if call is not None:
                     self._guard.release(call)
 

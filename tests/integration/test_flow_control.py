@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -85,6 +86,42 @@ def test_uploads_beyond_max_uploads_wait_their_turn_unread():
         server.stop()
 
 
+def test_one_token_holders_stalled_uploads_do_not_take_the_other_clients_turns():
+    tokens = {0: "token-of-0", 1: "token-of-1"}
+    agg = Aggregator(clients=2, rounds=1, mode="sync")
+    server = FederationServer(FederationService(agg, token=tokens), idle_timeout_s=5.0)  # max_uploads: one per client
+    address = server.start()
+    honest = GrpcTransport(address, connect_timeout_s=5.0, token=tokens[0])
+    other = GrpcTransport(address, connect_timeout_s=5.0, token=tokens[1])
+    channel = grpc.insecure_channel(address)
+    release = threading.Event()
+    try:
+        honest.join(0, FINGERPRINT, 5.0)
+        honest.upload_state(0, BLOCK, 5.0)
+        other.join(1, FINGERPRINT, 5.0)
+
+        def stalled() -> Iterator[bytes]:
+            messages = encode(push_header(1), BLOCK, chunk_bytes=4096)
+            yield next(messages)
+            release.wait(10.0)
+            yield from messages
+
+        push = channel.stream_unary(f"/{SERVICE_NAME}/Push")
+        metadata = (("authorization", f"Bearer {tokens[1]}"),)
+        calls = [push.future(stalled(), timeout=10.0, metadata=metadata) for _ in range(2)]  # client 1 holds two uploads
+        assert wait_until(lambda: server.uploads() == (1, 1), 3.0), f"one is read, its second waits: {server.uploads()}"
+        assert honest.push(push_header(0), BLOCK, 5.0).accepted, "client 0 gets its turn at once"
+        release.set()
+        statuses = sorted(json.loads(c.result(5.0))["status"] for c in calls)
+        assert statuses == ["accepted", "duplicate"], statuses  # the second, read after the first, is a duplicate
+    finally:
+        release.set()
+        channel.close()
+        honest.close()
+        other.close()
+        server.stop()
+
+
 class CountingService(FederationService):
     """The real service; counts the bytes its ``Pull`` has produced (what the server holds for a stalled reader)."""
 
@@ -101,7 +138,7 @@ def test_a_client_that_stops_reading_a_download_holds_no_block_and_is_cut_at_the
     fingerprint = {**FINGERPRINT, "tensors": {"w": {"dtype": "float32", "shape": [16 << 20 >> 2], "nbytes": 16 << 20}}}
     agg = Aggregator(clients=1, rounds=1, mode="sync")
     service = CountingService(agg, chunk_bytes=256 << 10, max_wait_s=5.0)
-    server = FederationServer(service, call_timeout_s=2.0, idle_timeout_s=5.0)
+    server = FederationServer(service, call_timeout_s=1.0, idle_timeout_s=5.0)
     address = server.start()
     transport = GrpcTransport(address, connect_timeout_s=5.0)
     channel = grpc.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 256 << 10)])
