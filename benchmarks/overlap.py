@@ -315,13 +315,13 @@ def main(argv: list[str] | None = None) -> int:
         cal = calibrate(recipe, os.path.join(root, "calibration"), blocks, inprocess, sweeps=2 if (args.smoke or args.quick) else 3)
         say(f"  compute {cal['compute_s']:.3f} s/round, {cal['bytes_up'] / 1e6:.2f} MB up and down per round")
         sweep = []
-        count = 0  # pairs run so far: their order alternates (sync first, then parablock first, ...)
+        count = 0  # pairs kept so far: their order alternates (sync first, then parablock first, ...); a redone pair keeps its order
         for r in ratios:
             pairs: list[dict[str, Any]] = []
             missed_attempts: list[dict[str, Any]] = []
             for i in range(repeats if r == 1.0 else 1):
-                res = compare(recipe, root, r, cal, rounds, inprocess, tag=f"-pair{i + 1}", parablock_first=count % 2 == 1)
-                count += 1
+                first = count % 2 == 1
+                res = compare(recipe, root, r, cal, rounds, inprocess, tag=f"-pair{i + 1}", parablock_first=first)
                 tries = 0
                 while abs(res["measured_ratio"] / r - 1) > RATIO_TOLERANCE and tries < (0 if args.smoke else args.retries):
                     # the machine's load changed since the calibration: calibrate again from the sync run and repeat the pair
@@ -329,8 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                     say(f"  measured comm/compute {res['measured_ratio']:.2f} instead of {r:g}: recalibrating from the sync run, again")
                     cal = {**cal, "compute_s": res["sync_compute_per_round_s"], "recalibrated": tries}
                     missed_attempts.append({k: res[k] for k in (*SHORT, "order")})
-                    res = compare(recipe, root, r, cal, rounds, inprocess, tag=f"-pair{i + 1}-retry{tries}", parablock_first=count % 2 == 1)
-                    count += 1
+                    res = compare(recipe, root, r, cal, rounds, inprocess, tag=f"-pair{i + 1}-retry{tries}", parablock_first=first)
+                count += 1
                 pairs.append(res)
             sweep.append({**pooled(pairs), "missed_ratio_attempts": missed_attempts})
     finally:
