@@ -37,7 +37,8 @@ def rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str, s
     out: list[tuple[str, str, str, str, str]] = []
     if r := results.get("overlap"):
         link = r.get("link", {})
-        setup = f"{r['clients']} clients, {r['rounds']} rounds, {link.get('description', '')}"
+        pairs = f"{r['pairs']} pairs in alternating order, pooled, " if r.get("pairs", 1) > 1 else ""
+        setup = f"{r['clients']} clients, {r['rounds']} rounds, {pairs}{link.get('description', '')}"
         out += [
             (
                 "overlap",
