@@ -37,7 +37,8 @@ def rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str, s
     out: list[tuple[str, str, str, str, str]] = []
     if r := results.get("overlap"):
         link = r.get("link", {})
-        setup = f"{r['clients']} clients, {r['rounds']} rounds, {link.get('description', '')}"
+        pairs = f"{r['pairs']} pairs in alternating order, pooled, " if r.get("pairs", 1) > 1 else ""
+        setup = f"{r['clients']} clients, {r['rounds']} rounds, {pairs}{link.get('description', '')}"
         out += [
             (
                 "overlap",
@@ -48,8 +49,9 @@ def rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str, s
             ),
             (
                 "overlap",
-                f"efficiency = max(compute {_fmt(r['compute_s'], '.3f')} s, comm {_fmt(r['comm_s'], '.3f')} s) / parablock round",
-                f"{_fmt(r['efficiency'])} (pairwise {_fmt(r.get('efficiency_pairwise'))})",
+                f"efficiency = max(compute {_fmt(r['compute_s'], '.3f')} s, comm {_fmt(r['comm_s'], '.3f')} s) of the sync run "
+                "/ parablock round",
+                f"{_fmt(r['efficiency'])} (own rounds' pairwise bound: {_fmt(r.get('self_pairwise', r.get('efficiency_pairwise')))})",
                 "≥ 0.95",
                 _load(r),
             ),
@@ -130,11 +132,33 @@ def rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str, s
             )
     if r := results.get("scaling"):
         for x in r["results"]:
+            if "server_cpu_ms_per_client_round" in x:
+                measured = (
+                    f"{_fmt(x['rounds_per_s'], '.2f')} rounds/s; CPU per round: server {_fmt(x['server_cpu_ms_per_round'], '.0f')} ms "
+                    f"({_fmt(x['server_cpu_ms_per_client_round'], '.1f')} per client), "
+                    f"clients {_fmt(x['clients_cpu_ms_per_round'], '.0f')} ms"
+                )
+            else:
+                measured = f"{_fmt(x['rounds_per_s'], '.1f')} rounds/s, {_fmt(x['aggregate_s'] * 1000, '.2f')} ms"
             out.append(
                 (
                     "scaling",
-                    f"{x['clients']} clients, {r['block_mb']:.2f} MB blocks: rounds/s, server aggregation",
-                    f"{_fmt(x['rounds_per_s'], '.1f')} rounds/s, {_fmt(x['aggregate_s'] * 1000, '.2f')} ms",
+                    f"{x['clients']} client processes, {x.get('block_mb', r['block_mb']):.2f} MB blocks: rounds/s, CPU per round",
+                    measured,
+                    "",
+                    _load(r),
+                )
+            )
+    if r := results.get("links"):
+        rate = r["link"]["rate_mbit"]
+        for x in r["results"]:
+            window = "adaptive window" if x["window"] == "adaptive" else f"fixed {x['window']} KiB window"
+            out.append(
+                (
+                    "links",
+                    f"push of a {r['block_mb']:g} MB block over {rate:g} Mbit/s at RTT {x['rtt_ms']:g} ms ({window}): achieved / link rate",
+                    f"{_fmt(x['push_up_vs_link'])} ({_fmt(x['push_up_mbit_s'], '.0f')} Mbit/s; "
+                    f"raw socket {_fmt(x['raw_up_mbit_s'], '.0f')})",
                     "",
                     _load(r),
                 )

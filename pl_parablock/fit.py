@@ -191,6 +191,7 @@ def _server(recipe: Recipe, agg: Aggregator, listen: str) -> FederationServer:
         call_timeout_s=f.timeout_s + 60.0,
         max_message_bytes=max(f.chunk_kb * 1024, MAX_LARGE_HEADER_BYTES) + (64 << 10),
         receive_window_kb=f.receive_window_kb,
+        max_uploads=f.max_uploads,
     )
 
 

@@ -57,33 +57,49 @@ class Link:
             t += nbytes * 8 / (mbps * 1e6)
         return t
 
-    def pace_up(self, chunks: Iterable[bytes], sleep: Callable[[float], None] = time.sleep) -> Iterator[bytes]:
-        return _pace(chunks, self.uplink_mbps, self.latency_ms, sleep)
+    def pace_up(
+        self, chunks: Iterable[bytes], sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic
+    ) -> Iterator[bytes]:
+        """``chunks`` as the uplink delivers them (``sleep`` and ``clock``: injectable for tests)."""
+        return _pace(chunks, self.uplink_mbps, self.latency_ms, sleep, clock)
 
-    def pace_down(self, chunks: Iterable[bytes], sleep: Callable[[float], None] = time.sleep) -> Iterator[bytes]:
-        return _pace(chunks, self.downlink_mbps, self.latency_ms, sleep)
+    def pace_down(
+        self, chunks: Iterable[bytes], sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic
+    ) -> Iterator[bytes]:
+        """``chunks`` as the downlink delivers them (``sleep`` and ``clock``: injectable for tests)."""
+        return _pace(chunks, self.downlink_mbps, self.latency_ms, sleep, clock)
 
 
-def _pace(chunks: Iterable[bytes], mbps: float | None, latency_ms: float, sleep: Callable[[float], None]) -> Iterator[bytes]:
-    """Hand on each chunk no sooner than the link would have carried it.
+def _pace(
+    chunks: Iterable[bytes],
+    mbps: float | None,
+    latency_ms: float,
+    sleep: Callable[[float], None],
+    clock: Callable[[], float],
+) -> Iterator[bytes]:
+    """Hand on each chunk once the link would have delivered all of it.
 
-    The clock starts when the first chunk is there, so time spent waiting
-    for the other side (a server still aggregating) is not counted as
-    transfer: the latency is added once, then bytes go at the rate.
+    The link sends a chunk when it has one and is free, at ``mbps``; its
+    last byte arrives ``latency_ms`` after it was sent, and only then is the
+    chunk handed on (a block smaller than a chunk takes its full time, not
+    none). Chunks follow each other on the link back to back, so the latency
+    is paid once per transfer while the source keeps up. Time the source
+    makes the link wait (a server still aggregating before its first chunk,
+    or a stall mid-stream) is idle link time: it is not counted as transfer
+    and earns no credit, so the chunks after a stall still go at the rate.
     """
     if mbps is None and latency_ms <= 0:
         yield from chunks
         return
-    start: float | None = None
-    sent = 0
+    latency = latency_ms / 1000.0
+    free: float | None = None  # when the link has sent everything it was given so far
     for chunk in chunks:
-        if start is None:
-            if latency_ms > 0:
-                sleep(latency_ms / 1000.0)
-            start = time.monotonic()
+        got = clock()
+        # a chunk the source had ready when the link went free starts then; a later one starts when it came.
+        # (``got`` lags the previous hand-on, which came ``latency`` after its chunk was sent)
+        start = got if free is None else max(free, got - latency)
+        free = start + (len(chunk) * 8 / (mbps * 1e6) if mbps is not None else 0.0)
+        wait = free + latency - clock()
+        if wait > 0:
+            sleep(wait)
         yield chunk
-        sent += len(chunk)
-        if mbps is not None:
-            wait = start + sent * 8 / (mbps * 1e6) - time.monotonic()
-            if wait > 0:
-                sleep(wait)

@@ -21,6 +21,17 @@ Against an untrusted network peer (README: "What the server defends against"):
   ``maximum_concurrent_rpcs``: the rest are refused at once with
   ``RESOURCE_EXHAUSTED``, never queued) and at most ``max_calls_per_peer``
   per peer (a client id with per-client tokens, else a host).
+* **Bounded uploads.** At most ``max_uploads`` uploads (``Push``,
+  ``UploadState``) are read at once, one per client id when every client
+  has its own token; the others wait their turn before the
+  server reads any of their bytes, held back by HTTP/2 flow control (one
+  receive window per connection at most), and give up at their call's
+  deadline.
+* **Bounded downloads.** A download's next chunk is produced only once
+  gRPC has taken the previous one, which it does as the client's receive
+  window allows: a peer that stops reading holds about its window and a
+  chunk of the server's memory, not the block (tested with a real client
+  that stops reading), until the call's deadline cuts it.
 * **Deadlines of the server's own.** A call whose peer sends nothing for
   ``idle_timeout_s`` while the server waits for its next message (a
   half-open or trickling stream) is cut, and so is every call still running
@@ -194,8 +205,68 @@ def _one(messages: Iterator[bytes], method: str) -> bytes:
     raise RefusedError(f"{method}: empty request", "invalid")
 
 
-RECEIVE_WINDOW_KB = 1024
-"""Default HTTP/2 receive window of each upload (``federation.receive_window_kb``)."""
+UPLOADS = ("Push", "UploadState")
+"""The methods whose requests carry blocks (admitted by :class:`_Uploads`)."""
+
+
+class _Uploads:
+    """At most ``limit`` uploads read at once, at most ``per_client`` of one client id; the others wait, first come first served."""
+
+    def __init__(self, limit: int, per_client: int = 1) -> None:
+        self.limit = limit
+        self.per_client = per_client
+        self._cond = threading.Condition()
+        self._reading: dict[object, int] = {}  # uploads being read per peer key
+        self._queue: list[tuple[object, object, float]] = []  # (ticket, key, the key's limit)
+
+    def _may_go(self, ticket: object) -> bool:
+        """Whether ``ticket`` is the first waiting upload that may be read now."""
+        if sum(self._reading.values()) >= self.limit:
+            return False
+        for t, key, cap in self._queue:
+            if self._reading.get(key, 0) < cap:
+                return t is ticket
+        return False
+
+    def enter(self, key: str, caller: Caller) -> None:
+        """Wait for a turn until the call is cancelled or cut (its deadline); raises ``RefusedError`` then.
+
+        A client id (per-client tokens) has at most ``per_client`` uploads
+        read at once, so that one token holder's stalled streams cannot take
+        the turns of the others; a host (shared token) is bounded by the
+        total only, since its clients are indistinguishable.
+        """
+        ticket = object()
+        cap = self.per_client if caller.client is not None else math.inf
+        with self._cond:
+            self._queue.append((ticket, key, cap))
+            try:
+                while not self._may_go(ticket):
+                    if caller.cancelled.is_set() or time.monotonic() >= caller.deadline:
+                        raise RefusedError(f"waited for a turn to upload (at most {self.limit} at once) until the call ended", "exhausted")
+                    self._cond.wait(0.25)
+            finally:
+                self._queue = [q for q in self._queue if q[0] is not ticket]
+                self._cond.notify_all()
+            self._reading[key] = self._reading.get(key, 0) + 1
+
+    def leave(self, key: str) -> None:
+        with self._cond:
+            left = self._reading.get(key, 1) - 1
+            if left:
+                self._reading[key] = left
+            else:
+                self._reading.pop(key, None)
+            self._cond.notify_all()
+
+    def counts(self) -> tuple[int, int]:
+        """(uploads being read, uploads waiting)."""
+        with self._cond:
+            return sum(self._reading.values()), len(self._queue)
+
+
+RECEIVE_WINDOW_KB: int | None = None
+"""Default HTTP/2 receive window of each upload (``federation.receive_window_kb``): gRPC's adaptive one."""
 MMAP_THRESHOLD = 2 << 20
 """Allocations of this many bytes or more get their own memory mapping in a tuned server process."""
 
@@ -253,10 +324,14 @@ class FederationServer:
         max_message_bytes: the largest message the server receives.
         receive_window_kb: fixed HTTP/2 receive window of each upload, KiB:
             the server buffers about two windows per upload in flight, and
-            an upload moves at most one window per round trip. ``None``:
-            gRPC's adaptive window, which on a fast link grows to the
-            bandwidth-delay product (measured on loopback: about 8 MB per
-            upload in flight, against about 2 MB with 1024 KiB).
+            an upload moves at most one window per round trip (1024 KiB at
+            100 ms: 84 Mbit/s). ``None`` (the default): gRPC's adaptive
+            window (BDP probing), at least 4 MiB and growing to twice the
+            bandwidth-delay product, so that one upload keeps up with its
+            link (``benchmarks/links.py``); measured on loopback about 8 MB
+            per upload in flight, against about 2 MB with 1024 KiB.
+        max_uploads: uploads read at once (``federation.max_uploads``); the
+            others wait their turn unread. ``None``: one per client.
     """
 
     def __init__(
@@ -271,6 +346,7 @@ class FederationServer:
         call_timeout_s: float | None = None,
         max_message_bytes: int | None = None,
         receive_window_kb: int | None = RECEIVE_WINDOW_KB,
+        max_uploads: int | None = None,
     ) -> None:
         self.service = service
         self.listen = listen
@@ -286,6 +362,8 @@ class FederationServer:
             call_timeout_s=self.call_timeout_s,
             on_cut=service.aggregator.wake,
         )
+        self.max_uploads = max_uploads or max(clients, 1)
+        self._uploads = _Uploads(self.max_uploads)
         self._executor = futures.ThreadPoolExecutor(max_workers=self.max_calls, thread_name_prefix="pl_parablock-server")
         options = list(SERVER_OPTIONS)
         if max_message_bytes is not None:
@@ -293,6 +371,7 @@ class FederationServer:
             options.append(("grpc.max_receive_message_length", max_message_bytes))
         if receive_window_kb is not None:
             options += [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", receive_window_kb * 1024)]
+        self.options = options
         self._server = grpc.server(self._executor, options=options, maximum_concurrent_rpcs=self.max_calls)
         handlers = {m: self._handler(m, kind, getattr(service, m)) for m, kind in METHODS.items()}
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
@@ -346,10 +425,16 @@ class FederationServer:
 
             return grpc.stream_stream_rpc_method_handler(stream_handler)
 
+        upload = method in UPLOADS
+
         def handler(messages: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
             call = None
+            admitted = False
             try:
                 call = self._enter(method, context)
+                if upload:
+                    self._uploads.enter(call.key, call.caller)  # before any of its bytes is read
+                    admitted = True
                 reading = _reading(messages, call)
                 request: Any = _one(reading, method) if kind == "unary" else reading
                 return fn(request, caller=call.caller)  # type: ignore[no-any-return]
@@ -359,6 +444,8 @@ class FederationServer:
                 self._abort(context, exc, method, call)
                 raise  # unreachable: abort raises
             finally:
+                if admitted and call is not None:
+                    self._uploads.leave(call.key)
                 if call is not None:
                     self._guard.release(call)
 
@@ -367,6 +454,10 @@ class FederationServer:
     def active_calls(self) -> int:
         """Calls the server is serving now."""
         return self._guard.active()
+
+    def uploads(self) -> tuple[int, int]:
+        """Uploads the server reads now, and uploads waiting for their turn."""
+        return self._uploads.counts()
 
     # ------------------------------------------------------------ life
 

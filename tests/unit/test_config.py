@@ -209,6 +209,21 @@ def test_the_servers_receive_window_is_bounded_or_adaptive(tmp_path):
                 load_recipe(write(tmp_path, text))
 
 
+def test_window_and_admission_out_of_range_exit_2_with_one_message_naming_the_key(capsys):
+    from pl_parablock.fit import main
+
+    assert load_recipe(None).federation.receive_window_kb is None  # gRPC's adaptive window by default
+    assert load_recipe(None, ["federation.max_uploads=3"]).federation.max_uploads == 3
+    for override, key in (
+        ("federation.max_uploads=0", "federation.max_uploads"),
+        ("federation.max_uploads=100000", "federation.max_uploads"),
+        ("federation.receive_window_kb=8", "federation.receive_window_kb"),
+    ):
+        assert main([override, "--inprocess"]) == 2, override
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and key in err[0] and "Traceback" not in err[0], err
+
+
 def test_scientific_notation_reads_as_a_number_in_free_form_sections(tmp_path):
     text = "model:\n  config:\n    model_type: llama\n    rms_norm_eps: 1e-05\ntrain:\n  lr: 3e-4\n"
     recipe = load_recipe(write(tmp_path, text))

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from pl_parablock.federation.link import Link
@@ -15,12 +13,10 @@ def test_no_emulation_passes_through():
 
 
 def test_pacing_holds_the_rate_and_latency():
+    clock = FakeClock()
     link = Link(uplink_mbps=8.0, latency_ms=50)  # 1 MB/s
     chunks = [b"x" * 50_000] * 4  # 200 kB -> 0.2 s + 0.05 s
-    t0 = time.monotonic()
-    assert sum(len(c) for c in link.pace_up(chunks)) == 200_000
-    elapsed = time.monotonic() - t0
-    assert 0.24 <= elapsed < 1.0
+    assert handed_on_at(link, chunks, clock)[-1] == pytest.approx(0.25)
     assert link.seconds(200_000, 8.0) == pytest.approx(0.25)
     assert "emulated link" in link.describe()
 
@@ -33,15 +29,71 @@ def test_invalid_links():
 
 
 def test_waiting_for_the_first_chunk_is_not_transfer_time():
+    clock = FakeClock()
+
     def slow_server():
-        time.sleep(0.3)  # the server is still aggregating
+        clock.sleep(0.3)  # the server is still aggregating
         yield from [b"x" * 50_000] * 2
 
-    link = Link(downlink_mbps=8.0)  # 100 kB take 0.1 s
-    t0 = time.monotonic()
-    first = None
-    for _ in link.pace_down(slow_server()):
-        first = first or time.monotonic()
-    end = time.monotonic()
-    assert end - first >= 0.045, "the second chunk still waits its turn on the link"
-    assert end - t0 >= 0.35, "the wait is not swallowed by the pacing"
+    times = handed_on_at(Link(downlink_mbps=8.0), slow_server(), clock, down=True)  # 100 kB take 0.1 s
+    assert times == [pytest.approx(0.35), pytest.approx(0.4)], "the wait is neither swallowed nor counted as transfer"
+
+
+class FakeClock:
+    """A clock that moves only when something sleeps (no real waiting)."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds >= 0
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def handed_on_at(link: Link, chunks, clock: FakeClock, down: bool = False) -> list[float]:
+    """When (fake clock, from the start) each chunk was handed on."""
+    t0 = clock.now
+    pace = link.pace_down if down else link.pace_up
+    return [round(clock.now - t0, 9) for _ in pace(chunks, sleep=clock.sleep, clock=clock)]
+
+
+def test_a_chunk_is_handed_on_only_once_the_link_delivered_all_of_it():
+    clock = FakeClock()
+    link = Link(uplink_mbps=8.0)  # 1 MB/s
+    # a block smaller than a chunk takes its time on the link too (it used to pass at once)
+    assert handed_on_at(link, [b"x" * 50_000], clock) == [pytest.approx(0.05)]
+    clock = FakeClock()
+    assert handed_on_at(link, [b"x" * 100_000, b"x" * 50_000, b"x" * 10], clock) == [
+        pytest.approx(0.1),
+        pytest.approx(0.15),
+        pytest.approx(0.15001),
+    ]
+
+
+def test_the_latency_is_paid_once_while_the_source_keeps_up():
+    clock = FakeClock()
+    link = Link(downlink_mbps=8.0, latency_ms=20)
+    times = handed_on_at(link, [b"x" * 10_000] * 5, clock, down=True)
+    assert times == [pytest.approx(0.02 + 0.01 * (k + 1)) for k in range(5)]
+    clock = FakeClock()
+    assert handed_on_at(Link(latency_ms=30), [b"a", b"b", b"c"], clock) == [pytest.approx(0.03)] * 3
+
+
+def test_a_stalled_source_leaves_the_link_idle_and_earns_no_credit():
+    clock = FakeClock()
+
+    def source():
+        clock.sleep(0.5)  # the server is still aggregating: not transfer time
+        yield b"x" * 10_000
+        clock.sleep(0.2)  # a stall mid-stream
+        yield from [b"x" * 10_000] * 2
+
+    times = handed_on_at(Link(downlink_mbps=8.0, latency_ms=10), source(), clock, down=True)
+    first = 0.5 + 0.01 + 0.01
+    # after the stall the link starts again when the chunk came, and the next chunk waits its own turn
+    assert times == [pytest.approx(first), pytest.approx(first + 0.2 + 0.01), pytest.approx(first + 0.2 + 0.02)]
