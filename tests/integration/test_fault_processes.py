@@ -1,4 +1,10 @@
-"""Crashes of real processes on loopback: a client killed and restarted, the server killed and restarted."""
+"""Crashes of real processes on loopback: a client killed and restarted, the server killed and restarted.
+
+These run in ``parablock``, where a crash can land with two rounds in flight
+(the harder case); ``sync`` ran them too until the suite needed the time
+(each takes 25-30 s of process start-up and crash recovery). Both modes meet
+dropped, corrupted and delayed transfers in ``test_faults_modes.py``.
+"""
 
 from __future__ import annotations
 
@@ -80,7 +86,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.mark.parametrize("mode", ["sync", "parablock"])
+@pytest.mark.parametrize("mode", ["parablock"])
 def test_a_killed_client_is_dropped_then_restarted_and_catches_up(tmp_path, procs, mode):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE)
@@ -122,7 +128,7 @@ def test_a_killed_client_is_dropped_then_restarted_and_catches_up(tmp_path, proc
     assert synced["to_round"] > synced["from_round"]
 
 
-@pytest.mark.parametrize("mode", ["sync", "parablock"])
+@pytest.mark.parametrize("mode", ["parablock"])
 def test_a_killed_server_restarts_from_its_checkpoint_and_clients_reconnect(tmp_path, procs, mode):
     """In parablock the server dies with two rounds in flight (a client hands off round t+1 before t is aggregated)."""
     recipe = tmp_path / "recipe.yaml"
