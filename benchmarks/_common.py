@@ -165,8 +165,9 @@ class ServerProcess:
         echo: bool = False,
         min_clients: int | None = None,
         round_timeout_s: float | None = None,
+        server_args: Sequence[str] = (),
     ) -> None:
-        cmd = [sys.executable, os.path.join(HERE, "_server.py"), "--clients", str(clients), "--rounds", str(rounds)]
+        cmd = [sys.executable, os.path.join(HERE, "_server.py"), "--clients", str(clients), "--rounds", str(rounds), *server_args]
         cmd += ["--mode", mode, "--chunk-kb", str(chunk_kb)] + (["--echo"] if echo else [])
         if min_clients is not None:
             cmd += ["--min-clients", str(min_clients)]

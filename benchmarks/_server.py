@@ -118,12 +118,16 @@ def main() -> int:
     p.add_argument("--echo", action="store_true")
     p.add_argument("--min-clients", type=int)
     p.add_argument("--round-timeout-s", type=float)
+    p.add_argument("--max-uploads", type=int, help="federation.max_uploads (default: one per client)")
+    p.add_argument("--receive-window-kb", type=int, help="federation.receive_window_kb (default: gRPC's adaptive window)")
     args = p.parse_args()
     agg = Aggregator(
         clients=args.clients, rounds=args.rounds, mode=args.mode, min_clients=args.min_clients, round_timeout_s=args.round_timeout_s
     )
     tune_server_memory()  # as the federation's own server processes do
-    server = FederationServer(FederationService(agg, chunk_bytes=args.chunk_kb * 1024))
+    server = FederationServer(
+        FederationService(agg, chunk_bytes=args.chunk_kb * 1024), receive_window_kb=args.receive_window_kb, max_uploads=args.max_uploads
+    )
     address = server.start()
     raw = _raw_grpc_server() if args.echo else None
     hello = {"address": address, "echo_port": _echo_server() if args.echo else None, "raw_grpc_port": raw[1] if raw else None, **_mem()}

@@ -42,6 +42,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from _common import HERE, MB, REPO, ServerProcess, block_fingerprint, finish, last_json, machine, say
@@ -206,14 +207,14 @@ def client_memory(model_config: dict[str, Any], rounds: int, threads: int, other
 # ---------------------------------------------------------------- server side
 
 
-def server_memory(n_clients: int, block_mb: int) -> dict[str, Any]:
+def server_memory(n_clients: int, block_mb: int, server_args: Sequence[str] = ()) -> dict[str, Any]:
     import torch
 
     from pl_parablock.federation import GrpcTransport
 
     tensors = {"block.weight": torch.rand(block_mb * MB // 4)}
     block_bytes = block_mb * MB
-    with ServerProcess(clients=n_clients, rounds=1, mode="parablock") as server:
+    with ServerProcess(clients=n_clients, rounds=1, mode="parablock", server_args=server_args) as server:
         start = server.started
         transports = [GrpcTransport(server.address, chunk_bytes=1 << 20) for _ in range(n_clients)]
         try:
