@@ -780,6 +780,20 @@ class Aggregator:
                 return self.refuse(record, problem, rnd)
         return None
 
+    def _open_update(
+        self, header: Mapping[str, Any], specs: list[Spec]
+    ) -> dict[str, Any] | tuple[int, str, float, _Round, int, dict[str, Tensor], dict[str, Any]]:
+        """:meth:`precheck`'s reply, or what summing the update needs: client, kind, weight, round, block, global value, record."""
+        early = self.precheck(header, specs)
+        if early is not None:
+            return early
+        client, rnd_i, kind, weight = int(header["client_id"]), int(header["round"]), str(header["kind"]), float(header["weight"])
+        with self._cond:
+            rnd = self._round(rnd_i)
+            block = self._block_for(client, rnd_i)
+            current = self._state.values[block]
+        return client, kind, weight, rnd, block, current, {"client": client, "round": rnd_i, "block": block}
+
     def _weight_problem(self, weight: float) -> str:
         if self.weighting == "uniform":
             return f"weight {weight:g} is not 1: this federation weighs clients uniformly (federation.weighting=uniform)"
@@ -832,15 +846,11 @@ class Aggregator:
         """
         if not self.streams:
             raise FederationError("this aggregator keeps whole updates (clip_norm or robust aggregation): use submit")
-        early = self.precheck(header, specs)
-        if early is not None:
-            return early
-        client, rnd_i, kind, weight = int(header["client_id"]), int(header["round"]), str(header["kind"]), float(header["weight"])
-        with self._cond:
-            rnd = self._round(rnd_i)
-            block = self._block_for(client, rnd_i)
-            current = self._state.values[block]
-        record = {"client": client, "round": rnd_i, "block": block}
+        opened = self._open_update(header, specs)
+        if isinstance(opened, dict):
+            return opened
+        client, kind, weight, rnd, block, current, record = opened
+        rnd_i = rnd.index
         up = _Upload(rnd, client, block, kind, weight, specs, current)
         try:
             with rnd.lock:
@@ -1004,15 +1014,11 @@ class Aggregator:
         staged = tensors if isinstance(tensors, StagedTensors) else StagedTensors.from_tensors(tensors)
         keep = False
         try:
-            early = self.precheck(header, staged.specs)
-            if early is not None:
-                return early
-            client, rnd_i, kind, weight = int(header["client_id"]), int(header["round"]), str(header["kind"]), float(header["weight"])
-            with self._cond:
-                rnd = self._round(rnd_i)
-                block = self._block_for(client, rnd_i)
-                current = self._state.values[block]
-            record = {"client": client, "round": rnd_i, "block": block}
+            opened = self._open_update(header, staged.specs)
+            if isinstance(opened, dict):
+                return opened
+            client, kind, weight, rnd, block, current, record = opened
+            rnd_i = rnd.index
             if self.compression.lossy_upload:  # the parts of a compressed delta: decoded whole (one block of float32) before any check
                 try:
                     dense = decode_update(self.compression, str(header.get("codec")), dict(iter(staged)), current)
