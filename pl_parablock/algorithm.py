@@ -319,6 +319,18 @@ class Update:
     loss: float | None = None
     codec: str = "none"
     """The codec ``tensors`` are parts of (:mod:`pl_parablock.compression`); ``none``: the tensors themselves."""
+    encoder: ErrorFeedback | None = field(default=None, repr=False)
+    """Set while ``tensors`` is still the plain delta: :meth:`encode` compresses it (off the training thread)."""
+
+    def encode(self) -> None:
+        """Compress ``tensors`` into ``codec``'s parts, ``Q(Δ + r)``, updating the sender's residual; once, in hand-off order.
+
+        The transmitter calls it before the upload, so the codec's work does
+        not stall training; the reference and the simulator at once.
+        """
+        if self.encoder is not None and self.tensors is not None:
+            self.tensors = self.encoder.compress(self.block, self.tensors)[0]
+        self.encoder = None
 
 
 @dataclass(frozen=True)
@@ -497,13 +509,12 @@ class ClientCore:
         else:
             kind, payload = "delta", {n: e[n] - o.start[n] for n in e}
             if self.uplink is not None:
-                payload, _ = self.uplink.compress(o.block, payload)
-                codec = self.compression.upload.name
+                codec = self.compression.upload.name  # compressed by Update.encode, in hand-off order
         self.inflight[o.round] = self._handed(o.round, own=(o.block, e))
         self.clean[o.block] = False
         self.round = o.round + 1
         weight = client_weight(weighting, samples=samples, tokens=tokens, shard=shard)
-        return Update(o.round, o.block, kind, o.start_version, weight, payload, loss, codec)
+        return Update(o.round, o.block, kind, o.start_version, weight, payload, loss, codec, self.uplink if codec != "none" else None)
 
     def skip(self) -> Update | None:
         """A round this client is not sampled for: nothing trains; its aggregate is fetched and applied in turn.

@@ -202,6 +202,7 @@ def run_reference(recipe: Recipe) -> ReferenceResult:
                 continue
             update = _train(c, c.core.begin(), recipe)
             assert update.tensors is not None
+            update.encode()
             tensors = update.tensors
             if update.codec != "none":
                 tensors = decode_update(compression, update.codec, tensors, state.values[update.block])

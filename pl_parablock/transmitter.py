@@ -187,6 +187,7 @@ class Transmitter:
 
     def _transmit(self, job: Update) -> Arrival:
         sent_at = time.time()
+        job.encode()  # a lossy codec's work happens here, on this thread, not on the training thread
         deadline = time.monotonic() + self.timeout_s
         header: Mapping[str, Any] = {
             "client_id": self.client_id,

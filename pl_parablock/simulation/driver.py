@@ -192,6 +192,8 @@ def run_simulation(
         peak = max(peak, len(live))
         results = runner.run_round(t, [clients[i] for i in sampled], server)
         ups = {r.client_id: r.update for r in results}
+        for u in ups.values():
+            u.encode()
         tokens += sum(r.tokens for r in results)
         steps += len(results) * tr.local_steps
         close = clock.upload(t, {r.client_id: r.compute_s for r in results}, {i: _nbytes(u.tensors) for i, u in ups.items()})

@@ -186,6 +186,7 @@ def test_a_client_training_the_block_forms_g_plus_d_from_its_copy_of_the_global(
                 p.add_(0.05 * tensors(t + 7)[n])  # local training
         up = core.end(samples=1, tokens=1, shard=1, weighting="samples")
         assert up.kind == "delta" and up.codec == "int8"
+        up.encode()
         from pl_parablock.algorithm import RoundStep, decode_update
 
         step = RoundStep(t, 0)
