@@ -886,21 +886,16 @@ class Aggregator:
                 rnd.streaming.pop(client, None)
                 rnd.steps[block].acc.commit(weight, kind)
                 rnd.spooled.append(up)
-                loss = header.get("loss")
-                rnd.clients[client] = {
-                    "weight": weight,
-                    "kind": kind,
-                    "loss": loss if isinstance(loss, (int, float)) else None,
-                    "norm": norm if self.max_update_norm is not None else None,
-                    "clipped": False,
-                }
                 rnd.work_s += up.work_s
-                if rnd.first_arrival is None:
-                    rnd.first_arrival = time.monotonic()
-                complete = len(rnd.clients) >= len(rnd.expected)
+                norm_seen = norm if self.max_update_norm is not None else None
+                complete = _arrived(rnd, client, header, weight, kind, norm_seen, clipped=False)
         finally:
             if up not in rnd.spooled:
                 up.close()
+        return self._accepted(rnd, complete)
+
+    def _accepted(self, rnd: _Round, complete: bool) -> dict[str, Any]:
+        """Close the round if this update completed it, else wake its waiters; the reply to an accepted update."""
         if complete:
             self._close(rnd, "all clients arrived")
         else:
@@ -1053,23 +1048,8 @@ class Aggregator:
                     rnd.kept[client] = _Update(staged, weight, kind, scale)
                     keep = True
                 rnd.work_s += checked_s + time.perf_counter() - t0
-                loss = header.get("loss")
-                rnd.clients[client] = {
-                    "weight": weight,
-                    "kind": kind,
-                    "loss": loss if isinstance(loss, (int, float)) else None,
-                    "norm": norm if need_norm else None,
-                    "clipped": scale < 1.0,
-                }
-                if rnd.first_arrival is None:
-                    rnd.first_arrival = time.monotonic()
-                complete = len(rnd.clients) >= len(rnd.expected)
-            if complete:
-                self._close(rnd, "all clients arrived")
-            else:
-                with self._cond:
-                    self._cond.notify_all()
-            return {"accepted": True, "status": "accepted", "reason": "accepted"}
+                complete = _arrived(rnd, client, header, weight, kind, norm if need_norm else None, clipped=scale < 1.0)
+            return self._accepted(rnd, complete)
         finally:
             if not keep:
                 staged.close()
@@ -1502,6 +1482,21 @@ def _describe_compression(compression: Compression) -> dict[str, Any]:
         "download": compression.download.describe(),
         "error_feedback": compression.error_feedback,
     }
+
+
+def _arrived(rnd: _Round, client: int, header: Mapping[str, Any], weight: float, kind: str, norm: float | None, *, clipped: bool) -> bool:
+    """Record an accepted update in its round (under ``rnd.lock``); whether every expected client has now arrived."""
+    loss = header.get("loss")
+    rnd.clients[client] = {
+        "weight": weight,
+        "kind": kind,
+        "loss": loss if isinstance(loss, (int, float)) else None,
+        "norm": norm,
+        "clipped": clipped,
+    }
+    if rnd.first_arrival is None:
+        rnd.first_arrival = time.monotonic()
+    return len(rnd.clients) >= len(rnd.expected)
 
 
 def _strict_int(value: Any) -> int:
