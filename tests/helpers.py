@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -152,3 +154,13 @@ def save_tiny_checkpoint(directory: Any, config: dict[str, Any] | None = None, s
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
     return str(directory)
+
+
+def wait_until(cond: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``cond`` every 20 ms until it holds (``True``) or ``timeout`` seconds pass (``False``)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True

@@ -31,6 +31,7 @@ from pl_parablock.errors import FederationError, TransportError
 from pl_parablock.federation import Aggregator, FederationServer, FederationService, GrpcTransport
 from pl_parablock.federation.channel import SERVICE_NAME, token_metadata
 from pl_parablock.federation.wire import MAX_LARGE_HEADER_BYTES, header_bytes
+from tests.helpers import wait_until
 
 ROUNDS = 3
 WEIGHT = 8.0  # what each honest client sends; the federations bound weights at 8 (samples: 2 steps x 4 samples)
@@ -211,15 +212,6 @@ def held_open(stop: threading.Event, first: bytes | None = None) -> Iterator[byt
     if first is not None:
         yield first
     stop.wait(30)
-
-
-def wait_until(cond: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 @pytest.fixture(autouse=True)

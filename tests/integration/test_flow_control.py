@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -22,6 +22,7 @@ from pl_parablock.federation import Aggregator, FederationServer, FederationServ
 from pl_parablock.federation.channel import SERVICE_NAME
 from pl_parablock.federation.service import Caller
 from pl_parablock.federation.wire import encode, header_bytes
+from tests.helpers import wait_until
 
 BLOCK = {"w": torch.linspace(-1.0, 1.0, 4096)}
 FINGERPRINT = {
@@ -30,15 +31,6 @@ FINGERPRINT = {
     "tensors": {"w": {"dtype": "float32", "shape": [4096], "nbytes": 4096 * 4}},
     "hash": "flow-control",
 }
-
-
-def wait_until(cond: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def push_header(client: int) -> dict[str, Any]:
