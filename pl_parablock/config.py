@@ -324,8 +324,10 @@ class FederationSection:
     max_uploads: int | None = field(
         default=None,
         metadata=_help(
-            "Server: uploads (updates, initial state) it reads at once; the others wait their turn, unread, their bytes held "
-            "back by flow control. null: federation.clients (no honest client waits)."
+            "Server: uploads (updates, initial state) it reads at once; the others wait their turn before they send anything. "
+            "Each upload read buffers up to its receive window in the server. null: 4, or federation.clients when fewer; "
+            "raise it when many clients upload over links slower than the server's (their rates add up only when admitted "
+            "together)."
         ),
     )
     token: Any = field(

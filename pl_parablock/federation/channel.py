@@ -7,7 +7,8 @@ imports the other:
 * the protocol's names: the gRPC service :data:`SERVICE_NAME` and its
   :data:`METHODS` with their call kinds (the messages themselves are
   described in :mod:`pl_parablock.federation.service` and framed by
-  :mod:`pl_parablock.federation.wire`);
+  :mod:`pl_parablock.federation.wire`; ``Admit`` is the server's own: it
+  grants a turn to upload, see :class:`~pl_parablock.federation.server.FederationServer`);
 * the channel options of each end (:data:`MESSAGE_OPTIONS`,
   :data:`CLIENT_OPTIONS`, :data:`SERVER_OPTIONS`);
 * the bearer token in the ``authorization`` metadata
@@ -32,6 +33,8 @@ __all__ = [
     "SERVER_OPTIONS",
     "SERVICE_NAME",
     "TLS",
+    "UPLOADS",
+    "UPLOAD_SLOT",
     "bearer_token",
     "token_metadata",
 ]
@@ -44,7 +47,12 @@ METHODS = {
     "Pull": "unary_stream",
     "Versions": "unary",
     "Leave": "unary",
+    "Admit": "unary",
 }
+UPLOADS = ("Push", "UploadState")
+"""The methods whose requests carry blocks: a client asks ``Admit`` for a turn before it opens one."""
+UPLOAD_SLOT = "pl-parablock-upload-slot"
+"""Metadata key of the turn ``Admit`` granted, sent with the upload that uses it."""
 
 MESSAGE_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),

@@ -23,10 +23,13 @@ Against an untrusted network peer (README: "What the server defends against"):
   per peer (a client id with per-client tokens, else a host).
 * **Bounded uploads.** At most ``max_uploads`` uploads (``Push``,
   ``UploadState``) are read at once, one per client id when every client
-  has its own token; the others wait their turn before the
-  server reads any of their bytes, held back by HTTP/2 flow control (one
-  receive window per connection at most), and give up at their call's
-  deadline.
+  has its own token; the others wait their turn and give up at their call's
+  deadline. The project's clients wait in a small ``Admit`` call before
+  they open the upload, so a waiting client has sent nothing; the turn is
+  reserved for the upload for :data:`ADMIT_LEASE_S`. An upload opened
+  without a turn waits with its stream open, the server reading none of
+  its bytes: it is held back by HTTP/2 flow control, one receive window per
+  connection at most.
 * **Bounded downloads.** A download's next chunk is produced only once
   gRPC has taken the previous one, which it does as the client's receive
   window allows: a peer that stops reading holds about its window and a
@@ -56,6 +59,7 @@ import ctypes.util
 import logging
 import math
 import platform
+import secrets
 import sys
 import threading
 import time
@@ -68,8 +72,9 @@ import grpc
 from pl_parablock.errors import FederationError, ParaBlockError
 from pl_parablock.federation._ratelimit import RateLimitedLog
 from pl_parablock.federation.aggregator import RefusedError
-from pl_parablock.federation.channel import METHODS, SERVER_OPTIONS, SERVICE_NAME, TLS, bearer_token
+from pl_parablock.federation.channel import METHODS, SERVER_OPTIONS, SERVICE_NAME, TLS, UPLOAD_SLOT, UPLOADS, bearer_token
 from pl_parablock.federation.service import Caller, FederationService
+from pl_parablock.federation.wire import header_bytes
 
 __all__ = ["FederationServer", "peer_host", "token_of", "tune_server_memory"]
 
@@ -161,6 +166,13 @@ class _Guard:
         with self._lock:
             return len(self._calls)
 
+    def methods(self) -> dict[str, int]:
+        with self._lock:
+            counts: dict[str, int] = {}
+            for call in self._calls:
+                counts[call.method] = counts.get(call.method, 0) + 1
+            return counts
+
     def _watch(self) -> None:
         tick = max(0.05, min(0.5, self.idle_timeout_s / 4))
         while not self._stop.wait(tick):
@@ -199,28 +211,61 @@ def _reading(messages: Iterator[bytes], call: _Call) -> Iterator[bytes]:
         yield message
 
 
+def _metadata(context: grpc.ServicerContext, key: str) -> str | None:
+    for k, value in context.invocation_metadata() or ():
+        if k == key and isinstance(value, str):
+            return value[:64]
+    return None
+
+
 def _one(messages: Iterator[bytes], method: str) -> bytes:
     for message in messages:
         return message
     raise RefusedError(f"{method}: empty request", "invalid")
 
 
-UPLOADS = ("Push", "UploadState")
-"""The methods whose requests carry blocks (admitted by :class:`_Uploads`)."""
+ADMIT_LEASE_S = 10.0
+"""How long a turn granted by ``Admit`` waits for the upload that uses it before it goes to the next client."""
 
 
 class _Uploads:
-    """At most ``limit`` uploads read at once, at most ``per_client`` of one client id; the others wait, first come first served."""
+    """At most ``limit`` uploads read at once, at most ``per_client`` of one client id; the others wait, first come first served.
 
-    def __init__(self, limit: int, per_client: int = 1) -> None:
+    A turn is taken either by the upload itself (it then waits with its
+    stream open, its first bytes held in the server's HTTP/2 receive
+    window) or, before the upload opens, by an ``Admit`` call: the turn is
+    then reserved for ``lease_s`` under a slot name the upload presents in
+    its metadata, so a waiting client has sent none of its bytes.
+    """
+
+    def __init__(self, limit: int, per_client: int = 1, lease_s: float = ADMIT_LEASE_S) -> None:
         self.limit = limit
         self.per_client = per_client
+        self.lease_s = lease_s
         self._cond = threading.Condition()
-        self._reading: dict[object, int] = {}  # uploads being read per peer key
+        self._reading: dict[object, int] = {}  # turns taken per peer key: uploads being read and reserved slots
         self._queue: list[tuple[object, object, float]] = []  # (ticket, key, the key's limit)
+        self._slots: dict[str, tuple[str, float]] = {}  # reserved slot -> (key, when the reservation lapses)
+
+    def _taken(self, key: object, by: int) -> None:
+        left = self._reading.get(key, 0) + by
+        if left > 0:
+            self._reading[key] = left
+        else:
+            self._reading.pop(key, None)
+
+    def _lapse(self) -> None:
+        """Give back the turns of slots whose upload did not come within the lease."""
+        now = time.monotonic()
+        for slot, (key, until) in list(self._slots.items()):
+            if until <= now:
+                del self._slots[slot]
+                self._taken(key, -1)
+                warn.warning(key, "%s was granted a turn to upload and did not use it within %g s", key, self.lease_s)
 
     def _may_go(self, ticket: object) -> bool:
         """Whether ``ticket`` is the first waiting upload that may be read now."""
+        self._lapse()
         if sum(self._reading.values()) >= self.limit:
             return False
         for t, key, cap in self._queue:
@@ -228,14 +273,20 @@ class _Uploads:
                 return t is ticket
         return False
 
-    def enter(self, key: str, caller: Caller) -> None:
+    def enter(self, key: str, caller: Caller, slot: str | None = None) -> None:
         """Wait for a turn until the call is cancelled or cut (its deadline); raises ``RefusedError`` then.
 
+        ``slot``: a turn this key reserved with :meth:`reserve`; the upload
+        takes it without waiting (a lapsed or unknown slot: it waits).
         A client id (per-client tokens) has at most ``per_client`` uploads
         read at once, so that one token holder's stalled streams cannot take
         the turns of the others; a host (shared token) is bounded by the
         total only, since its clients are indistinguishable.
         """
+        with self._cond:
+            if slot is not None and self._slots.get(slot, ("", 0.0))[0] == key:
+                del self._slots[slot]  # the reserved turn, already counted, is this upload's
+                return
         ticket = object()
         cap = self.per_client if caller.client is not None else math.inf
         with self._cond:
@@ -248,23 +299,29 @@ class _Uploads:
             finally:
                 self._queue = [q for q in self._queue if q[0] is not ticket]
                 self._cond.notify_all()
-            self._reading[key] = self._reading.get(key, 0) + 1
+            self._taken(key, 1)
+
+    def reserve(self, key: str, caller: Caller) -> str:
+        """Wait for a turn as :meth:`enter` does and reserve it for ``lease_s``; returns the slot's name."""
+        self.enter(key, caller)
+        slot = secrets.token_urlsafe(18)
+        with self._cond:
+            self._slots[slot] = (key, time.monotonic() + self.lease_s)
+        return slot
 
     def leave(self, key: str) -> None:
         with self._cond:
-            left = self._reading.get(key, 1) - 1
-            if left:
-                self._reading[key] = left
-            else:
-                self._reading.pop(key, None)
+            self._taken(key, -1)
             self._cond.notify_all()
 
     def counts(self) -> tuple[int, int]:
-        """(uploads being read, uploads waiting)."""
+        """(turns taken: uploads being read and reserved slots, uploads waiting)."""
         with self._cond:
             return sum(self._reading.values()), len(self._queue)
 
 
+MAX_UPLOADS = 4
+"""Default of ``federation.max_uploads`` (fewer when the federation has fewer clients)."""
 RECEIVE_WINDOW_KB: int | None = None
 """Default HTTP/2 receive window of each upload (``federation.receive_window_kb``): gRPC's adaptive one."""
 MMAP_THRESHOLD = 2 << 20
@@ -331,7 +388,12 @@ class FederationServer:
             link (``benchmarks/links.py``); measured on loopback about 8 MB
             per upload in flight, against about 2 MB with 1024 KiB.
         max_uploads: uploads read at once (``federation.max_uploads``); the
-            others wait their turn unread. ``None``: one per client.
+            others wait their turn unread. ``None``: :data:`MAX_UPLOADS`,
+            or one per client when there are fewer. Every upload read
+            buffers up to its receive window, so memory grows with this
+            number (``benchmarks/memory.py``); uploads from clients whose
+            links are slower than the server's add up their rates only when
+            admitted together, so raise it for many clients on slow links.
     """
 
     def __init__(
@@ -362,7 +424,7 @@ class FederationServer:
             call_timeout_s=self.call_timeout_s,
             on_cut=service.aggregator.wake,
         )
-        self.max_uploads = max_uploads or max(clients, 1)
+        self.max_uploads = max_uploads or max(min(clients, MAX_UPLOADS), 1)
         self._uploads = _Uploads(self.max_uploads)
         self._executor = futures.ThreadPoolExecutor(max_workers=self.max_calls, thread_name_prefix="pl_parablock-server")
         options = list(SERVER_OPTIONS)
@@ -373,7 +435,7 @@ class FederationServer:
             options += [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", receive_window_kb * 1024)]
         self.options = options
         self._server = grpc.server(self._executor, options=options, maximum_concurrent_rpcs=self.max_calls)
-        handlers = {m: self._handler(m, kind, getattr(service, m)) for m, kind in METHODS.items()}
+        handlers = {m: self._handler(m, kind, getattr(service, m, None)) for m, kind in METHODS.items()}
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         self.address: str | None = None
 
@@ -405,7 +467,7 @@ class FederationServer:
             log.error("internal error in %s", method, exc_info=exc)
         context.abort(grpc.StatusCode.INTERNAL, f"internal server error in {method} (see the server log)")
 
-    def _handler(self, method: str, kind: str, fn: Callable[..., Any]) -> grpc.RpcMethodHandler:
+    def _handler(self, method: str, kind: str, fn: Callable[..., Any] | None) -> grpc.RpcMethodHandler:
         """A request-streaming handler, whatever the method's kind: it runs before any message is read."""
         if kind == "unary_stream":
 
@@ -414,7 +476,7 @@ class FederationServer:
                 try:
                     call = self._enter(method, context)
                     request = _one(_reading(messages, call), method)
-                    yield from fn(request, caller=call.caller)
+                    yield from fn(request, caller=call.caller)  # type: ignore[misc]
                 except grpc.RpcError:
                     raise  # the peer went away (or was cut): gRPC ends the call quietly
                 except Exception as exc:
@@ -432,12 +494,14 @@ class FederationServer:
             admitted = False
             try:
                 call = self._enter(method, context)
-                if upload:
-                    self._uploads.enter(call.key, call.caller)  # before any of its bytes is read
+                if upload:  # before any of its bytes is read
+                    self._uploads.enter(call.key, call.caller, _metadata(context, UPLOAD_SLOT))
                     admitted = True
                 reading = _reading(messages, call)
                 request: Any = _one(reading, method) if kind == "unary" else reading
-                return fn(request, caller=call.caller)  # type: ignore[no-any-return]
+                if method == "Admit":
+                    return self._admit(call)
+                return fn(request, caller=call.caller)  # type: ignore[no-any-return,misc]
             except grpc.RpcError:
                 raise
             except Exception as exc:
@@ -451,9 +515,18 @@ class FederationServer:
 
         return grpc.stream_unary_rpc_method_handler(handler)
 
+    def _admit(self, call: _Call) -> bytes:
+        """``Admit``: wait for a turn to upload and reserve it; the reply names the slot the upload presents."""
+        slot = self._uploads.reserve(call.key, call.caller)
+        return header_bytes({"slot": slot, "lease_s": self._uploads.lease_s})
+
     def active_calls(self) -> int:
         """Calls the server is serving now."""
         return self._guard.active()
+
+    def active_methods(self) -> dict[str, int]:
+        """Calls the server is serving now, per method."""
+        return self._guard.methods()
 
     def uploads(self) -> tuple[int, int]:
         """Uploads the server reads now, and uploads waiting for their turn."""

@@ -45,7 +45,7 @@ from torch import Tensor
 from pl_parablock.algorithm import NO_COMPRESSION, Compression, decode_broadcast
 from pl_parablock.compression import CodecError
 from pl_parablock.errors import FederationError, ServerRestarted, TransportError, VersionSuperseded
-from pl_parablock.federation.channel import CLIENT_OPTIONS, METHODS, SERVICE_NAME, TLS, token_metadata
+from pl_parablock.federation.channel import CLIENT_OPTIONS, METHODS, SERVICE_NAME, TLS, UPLOAD_SLOT, UPLOADS, token_metadata
 from pl_parablock.federation.link import Link
 from pl_parablock.federation.wire import (
     MAX_LARGE_HEADER_BYTES,
@@ -356,6 +356,7 @@ class GrpcTransport(Transport):
             self._channel = grpc.insecure_channel(address, options=CLIENT_OPTIONS)
         self._metadata = token_metadata(self.token)
         self._ready = False
+        self._admits = True  # the server grants turns to upload (``Admit``)
         self._calls: dict[str, Any] = {}
         for method, kind in METHODS.items():
             factory = getattr(self._channel, "unary_unary" if kind == "unary" else kind)
@@ -393,10 +394,32 @@ class GrpcTransport(Transport):
         except grpc.RpcError as exc:
             raise self._error(exc, method) from None
 
+    def _turn(self, method: str, timeout: float) -> tuple[tuple[str, str], ...]:
+        """Wait for the server's turn to upload (``Admit``); the metadata that presents it.
+
+        A server without ``Admit`` (an older version) lets the upload wait for its turn itself.
+        """
+        if not self._admits:
+            return ()
+        try:
+            reply = self._calls["Admit"](header_bytes({"for": method}), timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+                self._admits = False
+                return ()
+            raise self._error(exc, f"{method} (waiting for a turn to upload)") from None
+        slot = parse_header(reply, "admit reply", max_bytes=MAX_REPLY_HEADER_BYTES).get("slot")
+        return ((UPLOAD_SLOT, slot),) if isinstance(slot, str) else ()
+
     def _stream_unary(self, method: str, messages: Iterator[bytes], timeout: float) -> bytes:
         self._connect()
+        deadline = time.monotonic() + timeout
+        metadata = self._metadata
+        if method in UPLOADS:
+            metadata = (*(metadata or ()), *self._turn(method, timeout)) or None
         try:
-            return self._calls[method](messages, timeout=timeout, metadata=self._metadata)  # type: ignore[no-any-return]
+            left = max(deadline - time.monotonic(), 1.0)
+            return self._calls[method](messages, timeout=left, metadata=metadata)  # type: ignore[no-any-return]
         except grpc.RpcError as exc:
             raise self._error(exc, method) from None
 

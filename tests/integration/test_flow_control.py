@@ -1,6 +1,8 @@
 """The server's flow control and admission against real gRPC clients on loopback (issue 12, parts 2 and 5).
 
 * uploads beyond ``max_uploads`` wait their turn, unread, and then go through;
+  the project's clients wait in ``Admit`` with no upload open, and a turn
+  granted to one client is neither taken by another nor held past its lease;
 * a client that stops reading a download does not make the server produce
   the block into memory, and the call is cut at the server's deadline;
 * the default window is gRPC's adaptive one (BDP probing), a fixed one is a
@@ -41,6 +43,7 @@ def test_uploads_beyond_max_uploads_wait_their_turn_unread():
     agg = Aggregator(clients=2, rounds=1, mode="sync")
     server = FederationServer(FederationService(agg), max_uploads=1, idle_timeout_s=5.0)
     assert FederationServer(FederationService(Aggregator(clients=3, rounds=1)), max_uploads=None).max_uploads == 3
+    assert FederationServer(FederationService(Aggregator(clients=32, rounds=1)), max_uploads=None).max_uploads == 4
     address = server.start()
     transports = [GrpcTransport(address, connect_timeout_s=5.0) for _ in range(2)]
     channel = grpc.insecure_channel(address)
@@ -64,6 +67,7 @@ def test_uploads_beyond_max_uploads_wait_their_turn_unread():
         assert wait_until(lambda: server.uploads() == (1, 1), 3.0), "the second upload waits its turn"
         time.sleep(0.2)
         assert "p" not in second and server.uploads() == (1, 1), "and stays unread while the first is read"
+        assert server.active_methods() == {"Push": 1, "Admit": 1}, "it waits in Admit: its upload is not opened, none of its bytes sent"
         release.set()
         assert b'"accepted":true' in first.result(5.0).replace(b" ", b"")
         t.join(5.0)
@@ -81,7 +85,7 @@ def test_uploads_beyond_max_uploads_wait_their_turn_unread():
 def test_one_token_holders_stalled_uploads_do_not_take_the_other_clients_turns():
     tokens = {0: "token-of-0", 1: "token-of-1"}
     agg = Aggregator(clients=2, rounds=1, mode="sync")
-    server = FederationServer(FederationService(agg, token=tokens), idle_timeout_s=5.0)  # max_uploads: one per client
+    server = FederationServer(FederationService(agg, token=tokens), idle_timeout_s=5.0)  # max_uploads: 2, one per client
     address = server.start()
     honest = GrpcTransport(address, connect_timeout_s=5.0, token=tokens[0])
     other = GrpcTransport(address, connect_timeout_s=5.0, token=tokens[1])
@@ -111,6 +115,34 @@ def test_one_token_holders_stalled_uploads_do_not_take_the_other_clients_turns()
         channel.close()
         honest.close()
         other.close()
+        server.stop()
+
+
+def test_a_granted_turn_is_the_clients_own_and_lapses_when_unused():
+    tokens = {0: "token-of-0", 1: "token-of-1"}
+    agg = Aggregator(clients=2, rounds=1, mode="sync")
+    server = FederationServer(FederationService(agg, token=tokens), max_uploads=1, idle_timeout_s=5.0)
+    server._uploads.lease_s = 0.6
+    address = server.start()
+    honest = GrpcTransport(address, connect_timeout_s=5.0, token=tokens[0])
+    channel = grpc.insecure_channel(address)
+    try:
+        honest.join(0, FINGERPRINT, 5.0)
+        honest.upload_state(0, BLOCK, 5.0)
+        as_client_1 = (("authorization", f"Bearer {tokens[1]}"),)
+        reply = json.loads(channel.unary_unary(f"/{SERVICE_NAME}/Admit")(header_bytes({"for": "Push"}), timeout=5.0, metadata=as_client_1))
+        assert server.uploads() == (1, 0), "client 1 holds the only turn, and never uploads"
+        # client 0 presents client 1's slot: not its own, so it waits for a turn
+        as_client_0 = (("authorization", f"Bearer {tokens[0]}"), ("pl-parablock-upload-slot", reply["slot"]))
+        t0 = time.monotonic()
+        stolen = channel.stream_unary(f"/{SERVICE_NAME}/Push").future(encode(push_header(0), BLOCK, chunk_bytes=4096), timeout=10.0, metadata=as_client_0)
+        assert wait_until(lambda: server.uploads() == (1, 1), 2.0), server.uploads()
+        assert json.loads(stolen.result(5.0))["accepted"], "it goes through once the unused turn lapses"
+        assert time.monotonic() - t0 >= 0.4, "and not before"
+        assert wait_until(lambda: server.uploads() == (0, 0), 2.0)
+    finally:
+        channel.close()
+        honest.close()
         server.stop()
 
 
