@@ -72,7 +72,8 @@ import grpc
 from pl_parablock.errors import FederationError, ParaBlockError
 from pl_parablock.federation._ratelimit import RateLimitedLog
 from pl_parablock.federation.aggregator import RefusedError
-from pl_parablock.federation.channel import METHODS, SERVER_OPTIONS, SERVICE_NAME, TLS, UPLOAD_SLOT, UPLOADS, bearer_token
+from pl_parablock.federation.dataplane import DATA_METHODS, DataPlaneServer
+from pl_parablock.federation.channel import MESSAGE_OPTIONS, METHODS, SERVER_OPTIONS, SERVICE_NAME, TLS, UPLOAD_SLOT, UPLOADS, bearer_token
 from pl_parablock.federation.service import Caller, FederationService
 from pl_parablock.federation.wire import header_bytes
 
@@ -387,6 +388,10 @@ class FederationServer:
             bandwidth-delay product, so that one upload keeps up with its
             link (``benchmarks/links.py``); measured on loopback about 8 MB
             per upload in flight, against about 2 MB with 1024 KiB.
+        data_port: port of the data plane (``federation.data_port``,
+            :mod:`pl_parablock.federation.dataplane`): block transfers over
+            plain TCP (TLS with ``tls``) beside gRPC, announced to clients
+            when they join; 0 picks a free port, ``None`` serves none.
         max_uploads: uploads read at once (``federation.max_uploads``); the
             others wait their turn unread. ``None``: :data:`MAX_UPLOADS`,
             or one per client when there are fewer. Every upload read
@@ -409,6 +414,7 @@ class FederationServer:
         max_message_bytes: int | None = None,
         receive_window_kb: int | None = RECEIVE_WINDOW_KB,
         max_uploads: int | None = None,
+        data_port: int | None = 0,
     ) -> None:
         self.service = service
         self.listen = listen
@@ -438,6 +444,20 @@ class FederationServer:
         handlers = {m: self._handler(m, kind, getattr(service, m, None)) for m, kind in METHODS.items()}
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         self.address: str | None = None
+        self.data_port = data_port
+        self._data: DataPlaneServer | None = None
+        if data_port is not None:
+            self._data = DataPlaneServer(
+                {m: handlers[m].stream_stream or handlers[m].stream_unary for m in DATA_METHODS},
+                {m for m in DATA_METHODS if METHODS[m] == "unary_stream"},
+                host=listen.rpartition(":")[0] or "127.0.0.1",
+                port=data_port,
+                tls=tls,
+                max_connections=self.max_calls,
+                max_per_host=4 * clients + 4,
+                idle_timeout_s=idle_timeout_s,
+                max_message_bytes=max_message_bytes or dict(MESSAGE_OPTIONS)["grpc.max_receive_message_length"],
+            )
 
     # ------------------------------------------------------------ calls
 
@@ -548,15 +568,25 @@ class FederationServer:
             raise FederationError(f"cannot listen on {self.listen}: {exc}") from None
         if bound == 0:
             raise FederationError(f"cannot listen on {self.listen}: the port is taken or the host is not this machine's")
+        if self._data is not None:
+            try:
+                self.data_port = self._data.start()
+            except OSError as exc:
+                self._server.stop(None)
+                raise FederationError(f"cannot listen on {host}:{self._data.port} for the data plane (federation.data_port): {exc.strerror}") from None
+            self.service.announce["data_port"] = self.data_port
         self._server.start()
         self._guard.start()
         self.address = f"{host}:{bound}"
-        log.info("federation server listening on %s%s", self.address, " (TLS)" if self.tls else "")
+        data = f", data plane on port {self.data_port}" if self._data is not None else ""
+        log.info("federation server listening on %s%s%s", self.address, " (TLS)" if self.tls else "", data)
         return self.address
 
     def stop(self, grace: float = 2.0) -> None:
         """Stop serving, wake waiting handlers and join every server thread."""
         self.service.aggregator.shutdown()
+        if self._data is not None:
+            self._data.stop()
         self._server.stop(grace).wait(grace + 5.0)
         self._guard.stop()
         self._executor.shutdown(wait=True)

@@ -150,6 +150,7 @@ class FederationService:
         self.chunk_bytes = chunk_bytes
         self.token = token
         self.max_wait_s = max_wait_s
+        self.announce: dict[str, Any] = {}  # what the server adds to every join reply (its data plane's port)
         self._checksums: dict[
             tuple[bool, tuple[str, ...], int], int
         ] = {}  # (a broadcast D?, names, version) -> checksum of what a pull sends
@@ -212,7 +213,7 @@ class FederationService:
         if not isinstance(fp, dict) or not {"partition", "tensors", "hash"} <= set(fp):
             raise RefusedError("join request lacks a model fingerprint", "invalid")
         timeout = caller.wait_limit(_seconds(h, "timeout_s", MAX_WAIT_S, self.max_wait_s))
-        return header_bytes(self.aggregator.join(client, fp, timeout, cancelled=caller.cancelled))
+        return header_bytes({**self.aggregator.join(client, fp, timeout, cancelled=caller.cancelled), **self.announce})
 
     def UploadState(self, messages: Iterable[bytes], token: str | None = None, caller: Caller | None = None) -> bytes:  # noqa: N802
         caller = self._caller(token, caller)

@@ -46,6 +46,7 @@ from pl_parablock.algorithm import NO_COMPRESSION, Compression, decode_broadcast
 from pl_parablock.compression import CodecError
 from pl_parablock.errors import FederationError, ServerRestarted, TransportError, VersionSuperseded
 from pl_parablock.federation.channel import CLIENT_OPTIONS, METHODS, SERVICE_NAME, TLS, UPLOAD_SLOT, UPLOADS, token_metadata
+from pl_parablock.federation.dataplane import DATA_METHODS, DataPlaneClient, DataPlaneUnavailable
 from pl_parablock.federation.link import Link
 from pl_parablock.federation.wire import (
     MAX_LARGE_HEADER_BYTES,
@@ -339,17 +340,24 @@ class GrpcTransport(Transport):
         address: ``HOST:PORT`` of the server.
         connect_timeout_s: how long to wait for the server to answer at first.
         tls: CA (and optional client certificate) for a TLS server; ``None``: plaintext.
+        data_plane: move blocks over the server's data plane when its join
+            reply announces one (:mod:`pl_parablock.federation.dataplane`);
+            calls it cannot take go over gRPC.
         **kwargs: see :class:`Transport`.
 
     Raises:
         FederationError: on the first call, when the server cannot be reached.
     """
 
-    def __init__(self, address: str, *, connect_timeout_s: float = 30.0, tls: TLS | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, address: str, *, connect_timeout_s: float = 30.0, tls: TLS | None = None, data_plane: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.address = address
         self.connect_timeout_s = connect_timeout_s
         self.tls = tls
+        self.data_plane = data_plane
+        self._data: DataPlaneClient | None = None  # the server's data plane, once a join announced it
         if tls is not None:
             self._channel = grpc.secure_channel(address, tls.channel_credentials(), options=CLIENT_OPTIONS)
         else:
@@ -363,7 +371,28 @@ class GrpcTransport(Transport):
             self._calls[method] = factory(f"/{SERVICE_NAME}/{method}")
 
     def describe(self) -> str:
-        return f"gRPC{' (TLS)' if self.tls else ''} to {self.address}"
+        data = f", blocks over its data plane (port {self._data.port})" if self._data is not None else ""
+        return f"gRPC{' (TLS)' if self.tls else ''} to {self.address}{data}"
+
+    def join(self, client_id: int, fingerprint: Mapping[str, Any], timeout: float) -> dict[str, Any]:
+        reply = super().join(client_id, fingerprint, timeout)
+        port = reply.get("data_port")
+        if self.data_plane and isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
+            host = self.address.rpartition(":")[0]
+            self._data = DataPlaneClient(host, port, tls=self.tls, connect_timeout_s=min(3.0, self.connect_timeout_s))
+        else:
+            self._data = None
+        return reply
+
+    def _data_call(self, method: str) -> DataPlaneClient | None:
+        return self._data if method in DATA_METHODS else None
+
+    def _data_unavailable(self, exc: DataPlaneUnavailable) -> None:
+        if exc.lasting and self._data is not None:
+            log.warning("%s; blocks go over gRPC from now on", exc)
+            self._data = None
+        else:
+            log.debug("%s; this call goes over gRPC", exc)
 
     def _connect(self) -> None:
         if self._ready:
@@ -419,12 +448,35 @@ class GrpcTransport(Transport):
             metadata = (*(metadata or ()), *self._turn(method, timeout)) or None
         try:
             left = max(deadline - time.monotonic(), 1.0)
+            data = self._data_call(method)
+            if data is not None:
+                try:
+                    return data.stream_unary(method, messages, left, metadata or ())
+                except DataPlaneUnavailable as exc:  # nothing of the call was sent
+                    self._data_unavailable(exc)
             return self._calls[method](messages, timeout=left, metadata=metadata)  # type: ignore[no-any-return]
         except grpc.RpcError as exc:
             raise self._error(exc, method) from None
 
     def _unary_stream(self, method: str, request: bytes, timeout: float) -> Iterator[bytes]:
         self._connect()
+        data = self._data_call(method)
+        if data is not None:
+            try:
+                replies = data.unary_stream(method, request, timeout, self._metadata or ())
+            except DataPlaneUnavailable as exc:
+                self._data_unavailable(exc)
+            except grpc.RpcError as exc:
+                raise self._error(exc, method) from None
+            else:
+
+                def _data_iter() -> Iterator[bytes]:
+                    try:
+                        yield from replies
+                    except grpc.RpcError as exc:
+                        raise self._error(exc, method) from None
+
+                return _data_iter()
         call = self._calls[method](request, timeout=timeout, metadata=self._metadata)
 
         def _iter() -> Iterator[bytes]:
