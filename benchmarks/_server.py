@@ -118,7 +118,8 @@ def main() -> int:
     p.add_argument("--echo", action="store_true")
     p.add_argument("--min-clients", type=int)
     p.add_argument("--round-timeout-s", type=float)
-    p.add_argument("--max-uploads", type=int, help="federation.max_uploads (default: one per client)")
+    p.add_argument("--max-uploads", type=int, help="federation.max_uploads (default: 4, fewer with fewer clients)")
+    p.add_argument("--no-data-plane", action="store_true", help="federation.data_port: null (blocks over gRPC only)")
     p.add_argument("--receive-window-kb", type=int, help="federation.receive_window_kb (default: gRPC's adaptive window)")
     args = p.parse_args()
     agg = Aggregator(
@@ -126,7 +127,10 @@ def main() -> int:
     )
     tune_server_memory()  # as the federation's own server processes do
     server = FederationServer(
-        FederationService(agg, chunk_bytes=args.chunk_kb * 1024), receive_window_kb=args.receive_window_kb, max_uploads=args.max_uploads
+        FederationService(agg, chunk_bytes=args.chunk_kb * 1024),
+        receive_window_kb=args.receive_window_kb,
+        max_uploads=args.max_uploads,
+        data_port=None if args.no_data_plane else 0,
     )
     address = server.start()
     raw = _raw_grpc_server() if args.echo else None

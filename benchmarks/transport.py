@@ -1,4 +1,4 @@
-"""Transport: a block's push + pull round trip over gRPC on loopback, against a raw TCP socket.
+"""Transport: a block's push + pull round trip through the federation on loopback, against a raw TCP socket.
 
     python benchmarks/transport.py [--quick | --smoke] [--sizes 1,4,16] [--repeats 3] [--chunk-kb 1024]
 
@@ -6,19 +6,22 @@ A federation server runs in a child process (``_server.py``) with one
 client and one block per size; this process is the client. For each block
 size it measures, with no link emulation:
 
-* gRPC: ``GrpcTransport.push`` of the block's update (the client's real
-  upload path: encode, chunked stream, server decode, validation,
-  aggregation into the round) followed by ``pull`` of the aggregate (server
-  encode, chunked stream, client decode) — the round trip a client makes
-  every round;
+* federation (``grpc_*``, ``ratio``): ``GrpcTransport.push`` of the block's
+  update (the client's real upload path: encode, chunked stream over the
+  server's data plane, server decode, validation, aggregation into the
+  round) followed by ``pull`` of the aggregate (server encode, chunked
+  stream, client decode) — the round trip a client makes every round;
+* the same with blocks over gRPC (``grpc_only_*``, ``ratio_grpc_only``: a
+  transport with ``data_plane=False``, as against a server with
+  ``federation.data_port: null``), same server, same client id;
 * socket: the same bytes sent to a raw TCP echo server in the same child
   process and received back (``sendall`` / ``recv_into`` into a
   preallocated buffer), the practical ceiling of loopback.
 
 Throughput is bytes moved (2 x block, up and down) per second of round
 trip; each figure is the median of ``--repeats`` round trips after one
-warm-up, with gRPC and socket interleaved, in alternating order, so that
-machine load affects both alike. The socket is the figure's physical ideal
+warm-up, the three interleaved, in alternating order, so that
+machine load affects them alike. The socket is the figure's physical ideal
 (``ratio`` = socket time / gRPC time; target >= 0.7 from 16 MB). Where the time goes, per size: ``grpc_transfer_mb_s`` leaves out the
 server's aggregation time (from the server's round records);
 ``raw_grpc_mb_s`` streams the same bytes through gRPC with no framing
@@ -114,8 +117,9 @@ def _server_math_s(tensor: torch.Tensor) -> dict[str, float]:
 def run(sizes: list[int], repeats: int, chunk_kb: int) -> dict[str, Any]:
     blocks = [{f"block{i}.weight": torch.rand(mb * MB // 4)} for i, mb in enumerate(sizes)]
     k = len(sizes)
-    rounds = k * (repeats + 1)
-    grpc_s: dict[int, list[float]] = {i: [] for i in range(k)}
+    rounds = 2 * k * (repeats + 1)
+    grpc_s: dict[int, list[float]] = {i: [] for i in range(k)}  # through the federation, blocks over the data plane
+    only_s: dict[int, list[float]] = {i: [] for i in range(k)}  # through the federation, blocks over gRPC (data_port: null)
     sock_s: dict[int, list[float]] = {i: [] for i in range(k)}
     round_of: dict[int, list[int]] = {i: [] for i in range(k)}
     raw_s: dict[int, list[float]] = {i: [] for i in range(k)}
@@ -124,57 +128,74 @@ def run(sizes: list[int], repeats: int, chunk_kb: int) -> dict[str, Any]:
     chunk = chunk_kb * 1024
     with ServerProcess(clients=1, rounds=rounds, chunk_kb=chunk_kb, echo=True) as server:
         transport = GrpcTransport(server.address, chunk_bytes=chunk)
+        grpc_only = GrpcTransport(server.address, chunk_bytes=chunk, data_plane=False)  # the same client, blocks over gRPC
         channel = grpc.insecure_channel(f"127.0.0.1:{server.raw_grpc_port}", options=CLIENT_OPTIONS)
         try:
             reply = transport.join(0, block_fingerprint(blocks), 60.0)
-            assert reply["need_state"], reply
+            assert reply["need_state"] and reply.get("data_port"), reply
             transport.upload_state(0, {n: t for b in blocks for n, t in b.items()}, 600.0)
             versions = [-1] * k
             sock = socket.create_connection(("127.0.0.1", int(server.echo_port or 0)))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            r = 0
+
+            def federation_round_trip(tr: GrpcTransport, i: int, name: str, tensor: torch.Tensor) -> float:
+                nonlocal r
+                header = {"client_id": 0, "round": r, "block": i, "kind": "value", "base_version": versions[i], "weight": 1.0}
+                t0 = time.perf_counter()
+                pushed = tr.push(header, {name: tensor}, 600.0)
+                if not pushed.accepted:
+                    raise RuntimeError(f"the server refused the update: {pushed.reason}")
+                pulled = tr.pull(0, r, 600.0)
+                dt = time.perf_counter() - t0
+                versions[i] = pulled.version
+                if not torch.equal(pulled.tensors[name], tensor):
+                    raise RuntimeError("the aggregate of one update differs from the update")
+                if tr is transport:
+                    round_of[i].append(r)
+                r += 1
+                return dt
+
             for rep in range(repeats + 1):
                 for i, mb in enumerate(sizes):
-                    r = rep * k + i
                     ((name, tensor),) = blocks[i].items()
-                    header = {"client_id": 0, "round": r, "block": i, "kind": "value", "base_version": versions[i], "weight": 1.0}
                     payload = memoryview(tensor.numpy()).cast("B")
                     into = memoryview(bytearray(len(payload)))
-                    if rep % 2:  # the pair in alternating order, so that neither always runs first (caches, load)
-                        ds = _socket_round_trip(sock, payload, into)
-                    t0 = time.perf_counter()
-                    pushed = transport.push(header, {name: tensor}, 600.0)
-                    if not pushed.accepted:
-                        raise RuntimeError(f"the server refused the update: {pushed.reason}")
-                    pulled = transport.pull(0, r, 600.0)
-                    dt = time.perf_counter() - t0
-                    versions[i] = pulled.version
-                    if not torch.equal(pulled.tensors[name], tensor):
-                        raise RuntimeError("the aggregate of one update differs from the update")
-                    del pulled
-                    if not rep % 2:
-                        ds = _socket_round_trip(sock, payload, into)
+                    # the three in alternating order (A B C, C B A), so that none always runs first (caches, load)
+                    steps = [
+                        ("data", lambda: federation_round_trip(transport, i, name, tensor)),
+                        ("grpc", lambda: federation_round_trip(grpc_only, i, name, tensor)),
+                        ("socket", lambda: _socket_round_trip(sock, payload, into)),
+                    ]
+                    took = {what: f() for what, f in (steps if rep % 2 == 0 else steps[::-1])}
                     del into
                     dr = _raw_grpc_round_trip(channel, payload, chunk)
                     dc = _codec_s(name, tensor, chunk)
                     dm = _server_math_s(tensor)
                     if rep > 0:  # the first pass over the sizes is the warm-up
-                        grpc_s[i].append(dt)
-                        sock_s[i].append(ds)
+                        grpc_s[i].append(took["data"])
+                        only_s[i].append(took["grpc"])
+                        sock_s[i].append(took["socket"])
                         raw_s[i].append(dr)
                         codec_s[i].append(dc)
                         math_s[i].append(dm)
-                        round_of[i].append(r)
-                    say(f"  {mb:>4} MB  grpc {2 * mb / dt:8.1f} MB/s  socket {2 * mb / ds:8.1f} MB/s" + ("" if rep else "  (warm-up)"))
+                    else:
+                        round_of[i].clear()
+                    say(
+                        f"  {mb:>4} MB  federation {2 * mb / took['data']:8.1f} MB/s (gRPC only {2 * mb / took['grpc']:8.1f})"
+                        f"  socket {2 * mb / took['socket']:8.1f} MB/s" + ("" if rep else "  (warm-up)")
+                    )
             sock.sendall(struct.pack("!Q", 0))
             sock.close()
             report = server.call("report")
         finally:
             transport.close()
+            grpc_only.close()
             channel.close()
     agg_s = {int(r["round"]): float(r["aggregation_s"]) for r in report["rounds"]}
     results = []
     for i, mb in enumerate(sizes):
-        g, s = median(grpc_s[i]), median(sock_s[i])
+        g, o, s = median(grpc_s[i]), median(only_s[i]), median(sock_s[i])
         agg = median(agg_s[r] for r in round_of[i])
         results.append(
             {
@@ -182,14 +203,17 @@ def run(sizes: list[int], repeats: int, chunk_kb: int) -> dict[str, Any]:
                 "grpc_mb_s": round(2 * mb / g, 1),
                 "socket_mb_s": round(2 * mb / s, 1),
                 "ratio": round(s / g, 3),
+                "grpc_only_mb_s": round(2 * mb / o, 1),
+                "ratio_grpc_only": round(s / o, 3),
                 "grpc_round_trip_s": round(g, 4),
+                "grpc_only_round_trip_s": round(o, 4),
                 "socket_round_trip_s": round(s, 4),
                 "server_aggregation_s": round(agg, 4),
                 "grpc_transfer_mb_s": round(2 * mb / max(g - agg, 1e-9), 1),
                 "ratio_transfer": round(s / max(g - agg, 1e-9), 3),
                 "raw_grpc_mb_s": round(2 * mb / median(raw_s[i]), 1),
                 "wire_codec_mb_s": round(mb / median(codec_s[i]), 1),
-                # where a gRPC round trip's time goes, each part timed alone (seconds): the transfers as raw gRPC does
+                # where a round trip's time goes, each part timed alone (seconds): the transfers as raw gRPC does
                 # them, encoding and decoding (twice: up and down), the server's check, sum and new global value
                 "breakdown_s": {
                     "raw_grpc": round(median(raw_s[i]), 4),

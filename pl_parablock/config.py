@@ -321,6 +321,15 @@ class FederationSection:
             "trip: 1024 KiB at 100 ms is 84 Mbit/s."
         ),
     )
+    data_port: int | None = field(
+        default=0,
+        metadata=_help(
+            "Server: port of the data plane, where blocks (updates, aggregates, the initial state) travel as plain TCP "
+            "frames beside gRPC (TLS with federation.tls), several times faster than gRPC's Python bindings; clients "
+            "learn it when they join and keep to gRPC if they cannot reach it. 0: any free port; null: none (one port, "
+            "gRPC only: for a firewall that opens one)."
+        ),
+    )
     max_uploads: int | None = field(
         default=None,
         metadata=_help(
@@ -984,7 +993,9 @@ def validate(recipe: Recipe) -> list[str]:
     _at_least(p, "federation.max_calls", f.max_calls, 4)
     _at_least(p, "federation.max_calls_per_peer", f.max_calls_per_peer, 2)
     if f.max_uploads is not None and not 1 <= f.max_uploads <= 65536:
-        p.append(f"`federation.max_uploads` is {f.max_uploads}; it must be between 1 and 65536, or null (one per client)")
+        p.append(f"`federation.max_uploads` is {f.max_uploads}; it must be between 1 and 65536, or null (4, fewer with fewer clients)")
+    if f.data_port is not None and (isinstance(f.data_port, bool) or not 0 <= f.data_port <= 65535):
+        p.append(f"`federation.data_port` is {f.data_port!r}; give a port (1-65535), 0 for any free one, or null for no data plane")
 
     ln = recipe.link
     _at_least(p, "link.uplink_mbps", ln.uplink_mbps, 0.0, strict=True)

@@ -192,6 +192,7 @@ def _server(recipe: Recipe, agg: Aggregator, listen: str) -> FederationServer:
         max_message_bytes=max(f.chunk_kb * 1024, MAX_LARGE_HEADER_BYTES) + (64 << 10),
         receive_window_kb=f.receive_window_kb,
         max_uploads=f.max_uploads,
+        data_port=f.data_port,
     )
 
 

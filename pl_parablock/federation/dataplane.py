@@ -47,7 +47,7 @@ import grpc
 
 from pl_parablock.federation.channel import TLS
 
-__all__ = ["DATA_METHODS", "DataPlaneClient", "DataPlaneError", "DataPlaneServer", "DataPlaneUnavailable"]
+__all__ = ["DATA_METHODS", "DataPlaneClient", "DataPlaneError", "DataPlaneServer", "DataPlaneUnavailableError"]
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class DataPlaneError(grpc.RpcError):
         return self._details
 
 
-class DataPlaneUnavailable(Exception):
+class DataPlaneUnavailableError(Exception):
     """The call could not begin on the data plane; nothing of it was sent, so the client may make it over gRPC.
 
     ``lasting``: the port could not be reached at all (a firewall, a server
@@ -141,7 +141,7 @@ def _peer(address: Any) -> str:
     return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
 
 
-class _Abort(Exception):
+class _AbortError(Exception):
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(details)
         self.code = code
@@ -177,7 +177,7 @@ class _Context:
             return True
 
     def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise _Abort(code, details)
+        raise _AbortError(code, details)
 
     def cancel(self) -> None:
         """Cut the call: its connection is shut, so a blocked read or write returns."""
@@ -252,6 +252,7 @@ class DataPlaneServer:
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._pool = futures.ThreadPoolExecutor(max_workers=max_connections, thread_name_prefix="pl_parablock-data")
+        self.calls: dict[str, int] = {}  # calls begun, per method
 
     def start(self) -> int:
         """Bind and accept connections; returns the port."""
@@ -292,7 +293,7 @@ class DataPlaneServer:
         while not self._stop.is_set():
             try:
                 sock, address = self._listener.accept()
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -350,6 +351,8 @@ class DataPlaneServer:
             _close(sock)
 
     def _call(self, sock: socket.socket, method: str, metadata: tuple[tuple[str, str], ...], peer: str) -> None:
+        with self._lock:
+            self.calls[method] = self.calls.get(method, 0) + 1
         ctx = _Context(sock, peer, metadata)
         limit = self.max_message_bytes
 
@@ -375,7 +378,7 @@ class DataPlaneServer:
             else:
                 _send(sock, MESSAGE, handler(messages(), ctx))
             _send(sock, END)
-        except _Abort as exc:
+        except _AbortError as exc:
             _send(sock, ERROR, json.dumps({"code": exc.code.name, "details": exc.details}).encode())
         finally:
             ctx.end()
@@ -399,11 +402,11 @@ class DataPlaneClient:
         return f"{self.host}:{self.port}"
 
     def _open(self, method: str, metadata: tuple[tuple[str, str], ...], deadline: float) -> socket.socket:
-        """A connection with the call sent. Raises :class:`DataPlaneUnavailable` (use gRPC) when it cannot be had."""
+        """A connection with the call sent. Raises :class:`DataPlaneUnavailableError` (use gRPC) when it cannot be had."""
         try:
             raw = socket.create_connection((self.host.strip("[]"), self.port), timeout=min(self.connect_timeout_s, _left(deadline)))
         except OSError as exc:
-            raise DataPlaneUnavailable(f"cannot connect to the data plane at {self.describe()}: {exc}", lasting=True) from None
+            raise DataPlaneUnavailableError(f"cannot connect to the data plane at {self.describe()}: {exc}", lasting=True) from None
         sock: socket.socket = raw
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -417,14 +420,14 @@ class DataPlaneClient:
             _send(sock, CALL, json.dumps({"method": method, "metadata": [list(m) for m in metadata]}).encode())
         except (OSError, ConnectionError, ValueError, ssl.SSLError) as exc:
             sock.close()
-            raise DataPlaneUnavailable(f"the data plane at {self.describe()} did not take the call: {exc}", lasting=False) from None
+            raise DataPlaneUnavailableError(f"the data plane at {self.describe()} did not take the call: {exc}", lasting=False) from None
         return sock
 
     def _read(self, sock: socket.socket, deadline: float, max_bytes: int) -> tuple[bytes, bytearray]:
         sock.settimeout(_left(deadline))
         try:
             return _recv(sock, max_bytes)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise DataPlaneError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
         except (OSError, ConnectionError, ValueError) as exc:
             raise DataPlaneError(grpc.StatusCode.UNAVAILABLE, f"the data connection broke: {exc}") from None
@@ -439,7 +442,11 @@ class DataPlaneClient:
             return DataPlaneError(grpc.StatusCode.UNKNOWN, "the data plane answered an error it did not describe")
 
     def stream_unary(self, method: str, messages: Iterator[bytes], timeout: float, metadata: tuple[tuple[str, str], ...]) -> bytes:
-        """Send the request messages, return the reply. Raises ``DataPlaneError`` (as a gRPC call's ``RpcError``), :class:`DataPlaneUnavailable`."""
+        """Send the request messages, return the reply.
+
+        Raises ``DataPlaneError`` (as a gRPC call's ``RpcError``), or
+        :class:`DataPlaneUnavailableError` before anything was sent.
+        """
         deadline = time.monotonic() + timeout
         sock = self._open(method, metadata, deadline)
         try:
@@ -449,7 +456,7 @@ class DataPlaneClient:
                     _send(sock, MESSAGE, m)
                 sock.settimeout(_left(deadline))
                 _send(sock, END)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 raise DataPlaneError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
             except OSError as exc:  # the server may have answered (and closed) early: its answer may be waiting
                 deadline = min(deadline, time.monotonic() + 1.0)
@@ -513,9 +520,7 @@ def _close(sock: socket.socket) -> None:
     need, e.g. a refused update) is read and dropped for up to :data:`DRAIN_S`, so the close does not reset
     the connection before the peer has read the answer."""
     try:
-        if isinstance(sock, ssl.SSLSocket):
-            sock = sock.unwrap()
-        sock.shutdown(socket.SHUT_WR)
+        sock.shutdown(socket.SHUT_WR)  # a TLS socket's too: what is drained is read raw, undecrypted
         end = time.monotonic() + DRAIN_S
         buf = bytearray(1 << 16)
         while (left := end - time.monotonic()) > 0:

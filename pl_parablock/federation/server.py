@@ -72,8 +72,8 @@ import grpc
 from pl_parablock.errors import FederationError, ParaBlockError
 from pl_parablock.federation._ratelimit import RateLimitedLog
 from pl_parablock.federation.aggregator import RefusedError
-from pl_parablock.federation.dataplane import DATA_METHODS, DataPlaneServer
 from pl_parablock.federation.channel import MESSAGE_OPTIONS, METHODS, SERVER_OPTIONS, SERVICE_NAME, TLS, UPLOAD_SLOT, UPLOADS, bearer_token
+from pl_parablock.federation.dataplane import DATA_METHODS, DataPlaneServer
 from pl_parablock.federation.service import Caller, FederationService
 from pl_parablock.federation.wire import header_bytes
 
@@ -445,9 +445,9 @@ class FederationServer:
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         self.address: str | None = None
         self.data_port = data_port
-        self._data: DataPlaneServer | None = None
+        self.data_plane: DataPlaneServer | None = None  # block transfers beside gRPC
         if data_port is not None:
-            self._data = DataPlaneServer(
+            self.data_plane = DataPlaneServer(
                 {m: handlers[m].stream_stream or handlers[m].stream_unary for m in DATA_METHODS},
                 {m for m in DATA_METHODS if METHODS[m] == "unary_stream"},
                 host=listen.rpartition(":")[0] or "127.0.0.1",
@@ -568,25 +568,27 @@ class FederationServer:
             raise FederationError(f"cannot listen on {self.listen}: {exc}") from None
         if bound == 0:
             raise FederationError(f"cannot listen on {self.listen}: the port is taken or the host is not this machine's")
-        if self._data is not None:
+        if self.data_plane is not None:
             try:
-                self.data_port = self._data.start()
+                self.data_port = self.data_plane.start()
             except OSError as exc:
                 self._server.stop(None)
-                raise FederationError(f"cannot listen on {host}:{self._data.port} for the data plane (federation.data_port): {exc.strerror}") from None
+                raise FederationError(
+                    f"cannot listen on {host}:{self.data_plane.port} for the data plane (federation.data_port): {exc.strerror}"
+                ) from None
             self.service.announce["data_port"] = self.data_port
         self._server.start()
         self._guard.start()
         self.address = f"{host}:{bound}"
-        data = f", data plane on port {self.data_port}" if self._data is not None else ""
+        data = f", data plane on port {self.data_port}" if self.data_plane is not None else ""
         log.info("federation server listening on %s%s%s", self.address, " (TLS)" if self.tls else "", data)
         return self.address
 
     def stop(self, grace: float = 2.0) -> None:
         """Stop serving, wake waiting handlers and join every server thread."""
         self.service.aggregator.shutdown()
-        if self._data is not None:
-            self._data.stop()
+        if self.data_plane is not None:
+            self.data_plane.stop()
         self._server.stop(grace).wait(grace + 5.0)
         self._guard.stop()
         self._executor.shutdown(wait=True)

@@ -46,7 +46,7 @@ from pl_parablock.algorithm import NO_COMPRESSION, Compression, decode_broadcast
 from pl_parablock.compression import CodecError
 from pl_parablock.errors import FederationError, ServerRestarted, TransportError, VersionSuperseded
 from pl_parablock.federation.channel import CLIENT_OPTIONS, METHODS, SERVICE_NAME, TLS, UPLOAD_SLOT, UPLOADS, token_metadata
-from pl_parablock.federation.dataplane import DATA_METHODS, DataPlaneClient, DataPlaneUnavailable
+from pl_parablock.federation.dataplane import DATA_METHODS, DataPlaneClient, DataPlaneUnavailableError
 from pl_parablock.federation.link import Link
 from pl_parablock.federation.wire import (
     MAX_LARGE_HEADER_BYTES,
@@ -387,7 +387,7 @@ class GrpcTransport(Transport):
     def _data_call(self, method: str) -> DataPlaneClient | None:
         return self._data if method in DATA_METHODS else None
 
-    def _data_unavailable(self, exc: DataPlaneUnavailable) -> None:
+    def _data_unavailable(self, exc: DataPlaneUnavailableError) -> None:
         if exc.lasting and self._data is not None:
             log.warning("%s; blocks go over gRPC from now on", exc)
             self._data = None
@@ -452,7 +452,7 @@ class GrpcTransport(Transport):
             if data is not None:
                 try:
                     return data.stream_unary(method, messages, left, metadata or ())
-                except DataPlaneUnavailable as exc:  # nothing of the call was sent
+                except DataPlaneUnavailableError as exc:  # nothing of the call was sent
                     self._data_unavailable(exc)
             return self._calls[method](messages, timeout=left, metadata=metadata)  # type: ignore[no-any-return]
         except grpc.RpcError as exc:
@@ -464,7 +464,7 @@ class GrpcTransport(Transport):
         if data is not None:
             try:
                 replies = data.unary_stream(method, request, timeout, self._metadata or ())
-            except DataPlaneUnavailable as exc:
+            except DataPlaneUnavailableError as exc:
                 self._data_unavailable(exc)
             except grpc.RpcError as exc:
                 raise self._error(exc, method) from None

@@ -161,6 +161,7 @@ def test_tls_round_trip_with_a_self_signed_certificate(self_signed):
         assert agg.finished
         local = params(module)
         assert all(torch.equal(local[n], v) for n, v in agg.global_state().items())
+        assert server.data_plane is not None and server.data_plane.calls.get("Push") == 2, "blocks went over the data plane, in TLS"
         plaintext = GrpcTransport(f"localhost:{port}", connect_timeout_s=2)
         with pytest.raises(FederationError, match="cannot reach"):
             plaintext.versions(0, 2)

@@ -135,7 +135,9 @@ def test_a_granted_turn_is_the_clients_own_and_lapses_when_unused():
         # client 0 presents client 1's slot: not its own, so it waits for a turn
         as_client_0 = (("authorization", f"Bearer {tokens[0]}"), ("pl-parablock-upload-slot", reply["slot"]))
         t0 = time.monotonic()
-        stolen = channel.stream_unary(f"/{SERVICE_NAME}/Push").future(encode(push_header(0), BLOCK, chunk_bytes=4096), timeout=10.0, metadata=as_client_0)
+        stolen = channel.stream_unary(f"/{SERVICE_NAME}/Push").future(
+            encode(push_header(0), BLOCK, chunk_bytes=4096), timeout=10.0, metadata=as_client_0
+        )
         assert wait_until(lambda: server.uploads() == (1, 1), 2.0), server.uploads()
         assert json.loads(stolen.result(5.0))["accepted"], "it goes through once the unused turn lapses"
         assert time.monotonic() - t0 >= 0.4, "and not before"
