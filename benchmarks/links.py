@@ -33,7 +33,11 @@ client moves one block of ``--block-mb``:
 * ``push_up``: ``push`` of the block as the round's update (warm: the same
   connection, as every later round of a client);
 * ``pull_down``: ``pull`` of the round's aggregate (the client's own,
-  adaptive, receive window).
+  adaptive, receive window);
+* ``grpc_push_up`` / ``grpc_pull_down``: the next round's push and pull by
+  the same client with blocks over gRPC alone (a transport with
+  ``data_plane=False``). The others move blocks over the server's data
+  plane, which the relay also carries, at the port the server announces.
 
 Each figure is goodput in Mbit/s (bytes x 8 over the call's wall time, one
 round trip for the request or reply included, as for the raw socket), and
@@ -128,12 +132,16 @@ def _relay_connection(conn: socket.socket, target: tuple[str, int], delay_s: flo
 
 
 def relay_main(targets: list[str], delay_ms: float) -> int:
-    """Listen on 127.0.0.1 once per target; print the ports (JSON), relay until stdin closes."""
+    """Listen on 127.0.0.1 once per target; print the ports (JSON), relay until stdin closes.
+
+    A target is ``HOST:PORT``, or ``HOST:PORT@LOCAL`` to listen on that local port.
+    """
     ports = []
     for t in targets:
+        t, _, local = t.partition("@")
         host, _, port = t.rpartition(":")
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
+        sock.bind(("127.0.0.1", int(local or 0)))
         sock.listen(16)
         ports.append(sock.getsockname()[1])
 
@@ -221,11 +229,16 @@ def server_main(host: str, server_kwargs: dict[str, Any]) -> int:
 
     threading.Thread(target=serve_raw, daemon=True, name="raw-sink").start()
     tune_server_memory()
-    agg = Aggregator(clients=1, rounds=2, mode="sync")
+    agg = Aggregator(clients=1, rounds=3, mode="sync")
     server = FederationServer(FederationService(agg), listen=f"{host}:0", **server_kwargs)
     address = server.start()
     sink = _sink_server(host, server.options)
-    ports = {"grpc_port": int(address.rpartition(":")[2]), "raw_port": raw.getsockname()[1], "sink_port": sink[1]}
+    ports = {
+        "grpc_port": int(address.rpartition(":")[2]),
+        "raw_port": raw.getsockname()[1],
+        "sink_port": sink[1],
+        "data_port": server.data_port,
+    }
     print(json.dumps(ports), flush=True)
     try:
         for line in sys.stdin:
@@ -325,8 +338,21 @@ def client_main(grpc_port: int, raw_port: int, sink_port: int, block_bytes: int)
         print("mem", flush=True)
         out["server_after_push"] = json.loads(sys.stdin.readline())["hwm_kb"]
         t0 = time.perf_counter()
-        tr.pull(0, 0, 600.0)
+        version = tr.pull(0, 0, 600.0).version
         out["pull_down_s"] = time.perf_counter() - t0
+        # the same client with blocks over gRPC (as against a server with federation.data_port: null)
+        only = GrpcTransport(f"127.0.0.1:{grpc_port}", chunk_bytes=1 << 20, data_plane=False)
+        try:
+            header = {**header, "round": 1, "base_version": version}
+            t0 = time.perf_counter()
+            if not only.push(header, block, 600.0).accepted:
+                raise RuntimeError("push over gRPC refused")
+            out["grpc_push_up_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            only.pull(0, 1, 600.0)
+            out["grpc_pull_down_s"] = time.perf_counter() - t0
+        finally:
+            only.close()
     finally:
         tr.close()
     print(json.dumps({"result": out}), flush=True)
@@ -414,9 +440,11 @@ def measure(path: Path, rtt_ms: float, block_bytes: int, server_kwargs: dict[str
         procs.append(server)
         ports = json.loads(_line(server, 60.0))
         targets = [f"{path.server_ip}:{ports[k]}" for k in ("grpc_port", "raw_port", "sink_port")]
+        if ports.get("data_port"):  # the client reaches the data plane at the announced port on the relay's host
+            targets.append(f"{path.server_ip}:{ports['data_port']}@{ports['data_port']}")
         relay = path.spawn(path.client_ns, "--relay", *targets, "--delay-ms", str(rtt_ms / 2))
         procs.append(relay)
-        relayed = [str(x) for x in json.loads(_line(relay, 30.0))["ports"]]
+        relayed = [str(x) for x in json.loads(_line(relay, 30.0))["ports"]][:3]
         client = path.spawn(path.client_ns, "--client", *relayed, "--block-bytes", str(block_bytes))
         procs.append(client)
         assert client.stdin is not None and server.stdin is not None
@@ -439,7 +467,9 @@ def measure(path: Path, rtt_ms: float, block_bytes: int, server_kwargs: dict[str
     rate = path.rate_mbit
     bits = block_bytes * 8 / 1e6
     out: dict[str, Any] = {"rtt_ms": rtt_ms}
-    for name in ("raw_up", "raw_down", "grpc_sink_up", "grpc_sink_warm_up", "state_up", "push_up", "pull_down"):
+    names = ("raw_up", "raw_down", "grpc_sink_up", "grpc_sink_warm_up", "state_up", "push_up", "pull_down")
+    names += ("grpc_push_up", "grpc_pull_down")
+    for name in names:
         out[f"{name}_mbit_s"] = round(bits / times[f"{name}_s"], 1)
     for name, raw in (
         ("grpc_sink_up", "raw_up"),
@@ -447,6 +477,8 @@ def measure(path: Path, rtt_ms: float, block_bytes: int, server_kwargs: dict[str
         ("state_up", "raw_up"),
         ("push_up", "raw_up"),
         ("pull_down", "raw_down"),
+        ("grpc_push_up", "raw_up"),
+        ("grpc_pull_down", "raw_down"),
     ):
         out[f"{name}_vs_link"] = round(out[f"{name}_mbit_s"] / rate, 3)
         out[f"{name}_vs_raw"] = round(out[f"{name}_mbit_s"] / out[f"{raw}_mbit_s"], 3)
@@ -507,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"(warm {r['grpc_sink_warm_up_mbit_s']:7.1f}); "
                     f"push {r['push_up_mbit_s']:7.1f} "
                     f"({r['push_up_vs_link']:.2f} of the link, {r['push_up_vs_raw']:.2f} of raw), cold upload "
-                    f"{r['state_up_mbit_s']:7.1f}, pull {r['pull_down_mbit_s']:7.1f}; server peak +{r['server_peak_mb']:.0f} MB"
+                    f"{r['state_up_mbit_s']:7.1f}, pull {r['pull_down_mbit_s']:7.1f}; over gRPC alone push "
+                    f"{r['grpc_push_up_mbit_s']:7.1f}, pull {r['grpc_pull_down_mbit_s']:7.1f}; server peak +{r['server_peak_mb']:.0f} MB"
                 )
     result: dict[str, Any] = {
         "benchmark": "links",

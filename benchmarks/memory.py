@@ -27,8 +27,11 @@
    server checks and sums each update as it arrives (one chunk per upload
    held); its floor is the global value plus the round's float64 sums, 3
    blocks (``server_ideal_over_block``); what each upload in flight adds on
-   top (its HTTP/2 window and the message being read) is independent of the
-   block size.
+   top (its socket buffers on the data plane, or its HTTP/2 window over
+   gRPC, and the message being read) is independent of the block size; at
+   most ``federation.max_uploads`` (4) uploads are read at once, the others
+   wait for their turn having sent nothing. ``server_grpc_only`` is the
+   largest N again with blocks over gRPC (``federation.data_port: null``).
 
 The last output line is JSON.
 """
@@ -319,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     for n in clients:
         servers.append(server_memory(n, block_mb))
         say(f"  server, {n} clients x {block_mb} MB block: peak {servers[-1]['peak_over_block']} x block")
+    # the same round with blocks over gRPC (federation.data_port: null): each upload read buffers its HTTP/2 window
+    grpc_only = None
+    if form_name != "smoke":
+        grpc_only = server_memory(max(clients), block_mb, ["--no-data-plane"])
+        say(f"  the same, {max(clients)} clients, blocks over gRPC: peak {grpc_only['peak_over_block']} x block")
     result: dict[str, Any] = {
         "benchmark": "memory",
         "form": form_name,
@@ -328,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_round_peak_over_block": max(s["round_peak_over_block"] for s in servers),
         "server_blocks_per_client": _slope(servers),
         "server": servers,
+        "server_grpc_only": grpc_only,
         "targets": {"client_rss_ratio": "<= 0.6", "server_peak_over_block": "<= 3 (O(block), not O(N x block))"},
         # what the server must hold at least, whatever the transport: the global value (1 block) and the round's
         # exact float64 running sums (2 blocks); the round's own peak cannot go below the sums

@@ -162,12 +162,13 @@ def run(sizes: list[int], repeats: int, chunk_kb: int) -> dict[str, Any]:
                     payload = memoryview(tensor.numpy()).cast("B")
                     into = memoryview(bytearray(len(payload)))
                     # the three in alternating order (A B C, C B A), so that none always runs first (caches, load)
-                    steps = [
-                        ("data", lambda: federation_round_trip(transport, i, name, tensor)),
-                        ("grpc", lambda: federation_round_trip(grpc_only, i, name, tensor)),
-                        ("socket", lambda: _socket_round_trip(sock, payload, into)),
-                    ]
-                    took = {what: f() for what, f in (steps if rep % 2 == 0 else steps[::-1])}
+                    order = ["data", "grpc", "socket"] if rep % 2 == 0 else ["socket", "grpc", "data"]
+                    took = {}
+                    for what in order:
+                        if what == "socket":
+                            took[what] = _socket_round_trip(sock, payload, into)
+                        else:
+                            took[what] = federation_round_trip(transport if what == "data" else grpc_only, i, name, tensor)
                     del into
                     dr = _raw_grpc_round_trip(channel, payload, chunk)
                     dc = _codec_s(name, tensor, chunk)
