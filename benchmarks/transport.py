@@ -157,34 +157,41 @@ def run(sizes: list[int], repeats: int, chunk_kb: int) -> dict[str, Any]:
                 return dt
 
             for rep in range(repeats + 1):
+                # two sweeps over the sizes (rounds train the blocks in turn): blocks over the data plane in one,
+                # over gRPC alone in the other, in alternating order; the socket beside the data plane, before it
+                # in one repeat and after it in the next, so that neither always runs first (caches, load)
+                carriers = ["data", "grpc"] if rep % 2 == 0 else ["grpc", "data"]
+                took: dict[int, dict[str, float]] = {i: {} for i in range(k)}
+                for carrier in carriers:
+                    for i in range(k):
+                        ((name, tensor),) = blocks[i].items()
+                        payload = memoryview(tensor.numpy()).cast("B")
+                        into = memoryview(bytearray(len(payload)))
+                        if carrier == "data" and rep % 2:
+                            took[i]["socket"] = _socket_round_trip(sock, payload, into)
+                        took[i][carrier] = federation_round_trip(transport if carrier == "data" else grpc_only, i, name, tensor)
+                        if carrier == "data" and not rep % 2:
+                            took[i]["socket"] = _socket_round_trip(sock, payload, into)
+                        del into
                 for i, mb in enumerate(sizes):
                     ((name, tensor),) = blocks[i].items()
                     payload = memoryview(tensor.numpy()).cast("B")
-                    into = memoryview(bytearray(len(payload)))
-                    # the three in alternating order (A B C, C B A), so that none always runs first (caches, load)
-                    order = ["data", "grpc", "socket"] if rep % 2 == 0 else ["socket", "grpc", "data"]
-                    took = {}
-                    for what in order:
-                        if what == "socket":
-                            took[what] = _socket_round_trip(sock, payload, into)
-                        else:
-                            took[what] = federation_round_trip(transport if what == "data" else grpc_only, i, name, tensor)
-                    del into
                     dr = _raw_grpc_round_trip(channel, payload, chunk)
                     dc = _codec_s(name, tensor, chunk)
                     dm = _server_math_s(tensor)
+                    t = took[i]
                     if rep > 0:  # the first pass over the sizes is the warm-up
-                        grpc_s[i].append(took["data"])
-                        only_s[i].append(took["grpc"])
-                        sock_s[i].append(took["socket"])
+                        grpc_s[i].append(t["data"])
+                        only_s[i].append(t["grpc"])
+                        sock_s[i].append(t["socket"])
                         raw_s[i].append(dr)
                         codec_s[i].append(dc)
                         math_s[i].append(dm)
                     else:
                         round_of[i].clear()
                     say(
-                        f"  {mb:>4} MB  federation {2 * mb / took['data']:8.1f} MB/s (gRPC only {2 * mb / took['grpc']:8.1f})"
-                        f"  socket {2 * mb / took['socket']:8.1f} MB/s" + ("" if rep else "  (warm-up)")
+                        f"  {mb:>4} MB  federation {2 * mb / t['data']:8.1f} MB/s (gRPC alone {2 * mb / t['grpc']:8.1f})"
+                        f"  socket {2 * mb / t['socket']:8.1f} MB/s" + ("" if rep else "  (warm-up)")
                     )
             sock.sendall(struct.pack("!Q", 0))
             sock.close()

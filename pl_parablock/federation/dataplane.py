@@ -23,7 +23,12 @@ big-endian) | payload``:
 * server, once it took the connection: ``A`` (or an empty ``E``: turned
   away, too many connections; the client then uses gRPC for the call);
 * client: ``C`` (the call: a JSON object with ``method`` and ``metadata``,
-  at most :data:`MAX_PREFACE_BYTES`), ``M`` per request message, ``Z``;
+  at most :data:`MAX_PREFACE_BYTES`);
+* server, when the handler begins to read the request (the token checked,
+  an upload's turn come): ``G``;
+* client: ``M`` per request message, ``Z`` — an upload only once ``G``
+  came, so a client waiting for its turn has sent nothing (a download's
+  small request goes at once);
 * server: ``M`` per reply message, then ``Z`` (done) or ``E`` (a JSON object
   with the gRPC status ``code``'s name and ``details``).
 
@@ -53,7 +58,7 @@ log = logging.getLogger(__name__)
 
 DATA_METHODS = ("UploadState", "Push", "Pull")
 """The calls that carry blocks: served on the data plane too."""
-CALL, MESSAGE, END, ERROR, READY = b"C", b"M", b"Z", b"E", b"A"
+CALL, MESSAGE, END, ERROR, READY, GO = b"C", b"M", b"Z", b"E", b"A", b"G"
 _FRAME = struct.Struct("!cI")
 MAX_PREFACE_BYTES = 64 << 10
 """Largest call frame (method and metadata) the server reads before the handler checks the token."""
@@ -154,6 +159,8 @@ class _PeerGone(grpc.RpcError):
 
 class _Context:
     """What the server's handlers use of a ``grpc.ServicerContext``, for one data-plane call."""
+
+    sends_views = True  # replies may be memoryviews: sent from memory, without a copy
 
     def __init__(self, sock: socket.socket, peer: str, metadata: tuple[tuple[str, str], ...]) -> None:
         self._sock = sock
@@ -357,6 +364,11 @@ class DataPlaneServer:
         limit = self.max_message_bytes
 
         def messages() -> Iterator[bytes]:
+            try:  # the handler reads the request: the token is checked and an upload has its turn
+                _send(sock, GO)
+            except OSError as exc:
+                ctx.end()
+                raise _PeerGone(str(exc)) from None
             while True:
                 try:
                     kind, payload = _recv(sock, limit)
@@ -450,6 +462,10 @@ class DataPlaneClient:
         deadline = time.monotonic() + timeout
         sock = self._open(method, metadata, deadline)
         try:
+            # nothing of the request goes before the server asks for it (its token check passed, an upload's turn came)
+            kind, payload = self._read(sock, deadline, 64 << 20)
+            if kind != GO:
+                return self._answer(sock, deadline, (kind, payload))
             try:
                 for m in messages:
                     sock.settimeout(_left(deadline))
@@ -472,11 +488,12 @@ class DataPlaneClient:
         finally:
             sock.close()
 
-    def _answer(self, sock: socket.socket, deadline: float) -> bytes:
-        """The reply of a call whose request went: one message and the end, or an error."""
+    def _answer(self, sock: socket.socket, deadline: float, first: tuple[bytes, bytearray] | None = None) -> bytes:
+        """The reply of a call: one message and the end, or an error."""
         reply: bytes | None = None
         while True:
-            kind, payload = self._read(sock, deadline, 64 << 20)
+            kind, payload = first or self._read(sock, deadline, 64 << 20)
+            first = None
             if kind == MESSAGE and reply is None:
                 reply = bytes(payload)
             elif kind == END and reply is not None:
@@ -501,6 +518,8 @@ class DataPlaneClient:
             try:
                 while True:
                     kind, payload = self._read(sock, deadline, 64 << 20)
+                    if kind == GO:  # the server read the request
+                        continue
                     if kind == MESSAGE:
                         yield payload  # type: ignore[misc]
                     elif kind == END:

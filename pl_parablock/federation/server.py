@@ -496,7 +496,9 @@ class FederationServer:
                 try:
                     call = self._enter(method, context)
                     request = _one(_reading(messages, call), method)
-                    yield from fn(request, caller=call.caller)  # type: ignore[misc]
+                    views = getattr(context, "sends_views", False)  # the data plane sends from memory; gRPC sends bytes objects
+                    for reply in fn(request, caller=call.caller):  # type: ignore[misc]
+                        yield reply if views or isinstance(reply, bytes) else bytes(reply)
                 except grpc.RpcError:
                     raise  # the peer went away (or was cut): gRPC ends the call quietly
                 except Exception as exc:

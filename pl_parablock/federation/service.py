@@ -324,7 +324,7 @@ class FederationService:
             while len(sums) > MAX_CHECKSUMS:
                 sums.pop(next(iter(sums)), None)
 
-        yield from encode(header, tensors, chunk_bytes=self.chunk_bytes, checksum=sums.get(key), on_checksum=remember)
+        yield from encode(header, tensors, chunk_bytes=self.chunk_bytes, checksum=sums.get(key), on_checksum=remember, zero_copy=True)
 
     def Versions(self, request: bytes, token: str | None = None, caller: Caller | None = None) -> bytes:  # noqa: N802
         caller = self._caller(token, caller)

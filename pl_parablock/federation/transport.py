@@ -206,7 +206,7 @@ class Transport(ABC):
 
     def upload_state(self, client_id: int, tensors: Mapping[str, Tensor], timeout: float) -> int:
         """Send the initial global state (first client only); returns bytes sent."""
-        counter = _Counter(self.link.pace_up(encode({"client_id": client_id}, tensors, chunk_bytes=self.chunk_bytes)))
+        counter = _Counter(self.link.pace_up(encode({"client_id": client_id}, tensors, chunk_bytes=self.chunk_bytes, zero_copy=True)))
         parse_header(self._stream_unary("UploadState", iter(counter), timeout), "upload reply", max_bytes=MAX_REPLY_HEADER_BYTES)
         return counter.nbytes
 
@@ -218,7 +218,7 @@ class Transport(ABC):
             time.sleep(f.delay_push_s)
         if f and self._pushes == f.drop_before_push:
             raise TransportError(f"injected fault: connection dropped before push {self._pushes}")
-        messages: Iterator[bytes] = encode(header, tensors, chunk_bytes=self.chunk_bytes)
+        messages: Iterator[bytes] = encode(header, tensors, chunk_bytes=self.chunk_bytes, zero_copy=True)
         if f and self._pushes == f.corrupt_push:
             messages = _corrupt(messages)
         counter = _Counter(self.link.pace_up(messages))
@@ -443,18 +443,19 @@ class GrpcTransport(Transport):
     def _stream_unary(self, method: str, messages: Iterator[bytes], timeout: float) -> bytes:
         self._connect()
         deadline = time.monotonic() + timeout
-        metadata = self._metadata
-        if method in UPLOADS:
-            metadata = (*(metadata or ()), *self._turn(method, timeout)) or None
         try:
-            left = max(deadline - time.monotonic(), 1.0)
             data = self._data_call(method)
-            if data is not None:
+            if data is not None:  # an upload waits for its turn within the call, having sent nothing
                 try:
-                    return data.stream_unary(method, messages, left, metadata or ())
+                    return data.stream_unary(method, messages, timeout, self._metadata or ())
                 except DataPlaneUnavailableError as exc:  # nothing of the call was sent
                     self._data_unavailable(exc)
-            return self._calls[method](messages, timeout=left, metadata=metadata)  # type: ignore[no-any-return]
+            metadata = self._metadata
+            if method in UPLOADS:
+                metadata = (*(metadata or ()), *self._turn(method, max(deadline - time.monotonic(), 1.0))) or None
+            left = max(deadline - time.monotonic(), 1.0)
+            as_bytes = (m if isinstance(m, bytes) else bytes(m) for m in messages)  # gRPC sends bytes objects
+            return self._calls[method](as_bytes, timeout=left, metadata=metadata)  # type: ignore[no-any-return]
         except grpc.RpcError as exc:
             raise self._error(exc, method) from None
 

@@ -213,13 +213,17 @@ def encode(
     dtype: torch.dtype | None = None,
     checksum: int | None = None,
     on_checksum: Callable[[int], None] | None = None,
+    zero_copy: bool = False,
 ) -> Iterator[bytes]:
     """Yield the header message, the tensors' bytes in chunks, then the trailer.
 
     Each chunk is one copy of the tensors' bytes, taken from views over their
     storage; the checksum is computed once over the same views as they go
     (XXH3, 64 bits: several times faster than CRC32, which was most of the
-    framing's cost).
+    framing's cost). With ``zero_copy`` a chunk that lies within one tensor
+    is that view itself (a ``memoryview``, valid while the tensor is; no
+    copy), for a carrier that sends from memory (the data plane); one that
+    needs ``bytes`` copies it as it sends.
 
     Args:
         header: JSON-serialisable request fields.
@@ -254,11 +258,11 @@ def encode(
             filled += take
             off += take
             if filled == chunk_bytes:
-                # the one copy a message needs (gRPC sends bytes objects): straight from the tensors' storage
-                yield parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
+                # at most one copy a message (gRPC sends bytes objects): straight from the tensors' storage
+                yield (parts[0] if zero_copy else parts[0].tobytes()) if len(parts) == 1 else b"".join(parts)
                 parts, filled = [], 0
     if parts:
-        yield parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
+        yield (parts[0] if zero_copy else parts[0].tobytes()) if len(parts) == 1 else b"".join(parts)
     if hasher is not None:
         checksum = hasher.intdigest()
         if on_checksum is not None:

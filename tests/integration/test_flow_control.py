@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
+import pytest
 import torch
 
 from pl_parablock.federation import Aggregator, FederationServer, FederationService, GrpcTransport
@@ -39,13 +40,23 @@ def push_header(client: int) -> dict[str, Any]:
     return {"client_id": client, "round": 0, "block": 0, "kind": "value", "base_version": -1, "weight": 1.0}
 
 
-def test_uploads_beyond_max_uploads_wait_their_turn_unread():
+@pytest.mark.parametrize("data_plane", [True, False], ids=["data-plane", "grpc"])
+def test_uploads_beyond_max_uploads_wait_their_turn_having_sent_nothing(data_plane, monkeypatch):
+    from pl_parablock.federation import transport as transport_module
+
+    sent: list[int] = []  # messages the waiting client's upload has produced
+
+    def counted(*args: Any, **kwargs: Any) -> Iterator[bytes]:
+        for m in encode(*args, **kwargs):
+            sent.append(len(m))
+            yield m
+
     agg = Aggregator(clients=2, rounds=1, mode="sync")
     server = FederationServer(FederationService(agg), max_uploads=1, idle_timeout_s=5.0)
     assert FederationServer(FederationService(Aggregator(clients=3, rounds=1)), max_uploads=None).max_uploads == 3
     assert FederationServer(FederationService(Aggregator(clients=32, rounds=1)), max_uploads=None).max_uploads == 4
     address = server.start()
-    transports = [GrpcTransport(address, connect_timeout_s=5.0) for _ in range(2)]
+    transports = [GrpcTransport(address, connect_timeout_s=5.0, data_plane=data_plane) for _ in range(2)]
     channel = grpc.insecure_channel(address)
     release = threading.Event()
     try:
@@ -62,16 +73,20 @@ def test_uploads_beyond_max_uploads_wait_their_turn_unread():
         first = channel.stream_unary(f"/{SERVICE_NAME}/Push").future(stalled(), timeout=10.0)
         assert wait_until(lambda: server.uploads() == (1, 0), 3.0), server.uploads()
         second: dict[str, Any] = {}
+        monkeypatch.setattr(transport_module, "encode", counted)
         t = threading.Thread(target=lambda: second.update(p=transports[1].push(push_header(1), BLOCK, 10.0)), daemon=True)
         t.start()
         assert wait_until(lambda: server.uploads() == (1, 1), 3.0), "the second upload waits its turn"
         time.sleep(0.2)
         assert "p" not in second and server.uploads() == (1, 1), "and stays unread while the first is read"
-        assert server.active_methods() == {"Push": 1, "Admit": 1}, "it waits in Admit: its upload is not opened, none of its bytes sent"
+        assert sent == [], "it waits having sent none of its update, not even the header"
+        # on the data plane it waits within its call for the server's go; over gRPC, in Admit, its upload not opened
+        assert server.active_methods() == ({"Push": 2} if data_plane else {"Push": 1, "Admit": 1}), server.active_methods()
         release.set()
         assert b'"accepted":true' in first.result(5.0).replace(b" ", b"")
         t.join(5.0)
         assert second["p"].accepted, second["p"].reason
+        assert sum(sent) >= BLOCK["w"].numel() * 4, "then it went whole"
         assert wait_until(lambda: server.uploads() == (0, 0), 2.0)
         assert transports[0].pull(0, 0, 5.0).version == 0
     finally:
