@@ -259,10 +259,11 @@ def encode(
             off += take
             if filled == chunk_bytes:
                 # at most one copy a message (gRPC sends bytes objects): straight from the tensors' storage
-                yield (parts[0] if zero_copy else parts[0].tobytes()) if len(parts) == 1 else b"".join(parts)
+                # (a memoryview serves every reader of messages as bytes do: len, the buffer protocol)
+                yield (parts[0] if zero_copy else parts[0].tobytes()) if len(parts) == 1 else b"".join(parts)  # type: ignore[misc]
                 parts, filled = [], 0
     if parts:
-        yield (parts[0] if zero_copy else parts[0].tobytes()) if len(parts) == 1 else b"".join(parts)
+        yield (parts[0] if zero_copy else parts[0].tobytes()) if len(parts) == 1 else b"".join(parts)  # type: ignore[misc]
     if hasher is not None:
         checksum = hasher.intdigest()
         if on_checksum is not None:
