@@ -21,9 +21,10 @@ A call, both ways a sequence of frames ``kind (1 byte) | length (4 bytes,
 big-endian) | payload``:
 
 * server, once it took the connection: ``A`` (or an empty ``E``: turned
-  away, too many connections; the client then uses gRPC for the call);
-* client: ``C`` (the call: a JSON object with ``method`` and ``metadata``,
-  at most :data:`MAX_PREFACE_BYTES`);
+  away, too many connections, nothing read; the client then uses gRPC for
+  the call);
+* client, at once (not waiting for ``A``): ``C`` (the call: a JSON object
+  with ``method`` and ``metadata``, at most :data:`MAX_PREFACE_BYTES`);
 * server, when the handler begins to read the request (the token checked,
   an upload's turn come): ``G``;
 * client: ``M`` per request message, ``Z`` — an upload only once ``G``
@@ -413,8 +414,15 @@ class DataPlaneClient:
     def describe(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def _open(self, method: str, metadata: tuple[tuple[str, str], ...], deadline: float) -> socket.socket:
-        """A connection with the call sent. Raises :class:`DataPlaneUnavailableError` (use gRPC) when it cannot be had."""
+    def _open(self, method: str, metadata: tuple[tuple[str, str], ...], deadline: float, request: bytes | None = None) -> socket.socket:
+        """A connection the server took, with the call (and a download's ``request``) sent.
+
+        The call goes with the connection's first bytes, before the server
+        said it took the connection, so that taking it costs no round trip
+        of its own. Raises :class:`DataPlaneUnavailableError` (use gRPC) when
+        the server cannot be reached or turns the connection away: it has
+        then read nothing of the call.
+        """
         try:
             raw = socket.create_connection((self.host.strip("[]"), self.port), timeout=min(self.connect_timeout_s, _left(deadline)))
         except OSError as exc:
@@ -425,11 +433,13 @@ class DataPlaneClient:
             if self._tls is not None:
                 sock = self._tls.wrap_socket(raw, server_hostname=self.host.strip("[]"))
             sock.settimeout(min(self.connect_timeout_s, _left(deadline)))
+            _send(sock, CALL, json.dumps({"method": method, "metadata": [list(m) for m in metadata]}).encode())
+            if request is not None:
+                _send(sock, MESSAGE, request)
+                _send(sock, END)
             kind, _ = _recv(sock, 0)
             if kind != READY:
                 raise ConnectionError("turned away (too many connections at once)")
-            sock.settimeout(_left(deadline))
-            _send(sock, CALL, json.dumps({"method": method, "metadata": [list(m) for m in metadata]}).encode())
         except (OSError, ConnectionError, ValueError, ssl.SSLError) as exc:
             sock.close()
             raise DataPlaneUnavailableError(f"the data plane at {self.describe()} did not take the call: {exc}", lasting=False) from None
@@ -506,13 +516,7 @@ class DataPlaneClient:
     def unary_stream(self, method: str, request: bytes, timeout: float, metadata: tuple[tuple[str, str], ...]) -> Iterator[bytes]:
         """Send the request; the returned iterator yields the reply messages (raises as :meth:`stream_unary`)."""
         deadline = time.monotonic() + timeout
-        sock = self._open(method, metadata, deadline)
-        try:
-            _send(sock, MESSAGE, request)
-            _send(sock, END)
-        except OSError as exc:
-            sock.close()
-            raise DataPlaneError(grpc.StatusCode.UNAVAILABLE, f"the data connection broke: {exc}") from None
+        sock = self._open(method, metadata, deadline, request)
 
         def replies() -> Iterator[bytes]:
             try:
