@@ -101,9 +101,9 @@ def rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str, s
             out.append(
                 (
                     "transport",
-                    f"push + pull of a {x['mb']} MB block, gRPC / raw TCP socket",
+                    f"push + pull of a {x['mb']} MB block, federation / raw TCP socket",
                     f"{_fmt(x['ratio'])} ({_fmt(x['grpc_mb_s'], '.0f')} / {_fmt(x['socket_mb_s'], '.0f')} MB/s; "
-                    f"raw gRPC {_fmt(x['raw_grpc_mb_s'], '.0f')})",
+                    f"blocks over gRPC alone {_fmt(x.get('ratio_grpc_only'))}; raw gRPC {_fmt(x['raw_grpc_mb_s'], '.0f')} MB/s)",
                     "≥ 0.7 at ≥ 16 MB" if x["mb"] >= 16 else "",
                     _load(r),
                 )
@@ -125,6 +125,16 @@ def rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str, s
                 (
                     "memory",
                     f"server peak memory for {s['clients']} clients' updates of a {s['block_mb']} MB block, in blocks",
+                    _fmt(s["peak_over_block"], ".1f"),
+                    "≤ 3",
+                    _load(r),
+                )
+            )
+        if s := r.get("server_grpc_only"):
+            out.append(
+                (
+                    "memory",
+                    f"the same for {s['clients']} clients with blocks over gRPC alone (`federation.data_port: null`)",
                     _fmt(s["peak_over_block"], ".1f"),
                     "≤ 3",
                     _load(r),
@@ -152,13 +162,14 @@ def rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str, s
     if r := results.get("links"):
         rate = r["link"]["rate_mbit"]
         for x in r["results"]:
-            window = "adaptive window" if x["window"] == "adaptive" else f"fixed {x['window']} KiB window"
+            window = "" if x["window"] == "adaptive" else f", gRPC window fixed at {x['window']} KiB"
+            alone = f"; over gRPC alone {_fmt(x['grpc_push_up_vs_link'])}" if "grpc_push_up_vs_link" in x else ""
             out.append(
                 (
                     "links",
-                    f"push of a {r['block_mb']:g} MB block over {rate:g} Mbit/s at RTT {x['rtt_ms']:g} ms ({window}): achieved / link rate",
+                    f"push of a {r['block_mb']:g} MB block over {rate:g} Mbit/s at RTT {x['rtt_ms']:g} ms{window}: achieved / link rate",
                     f"{_fmt(x['push_up_vs_link'])} ({_fmt(x['push_up_mbit_s'], '.0f')} Mbit/s; "
-                    f"raw socket {_fmt(x['raw_up_mbit_s'], '.0f')})",
+                    f"raw socket {_fmt(x['raw_up_mbit_s'], '.0f')}; pull {_fmt(x.get('pull_down_vs_link'))}{alone})",
                     "",
                     _load(r),
                 )
