@@ -387,6 +387,8 @@ def _serve(recipe: Recipe, listen: str) -> int:
     server = _server(recipe, agg, listen)
     address = server.start()
     _say(f"listening on {address}")
+    if server.data_port is not None:
+        _say(f"blocks on the data plane, port {server.data_port} (federation.data_port; open it beside the gRPC port)")
     auth = "token required" if server_token(recipe) else "no token (trusted network only)"
     tls = ", TLS" if f.tls.cert else ""
     _say(f"pl_parablock server: mode={recipe.mode}, waiting for {f.clients} clients, {f.rounds} rounds, {auth}{tls}")
