@@ -51,7 +51,9 @@ from typing import Any
 
 import grpc
 
+from pl_parablock.errors import FederationError
 from pl_parablock.federation.channel import TLS
+from pl_parablock.federation.wire import parse_header, short
 
 __all__ = ["DATA_METHODS", "DataPlaneClient", "DataPlaneError", "DataPlaneServer", "DataPlaneUnavailableError"]
 
@@ -342,16 +344,23 @@ class DataPlaneServer:
                     self._live[sock] = self._live.pop(raw, "")
             _send(sock, READY)
             kind, payload = _recv(sock, MAX_PREFACE_BYTES)
-            call = json.loads(payload) if kind == CALL else None
-            method = call.get("method") if isinstance(call, dict) else None
-            if method not in self.handlers:
-                _send(sock, ERROR, json.dumps({"code": "UNIMPLEMENTED", "details": f"no data-plane method {method!r}"}).encode())
+            if kind != CALL:
                 return
-            metadata = call.get("metadata") if isinstance(call, dict) else None
-            pairs = tuple((str(k), str(v)) for k, v in metadata if isinstance(k, str)) if isinstance(metadata, list) else ()
+            call = parse_header(bytes(payload), "data-plane call", max_bytes=MAX_PREFACE_BYTES)
+            method = call.get("method")
+            if not isinstance(method, str) or method not in self.handlers:
+                details = f"no data-plane method {short(method, 40)}"
+                _send(sock, ERROR, json.dumps({"code": "UNIMPLEMENTED", "details": details}).encode())
+                return
+            metadata = call.get("metadata")
+            pairs = tuple(
+                (item[0], item[1])
+                for item in (metadata if isinstance(metadata, list) else ())
+                if isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item)
+            )
             sock.settimeout(self.idle_timeout_s)
-            self._call(sock, str(method), pairs[:16], _peer(address))
-        except (OSError, ValueError, ssl.SSLError, json.JSONDecodeError, _PeerGone):
+            self._call(sock, method, pairs[:16], _peer(address))
+        except (OSError, ValueError, ssl.SSLError, FederationError, _PeerGone):
             pass  # the peer went away, was cut, or spoke no data-plane protocol: nothing to answer
         finally:
             self._forget(sock)

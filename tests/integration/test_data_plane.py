@@ -176,17 +176,26 @@ def test_hostile_connections_are_closed_and_the_server_keeps_serving(monkeypatch
             assert list(raw_frames(sock)) == [(b"A", b"")]
             assert time.monotonic() - t0 < 3.0
         # garbage, a call frame too large, a call that is not JSON: closed without an answer
-        for junk in (b"GET / HTTP/1.1\r\n\r\n" * 4, FRAME.pack(b"C", 1 << 30), frame(b"C", b"{not json")):
+        nested = b"[" * 20000 + b"]" * 20000
+        calls = (frame(b"C", b"{not json"), frame(b"C", b'{"method": "Push", "metadata": ' + nested + b"}"), frame(b"C", b"[1, 2]"))
+        for junk in (b"GET / HTTP/1.1\r\n\r\n" * 4, FRAME.pack(b"C", 1 << 30), *calls):
             with socket.create_connection(("127.0.0.1", port), timeout=5.0) as sock:
                 sock.sendall(junk)
                 assert list(raw_frames(sock)) == [(b"A", b"")]
-        # a method the data plane does not serve
+        # a method the data plane does not serve; metadata that is not pairs of strings
+        for call in ({"method": "Leave", "metadata": []}, {"method": ["Push"], "metadata": [1, [2, 3], ["a"]]}):
+            with socket.create_connection(("127.0.0.1", port), timeout=5.0) as sock:
+                sock.sendall(frame(b"C", json.dumps(call).encode()))
+                frames = list(raw_frames(sock))
+                assert frames[1][0] == b"E" and json.loads(frames[1][1])["code"] == "UNIMPLEMENTED"
         with socket.create_connection(("127.0.0.1", port), timeout=5.0) as sock:
-            sock.sendall(frame(b"C", json.dumps({"method": "Leave", "metadata": []}).encode()))
+            sock.sendall(frame(b"C", json.dumps({"method": "Pull", "metadata": [1, [2, 3], ["a"], "x"]}).encode()))
+            sock.sendall(frame(b"M", header_bytes({"client_id": 0, "block": 0, "wait_s": 0})) + frame(b"Z"))
             frames = list(raw_frames(sock))
-            assert frames[1][0] == b"E" and json.loads(frames[1][1])["code"] == "UNIMPLEMENTED"
+            assert [f[0] for f in frames[:2]] == [b"A", b"G"], frames  # the junk pairs are dropped; the call is served
         # connections beyond the per-host limit are turned away at the door; the client then uses gRPC for the call
         server.data_plane.max_per_host = 2
+        server.data_plane.calls.clear()
         held = [socket.create_connection(("127.0.0.1", port), timeout=5.0) for _ in range(2)]
         transport = GrpcTransport(server.address, connect_timeout_s=5.0)
         try:
