@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -14,6 +14,7 @@ from pl_parablock import FederatedBlockStrategy, ParaBlockModule
 from pl_parablock.config import ModelSection
 from pl_parablock.data import ClientDataModule, synthetic_records
 from pl_parablock.federation import Aggregator, FederationService, InProcessTransport, Link
+from pl_parablock.federation.service import Caller
 from pl_parablock.models import build_model
 
 TINY_LLAMA = {
@@ -164,3 +165,14 @@ def wait_until(cond: Callable[[], bool], timeout: float) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+class CountingService(FederationService):
+    """The real service; counts the bytes its ``Pull`` has produced (what the server holds for a stalled reader)."""
+
+    produced = 0
+
+    def Pull(self, request: bytes, token: str | None = None, caller: Caller | None = None) -> Iterator[bytes]:
+        for message in super().Pull(request, token=token, caller=caller):
+            CountingService.produced += len(message)
+            yield message

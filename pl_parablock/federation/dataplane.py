@@ -362,6 +362,8 @@ class DataPlaneServer:
             self._call(sock, method, pairs[:16], _peer(address))
         except (OSError, ValueError, ssl.SSLError, FederationError, _PeerGone):
             pass  # the peer went away, was cut, or spoke no data-plane protocol: nothing to answer
+        except Exception:  # a bug in the server: said, not lost in the thread pool
+            log.exception("internal error on the data plane (a connection from %s)", _peer(address))
         finally:
             self._forget(sock)
             self._forget(raw)

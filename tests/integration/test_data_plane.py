@@ -22,9 +22,8 @@ import pytest
 import torch
 
 from pl_parablock.federation import Aggregator, FederationServer, FederationService, GrpcTransport, dataplane
-from pl_parablock.federation.service import Caller
 from pl_parablock.federation.wire import encode, header_bytes
-from tests.helpers import wait_until
+from tests.helpers import CountingService, wait_until
 
 N = 1 << 20  # a 4 MB block: many chunks
 FINGERPRINT = {
@@ -214,17 +213,6 @@ def test_hostile_connections_are_closed_and_the_server_keeps_serving(monkeypatch
             transport.close()
     finally:
         server.stop()
-
-
-class CountingService(FederationService):
-    """The real service; counts the bytes its ``Pull`` has produced."""
-
-    produced = 0
-
-    def Pull(self, request: bytes, token: str | None = None, caller: Caller | None = None) -> Iterator[bytes]:
-        for message in super().Pull(request, token=token, caller=caller):
-            CountingService.produced += len(message)
-            yield message
 
 
 def test_a_client_that_stops_reading_a_data_plane_download_is_cut_at_the_deadline():

@@ -23,9 +23,8 @@ import torch
 
 from pl_parablock.federation import Aggregator, FederationServer, FederationService, GrpcTransport
 from pl_parablock.federation.channel import SERVICE_NAME
-from pl_parablock.federation.service import Caller
 from pl_parablock.federation.wire import encode, header_bytes
-from tests.helpers import wait_until
+from tests.helpers import CountingService, wait_until
 
 BLOCK = {"w": torch.linspace(-1.0, 1.0, 4096)}
 FINGERPRINT = {
@@ -161,17 +160,6 @@ def test_a_granted_turn_is_the_clients_own_and_lapses_when_unused():
         channel.close()
         honest.close()
         server.stop()
-
-
-class CountingService(FederationService):
-    """The real service; counts the bytes its ``Pull`` has produced (what the server holds for a stalled reader)."""
-
-    produced = 0
-
-    def Pull(self, request: bytes, token: str | None = None, caller: Caller | None = None) -> Iterator[bytes]:
-        for message in super().Pull(request, token=token, caller=caller):
-            CountingService.produced += len(message)
-            yield message
 
 
 def test_a_client_that_stops_reading_a_download_holds_no_block_and_is_cut_at_the_deadline():
