@@ -24,12 +24,13 @@ Against an untrusted network peer (README: "What the server defends against"):
 * **Bounded uploads.** At most ``max_uploads`` uploads (``Push``,
   ``UploadState``) are read at once, one per client id when every client
   has its own token; the others wait their turn and give up at their call's
-  deadline. The project's clients wait in a small ``Admit`` call before
-  they open the upload, so a waiting client has sent nothing; the turn is
-  reserved for the upload for :data:`ADMIT_LEASE_S`. An upload opened
-  without a turn waits with its stream open, the server reading none of
-  its bytes: it is held back by HTTP/2 flow control, one receive window per
-  connection at most.
+  deadline. The project's clients send nothing while they wait: on the
+  data plane (:mod:`pl_parablock.federation.dataplane`) until the server's
+  go, over gRPC in a small ``Admit`` call before they open the upload (the
+  turn is then reserved for the upload for :data:`ADMIT_LEASE_S`). A gRPC
+  upload opened without a turn waits with its stream open, the server
+  reading none of its bytes: it is held back by HTTP/2 flow control, one
+  receive window per connection at most.
 * **Bounded downloads.** A download's next chunk is produced only once
   gRPC has taken the previous one, which it does as the client's receive
   window allows: a peer that stops reading holds about its window and a
@@ -232,11 +233,12 @@ ADMIT_LEASE_S = 10.0
 class _Uploads:
     """At most ``limit`` uploads read at once, at most ``per_client`` of one client id; the others wait, first come first served.
 
-    A turn is taken either by the upload itself (it then waits with its
-    stream open, its first bytes held in the server's HTTP/2 receive
-    window) or, before the upload opens, by an ``Admit`` call: the turn is
-    then reserved for ``lease_s`` under a slot name the upload presents in
-    its metadata, so a waiting client has sent none of its bytes.
+    A turn is taken either by the upload itself or, before a gRPC upload
+    opens, by an ``Admit`` call: the turn is then reserved for ``lease_s``
+    under a slot name the upload presents in its metadata. An upload on the
+    data plane sends nothing until the server's go, which comes when its
+    handler has a turn; a gRPC upload opened without a turn waits with its
+    first bytes held in the server's HTTP/2 receive window.
     """
 
     def __init__(self, limit: int, per_client: int = 1, lease_s: float = ADMIT_LEASE_S) -> None:
@@ -400,9 +402,10 @@ class FederationServer:
             when they join; 0 picks a free port, ``None`` serves none.
         max_uploads: uploads read at once (``federation.max_uploads``); the
             others wait their turn unread. ``None``: :data:`MAX_UPLOADS`,
-            or one per client when there are fewer. Every upload read
-            buffers up to its receive window, so memory grows with this
-            number (``benchmarks/memory.py``); uploads from clients whose
+            or one per client when there are fewer. Every upload read holds
+            what it has in flight (a message and its socket's buffers on the
+            data plane, its receive window over gRPC), so memory grows with
+            this number (``benchmarks/memory.py``); uploads from clients whose
             links are slower than the server's add up their rates only when
             admitted together, so raise it for many clients on slow links.
     """

@@ -389,7 +389,7 @@ class GrpcTransport(Transport):
 
     def _data_unavailable(self, exc: DataPlaneUnavailableError) -> None:
         if exc.lasting and self._data is not None:
-            log.warning("%s; blocks go over gRPC from now on", exc)
+            log.warning("%s; blocks go over gRPC until this client joins again", exc)
             self._data = None
         else:
             log.debug("%s; this call goes over gRPC", exc)

@@ -110,7 +110,7 @@ def test_without_a_data_plane_or_when_it_cannot_be_reached_blocks_go_over_grpc(c
             assert transport.push(push_header(0), update, 10.0).accepted
             assert torch.equal(transport.pull(0, 0, 10.0).tensors["w"], update["w"])
         said = [r.getMessage() for r in caplog.records if "data plane" in r.getMessage()]
-        assert len(said) == 1 and "blocks go over gRPC from now on" in said[0], said
+        assert len(said) == 1 and "blocks go over gRPC until this client joins again" in said[0], said
         assert "Push" not in server.data_plane.calls
     finally:
         transport.close()
