@@ -28,7 +28,9 @@ from collections.abc import Iterator
 import grpc
 from _common import proc_status_kb, reset_peak_rss
 
-from pl_parablock.federation import Aggregator, FederationServer, FederationService, tune_server_memory
+from pl_parablock.server.aggregator import Aggregator
+from pl_parablock.server.grpc_server import FederationServer, tune_server_memory
+from pl_parablock.server.service import FederationService
 
 
 def _recv_exact(conn: socket.socket, view: memoryview) -> bool:
@@ -76,7 +78,7 @@ def _echo_server() -> int:
 def _raw_grpc_server() -> tuple[grpc.Server, int]:
     from concurrent import futures
 
-    from pl_parablock.federation.channel import SERVER_OPTIONS
+    from pl_parablock.wire.channel import SERVER_OPTIONS
 
     def sink(messages: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         n = 0

@@ -216,7 +216,9 @@ def _sink_server(host: str, options: list[tuple[str, Any]]) -> tuple[Any, int]:
 
 def server_main(host: str, server_kwargs: dict[str, Any]) -> int:
     sys.path.insert(0, REPO)
-    from pl_parablock.federation import Aggregator, FederationServer, FederationService, tune_server_memory
+    from pl_parablock.server.aggregator import Aggregator
+    from pl_parablock.server.grpc_server import FederationServer, tune_server_memory
+    from pl_parablock.server.service import FederationService
 
     raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     raw.bind((host, 0))
@@ -281,7 +283,7 @@ def _grpc_sink(port: int, n: int) -> tuple[float, float]:
     """Stream ``n`` bytes in 1 MiB messages to the sink (the server's options, none of the federation's work)."""
     import grpc
 
-    from pl_parablock.federation.channel import CLIENT_OPTIONS
+    from pl_parablock.wire.channel import CLIENT_OPTIONS
 
     piece = bytes(1 << 20)
     with grpc.insecure_channel(f"127.0.0.1:{port}", options=CLIENT_OPTIONS) as channel:
@@ -313,7 +315,7 @@ def client_main(grpc_port: int, raw_port: int, sink_port: int, block_bytes: int)
     import torch
     from _common import block_fingerprint
 
-    from pl_parablock.federation import GrpcTransport
+    from pl_parablock.client.transport import GrpcTransport
 
     out: dict[str, float] = {}
     out["raw_up_s"] = _raw(raw_port, b"U", block_bytes)

@@ -74,10 +74,10 @@ def _worker(kind: str, model_config: dict[str, Any], steps: int, server: str | N
     from lightning.pytorch.callbacks import Callback
 
     from pl_parablock import FederatedBlockStrategy, ParaBlockModule
-    from pl_parablock.config import ModelSection
+    from pl_parablock.client.runner import quiet_third_party
     from pl_parablock.data import ClientDataModule, synthetic_records
-    from pl_parablock.models import build_model
-    from pl_parablock.runner import quiet_third_party
+    from pl_parablock.model.build import build_model
+    from pl_parablock.recipe.schema import ModelSection
 
     quiet_third_party()
     torch.set_num_threads(threads)
@@ -153,11 +153,11 @@ def _result(proc: subprocess.Popen[str], kind: str) -> dict[str, Any]:
 def _initialize(address: str, model_config: dict[str, Any]) -> None:
     """Join as client 0 with the model's fingerprint and upload its initial state, as a first client would."""
     from pl_parablock import ParaBlockModule
-    from pl_parablock.blocks import partition_model
-    from pl_parablock.config import ModelSection
-    from pl_parablock.federation import GrpcTransport
-    from pl_parablock.models import build_model
-    from pl_parablock.strategy import model_fingerprint
+    from pl_parablock.client.strategy import model_fingerprint
+    from pl_parablock.client.transport import GrpcTransport
+    from pl_parablock.core.blocks import partition_model
+    from pl_parablock.model.build import build_model
+    from pl_parablock.recipe.schema import ModelSection
 
     model, tok = build_model(ModelSection(config=dict(model_config)), 0)
     module = ParaBlockModule(model, tok)
@@ -213,7 +213,7 @@ def client_memory(model_config: dict[str, Any], rounds: int, threads: int, other
 def server_memory(n_clients: int, block_mb: int, server_args: Sequence[str] = ()) -> dict[str, Any]:
     import torch
 
-    from pl_parablock.federation import GrpcTransport
+    from pl_parablock.client.transport import GrpcTransport
 
     tensors = {"block.weight": torch.rand(block_mb * MB // 4)}
     block_bytes = block_mb * MB

@@ -44,13 +44,14 @@ from _common import MB, ServerProcess, block_fingerprint, finish, machine, media
 from lightning.pytorch.callbacks import Callback
 
 from pl_parablock import FederatedBlockStrategy, ParaBlockModule
-from pl_parablock.blocks import make_schedule, partition_model
-from pl_parablock.config import ModelSection
+from pl_parablock.client.runner import quiet_third_party
+from pl_parablock.client.transmitter import Handoff, Transmitter
+from pl_parablock.client.transport import GrpcTransport
+from pl_parablock.core.blocks import make_schedule, partition_model
 from pl_parablock.data import ClientDataModule, synthetic_records
-from pl_parablock.federation import GrpcTransport, Link
-from pl_parablock.models import build_model
-from pl_parablock.runner import quiet_third_party
-from pl_parablock.transmitter import Handoff, Transmitter
+from pl_parablock.model.build import build_model
+from pl_parablock.recipe.schema import ModelSection
+from pl_parablock.wire.link import Link
 
 MODEL = {
     "model_type": "llama",

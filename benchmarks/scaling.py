@@ -38,9 +38,9 @@ from typing import Any
 import torch
 from _common import SMALL_LLAMA, ServerProcess, block_fingerprint, finish, machine, median, say
 
-from pl_parablock.blocks import partition_model
-from pl_parablock.config import ModelSection
-from pl_parablock.models import build_model
+from pl_parablock.core.blocks import partition_model
+from pl_parablock.model.build import build_model
+from pl_parablock.recipe.schema import ModelSection
 
 MODEL = SMALL_LLAMA
 LAYER_MB = "0.74"
@@ -70,7 +70,7 @@ def _cpu_s(pid: int | None = None) -> float:
 
 def worker(cid: int, conn: Connection, kinds: dict[str, list[dict[str, torch.Tensor]]]) -> None:
     """A client process: on ``(address, rounds, kind)`` run a federation as client ``cid``, answer its timings."""
-    from pl_parablock.federation import GrpcTransport
+    from pl_parablock.client.transport import GrpcTransport
 
     torch.set_num_threads(1)
     while True:

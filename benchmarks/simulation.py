@@ -77,7 +77,7 @@ def _mean_compute(report: dict[str, Any]) -> float:
 
 def _retime(report: dict[str, Any], factor: float) -> float:
     """The simulated wall-clock of a simulator run's measured rounds with every client's compute factor set to ``factor``."""
-    from pl_parablock.config import load_recipe
+    from pl_parablock.recipe.schema import load_recipe
     from pl_parablock.simulation.clock import SimClock
     from pl_parablock.simulation.profile import resolve_profiles
 
@@ -105,7 +105,7 @@ def _retime(report: dict[str, Any], factor: float) -> float:
 
 
 def clock_check(rounds: int, root: str) -> list[dict[str, Any]]:
-    from pl_parablock.config import load_recipe
+    from pl_parablock.recipe.schema import load_recipe
     from pl_parablock.simulate import simulate
 
     runs: dict[str, dict[str, Any]] = {}
@@ -154,7 +154,7 @@ def clock_check(rounds: int, root: str) -> list[dict[str, Any]]:
 
 
 def _recipe(clients: int, per_round: int, rounds: int, out: str) -> Any:
-    from pl_parablock.config import load_recipe
+    from pl_parablock.recipe.schema import load_recipe
 
     return load_recipe(
         QUICKSTART,
@@ -202,10 +202,11 @@ def _plain_client(recipe: Any) -> dict[str, Any]:
     """
     import warnings
 
-    from pl_parablock.algorithm import RoundStart, activate, make_plan
-    from pl_parablock.blocks import freeze_to_blocks, partition_model
-    from pl_parablock.models import build_model
-    from pl_parablock.module import ParaBlockModule
+    from pl_parablock.core.blocks import freeze_to_blocks, partition_model
+    from pl_parablock.core.client import RoundStart, activate
+    from pl_parablock.core.plan import make_plan
+    from pl_parablock.model.build import build_model
+    from pl_parablock.model.module import ParaBlockModule
     from pl_parablock.simulation.virtual import ClientShards, VirtualClient
 
     f, b, tr = recipe.federation, recipe.blocks, recipe.train

@@ -53,10 +53,11 @@ import grpc
 import torch
 from _common import MB, ServerProcess, block_fingerprint, finish, machine, median, say
 
-from pl_parablock.federation import GrpcTransport, RoundAccumulator
-from pl_parablock.federation.aggregator import _check_values
-from pl_parablock.federation.channel import CLIENT_OPTIONS
-from pl_parablock.federation.wire import StagedTensors, decode, encode
+from pl_parablock.client.transport import GrpcTransport
+from pl_parablock.core.aggregate import RoundAccumulator
+from pl_parablock.server.aggregator import _check_values
+from pl_parablock.wire.channel import CLIENT_OPTIONS
+from pl_parablock.wire.framing import StagedTensors, decode, encode
 
 
 def _socket_round_trip(sock: socket.socket, payload: memoryview, into: memoryview) -> float:

@@ -2,7 +2,7 @@
 
 The server runs elsewhere (``python -m pl_parablock.fit recipe.yaml --role
 server``). A client config puts the model under ``model``, the data under
-``data``, and :class:`~pl_parablock.strategy.FederatedBlockStrategy` under
+``data``, and :class:`~pl_parablock.client.strategy.FederatedBlockStrategy` under
 ``trainer.callbacks``::
 
     python -m pl_parablock.cli fit --config client.yaml
@@ -25,12 +25,21 @@ from lightning.pytorch.cli import LightningCLI
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from pl_parablock.config import DataSection, FederationSection, ModelSection, PartitionSection, PeftSection, Recipe, TrainSection, validate
+from pl_parablock.client.strategy import FederatedBlockStrategy
 from pl_parablock.data import ClientDataModule, client_data
 from pl_parablock.errors import ConfigError, ParaBlockError
-from pl_parablock.models import build_model
-from pl_parablock.module import ParaBlockModule
-from pl_parablock.strategy import FederatedBlockStrategy
+from pl_parablock.model.build import build_model
+from pl_parablock.model.module import ParaBlockModule
+from pl_parablock.recipe.schema import (
+    DataSection,
+    FederationSection,
+    ModelSection,
+    PartitionSection,
+    PeftSection,
+    Recipe,
+    TrainSection,
+    validate,
+)
 
 __all__ = ["CausalLM", "FederatedData", "main"]
 

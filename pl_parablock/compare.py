@@ -27,8 +27,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from pl_parablock.config import load_recipe
 from pl_parablock.errors import ConfigError, ParaBlockError
+from pl_parablock.recipe.schema import load_recipe
 
 __all__ = ["COLUMNS", "collect_recipes", "main", "row_of"]
 

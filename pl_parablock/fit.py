@@ -31,7 +31,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pl_parablock.config import (
+from pl_parablock.errors import ParaBlockError
+from pl_parablock.recipe.schema import (
     Recipe,
     client_token,
     compression_of,
@@ -43,14 +44,13 @@ from pl_parablock.config import (
     to_yaml,
     weight_bound,
 )
-from pl_parablock.errors import ParaBlockError
-from pl_parablock.federation.aggregator import Aggregator
-from pl_parablock.federation.channel import TLS
-from pl_parablock.federation.inprocess import InProcessTransport
-from pl_parablock.federation.link import Link
-from pl_parablock.federation.server import FederationServer, tune_server_memory
-from pl_parablock.federation.service import FederationService
-from pl_parablock.federation.wire import MAX_LARGE_HEADER_BYTES
+from pl_parablock.server.aggregator import Aggregator
+from pl_parablock.server.grpc_server import FederationServer, tune_server_memory
+from pl_parablock.server.inprocess import InProcessTransport
+from pl_parablock.server.service import FederationService
+from pl_parablock.wire.channel import TLS
+from pl_parablock.wire.framing import MAX_LARGE_HEADER_BYTES
+from pl_parablock.wire.link import Link
 
 log = logging.getLogger("pl_parablock")
 
@@ -324,7 +324,7 @@ def federate_in_process(recipe: Recipe, progress: bool = False) -> tuple[Aggrega
     Returns the aggregator, the client runs and the wall time. The first
     client failure is raised (a :class:`ParaBlockError` as it is).
     """
-    from pl_parablock.runner import prepare_client, quiet_third_party
+    from pl_parablock.client.runner import prepare_client, quiet_third_party
 
     quiet_third_party()
     f = recipe.federation
@@ -408,7 +408,7 @@ def _serve(recipe: Recipe, listen: str) -> int:
 
 
 def _client(recipe: Recipe, client_id: int | None, server: str | None) -> int:
-    from pl_parablock.runner import prepare_client, quiet_third_party
+    from pl_parablock.client.runner import prepare_client, quiet_third_party
 
     if client_id is None or server is None:
         raise ParaBlockError("--role client needs --client-id I and --server HOST:PORT")

@@ -3,9 +3,9 @@
 No transmitter, no transport, no server process, no Lightning loop: each
 client's ``K`` local steps are a plain PyTorch loop over the same data
 loader, model and optimizer its real process builds, and the server's step
-is :class:`~pl_parablock.algorithm.RoundStep` on a
-:class:`~pl_parablock.algorithm.GlobalState`. Round ``t``: every client in
-turn first applies the aggregates :meth:`~pl_parablock.algorithm.ClientCore.awaiting`
+is :class:`~pl_parablock.core.server.RoundStep` on a
+:class:`~pl_parablock.core.server.GlobalState`. Round ``t``: every client in
+turn first applies the aggregates :meth:`~pl_parablock.core.client.ClientCore.awaiting`
 names, then trains (or skips) the round; then the round is aggregated.
 
 It is the oracle of the tests: a federation run (threads in one process, or
@@ -30,21 +30,14 @@ import torch
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
 
-from pl_parablock.algorithm import (
-    ClientCore,
-    GlobalState,
-    RoundStart,
-    RoundStep,
-    Update,
-    activate,
-    decode_broadcast,
-    decode_update,
-    make_plan,
-)
-from pl_parablock.config import Recipe, compression_of, server_optimizer_of
+from pl_parablock.client.runner import prepare_client
+from pl_parablock.core.client import ClientCore, RoundStart, Update, activate
+from pl_parablock.core.codecs import decode_broadcast, decode_update
+from pl_parablock.core.plan import make_plan
+from pl_parablock.core.server import GlobalState, RoundStep
 from pl_parablock.errors import ConfigError
-from pl_parablock.module import ParaBlockModule
-from pl_parablock.runner import prepare_client
+from pl_parablock.model.module import ParaBlockModule
+from pl_parablock.recipe.schema import Recipe, compression_of, server_optimizer_of
 
 __all__ = ["ReferenceResult", "plain_steps", "run_reference"]
 

@@ -38,9 +38,9 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from pl_parablock.config import Recipe, to_dict
 from pl_parablock.errors import ParaBlockError
-from pl_parablock.federation.link import Link
+from pl_parablock.recipe.schema import Recipe, to_dict
+from pl_parablock.wire.link import Link
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

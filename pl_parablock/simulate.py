@@ -35,9 +35,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pl_parablock.config import Recipe, load_recipe, to_yaml
 from pl_parablock.errors import ParaBlockError
-from pl_parablock.federation.link import Link
+from pl_parablock.recipe.schema import Recipe, load_recipe, to_yaml
+from pl_parablock.wire.link import Link
 
 __all__ = ["main", "simulate"]
 
@@ -89,8 +89,8 @@ def _describe_links(recipe: Recipe) -> str:
 
 def simulate(recipe: Recipe, *, progress: bool = False) -> dict[str, Any]:
     """Run ``recipe`` in the simulator; write ``report.json``, the pictures and ``model/``; return the report."""
+    from pl_parablock.client.runner import quiet_third_party
     from pl_parablock.report import build_report, write_pictures, write_report
-    from pl_parablock.runner import quiet_third_party
     from pl_parablock.simulation.driver import run_simulation
 
     quiet_third_party()

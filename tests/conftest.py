@@ -10,7 +10,7 @@ import pytest
 import torch
 import tqdm
 
-from pl_parablock.runner import quiet_third_party
+from pl_parablock.client.runner import quiet_third_party
 
 quiet_third_party()
 torch.set_num_threads(1)

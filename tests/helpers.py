@@ -11,11 +11,13 @@ import lightning.pytorch as pl
 import torch
 
 from pl_parablock import FederatedBlockStrategy, ParaBlockModule
-from pl_parablock.config import ModelSection
 from pl_parablock.data import ClientDataModule, synthetic_records
-from pl_parablock.federation import Aggregator, FederationService, InProcessTransport, Link
-from pl_parablock.federation.service import Caller
-from pl_parablock.models import build_model
+from pl_parablock.model.build import build_model
+from pl_parablock.recipe.schema import ModelSection
+from pl_parablock.server.aggregator import Aggregator
+from pl_parablock.server.inprocess import InProcessTransport
+from pl_parablock.server.service import Caller, FederationService
+from pl_parablock.wire.link import Link
 
 TINY_LLAMA = {
     "model_type": "llama",
@@ -110,7 +112,7 @@ eval: {max_samples: 4, max_new_tokens: 2}
 
 def tiny_recipe(tmp_path: Any, *overrides: str, output: str = "run") -> Any:
     """The tiny recipe with dotlist ``overrides``, written to ``tmp_path/recipe.yaml``, output under ``tmp_path/output``."""
-    from pl_parablock.config import load_recipe
+    from pl_parablock.recipe.schema import load_recipe
 
     path = tmp_path / "recipe.yaml"
     path.write_text(TINY_RECIPE)

@@ -29,7 +29,7 @@ from pl_parablock.data.synthetic import MATH_CATEGORIES, synthetic_records
 from pl_parablock.errors import DataError
 
 if TYPE_CHECKING:  # the recipe's schema imports the data formats from this package
-    from pl_parablock.config import Recipe
+    from pl_parablock.recipe.schema import Recipe
 
 __all__ = [
     "MATH_CATEGORIES",

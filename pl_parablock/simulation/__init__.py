@@ -10,6 +10,6 @@
 * :mod:`~pl_parablock.simulation.driver`: the round loop over the algorithm
   core, the report and the saved model.
 
-Nothing is imported here, so that :mod:`pl_parablock.config` can import the
+Nothing is imported here, so that :mod:`pl_parablock.recipe.schema` can import the
 profile's checks without importing the simulator.
 """

@@ -9,7 +9,7 @@ round, from each client's measured compute time (times its profile's
   and ``fedavg``, round ``t − 2``'s in ``parablock`` (round ``t`` starts at
   once after round ``t − 1``'s compute);
 * the client's **transmitter** takes its hand-offs in order (as
-  :class:`~pl_parablock.transmitter.Transmitter` does): it uploads round
+  :class:`~pl_parablock.client.transmitter.Transmitter` does): it uploads round
   ``t``'s block when the compute ended and it finished the previous
   hand-off, waits for the aggregate, downloads it. A round the client is not
   sampled for only downloads the aggregate;
@@ -22,7 +22,7 @@ round, from each client's measured compute time (times its profile's
   round's uploads may overlap the previous round's late downloads);
 * a **round closes** when its last sampled client's update arrived, or,
   with ``round_timeout_s``, at ``first arrival + round_timeout_s`` once
-  ``min_clients`` arrived (the :class:`~pl_parablock.federation.aggregator.Aggregator`'s
+  ``min_clients`` arrived (the :class:`~pl_parablock.server.aggregator.Aggregator`'s
   rule); an update arriving after the close is late: the server drops it;
 * the **aggregate** is ready ``aggregation_s`` after the close.
 

@@ -4,7 +4,7 @@ Round ``t``: the executor runs the round's sampled clients on the shared
 model (each applies the aggregates it awaits, trains ``K`` steps, ends the
 round, in client-id order); the clock times their computes and uploads and
 closes the round; the updates that arrived in time are added to the round's
-:class:`~pl_parablock.algorithm.RoundStep` in client-id order, as the
+:class:`~pl_parablock.core.server.RoundStep` in client-id order, as the
 reference and the server do; the aggregate is installed and the shared
 model takes it. So for the same recipe the final global model is the
 process federation's, bitwise (with ``round_timeout_s``, which updates are
@@ -24,12 +24,16 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from pl_parablock.algorithm import RoundStep, Update, decode_update, digest, make_plan
-from pl_parablock.blocks import freeze_to_blocks, partition_model, whole_model_partition
-from pl_parablock.config import Recipe, compression_of, server_optimizer_of
+from pl_parablock.core.blocks import freeze_to_blocks, partition_model, whole_model_partition
+from pl_parablock.core.client import Update
+from pl_parablock.core.codecs import decode_update
+from pl_parablock.core.plan import make_plan
+from pl_parablock.core.server import RoundStep
+from pl_parablock.core.tensors import digest
 from pl_parablock.errors import ConfigError
-from pl_parablock.models import build_model, save_merged
-from pl_parablock.module import ParaBlockModule
+from pl_parablock.model.build import build_model, save_merged
+from pl_parablock.model.module import ParaBlockModule
+from pl_parablock.recipe.schema import Recipe, compression_of, server_optimizer_of
 from pl_parablock.simulation.clock import RoundClose, SimClock
 from pl_parablock.simulation.profile import resolve_profiles
 from pl_parablock.simulation.virtual import ClientShards, RoundExecutor, ServerBlocks, SharedModelExecutor, VirtualClient
@@ -316,7 +320,7 @@ def _merge_clock(reports: dict[int, dict[str, Any]], timed: dict[int, list[dict[
 def _evaluation(recipe: Recipe, tokenizer: Any, records: list[dict[str, Any]]) -> Any:
     if not records:
         return None
-    from pl_parablock.evaluation import GlobalEvaluation
+    from pl_parablock.client.evaluation import GlobalEvaluation
 
     t = recipe.train
     return GlobalEvaluation(

@@ -19,7 +19,7 @@ rate column is an unlimited rate.
 A client's compute time in the simulated clock is its measured step time
 times its ``compute_factor``; its transfers take ``latency_ms`` once plus
 the bytes at its rate, as the emulated link paces them
-(:class:`~pl_parablock.federation.link.Link`).
+(:class:`~pl_parablock.wire.link.Link`).
 """
 
 from __future__ import annotations

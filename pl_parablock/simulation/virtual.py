@@ -5,7 +5,7 @@ A virtual client holds only what the algorithm needs between its rounds
 the pooled data) and position in it, its RNG state, the blocks it holds that
 differ from the global (the block it trained and whose aggregate it has not
 applied yet), and its optimizer state when the recipe keeps it — all on the
-CPU. Its :class:`~pl_parablock.algorithm.ClientCore` exists only while it
+CPU. Its :class:`~pl_parablock.core.client.ClientCore` exists only while it
 has something in flight: a client not sampled for a round needs nothing
 until it is sampled again, when its core is rebuilt in exactly the state the
 core reaches by skipping those rounds (see :meth:`SharedModelExecutor.materialize`).
@@ -22,11 +22,14 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from pl_parablock.algorithm import AlgorithmError, ClientCore, Compression, GlobalState, Plan, RoundStart, Update, activate
+from pl_parablock.core.client import ClientCore, RoundStart, Update, activate
+from pl_parablock.core.codecs import Compression
+from pl_parablock.core.plan import AlgorithmError, Plan
+from pl_parablock.core.server import GlobalState
 from pl_parablock.data import client_data, client_shares, collate, encode_record, pack_examples
 from pl_parablock.data.module import EpochShuffle, adds_bos
 from pl_parablock.errors import DataError
-from pl_parablock.module import ParaBlockModule
+from pl_parablock.model.module import ParaBlockModule
 from pl_parablock.reference import plain_steps
 
 __all__ = ["ClientShards", "RoundExecutor", "RoundResult", "ServerBlocks", "SharedModelExecutor", "VirtualClient"]
@@ -175,7 +178,7 @@ class VirtualClient:
 
 
 class ServerBlocks:
-    """The server's global blocks (a :class:`~pl_parablock.algorithm.GlobalState`) and the one version a lagging client may still need.
+    """The server's global blocks (a :class:`~pl_parablock.core.server.GlobalState`) and the one version a lagging client may still need.
 
     At round ``t`` every round before it is closed; a ``parablock`` client
     holds the aggregates up to round ``t − 2``, so besides the current values
@@ -329,8 +332,8 @@ class SharedModelExecutor:
         It holds the global after the last round its mode has applied before
         ``round_index`` (``round_index − 1``; ``parablock``: ``round_index − 2``,
         and round ``round_index − 1``, which it did not train, skipped). The
-        core is rebuilt through its join path (:meth:`~pl_parablock.algorithm.ClientCore.restart_at`,
-        :meth:`~pl_parablock.algorithm.ClientCore.adopt`) and then skips the
+        core is rebuilt through its join path (:meth:`~pl_parablock.core.client.ClientCore.restart_at`,
+        :meth:`~pl_parablock.core.client.ClientCore.adopt`) and then skips the
         rounds between, as the real client's core did.
         """
         plan = self.plan

@@ -27,10 +27,13 @@ import grpc
 import pytest
 import torch
 
+from pl_parablock.client.transport import GrpcTransport
 from pl_parablock.errors import FederationError, TransportError
-from pl_parablock.federation import Aggregator, FederationServer, FederationService, GrpcTransport
-from pl_parablock.federation.channel import SERVICE_NAME, token_metadata
-from pl_parablock.federation.wire import MAX_LARGE_HEADER_BYTES, header_bytes
+from pl_parablock.server.aggregator import Aggregator
+from pl_parablock.server.grpc_server import FederationServer
+from pl_parablock.server.service import FederationService
+from pl_parablock.wire.channel import SERVICE_NAME, token_metadata
+from pl_parablock.wire.framing import MAX_LARGE_HEADER_BYTES, header_bytes
 from tests.helpers import wait_until
 
 ROUNDS = 3
@@ -617,7 +620,7 @@ def test_enormous_deep_or_out_of_range_headers_get_one_line(clean, no_tracebacks
 
 def test_the_server_waits_federation_timeout_s_for_every_leave(clean, monkeypatch, tmp_path, no_tracebacks):
     from pl_parablock import fit
-    from pl_parablock.config import load_recipe
+    from pl_parablock.recipe.schema import load_recipe
 
     recipe = load_recipe(None, ["federation.timeout_s=4", f"output_dir={tmp_path}"])
     assert fit.leave_grace_s(recipe) == 4.0, "as long as a network wait may take, not a fixed 30 s"

@@ -11,7 +11,9 @@ import pytest
 import yaml
 
 from pl_parablock.cli import CLI_DATA_FIELDS, CLI_MODEL_FIELDS, CausalLM, FederatedData
-from pl_parablock.federation import Aggregator, FederationServer, FederationService
+from pl_parablock.server.aggregator import Aggregator
+from pl_parablock.server.grpc_server import FederationServer
+from pl_parablock.server.service import FederationService
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -21,8 +21,12 @@ from typing import Any
 import pytest
 import torch
 
-from pl_parablock.federation import Aggregator, FederationServer, FederationService, GrpcTransport, dataplane
-from pl_parablock.federation.wire import encode, header_bytes
+from pl_parablock.client.transport import GrpcTransport
+from pl_parablock.server.aggregator import Aggregator
+from pl_parablock.server.grpc_server import FederationServer
+from pl_parablock.server.service import FederationService
+from pl_parablock.wire import dataplane
+from pl_parablock.wire.framing import encode, header_bytes
 from tests.helpers import CountingService, wait_until
 
 N = 1 << 20  # a 4 MB block: many chunks
@@ -106,7 +110,7 @@ def test_without_a_data_plane_or_when_it_cannot_be_reached_blocks_go_over_grpc(c
         transport.upload_state(0, {"w": torch.zeros(N)}, 10.0)
         assert server.data_plane is not None
         server.data_plane.stop()  # its port closes, as behind a firewall that opens the gRPC port only
-        with caplog.at_level(logging.WARNING, logger="pl_parablock.federation.transport"):
+        with caplog.at_level(logging.WARNING, logger="pl_parablock.client.transport"):
             assert transport.push(push_header(0), update, 10.0).accepted
             assert torch.equal(transport.pull(0, 0, 10.0).tensors["w"], update["w"])
         said = [r.getMessage() for r in caplog.records if "data plane" in r.getMessage()]
@@ -242,7 +246,7 @@ def test_a_client_that_stops_reading_a_data_plane_download_is_cut_at_the_deadlin
 
 @pytest.mark.parametrize("bad", [-1, 65536, True])
 def test_a_data_port_out_of_range_is_named(tmp_path, bad):
-    from pl_parablock.config import ConfigError, load_recipe
+    from pl_parablock.recipe.schema import ConfigError, load_recipe
 
     with pytest.raises(ConfigError, match="federation.data_port"):
         load_recipe(None, [f"federation.data_port={str(bad).lower()}"])

@@ -8,7 +8,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from pl_parablock import FederatedBlockStrategy
-from pl_parablock.federation import Aggregator, FederationServer, FederationService
+from pl_parablock.server.aggregator import Aggregator
+from pl_parablock.server.grpc_server import FederationServer
+from pl_parablock.server.service import FederationService
 from tests.helpers import run_clients
 
 

@@ -9,10 +9,14 @@ import pytest
 import torch
 
 from pl_parablock import FederatedBlockStrategy
+from pl_parablock.client.strategy import model_fingerprint
+from pl_parablock.client.transport import GrpcTransport
 from pl_parablock.errors import FederationError
-from pl_parablock.federation import TLS, Aggregator, FederationServer, FederationService, GrpcTransport
-from pl_parablock.federation.wire import header_bytes
-from pl_parablock.strategy import model_fingerprint
+from pl_parablock.server.aggregator import Aggregator
+from pl_parablock.server.grpc_server import FederationServer
+from pl_parablock.server.service import FederationService
+from pl_parablock.wire.channel import TLS
+from pl_parablock.wire.framing import header_bytes
 from tests.helpers import federated_client, params, run_clients, service, tiny_data, tiny_module, tiny_trainer
 
 ROUNDS = 4
@@ -35,7 +39,7 @@ def clean_global() -> dict[str, torch.Tensor]:
 
 def test_dropped_and_corrupted_transfers_are_retried_without_double_application(clean_global, monkeypatch):
     monkeypatch.setenv("PL_PARABLOCK_TEST_FAULTS", "drop_after_push=2,corrupt_push=4,drop_pull=2")
-    monkeypatch.setattr("pl_parablock.transmitter.BACKOFF_S", (0.05, 0.2))
+    monkeypatch.setattr("pl_parablock.client.transmitter.BACKOFF_S", (0.05, 0.2))
     svc = service(2, ROUNDS, "sync")
     jobs = two_clients(svc)
     run_clients([job[:3] for job in jobs])

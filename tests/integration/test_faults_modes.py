@@ -19,10 +19,12 @@ import pytest
 import torch
 
 from pl_parablock import FederatedBlockStrategy
-from pl_parablock.federation import Aggregator, FederationService, InProcessTransport
-from pl_parablock.federation.transport import Faults
+from pl_parablock.client.transport import Faults
 from pl_parablock.fit import federate_in_process
 from pl_parablock.reference import run_reference
+from pl_parablock.server.aggregator import Aggregator
+from pl_parablock.server.inprocess import InProcessTransport
+from pl_parablock.server.service import FederationService
 from tests.helpers import params, run_clients, tiny_data, tiny_module, tiny_recipe, tiny_trainer
 
 
@@ -32,7 +34,7 @@ def test_dropped_corrupted_and_delayed_transfers_end_on_the_reference_global(mod
     reference = run_reference(recipe)
 
     monkeypatch.setenv("PL_PARABLOCK_TEST_FAULTS", "drop_after_push=2,corrupt_push=4,drop_pull=3,delay_push_s=0.05")
-    monkeypatch.setattr("pl_parablock.transmitter.BACKOFF_S", (0.05, 0.2))
+    monkeypatch.setattr("pl_parablock.client.transmitter.BACKOFF_S", (0.05, 0.2))
     agg, runs, _ = federate_in_process(recipe)
 
     glob = agg.global_state()

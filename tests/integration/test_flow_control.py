@@ -21,9 +21,12 @@ import grpc
 import pytest
 import torch
 
-from pl_parablock.federation import Aggregator, FederationServer, FederationService, GrpcTransport
-from pl_parablock.federation.channel import SERVICE_NAME
-from pl_parablock.federation.wire import encode, header_bytes
+from pl_parablock.client.transport import GrpcTransport
+from pl_parablock.server.aggregator import Aggregator
+from pl_parablock.server.grpc_server import FederationServer
+from pl_parablock.server.service import FederationService
+from pl_parablock.wire.channel import SERVICE_NAME
+from pl_parablock.wire.framing import encode, header_bytes
 from tests.helpers import CountingService, wait_until
 
 BLOCK = {"w": torch.linspace(-1.0, 1.0, 4096)}
@@ -41,7 +44,7 @@ def push_header(client: int) -> dict[str, Any]:
 
 @pytest.mark.parametrize("data_plane", [True, False], ids=["data-plane", "grpc"])
 def test_uploads_beyond_max_uploads_wait_their_turn_having_sent_nothing(data_plane, monkeypatch):
-    from pl_parablock.federation import transport as transport_module
+    from pl_parablock.client import transport as transport_module
 
     sent: list[int] = []  # messages the waiting client's upload has produced
 
@@ -197,8 +200,8 @@ def test_a_client_that_stops_reading_a_download_holds_no_block_and_is_cut_at_the
 
 
 def test_the_default_window_is_grpcs_adaptive_one_and_a_fixed_one_is_a_choice():
-    from pl_parablock.config import FederationSection
-    from pl_parablock.federation import server as server_module
+    from pl_parablock.recipe.schema import FederationSection
+    from pl_parablock.server import grpc_server as server_module
 
     assert FederationSection().receive_window_kb is None and server_module.RECEIVE_WINDOW_KB is None
     agg = Aggregator(clients=1, rounds=1)

@@ -8,9 +8,9 @@ import io
 
 import pytest
 
-from pl_parablock.config import load_recipe
 from pl_parablock.errors import ConfigError
 from pl_parablock.fit import RoundPrinter, federate_in_process
+from pl_parablock.recipe.schema import load_recipe
 from tests.helpers import tiny_recipe
 
 

@@ -10,7 +10,9 @@ import textwrap
 import pytest
 import torch
 
-from pl_parablock.federation import Aggregator, FederationServer, FederationService
+from pl_parablock.server.aggregator import Aggregator
+from pl_parablock.server.grpc_server import FederationServer
+from pl_parablock.server.service import FederationService
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -20,7 +22,7 @@ SCRIPT = textwrap.dedent(
     import lightning.pytorch as pl
     import torch
     from pl_parablock import FederatedBlockStrategy
-    from pl_parablock.runner import quiet_third_party
+    from pl_parablock.client.runner import quiet_third_party
     from tests.helpers import tiny_data, tiny_module
 
     quiet_third_party()

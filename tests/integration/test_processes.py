@@ -165,7 +165,9 @@ def test_a_corrupt_client_checkpoint_exits_2_naming_it(recipe, tmp_path):
 
 
 def test_a_client_with_another_model_is_refused_and_exits_2(recipe, tmp_path):
-    from pl_parablock.federation import Aggregator, FederationServer, FederationService
+    from pl_parablock.server.aggregator import Aggregator
+    from pl_parablock.server.grpc_server import FederationServer
+    from pl_parablock.server.service import FederationService
 
     agg = Aggregator(clients=2, rounds=2, mode="parablock")
     server = FederationServer(FederationService(agg))

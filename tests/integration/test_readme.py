@@ -22,7 +22,7 @@ def test_readme_example_runs(code, tmp_path, monkeypatch):
 
 
 def test_the_recipe_reference_is_the_schema():
-    from pl_parablock.config import reference_markdown
+    from pl_parablock.recipe.schema import reference_markdown
 
     text = open(README, encoding="utf-8").read()
     start, end = "<!-- recipe-reference:start -->\n", "\n<!-- recipe-reference:end -->"
@@ -36,7 +36,9 @@ def test_the_readme_cli_client_runs_against_a_server(tmp_path):
 
     import yaml
 
-    from pl_parablock.federation import Aggregator, FederationServer, FederationService
+    from pl_parablock.server.aggregator import Aggregator
+    from pl_parablock.server.grpc_server import FederationServer
+    from pl_parablock.server.service import FederationService
 
     block = next(b for b in re.findall(r"```yaml\n(.*?)```", open(README, encoding="utf-8").read(), flags=re.S) if "class_path" in b)
     config = yaml.safe_load(block)

@@ -39,7 +39,7 @@ import sys
 import pytest
 import torch
 
-from pl_parablock.algorithm import digest
+from pl_parablock.core.tensors import digest
 from pl_parablock.fit import federate_in_process
 from pl_parablock.reference import run_reference
 from tests.helpers import tiny_recipe
@@ -119,7 +119,7 @@ def test_in_process_federation_equals_the_reference_bitwise(case, tmp_path):
 
 def test_reference_moves_the_model(tmp_path):
     """Not a vacuous oracle: the reference trains, and clients that differ in data end apart before the last aggregate."""
-    from pl_parablock.models import build_model
+    from pl_parablock.model.build import build_model
 
     recipe = recipe_for(tmp_path, ["mode=sync", "federation.rounds=2"])
     reference = run_reference(recipe)
@@ -166,10 +166,11 @@ def test_a_client_starting_late_still_starts_at_round_0(tmp_path):
     import threading
     import time
 
-    from pl_parablock.config import client_token, server_token
-    from pl_parablock.federation import FederationService, InProcessTransport
+    from pl_parablock.client.runner import prepare_client
     from pl_parablock.fit import _aggregator
-    from pl_parablock.runner import prepare_client
+    from pl_parablock.recipe.schema import client_token, server_token
+    from pl_parablock.server.inprocess import InProcessTransport
+    from pl_parablock.server.service import FederationService
 
     recipe = recipe_for(tmp_path, CASES["parablock-4-random-sampled"])
     reference = run_reference(recipe)

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmar
 
 from _common import MB, ServerProcess, block_fingerprint
 
-from pl_parablock.federation import GrpcTransport
+from pl_parablock.client.transport import GrpcTransport
 
 CLIENTS, BLOCK_MB = 8, 32
 

@@ -31,7 +31,7 @@ import time
 import pytest
 import torch
 
-from pl_parablock.algorithm import digest
+from pl_parablock.core.tensors import digest
 from pl_parablock.fit import federate_in_process
 from pl_parablock.reference import run_reference
 from pl_parablock.simulate import main as simulate_main

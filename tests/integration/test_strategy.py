@@ -63,7 +63,7 @@ def test_only_floating_wire_dtypes_and_shard_weighting_with_a_shard_size_are_acc
 
 
 def test_an_explicit_token_wins_over_the_environment(monkeypatch):
-    from pl_parablock.session import ClientSession
+    from pl_parablock.client.session import ClientSession
 
     monkeypatch.setenv("PL_PARABLOCK_TOKEN", "from-env")
     explicit = ClientSession("127.0.0.1:1", 0, timeout_s=1.0, token="explicit")

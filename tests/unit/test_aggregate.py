@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pl_parablock.aggregate import RoundAccumulator
-from pl_parablock.algorithm import rebase
+from pl_parablock.core.aggregate import RoundAccumulator
+from pl_parablock.core.client import rebase
 
 
 def test_rebase_adds_local_progress_to_the_aggregate():
@@ -72,7 +72,7 @@ def test_bad_inputs():
 
 
 def test_pieces_add_up_to_the_whole_tensor_bitwise():
-    from pl_parablock.aggregate import PIECE_ELEMS, pieces_of
+    from pl_parablock.core.aggregate import PIECE_ELEMS, pieces_of
 
     gen = torch.Generator().manual_seed(0)
     xs = [torch.randn(PIECE_ELEMS + 999, generator=gen) for _ in range(3)]

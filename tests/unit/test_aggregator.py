@@ -7,12 +7,13 @@ import time
 import pytest
 import torch
 
-from pl_parablock.aggregate import PIECE_ELEMS
-from pl_parablock.blocks import Block, Partition
+from pl_parablock.core.aggregate import PIECE_ELEMS
+from pl_parablock.core.blocks import Block, Partition
 from pl_parablock.errors import FederationError
-from pl_parablock.federation import Aggregator, FederationService, InProcessTransport, RefusedError
-from pl_parablock.federation.aggregator import _all_finite
-from pl_parablock.federation.wire import StagedTensors, dtype_name, encode, parse_header
+from pl_parablock.server.aggregator import Aggregator, RefusedError, _all_finite
+from pl_parablock.server.inprocess import InProcessTransport
+from pl_parablock.server.service import FederationService
+from pl_parablock.wire.framing import StagedTensors, dtype_name, encode, parse_header
 
 STATE = {"l0.w": torch.ones(4, 3), "l0.b": torch.zeros(3), "l1.w": torch.full((2, 2), 2.0)}
 PART = Partition((Block(0, "layers.0", ("l0.w", "l0.b")), Block(1, "layers.1", ("l1.w",))))
@@ -254,7 +255,7 @@ def test_the_service_requires_the_token_before_anything_changes():
 
 
 def test_a_long_poll_that_times_out_polls_again(monkeypatch):
-    monkeypatch.setattr("pl_parablock.federation.transport.POLL_S", 0.1)
+    monkeypatch.setattr("pl_parablock.client.transport.POLL_S", 0.1)
     agg = joined()
     transport = InProcessTransport(FederationService(agg))
     result = {}
@@ -349,7 +350,7 @@ def test_finite_check_is_exact_for_every_dtype():
 
 
 def test_the_server_optimizer_state_is_in_the_checkpoint(tmp_path):
-    from pl_parablock.algorithm import make_server_optimizer
+    from pl_parablock.core.optimizers import make_server_optimizer
 
     agg = joined(server_optimizer=make_server_optimizer("adam", lr=0.1))
     for r, block in ((0, 0), (1, 1)):
@@ -480,7 +481,7 @@ def test_leave_needs_a_join_and_pushes_need_an_open_round():
 
 
 def test_refusals_are_recorded_up_to_a_bound_and_counted_beyond():
-    from pl_parablock.federation.aggregator import MAX_RECORDED_REJECTIONS
+    from pl_parablock.server.aggregator import MAX_RECORDED_REJECTIONS
 
     agg = joined()
     for _ in range(MAX_RECORDED_REJECTIONS + 50):
@@ -507,8 +508,7 @@ def test_updates_wait_until_every_client_joined_once_or_the_gather_time_passed()
 
 
 def test_a_compressed_update_of_another_codec_or_forged_is_refused_and_nothing_is_summed():
-    from pl_parablock.algorithm import Compression
-    from pl_parablock.compression import encode_block, make_codec
+    from pl_parablock.core.codecs import Compression, encode_block, make_codec
 
     def int8_update(client, value, codec="int8"):
         header = {"client_id": client, "round": 0, "block": 0, "kind": "delta", "base_version": -1, "weight": 1.0, "codec": codec}

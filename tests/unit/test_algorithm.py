@@ -5,8 +5,8 @@ Each client's "training" is a fixed affine map of its local block,
 value below is exact and any two correct implementations agree bitwise.
 :func:`spec_run` is the algorithm as DESIGN.md states it, written plainly
 (one dict of blocks per client, the rebase as a formula); :func:`core_run`
-drives :class:`~pl_parablock.algorithm.ClientCore` and the server's
-:class:`~pl_parablock.algorithm.RoundStep` / :class:`~pl_parablock.algorithm.GlobalState`
+drives :class:`~pl_parablock.core.client.ClientCore` and the server's
+:class:`~pl_parablock.core.server.RoundStep` / :class:`~pl_parablock.core.server.GlobalState`
 as every driver does.
 
 Wrong variants tried on the core (each made a test here fail, then was restored):
@@ -31,18 +31,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pl_parablock.algorithm import (
-    AlgorithmError,
-    ClientCore,
-    GlobalState,
-    RoundStep,
-    Superseded,
-    client_weight,
-    cyclic_assignment,
-    make_plan,
-    make_server_optimizer,
-    rebase,
-)
+from pl_parablock.core.client import ClientCore, rebase
+from pl_parablock.core.optimizers import make_server_optimizer
+from pl_parablock.core.plan import AlgorithmError, client_weight, cyclic_assignment, make_plan
+from pl_parablock.core.server import GlobalState, RoundStep, Superseded
 
 SHAPE = (3,)
 

@@ -6,7 +6,7 @@ import pytest
 import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from pl_parablock.blocks import find_layer_list, make_schedule, partition_model, whole_model_partition
+from pl_parablock.core.blocks import find_layer_list, make_schedule, partition_model, whole_model_partition
 from pl_parablock.errors import ModelError
 
 CONFIGS = {

@@ -18,10 +18,11 @@ import math
 import pytest
 import torch
 
-from pl_parablock.algorithm import ClientCore, Compression, GlobalState, make_plan
-from pl_parablock.compression import (
+from pl_parablock.core.client import ClientCore
+from pl_parablock.core.codecs import (
     CODECS,
     CodecError,
+    Compression,
     ErrorFeedback,
     advance,
     block_problem,
@@ -29,6 +30,8 @@ from pl_parablock.compression import (
     encode_block,
     make_codec,
 )
+from pl_parablock.core.plan import make_plan
+from pl_parablock.core.server import GlobalState
 
 TOLERANCE = {"none": 0.0, "bf16": 4e-3, "fp16": 1e-3, "int8": 1e-2, "fp8": 7e-2, "int4": 0.15}
 BYTES = {"none": 1.0, "bf16": 0.5, "fp16": 0.5, "int8": 0.26, "fp8": 0.26, "int4": 0.14, "topk": 0.03}
@@ -187,7 +190,8 @@ def test_a_client_training_the_block_forms_g_plus_d_from_its_copy_of_the_global(
         up = core.end(samples=1, tokens=1, shard=1, weighting="samples")
         assert up.kind == "delta" and up.codec == "int8"
         up.encode()
-        from pl_parablock.algorithm import RoundStep, decode_update
+        from pl_parablock.core.codecs import decode_update
+        from pl_parablock.core.server import RoundStep
 
         step = RoundStep(t, 0)
         step.add(decode_update(c, up.codec, up.tensors, state.values[0]), up.weight, "delta")

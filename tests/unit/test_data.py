@@ -9,7 +9,7 @@ import pytest
 from pl_parablock.data import dirichlet_partition, encode_example, iid_partition, load_records, synthetic_records
 from pl_parablock.data.module import collate
 from pl_parablock.errors import DataError
-from pl_parablock.models import offline_tokenizer
+from pl_parablock.model.build import offline_tokenizer
 
 
 def test_synthetic_records_are_deterministic_and_checkable():
@@ -98,7 +98,7 @@ def test_partitions_are_seeded():
 
 
 def recipe_for(tmp_path, *overrides: str):
-    from pl_parablock.config import load_recipe
+    from pl_parablock.recipe.schema import load_recipe
 
     return load_recipe(None, ["federation.clients=3", "eval.max_samples=4", *overrides])
 

@@ -9,7 +9,7 @@ import pytest
 from pl_parablock.data import encode_prompt, encode_record, load_records, read_records
 from pl_parablock.data.chat import chat_prompt, chat_segments
 from pl_parablock.errors import DataError
-from pl_parablock.models import offline_tokenizer
+from pl_parablock.model.build import offline_tokenizer
 from tests.helpers import ALPACA_ROWS, write_jsonl
 
 CHATML = (

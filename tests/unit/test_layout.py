@@ -31,27 +31,27 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.absp
 PACKAGE = "pl_parablock"
 
 CLIENT_SIDE = {
-    "pl_parablock.strategy",
-    "pl_parablock.session",
-    "pl_parablock.client",
-    "pl_parablock.rounds",
-    "pl_parablock.evaluation",
-    "pl_parablock.checkpoint",
-    "pl_parablock.transmitter",
-    "pl_parablock.runner",
-    "pl_parablock.federation.transport",
-    "pl_parablock.federation.link",
-    "pl_parablock.federation.channel",
-    "pl_parablock.federation.wire",
+    "pl_parablock.client.strategy",
+    "pl_parablock.client.session",
+    "pl_parablock.client.rounds",
+    "pl_parablock.client.ledger",
+    "pl_parablock.client.evaluation",
+    "pl_parablock.client.checkpoint",
+    "pl_parablock.client.transmitter",
+    "pl_parablock.client.runner",
+    "pl_parablock.client.transport",
+    "pl_parablock.wire.link",
+    "pl_parablock.wire.channel",
+    "pl_parablock.wire.framing",
 }
 SERVER_SIDE = {
-    "pl_parablock.federation.server",
-    "pl_parablock.federation.service",
-    "pl_parablock.federation.aggregator",
+    "pl_parablock.server.grpc_server",
+    "pl_parablock.server.service",
+    "pl_parablock.server.aggregator",
 }
-BOTH_SIDES = {"pl_parablock.federation", "pl_parablock.federation.inprocess"}
+BOTH_SIDES = {"pl_parablock.federation", "pl_parablock.server.inprocess"}
 CLIENT_MAY_NOT_IMPORT = SERVER_SIDE | BOTH_SIDES
-SERVER_MAY_NOT_IMPORT = {"pl_parablock.federation.transport"} | BOTH_SIDES
+SERVER_MAY_NOT_IMPORT = {"pl_parablock.client.transport"} | BOTH_SIDES
 
 
 def _modules() -> dict[str, tuple[str, bool]]:
@@ -95,7 +95,7 @@ def imports(tree: ast.AST, importer: str, *, is_package: bool = False, module_le
     """The package's modules that the code of module ``importer`` imports by name.
 
     ``from pl_parablock.federation import server`` names the module
-    ``pl_parablock.federation.server``; ``from pl_parablock.federation import TLS``
+    ``pl_parablock.server.grpc_server``; ``from pl_parablock.federation import TLS``
     names the package ``pl_parablock.federation``. Relative imports are resolved.
     """
     here = importer.split(".") if is_package else importer.split(".")[:-1]
@@ -173,20 +173,20 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_the_modules_named_here_exist():
-    for module in CLIENT_SIDE | SERVER_SIDE | BOTH_SIDES | {"pl_parablock.federation.channel"}:
+    for module in CLIENT_SIDE | SERVER_SIDE | BOTH_SIDES | {"pl_parablock.wire.channel"}:
         assert module in MODULES, f"{module} is gone: update tests/unit/test_layout.py"
 
 
 @pytest.mark.parametrize("module", sorted(CLIENT_SIDE))
 def test_the_client_side_imports_nothing_of_the_server_side(module):
     wrong = _all_imports(module) & CLIENT_MAY_NOT_IMPORT
-    assert not wrong, f"{module} imports {sorted(wrong)}; take shared names from pl_parablock.federation.channel or wire"
+    assert not wrong, f"{module} imports {sorted(wrong)}; take shared names from pl_parablock.wire.channel or wire"
 
 
 @pytest.mark.parametrize("module", sorted(SERVER_SIDE))
 def test_the_server_side_imports_no_client_transport(module):
     wrong = _all_imports(module) & SERVER_MAY_NOT_IMPORT
-    assert not wrong, f"{module} imports {sorted(wrong)}; take shared names from pl_parablock.federation.channel or wire"
+    assert not wrong, f"{module} imports {sorted(wrong)}; take shared names from pl_parablock.wire.channel or wire"
 
 
 def test_there_is_no_import_cycle():
@@ -195,19 +195,19 @@ def test_there_is_no_import_cycle():
 
 def test_the_checks_see_a_server_import_on_the_client_side():
     """The rules above catch what they are for (the source is parsed, not run)."""
-    strategy = ast.parse("from pl_parablock.federation.server import TLS\n")
-    assert "pl_parablock.federation.server" in imports(strategy, "pl_parablock.strategy")
+    strategy = ast.parse("from pl_parablock.server.grpc_server import TLS\n")
+    assert "pl_parablock.server.grpc_server" in imports(strategy, "pl_parablock.client.strategy")
     hidden = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .server import TLS\n")
-    assert imports(hidden, "pl_parablock.federation.transport") == {"pl_parablock.federation.server"}
-    assert imports(hidden, "pl_parablock.federation.transport", module_level=True) == set()
+    assert imports(hidden, "pl_parablock.client.transport") == {"pl_parablock.server.grpc_server"}
+    assert imports(hidden, "pl_parablock.client.transport", module_level=True) == set()
     as_module = ast.parse("from pl_parablock.federation import server\n")
-    assert imports(as_module, "pl_parablock.strategy") == {"pl_parablock.federation.server"}
+    assert imports(as_module, "pl_parablock.client.strategy") == {"pl_parablock.server.grpc_server"}
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
 PURE_CORE = {
-    "pl_parablock.algorithm": {"pl_parablock.aggregate", "pl_parablock.blocks", "pl_parablock.compression", "pl_parablock.errors"},
-    "pl_parablock.compression": {"pl_parablock.errors"},
+    "pl_parablock.core": {"pl_parablock.core.aggregate", "pl_parablock.core.blocks", "pl_parablock.core.codecs", "pl_parablock.errors"},
+    "pl_parablock.core.codecs": {"pl_parablock.errors"},
 }
 STDLIB_ALLOWED = {"__future__", "collections", "dataclasses", "hashlib", "math", "random", "typing", "torch"}
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from pl_parablock.federation.link import Link
+from pl_parablock.wire.link import Link
 
 
 def test_no_emulation_passes_through():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pl_parablock.metrics import ExactMatch, TokenLoss, extract_answer, normalize_number
+from pl_parablock.model.metrics import ExactMatch, TokenLoss, extract_answer, normalize_number
 
 
 @pytest.mark.parametrize(

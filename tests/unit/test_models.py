@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pl_parablock.config import ModelSection
 from pl_parablock.errors import ModelError
-from pl_parablock.models import build_model, offline_tokenizer
+from pl_parablock.model.build import build_model, offline_tokenizer
+from pl_parablock.recipe.schema import ModelSection
 
 SMALL = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 
@@ -81,7 +81,7 @@ LAYERS = {"llama": "model.layers", "qwen2": "model.layers", "mistral": "model.la
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_each_family_loads_from_a_directory_and_its_layers_are_the_blocks(family, tmp_path):
-    from pl_parablock.blocks import partition_model
+    from pl_parablock.core.blocks import partition_model
 
     model, tok = build_model(ModelSection(config=dict(FAMILIES[family])))
     model.save_pretrained(tmp_path)
@@ -102,8 +102,8 @@ def test_each_family_loads_from_a_directory_and_its_layers_are_the_blocks(family
 def test_lora_blocks_are_the_adapters_of_each_layer_group(family):
     from peft import PeftModel
 
-    from pl_parablock.blocks import partition_model, whole_model_partition
-    from pl_parablock.config import PeftSection
+    from pl_parablock.core.blocks import partition_model, whole_model_partition
+    from pl_parablock.recipe.schema import PeftSection
 
     cfg = {**FAMILIES[family], **({"n_layer": 4} if family == "gpt2" else {"num_hidden_layers": 4})}
     model, _ = build_model(ModelSection(config=cfg, peft=PeftSection(method="lora", r=4)), seed=1)
@@ -125,7 +125,7 @@ def test_lora_blocks_are_the_adapters_of_each_layer_group(family):
 
 
 def test_lora_on_missing_modules_is_named():
-    from pl_parablock.config import PeftSection
+    from pl_parablock.recipe.schema import PeftSection
 
     with pytest.raises(ModelError, match="cannot add LoRA adapters"):
         build_model(ModelSection(config=dict(SMALL), peft=PeftSection(method="lora", target_modules=["nope_proj"])))

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from pl_parablock.config import load_recipe
-from pl_parablock.federation import Link
+from pl_parablock.recipe.schema import load_recipe
 from pl_parablock.report import build_report, format_comparison, format_summary, main, write_pictures, write_report
+from pl_parablock.wire.link import Link
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

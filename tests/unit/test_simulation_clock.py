@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pl_parablock.config import ProfileSection, load_recipe
 from pl_parablock.errors import ConfigError
+from pl_parablock.recipe.schema import ProfileSection, load_recipe
 from pl_parablock.simulation.clock import SimClock, shared_transfers
 from pl_parablock.simulation.profile import ClientProfile, profile_problems, resolve_profiles
 

@@ -27,10 +27,11 @@ from typing import Any
 import pytest
 import torch
 
-from pl_parablock.blocks import Block, Partition
-from pl_parablock.federation import Aggregator, FederationService
-from pl_parablock.federation import aggregator as aggregator_module
-from pl_parablock.federation.wire import CorruptStream, check_specs, dtype_name, encode, parse_header, receive_pieces
+from pl_parablock.core.blocks import Block, Partition
+from pl_parablock.server import aggregator as aggregator_module
+from pl_parablock.server.aggregator import Aggregator
+from pl_parablock.server.service import FederationService
+from pl_parablock.wire.framing import CorruptStream, check_specs, dtype_name, encode, parse_header, receive_pieces
 
 STATE = {"w": torch.linspace(-1.0, 1.0, 40).reshape(8, 5), "b": torch.zeros(6)}
 PART = Partition((Block(0, "layers.0", ("w", "b")),))
@@ -236,8 +237,8 @@ def test_receive_pieces_hands_on_every_element_once_within_piece_bounds(chunk):
 def test_a_version_pulled_again_is_sent_without_computing_its_checksum_again(monkeypatch):
     import xxhash
 
-    from pl_parablock.federation import wire
-    from pl_parablock.federation.wire import decode, header_bytes
+    from pl_parablock.wire import framing as wire
+    from pl_parablock.wire.framing import decode, header_bytes
 
     agg, svc = federation(clients=1)
     assert push(svc, messages(0, honest(0)))["status"] == "accepted"

@@ -5,9 +5,9 @@ import threading
 import pytest
 import torch
 
+from pl_parablock.client.transmitter import Handoff, Transmitter
+from pl_parablock.client.transport import Pulled, Pushed, Transport
 from pl_parablock.errors import ServerRestarted, TransmitterError, TransportError
-from pl_parablock.federation.transport import Pulled, Pushed, Transport
-from pl_parablock.transmitter import Handoff, Transmitter
 
 
 class ScriptedTransport(Transport):
@@ -123,7 +123,7 @@ class FlakyTransport(ScriptedTransport):
 
 
 def test_lost_connections_are_retried_and_an_acknowledged_push_is_not_repeated(monkeypatch):
-    monkeypatch.setattr("pl_parablock.transmitter.BACKOFF_S", (0.01, 0.05))
+    monkeypatch.setattr("pl_parablock.client.transmitter.BACKOFF_S", (0.01, 0.05))
     transport = FlakyTransport(push_failures=2, pull_failures=2)
     tx = Transmitter(transport, 0, timeout_s=10, instance="A")
     tx.send(handoff(0))
@@ -159,7 +159,7 @@ def test_fetch_only_rounds_do_not_push():
 
 
 def test_retries_give_up_at_the_timeout(monkeypatch):
-    monkeypatch.setattr("pl_parablock.transmitter.BACKOFF_S", (0.05, 0.05))
+    monkeypatch.setattr("pl_parablock.client.transmitter.BACKOFF_S", (0.05, 0.05))
     tx = Transmitter(FlakyTransport(push_failures=1000), 0, timeout_s=0.5, instance="A")
     tx.send(handoff(0))
     with pytest.raises(TransmitterError, match="connection reset"):

@@ -15,17 +15,17 @@ from typing import Any
 
 import pytest
 
-from pl_parablock import config
-from pl_parablock.aggregate import AGGREGATIONS, ROBUST_METHODS
-from pl_parablock.blocks import SCHEDULES, make_schedule
-from pl_parablock.compression import CODECS
-from pl_parablock.config import Recipe, validate
+from pl_parablock.core.aggregate import AGGREGATIONS, ROBUST_METHODS
+from pl_parablock.core.blocks import SCHEDULES, make_schedule
+from pl_parablock.core.codecs import CODECS
 from pl_parablock.data.formats import DATA_FORMATS, FILE_FORMATS, ROW_FORMAT_CHOICES, ROW_FORMATS
 from pl_parablock.errors import ModelError
-from pl_parablock.federation import Aggregator
-from pl_parablock.federation.wire import DTYPES as TRAVEL_DTYPES
-from pl_parablock.federation.wire import WIRE_DTYPES
-from pl_parablock.models import DTYPES as PARAMETER_DTYPES
+from pl_parablock.model.build import DTYPES as PARAMETER_DTYPES
+from pl_parablock.recipe import schema as config
+from pl_parablock.recipe.schema import Recipe, validate
+from pl_parablock.server.aggregator import Aggregator
+from pl_parablock.wire.framing import DTYPES as TRAVEL_DTYPES
+from pl_parablock.wire.framing import WIRE_DTYPES
 
 OWNERS: dict[str, tuple[str, ...]] = {
     "blocks.schedule": SCHEDULES,

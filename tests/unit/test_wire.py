@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pl_parablock.errors import FederationError
-from pl_parablock.federation.wire import CorruptStream, StagedTensors, decode, encode, parse_header
+from pl_parablock.wire.framing import CorruptStream, StagedTensors, decode, encode, parse_header
 
 
 def tensors():
@@ -120,7 +120,7 @@ def test_staged_tensors_read_back_in_pieces_and_by_range():
 
 
 def test_headers_are_bounded_before_they_are_parsed_and_checked_after():
-    from pl_parablock.federation.wire import MAX_HEADER_BYTES, header_bytes
+    from pl_parablock.wire.framing import MAX_HEADER_BYTES, header_bytes
 
     ok = header_bytes({"client_id": 0, "pad": "x" * 100})
     assert parse_header(ok) == {"client_id": 0, "pad": "x" * 100}
@@ -145,6 +145,6 @@ def test_headers_are_bounded_before_they_are_parsed_and_checked_after():
 
 
 def test_a_non_finite_float_travels_as_null():
-    from pl_parablock.federation.wire import header_bytes
+    from pl_parablock.wire.framing import header_bytes
 
     assert parse_header(header_bytes({"loss": float("nan"), "r": {"x": [float("inf"), 1.5]}})) == {"loss": None, "r": {"x": [None, 1.5]}}

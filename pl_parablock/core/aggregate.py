@@ -1,4 +1,4 @@
-"""The arithmetic of a round: weighted aggregation, robust aggregation, clipping (used by :mod:`pl_parablock.algorithm`).
+"""The arithmetic of a round: weighted aggregation, robust aggregation, clipping (used by :mod:`pl_parablock.core`).
 
 Pure functions and a small accumulator, no threads and no I/O, so that the
 exactness the design relies on can be tested on tensors alone.
@@ -187,7 +187,7 @@ class RoundAccumulator:
 
         Pieces start at multiples of :data:`PIECE_ELEMS` and hold at most
         that many elements (as :func:`pieces_of` and
-        :meth:`~pl_parablock.federation.wire.StagedTensors.pieces` cut them).
+        :meth:`~pl_parablock.wire.framing.StagedTensors.pieces` cut them).
         """
         if kind not in ("value", "delta"):
             raise ValueError(f"update kind must be 'value' or 'delta', not {kind!r}")

@@ -10,7 +10,7 @@ that names each key.
 
 Example::
 
-    >>> from pl_parablock.config import load_recipe
+    >>> from pl_parablock.recipe.schema import load_recipe
     >>> recipe = load_recipe(None, ["mode=sync", "federation.clients=2"])
     >>> recipe.mode, recipe.federation.clients
     ('sync', 2)
@@ -30,24 +30,16 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pl_parablock.aggregate import AGGREGATIONS
-from pl_parablock.algorithm import (
-    ASSIGNMENTS,
-    CYCLIC_ORDERS,
-    MODES,
-    SERVER_OPTIMIZERS,
-    WEIGHTINGS,
-    Compression,
-    ServerOptimizer,
-    make_server_optimizer,
-)
-from pl_parablock.blocks import SCHEDULES
-from pl_parablock.compression import CODECS, WIRE_DTYPE_CODECS, Codec, make_codec
+from pl_parablock.core.aggregate import AGGREGATIONS
+from pl_parablock.core.blocks import SCHEDULES
+from pl_parablock.core.codecs import CODECS, WIRE_DTYPE_CODECS, Codec, Compression, make_codec
+from pl_parablock.core.optimizers import SERVER_OPTIMIZERS, ServerOptimizer, make_server_optimizer
+from pl_parablock.core.plan import ASSIGNMENTS, CYCLIC_ORDERS, MODES, WEIGHTINGS
 from pl_parablock.data.formats import DATA_FORMATS, ROW_FORMAT_CHOICES
 from pl_parablock.errors import ConfigError
-from pl_parablock.federation.wire import WIRE_DTYPES
-from pl_parablock.models import DTYPES
+from pl_parablock.model.build import DTYPES
 from pl_parablock.simulation.profile import DISTRIBUTIONS, profile_problems
+from pl_parablock.wire.framing import WIRE_DTYPES
 
 # The vocabularies are the modules' that implement them, imported above (modes and weightings: the
 # algorithm core; schedules; parameter and wire dtypes; data and row formats; aggregation rules).

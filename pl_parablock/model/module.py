@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from typing_extensions import override
 
-from pl_parablock.metrics import TokenLoss
+from pl_parablock.model.metrics import TokenLoss
 
 __all__ = ["ParaBlockModule"]
 
@@ -23,7 +23,7 @@ class ParaBlockModule(pl.LightningModule):
     The loss is the model's next-token cross-entropy over tokens whose label
     is not ``-100`` (the response; prompt and padding are masked). The
     optimizer is AdamW over the parameters that require grad when it is
-    built, so a :class:`~pl_parablock.strategy.FederatedBlockStrategy` that
+    built, so a :class:`~pl_parablock.client.strategy.FederatedBlockStrategy` that
     froze the parameters in no block in ``setup`` keeps them out of it.
 
     Args:
@@ -35,8 +35,8 @@ class ParaBlockModule(pl.LightningModule):
 
     Example::
 
-        >>> from pl_parablock.config import ModelSection
-        >>> from pl_parablock.models import build_model
+        >>> from pl_parablock.recipe.schema import ModelSection
+        >>> from pl_parablock.model.build import build_model
         >>> model, tok = build_model(ModelSection(config={"model_type": "llama", "hidden_size": 32,
         ...     "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}))
         >>> module = ParaBlockModule(model, tok, lr=1e-3)

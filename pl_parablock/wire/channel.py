@@ -1,14 +1,14 @@
 """What both ends of a gRPC federation channel agree on.
 
-The client side (:mod:`pl_parablock.federation.transport`) and the server side
-(:mod:`pl_parablock.federation.server`) both import this module and neither
+The client side (:mod:`pl_parablock.client.transport`) and the server side
+(:mod:`pl_parablock.server.grpc_server`) both import this module and neither
 imports the other:
 
 * the protocol's names: the gRPC service :data:`SERVICE_NAME` and its
   :data:`METHODS` with their call kinds (the messages themselves are
-  described in :mod:`pl_parablock.federation.service` and framed by
-  :mod:`pl_parablock.federation.wire`; ``Admit`` is the server's own: it
-  grants a turn to upload, see :class:`~pl_parablock.federation.server.FederationServer`);
+  described in :mod:`pl_parablock.server.service` and framed by
+  :mod:`pl_parablock.wire.framing`; ``Admit`` is the server's own: it
+  grants a turn to upload, see :class:`~pl_parablock.server.grpc_server.FederationServer`);
 * the channel options of each end (:data:`MESSAGE_OPTIONS`,
   :data:`CLIENT_OPTIONS`, :data:`SERVER_OPTIONS`);
 * the bearer token in the ``authorization`` metadata

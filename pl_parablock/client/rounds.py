@@ -1,10 +1,10 @@
 """One client's rounds, driven for the Lightning callback: the algorithm core, the session, the ledger.
 
-:class:`ClientRounds` is what :class:`~pl_parablock.strategy.FederatedBlockStrategy`
+:class:`ClientRounds` is what :class:`~pl_parablock.client.strategy.FederatedBlockStrategy`
 calls from its hooks. It sequences the core's steps (apply the aggregates
 due, then skip, begin or finish; end a round and hand its update to the
 session), rejoins the server when it restarted, and records each round;
-every rule of the algorithm is :class:`~pl_parablock.algorithm.ClientCore`'s.
+every rule of the algorithm is :class:`~pl_parablock.core.client.ClientCore`'s.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
-from pl_parablock.algorithm import NO_COMPRESSION, ClientCore, Compression, Plan, activate
+from pl_parablock.client.ledger import BatchCounter, GlobalModelView, RoundLedger
+from pl_parablock.client.session import ClientSession
+from pl_parablock.core.client import ClientCore, activate
+from pl_parablock.core.codecs import NO_COMPRESSION, Compression
+from pl_parablock.core.plan import Plan
 from pl_parablock.errors import ResyncNeeded, TransmitterError
-from pl_parablock.rounds import BatchCounter, GlobalModelView, RoundLedger
-from pl_parablock.session import ClientSession
 
 __all__ = ["ClientRounds"]
 

@@ -1,13 +1,13 @@
 """gRPC server of a federation.
 
-Serves a :class:`~pl_parablock.federation.service.FederationService` with
+Serves a :class:`~pl_parablock.server.service.FederationService` with
 generic handlers whose messages are raw bytes (the project's own framing, see
-:mod:`pl_parablock.federation.wire`), so no generated protobuf code is
+:mod:`pl_parablock.wire.framing`), so no generated protobuf code is
 needed. Binds to 127.0.0.1 unless told otherwise; with a
-:class:`~pl_parablock.federation.channel.TLS` certificate and key it serves
+:class:`~pl_parablock.wire.channel.TLS` certificate and key it serves
 TLS only. Clients authenticate with a bearer token in the ``authorization``
 metadata. The service name, the methods, the channel options and the token
-metadata are those of :mod:`pl_parablock.federation.channel`, which the
+metadata are those of :mod:`pl_parablock.wire.channel`, which the
 clients' transports share; this module imports nothing of the client side.
 
 Against an untrusted network peer (README: "What the server defends against"):
@@ -25,7 +25,7 @@ Against an untrusted network peer (README: "What the server defends against"):
   ``UploadState``) are read at once, one per client id when every client
   has its own token; the others wait their turn and give up at their call's
   deadline. The project's clients send nothing while they wait: on the
-  data plane (:mod:`pl_parablock.federation.dataplane`) until the server's
+  data plane (:mod:`pl_parablock.wire.dataplane`) until the server's
   go, over gRPC in a small ``Admit`` call before they open the upload (the
   turn is then reserved for the upload for :data:`ADMIT_LEASE_S`). A gRPC
   upload opened without a turn waits with its stream open, the server
@@ -71,12 +71,13 @@ from typing import Any
 import grpc
 
 from pl_parablock.errors import FederationError, ParaBlockError
-from pl_parablock.federation._ratelimit import RateLimitedLog
-from pl_parablock.federation.aggregator import RefusedError
-from pl_parablock.federation.channel import MESSAGE_OPTIONS, METHODS, SERVER_OPTIONS, SERVICE_NAME, TLS, UPLOAD_SLOT, UPLOADS, bearer_token
-from pl_parablock.federation.dataplane import DATA_METHODS, DataPlaneServer
-from pl_parablock.federation.service import Caller, FederationService
-from pl_parablock.federation.wire import header_bytes
+from pl_parablock.server._ratelimit import RateLimitedLog
+from pl_parablock.server.aggregator import RefusedError
+from pl_parablock.server.dataplane import DataPlaneServer
+from pl_parablock.server.service import Caller, FederationService
+from pl_parablock.wire.channel import MESSAGE_OPTIONS, METHODS, SERVER_OPTIONS, SERVICE_NAME, TLS, UPLOAD_SLOT, UPLOADS, bearer_token
+from pl_parablock.wire.dataplane import DATA_METHODS
+from pl_parablock.wire.framing import header_bytes
 
 __all__ = ["FederationServer", "peer_host", "token_of", "tune_server_memory"]
 
@@ -397,7 +398,7 @@ class FederationServer:
             link (``benchmarks/links.py``); measured on loopback about 8 MB
             per upload in flight, against about 2 MB with 1024 KiB.
         data_port: port of the data plane (``federation.data_port``,
-            :mod:`pl_parablock.federation.dataplane`): block transfers over
+            :mod:`pl_parablock.wire.dataplane`): block transfers over
             plain TCP (TLS with ``tls``) beside gRPC, announced to clients
             when they join; 0 picks a free port, ``None`` serves none.
         max_uploads: uploads read at once (``federation.max_uploads``); the

@@ -18,11 +18,11 @@ from lightning.pytorch.callbacks import Callback
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from typing_extensions import override
 
+from pl_parablock.client.strategy import FederatedBlockStrategy
 from pl_parablock.data import collate, encode_record
 from pl_parablock.errors import DataError
-from pl_parablock.metrics import evaluate_exact_match, evaluate_loss
-from pl_parablock.module import ParaBlockModule
-from pl_parablock.strategy import FederatedBlockStrategy
+from pl_parablock.model.metrics import evaluate_exact_match, evaluate_loss
+from pl_parablock.model.module import ParaBlockModule
 
 __all__ = ["GlobalEvaluation"]
 

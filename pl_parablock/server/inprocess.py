@@ -1,10 +1,10 @@
 """A federation inside one process: the client's transport calls the server's service directly.
 
 :class:`InProcessTransport` is the in-process twin of
-:class:`~pl_parablock.federation.transport.GrpcTransport`: the same client
-protocol (:class:`~pl_parablock.federation.transport.Transport`), the same
+:class:`~pl_parablock.client.transport.GrpcTransport`: the same client
+protocol (:class:`~pl_parablock.client.transport.Transport`), the same
 messages and the same link pacing, handed to a
-:class:`~pl_parablock.federation.service.FederationService` in the same
+:class:`~pl_parablock.server.service.FederationService` in the same
 process instead of a gRPC channel. It is the one module that joins the
 client side and the server side, so neither side imports the other.
 """
@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from pl_parablock.federation.service import FederationService
-from pl_parablock.federation.transport import Transport
+from pl_parablock.client.transport import Transport
+from pl_parablock.server.service import FederationService
 
 __all__ = ["InProcessTransport"]
 

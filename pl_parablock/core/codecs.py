@@ -2,7 +2,7 @@
 
 One class per codec, all in :data:`CODECS`; ``federation.compression.codec``
 picks one by name. A codec turns one float tensor into named *parts* (plain
-tensors that travel like any other, see :mod:`pl_parablock.federation.wire`)
+tensors that travel like any other, see :mod:`pl_parablock.wire.framing`)
 and back:
 
 * ``none``: the tensor as it is (lossless);
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -438,3 +439,49 @@ class ErrorFeedback:
             if key.startswith(prefix):
                 b, _, n = key[len(prefix) :].partition("/")
                 self.residuals.setdefault(int(b), {})[n] = t.to(torch.float32)
+
+
+@dataclass(frozen=True)
+class Compression:
+    """How updates and aggregates travel (``federation.compression``).
+
+    ``upload``: each client's update, ``D_i = Q(Δ_i + r_i)`` with its own
+    residual per block; ``download``: the server's broadcast of a round's
+    aggregate, ``D = Q(Δ_agg + r_b)`` with the server's residual per block,
+    applied by the server and every client as ``g ← g + D``
+    (:func:`~pl_parablock.core.codecs.advance`). ``error_feedback=False``
+    drops the residuals (the compression error is lost).
+    """
+
+    upload: Codec = field(default_factory=NoCodec)
+    download: Codec = field(default_factory=NoCodec)
+    error_feedback: bool = True
+
+    @property
+    def lossy_upload(self) -> bool:
+        return not self.upload.lossless
+
+    @property
+    def lossy_download(self) -> bool:
+        return not self.download.lossless
+
+
+NO_COMPRESSION = Compression()
+
+
+def decode_update(compression: Compression, codec: str, tensors: Mapping[str, Tensor], like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The delta a compressed update's parts (of codec ``codec``) encode, for a block shaped ``like`` (the server's side).
+
+    Raises:
+        CodecError: another codec than the federation's, or parts that do not decode.
+    """
+    if codec != compression.upload.name:
+        raise CodecError(
+            f"the update is compressed with {codec!r}; this federation accepts {compression.upload.name!r} (federation.compression.codec)"
+        )
+    return decode_block(compression.upload, tensors, {n: tuple(t.shape) for n, t in like.items()})
+
+
+def decode_broadcast(compression: Compression, parts: Mapping[str, Tensor], like: Mapping[str, Sequence[int]]) -> dict[str, Tensor]:
+    """The aggregate delta ``D`` a compressed broadcast's parts encode (a client's side); ``like``: each tensor's shape."""
+    return decode_block(compression.download, parts, {n: tuple(v) for n, v in like.items()})

@@ -26,17 +26,17 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 
-from pl_parablock.checkpoint import RoundCheckpoint
-from pl_parablock.config import Recipe, client_token, compression_of, run_loggers
+from pl_parablock.client.checkpoint import RoundCheckpoint
+from pl_parablock.client.evaluation import GlobalEvaluation
+from pl_parablock.client.strategy import FederatedBlockStrategy
+from pl_parablock.client.transport import Transport
 from pl_parablock.data import ClientDataModule, client_data
 from pl_parablock.errors import ParaBlockError
-from pl_parablock.evaluation import GlobalEvaluation
-from pl_parablock.federation.channel import TLS
-from pl_parablock.federation.link import Link
-from pl_parablock.federation.transport import Transport
-from pl_parablock.models import build_model, save_base, save_merged
-from pl_parablock.module import ParaBlockModule
-from pl_parablock.strategy import FederatedBlockStrategy
+from pl_parablock.model.build import build_model, save_base, save_merged
+from pl_parablock.model.module import ParaBlockModule
+from pl_parablock.recipe.schema import Recipe, client_token, compression_of, run_loggers
+from pl_parablock.wire.channel import TLS
+from pl_parablock.wire.link import Link
 
 __all__ = ["ClientRun", "GlobalEvaluation", "prepare_client", "quiet_third_party"]
 

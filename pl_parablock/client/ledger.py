@@ -1,7 +1,7 @@
 """What a client keeps about its rounds besides the algorithm: the ledger, the batch counts, the global-model view.
 
 The Lightning callback owns one of each; none of them decides anything of
-the algorithm (that is :mod:`pl_parablock.algorithm`'s), they record it and
+the algorithm (that is :mod:`pl_parablock.core`'s), they record it and
 show it.
 """
 
@@ -17,11 +17,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
 
-from pl_parablock.algorithm import MODES, WEIGHTINGS, ClientCore, Update
+from pl_parablock.client.transmitter import Arrival
+from pl_parablock.client.transport import Transport
+from pl_parablock.core.client import ClientCore, Update
+from pl_parablock.core.plan import MODES, WEIGHTINGS
 from pl_parablock.errors import ParaBlockError
-from pl_parablock.federation.transport import Transport
-from pl_parablock.federation.wire import WIRE_DTYPES
-from pl_parablock.transmitter import Arrival
+from pl_parablock.wire.framing import WIRE_DTYPES
 
 __all__ = ["BatchCounter", "GlobalModelView", "RoundLedger", "argument_problems", "cover_optimizers"]
 
@@ -199,7 +200,7 @@ def argument_problems(
     wire_dtype: str | None,
     chunk_kb: int,
 ) -> list[str]:
-    """What is wrong with :class:`~pl_parablock.strategy.FederatedBlockStrategy`'s arguments, each with the allowed range."""
+    """What is wrong with :class:`~pl_parablock.client.strategy.FederatedBlockStrategy`'s arguments, each with the allowed range."""
     problems = []
     if not (isinstance(local_steps, int) and local_steps >= 1):
         problems.append(f"local_steps={local_steps!r} must be an integer >= 1")

@@ -48,28 +48,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from pl_parablock.aggregate import AGGREGATIONS, PIECE_ELEMS, PIECES, assemble, clip_factor, pieces_of, robust_mean
-from pl_parablock.algorithm import (
-    NO_COMPRESSION,
-    WEIGHTINGS,
-    Compression,
-    GlobalState,
-    Plan,
-    RoundStep,
-    ServerOptimizer,
-    Superseded,
-    decode_update,
-    digest,
-    make_plan,
-    make_server_optimizer,
-    sample_participants,
-    staleness,
-)
-from pl_parablock.blocks import Partition
-from pl_parablock.compression import CodecError, block_problem
+from pl_parablock.core.aggregate import AGGREGATIONS, PIECE_ELEMS, PIECES, assemble, clip_factor, pieces_of, robust_mean
+from pl_parablock.core.blocks import Partition
+from pl_parablock.core.codecs import NO_COMPRESSION, CodecError, Compression, block_problem, decode_update
+from pl_parablock.core.optimizers import ServerOptimizer, make_server_optimizer
+from pl_parablock.core.plan import WEIGHTINGS, Plan, make_plan, sample_participants, staleness
+from pl_parablock.core.server import GlobalState, RoundStep, Superseded
+from pl_parablock.core.tensors import digest
 from pl_parablock.errors import FederationError, ParaBlockError
-from pl_parablock.federation._ratelimit import RateLimitedLog
-from pl_parablock.federation.wire import DTYPES, Spec, StagedTensors, check_specs, dtype_name, short, tensor_specs
+from pl_parablock.server._ratelimit import RateLimitedLog
+from pl_parablock.wire.framing import DTYPES, Spec, StagedTensors, check_specs, dtype_name, short, tensor_specs
 
 __all__ = ["AGGREGATIONS", "MAX_WEIGHT", "Aggregator", "Feed", "RefusedError", "check_fingerprint"]
 
@@ -338,11 +326,11 @@ class Aggregator:
         checkpoint_every: write it every this many rounds (0: never).
         on_round_closed: called with the round's record after it closes.
         weighting: the clients' weighting (one of
-            :data:`~pl_parablock.algorithm.WEIGHTINGS`); ``uniform`` refuses
+            :data:`~pl_parablock.core.plan.WEIGHTINGS`); ``uniform`` refuses
             any weight but 1. ``None``: any positive weight up to
             ``max_weight``.
         max_weight: refuse an update whose weight is larger (what a client
-            can have seen in a round, see :func:`pl_parablock.config.weight_bound`);
+            can have seen in a round, see :func:`pl_parablock.recipe.schema.weight_bound`);
             ``None``: :data:`MAX_WEIGHT`.
         gather_s: before every client has joined once, updates are refused
             with "retry" until this many seconds after the first join, so
@@ -820,7 +808,7 @@ class Aggregator:
         only once its norm is, at its end; ``median`` / ``trimmed_mean``
         keep every update until the round closes; a compressed update is
         decoded whole: those spool each update whole and read it back
-        (:meth:`submit` with :class:`~pl_parablock.federation.wire.StagedTensors`).
+        (:meth:`submit` with :class:`~pl_parablock.wire.framing.StagedTensors`).
         """
         return self.aggregation == "mean" and self.clip_norm is None and not self.compression.lossy_upload
 
@@ -830,7 +818,7 @@ class Aggregator:
         ``feed(consume, spool)`` delivers the update: ``spool(chunk)`` with
         every body chunk as it comes, then ``consume(name, start, values)``
         with its elements (flat, any float dtype, none crossing a multiple of
-        :data:`~pl_parablock.aggregate.PIECE_ELEMS`), in any order and cut;
+        :data:`~pl_parablock.core.aggregate.PIECE_ELEMS`), in any order and cut;
         it may raise (a cut or corrupt stream) after part was consumed.
 
         Every piece is checked (finite values; the norm bound as the squared

@@ -20,17 +20,19 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from pl_parablock.algorithm import NO_COMPRESSION, ClientCore, Compression, Plan, Update
-from pl_parablock.blocks import Partition
-from pl_parablock.config import TOKEN_ENV
+from pl_parablock.client.transmitter import Arrival, Transmitter
+from pl_parablock.client.transport import GrpcTransport, Pulled, Transport
+from pl_parablock.core.blocks import Partition
+from pl_parablock.core.client import ClientCore, Update
+from pl_parablock.core.codecs import NO_COMPRESSION, Compression
+from pl_parablock.core.plan import Plan
 from pl_parablock.errors import ParaBlockError, ResyncNeeded, ServerRestarted, TransmitterError, TransportError
-from pl_parablock.federation.link import Link
-from pl_parablock.federation.transport import GrpcTransport, Pulled, Transport
-from pl_parablock.federation.wire import dtype_name
-from pl_parablock.transmitter import Arrival, Transmitter
+from pl_parablock.recipe.schema import TOKEN_ENV
+from pl_parablock.wire.framing import dtype_name
+from pl_parablock.wire.link import Link
 
 if TYPE_CHECKING:
-    from pl_parablock.federation.channel import TLS
+    from pl_parablock.wire.channel import TLS
 
 __all__ = ["TOKEN_ENV", "ClientSession", "model_fingerprint"]
 
@@ -64,11 +66,11 @@ class ClientSession:
     """One client's connection to the federation server.
 
     Args:
-        server: ``"HOST:PORT"`` or a :class:`~pl_parablock.federation.transport.Transport`.
+        server: ``"HOST:PORT"`` or a :class:`~pl_parablock.client.transport.Transport`.
         client_id: this client's id.
         timeout_s: longest single network wait, seconds.
         link: emulated link (a ``"HOST:PORT"`` server only).
-        compression: the federation's codecs (see :class:`~pl_parablock.algorithm.Compression`).
+        compression: the federation's codecs (see :class:`~pl_parablock.core.codecs.Compression`).
         delta_downloads: ask for compressed broadcasts of the aggregates
             (when the download codec is lossy; not in cyclic mode).
         chunk_kb: chunk size of streamed blocks, KiB.
@@ -206,7 +208,7 @@ class ClientSession:
         A client joining late, restarting from a crash, or facing a server
         restarted from an older checkpoint so holds exactly the server's
         global blocks; its hand-offs in flight are then dropped by
-        :meth:`~pl_parablock.algorithm.ClientCore.restart_at` (the server
+        :meth:`~pl_parablock.core.client.ClientCore.restart_at` (the server
         either has them or rolled them back).
         """
         fetched = []

@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from pl_parablock.errors import ModelError
 
 if TYPE_CHECKING:  # the recipe's schema imports DTYPES from here
-    from pl_parablock.config import ModelSection, PeftSection
+    from pl_parablock.recipe.schema import ModelSection, PeftSection
 
 __all__ = ["DTYPES", "apply_peft", "build_base_model", "build_model", "load_tokenizer", "offline_tokenizer", "save_merged"]
 

@@ -1,10 +1,10 @@
 """FederatedBlockStrategy: federated block coordinate descent as a Lightning callback.
 
 The callback translates Trainer hooks into calls on two objects and owns
-nothing else: the algorithm's :class:`~pl_parablock.algorithm.ClientCore`
+nothing else: the algorithm's :class:`~pl_parablock.core.client.ClientCore`
 (which block trains, when each aggregate is applied, the rebase, what is
 sent with which weight) and the network's
-:class:`~pl_parablock.session.ClientSession` (join, retry, resync,
+:class:`~pl_parablock.client.session.ClientSession` (join, retry, resync,
 transmitter thread). Without a server the same callback runs centralized
 block coordinate descent (the BAdam way): every round's update is its own
 aggregate.
@@ -32,18 +32,20 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from pl_parablock.algorithm import NO_COMPRESSION, ClientCore, Compression, digest, make_plan
-from pl_parablock.blocks import Partition, freeze_to_blocks, partition_model, whole_model_partition
-from pl_parablock.client import ClientRounds
-from pl_parablock.compression import WIRE_DTYPE_CODECS, CodecError, make_codec
+from pl_parablock.client.ledger import argument_problems, cover_optimizers
+from pl_parablock.client.rounds import ClientRounds
+from pl_parablock.client.session import ClientSession, model_fingerprint
+from pl_parablock.client.transport import Transport
+from pl_parablock.core.blocks import Partition, freeze_to_blocks, partition_model, whole_model_partition
+from pl_parablock.core.client import ClientCore
+from pl_parablock.core.codecs import NO_COMPRESSION, WIRE_DTYPE_CODECS, CodecError, Compression, make_codec
+from pl_parablock.core.plan import make_plan
+from pl_parablock.core.tensors import digest
 from pl_parablock.errors import ParaBlockError
-from pl_parablock.federation.link import Link
-from pl_parablock.federation.transport import Transport
-from pl_parablock.rounds import argument_problems, cover_optimizers
-from pl_parablock.session import ClientSession, model_fingerprint
+from pl_parablock.wire.link import Link
 
 if TYPE_CHECKING:
-    from pl_parablock.federation.channel import TLS
+    from pl_parablock.wire.channel import TLS
 
 __all__ = ["FederatedBlockStrategy"]
 
@@ -57,11 +59,11 @@ class FederatedBlockStrategy(Callback):
     are detected from the module's largest ``nn.ModuleList`` or given as name
     patterns. Rounds count optimizer steps (``trainer.global_step``), so with
     gradient accumulation a round is ``local_steps * accumulate_grad_batches``
-    batches. The algorithm is :mod:`pl_parablock.algorithm`'s.
+    batches. The algorithm is :mod:`pl_parablock.core`'s.
 
     Args:
         server: ``"HOST:PORT"`` of a federation server, a
-            :class:`~pl_parablock.federation.transport.Transport`, or ``None``
+            :class:`~pl_parablock.client.transport.Transport`, or ``None``
             for centralized block coordinate descent on this machine.
         client_id: this client's id, ``0 <= client_id < clients``.
         local_steps: optimizer steps per round (``K``), >= 1.
@@ -89,8 +91,8 @@ class FederatedBlockStrategy(Callback):
             ``None``: their own. A shorthand for a ``compression`` of that
             cast on uploads only, without error feedback.
         compression: how updates and aggregates travel: a
-            :class:`~pl_parablock.algorithm.Compression`, or a codec name of
-            :data:`~pl_parablock.compression.CODECS` (both ways, with error
+            :class:`~pl_parablock.core.codecs.Compression`, or a codec name of
+            :data:`~pl_parablock.core.codecs.CODECS` (both ways, with error
             feedback). It must be the server's (``federation.compression``).
         chunk_kb: chunk size of streamed blocks, KiB.
         token: the federation's (or this client's) token for a ``"HOST:PORT"``
@@ -173,7 +175,7 @@ class FederatedBlockStrategy(Callback):
 
     @property
     def core(self) -> ClientCore | None:
-        """The algorithm's state of this client (see :class:`~pl_parablock.algorithm.ClientCore`)."""
+        """The algorithm's state of this client (see :class:`~pl_parablock.core.client.ClientCore`)."""
         return self.client.core if self.client is not None else None
 
     @property

@@ -1,8 +1,8 @@
 """The federation protocol on the server side, independent of the network.
 
 :class:`FederationService` turns request messages (bytes, see
-:mod:`pl_parablock.federation.wire`) into calls on an
-:class:`~pl_parablock.federation.aggregator.Aggregator` and answers with
+:mod:`pl_parablock.wire.framing`) into calls on an
+:class:`~pl_parablock.server.aggregator.Aggregator` and answers with
 messages. The gRPC server and the in-process transport both call it, so a
 one-process federation runs exactly the protocol code a networked one runs.
 
@@ -14,11 +14,11 @@ the call's metadata before it reads a message). With one token per client
 belongs to; with one shared token, any holder can speak as any client.
 
 Every request is checked before it is used: its header's size before it is
-parsed (:data:`~pl_parablock.federation.wire.MAX_HEADER_BYTES`, or
-:data:`~pl_parablock.federation.wire.MAX_LARGE_HEADER_BYTES` for the
+parsed (:data:`~pl_parablock.wire.framing.MAX_HEADER_BYTES`, or
+:data:`~pl_parablock.wire.framing.MAX_LARGE_HEADER_BYTES` for the
 headers that list a model's tensors or carry a report), then each field's
 type and range; a bad request is refused with one line
-(:class:`~pl_parablock.federation.aggregator.RefusedError`, code
+(:class:`~pl_parablock.server.aggregator.RefusedError`, code
 ``invalid``), never with an internal error.
 
 Methods (message shapes):
@@ -37,7 +37,7 @@ Methods (message shapes):
 * ``Leave``: ``{client_id, report}`` -> ``{ok}``
 
 The gRPC names of these methods and their call kinds are
-:data:`pl_parablock.federation.channel.METHODS`.
+:data:`pl_parablock.wire.channel.METHODS`.
 """
 
 from __future__ import annotations
@@ -51,11 +51,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pl_parablock.aggregate import PIECE_ELEMS
+from pl_parablock.core.aggregate import PIECE_ELEMS
 from pl_parablock.errors import FederationError
-from pl_parablock.federation._ratelimit import RateLimitedLog
-from pl_parablock.federation.aggregator import Aggregator, Consume, RefusedError
-from pl_parablock.federation.wire import (
+from pl_parablock.server._ratelimit import RateLimitedLog
+from pl_parablock.server.aggregator import Aggregator, Consume, RefusedError
+from pl_parablock.wire.framing import (
     MAX_LARGE_HEADER_BYTES,
     CorruptStream,
     StagedTensors,

@@ -35,9 +35,9 @@ from typing import Any
 
 from torch import Tensor
 
-from pl_parablock.algorithm import Update
+from pl_parablock.client.transport import Pulled, Pushed, Transport
+from pl_parablock.core.client import Update
 from pl_parablock.errors import ParaBlockError, ServerRestarted, TransmitterError, TransportError
-from pl_parablock.federation.transport import Pulled, Pushed, Transport
 
 __all__ = ["Arrival", "Handoff", "Transmitter"]
 
@@ -47,7 +47,7 @@ BACKOFF_S = (0.5, 10.0)
 
 
 Handoff = Update
-"""A finished round's block as handed to the transmitter (the core's :class:`~pl_parablock.algorithm.Update`)."""
+"""A finished round's block as handed to the transmitter (the core's :class:`~pl_parablock.core.client.Update`)."""
 
 
 @dataclass

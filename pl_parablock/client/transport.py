@@ -4,21 +4,21 @@
 push an update, long-poll pull an aggregate, leave) once, on top of three raw
 calls that its subclasses provide:
 
-* :class:`GrpcTransport` talks to a :class:`~pl_parablock.federation.server.FederationServer`
+* :class:`GrpcTransport` talks to a :class:`~pl_parablock.server.grpc_server.FederationServer`
   over gRPC (separate processes or machines), with a bearer token and
   optional TLS;
-* :class:`~pl_parablock.federation.inprocess.InProcessTransport` calls a
-  :class:`~pl_parablock.federation.service.FederationService` in the same
+* :class:`~pl_parablock.server.inprocess.InProcessTransport` calls a
+  :class:`~pl_parablock.server.service.FederationService` in the same
   process (unit tests, one-process debugging); it lives in its own module
   because it holds the server side.
 
 This module is the client side only: it shares the protocol's names, the
-channel options, the token metadata and :class:`~pl_parablock.federation.channel.TLS`
-with the server through :mod:`pl_parablock.federation.channel` and imports
+channel options, the token metadata and :class:`~pl_parablock.wire.channel.TLS`
+with the server through :mod:`pl_parablock.wire.channel` and imports
 nothing of the server side.
 
 Both encode and decode the same messages and pace them through the client's
-emulated :class:`~pl_parablock.federation.link.Link`, so byte counts and
+emulated :class:`~pl_parablock.wire.link.Link`, so byte counts and
 timings mean the same thing. Every call has a timeout. A lost or corrupted
 connection raises :class:`~pl_parablock.errors.TransportError` (retrying may
 help); a refusal raises :class:`~pl_parablock.errors.FederationError`.
@@ -42,13 +42,12 @@ from typing import Any
 import grpc
 from torch import Tensor
 
-from pl_parablock.algorithm import NO_COMPRESSION, Compression, decode_broadcast
-from pl_parablock.compression import CodecError
+from pl_parablock.client.dataplane import DataPlaneClient
+from pl_parablock.core.codecs import NO_COMPRESSION, CodecError, Compression, decode_broadcast
 from pl_parablock.errors import FederationError, ServerRestarted, TransportError, VersionSuperseded
-from pl_parablock.federation.channel import CLIENT_OPTIONS, METHODS, SERVICE_NAME, TLS, UPLOAD_SLOT, UPLOADS, token_metadata
-from pl_parablock.federation.dataplane import DATA_METHODS, DataPlaneClient, DataPlaneUnavailableError
-from pl_parablock.federation.link import Link
-from pl_parablock.federation.wire import (
+from pl_parablock.wire.channel import CLIENT_OPTIONS, METHODS, SERVICE_NAME, TLS, UPLOAD_SLOT, UPLOADS, token_metadata
+from pl_parablock.wire.dataplane import DATA_METHODS, DataPlaneUnavailableError
+from pl_parablock.wire.framing import (
     MAX_LARGE_HEADER_BYTES,
     MAX_REPLY_HEADER_BYTES,
     CorruptStream,
@@ -57,6 +56,7 @@ from pl_parablock.federation.wire import (
     header_bytes,
     parse_header,
 )
+from pl_parablock.wire.link import Link
 
 __all__ = ["Faults", "GrpcTransport", "Pulled", "Pushed", "Transport"]
 
@@ -310,7 +310,7 @@ class Transport(ABC):
         """Tell the server this client is done, with its report.
 
         A report too large for the server's limit on a header
-        (:data:`~pl_parablock.federation.wire.MAX_LARGE_HEADER_BYTES`) goes
+        (:data:`~pl_parablock.wire.framing.MAX_LARGE_HEADER_BYTES`) goes
         without its per-round records (``"truncated": true``), the client's
         own report file keeps them.
         """
@@ -341,7 +341,7 @@ class GrpcTransport(Transport):
         connect_timeout_s: how long to wait for the server to answer at first.
         tls: CA (and optional client certificate) for a TLS server; ``None``: plaintext.
         data_plane: move blocks over the server's data plane when its join
-            reply announces one (:mod:`pl_parablock.federation.dataplane`);
+            reply announces one (:mod:`pl_parablock.wire.dataplane`);
             calls it cannot take go over gRPC.
         **kwargs: see :class:`Transport`.
 

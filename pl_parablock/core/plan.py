@@ -1,0 +1,231 @@
+"""The ParaBlock algorithm (DESIGN.md §1), pure: no threads, sockets or Lightning.
+
+Every driver runs the algorithm through the objects of this module and
+decides nothing of its own: the Lightning callback
+(:class:`~pl_parablock.client.strategy.FederatedBlockStrategy`, real clients), the
+server (:class:`~pl_parablock.server.aggregator.Aggregator`), the
+sequential reference (:mod:`pl_parablock.reference`, the oracle of the tests)
+and the simulator. So for one recipe they end with the same global model,
+bitwise.
+
+Notation. The trainable parameters are split into blocks ``B_1..B_M``; the
+:class:`Plan` fixes, for every global round ``t``, the active block ``b_t``
+(the schedule) and the clients that train it (all, or a seeded sample).
+
+Client ``i``, round ``t`` (:class:`ClientCore`):
+
+1. **begin** — every aggregate of a round ``r <= t - 1 - staleness`` is in
+   place (``staleness`` is 0 for ``sync`` and ``fedavg``, 1 for
+   ``parablock``); block ``b_t`` alone trains; its optimizer state is created
+   fresh (unless ``keep_optimizer_state``). ``s`` = the block's value now.
+2. **end** — after ``K`` local steps, ``e`` = the block's value. The update
+   sent is ``e`` itself (``kind="value"``) when ``s`` was the current global
+   value of the block and the upload is exact, else ``Δ = e − s``
+   (``kind="delta"``), with weight ``w_i`` (:func:`client_weight`).
+3. **apply** — the aggregate ``g'`` of round ``r`` (exactly version ``r``) is
+   applied in round order; the block is *rebased*:
+   ``θ[b] ← g' + (θ[b] − e)`` (:func:`rebase`), the global result plus the
+   local progress made since the hand-off — a plain replacement when the
+   block did not train since.
+
+Server, round ``t`` (:class:`RoundStep`, :class:`GlobalState`):
+``g' = g + η_g · Σ_i w_i Δ_i / Σ_i w_i`` over the round's arrived updates
+(value updates count as ``Δ_i = e_i − g``); with ``η_g = 1`` and only value
+updates, the weighted mean ``Σ_i w_i e_i / Σ_i w_i`` (equal in exact
+arithmetic, and it lets a single update through bitwise). The block's
+version becomes ``t``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pl_parablock.core.blocks import make_schedule
+from pl_parablock.errors import ParaBlockError
+
+MODES = ("parablock", "sync", "fedavg", "cyclic")
+"""``parablock`` overlaps a round's communication with the next round; ``sync`` waits every round; ``fedavg`` is one
+block of everything; ``cyclic`` (FedCyBGD) visits the clients one after another, each training its own block of the
+model the previous one left."""
+
+ASSIGNMENTS = ("shared", "staggered")
+"""Which block a client trains in round ``t``: ``shared``, every client ``b_t``; ``staggered``, client ``i`` block
+``(b_t + i) mod M``, so several blocks move in a round (each aggregated over the clients that trained it)."""
+
+CYCLIC_ORDERS = ("ascending", "descending", "random")
+"""How ``cyclic`` assigns client ``i`` its block in its epoch ``e``: ``(i + e) mod M``, ``M − 1 − (i + e) mod M``, or a
+seeded random sequence without repeats inside ``M`` epochs."""
+
+WEIGHTINGS = ("samples", "tokens", "shard", "uniform")
+"""A client's weight ``w_i``: samples or tokens it saw in the round, its shard's size (FedAvg's usual weight), or 1."""
+
+UPDATE_KINDS = ("value", "delta", "none")
+"""What an update carries: the end value ``e``, the delta ``e − s``, or nothing (a round the client is not sampled for)."""
+
+
+class AlgorithmError(ParaBlockError):
+    """A driver asked the core for something the algorithm forbids (a bug in the driver, or a corrupt state)."""
+
+
+def staleness(mode: str) -> int:
+    """Rounds a client may run ahead of the last aggregate it applied: 1 for ``parablock``, else 0."""
+    if mode not in MODES:
+        raise AlgorithmError(f"unknown mode {mode!r}; use {', '.join(MODES)}")
+    return 1 if mode == "parablock" else 0
+
+
+def sample_participants(clients: int, rounds: int, per_round: int | None, seed: int) -> list[tuple[int, ...]]:
+    """Clients expected in each round: all, or a seeded sample of ``per_round`` (sorted)."""
+    if per_round is None or per_round >= clients:
+        return [tuple(range(clients))] * rounds
+    rng = random.Random(seed + 7919)
+    return [tuple(sorted(rng.sample(range(clients), per_round))) for _ in range(rounds)]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every round does: its block, who trains it, and the mode's rules.
+
+    Args:
+        mode: one of :data:`MODES`.
+        schedule: the active block ``b_t`` of every round.
+        num_blocks: ``M``.
+        participants: the clients of every round; ``None``: every client.
+        keep_optimizer_state: keep a block's optimizer state across its
+            rounds (default: created fresh every round the block trains).
+        assignment: ``shared`` or ``staggered`` (:data:`ASSIGNMENTS`).
+        clients: ``N`` (the blocks of a staggered round depend on it).
+    """
+
+    mode: str
+    schedule: tuple[int, ...]
+    num_blocks: int
+    participants: tuple[tuple[int, ...], ...] | None = None
+    keep_optimizer_state: bool = False
+    assignment: str = "shared"
+    clients: int = 1
+
+    def __post_init__(self) -> None:
+        staleness(self.mode)
+        if any(not 0 <= b < self.num_blocks for b in self.schedule):
+            raise AlgorithmError(f"schedule {list(self.schedule)} names a block outside 0..{self.num_blocks - 1}")
+        if self.participants is not None and len(self.participants) != len(self.schedule):
+            raise AlgorithmError("participants must name the clients of every round")
+        if self.assignment not in ASSIGNMENTS:
+            raise AlgorithmError(f"unknown assignment {self.assignment!r}; use {', '.join(ASSIGNMENTS)}")
+
+    @property
+    def rounds(self) -> int:
+        return len(self.schedule)
+
+    @property
+    def staleness(self) -> int:
+        return staleness(self.mode)
+
+    def participates(self, client: int, t: int) -> bool:
+        """Whether ``client`` trains round ``t`` (no round after the last)."""
+        return t < self.rounds and (self.participants is None or client in self.participants[t])
+
+    def block_for(self, client: int, t: int) -> int:
+        """The block ``client`` trains in round ``t``: ``b_t``, or ``(b_t + i) mod M`` when staggered."""
+        b = self.schedule[t]
+        return (b + client) % self.num_blocks if self.assignment == "staggered" else b
+
+    def blocks_of(self, t: int) -> tuple[int, ...]:
+        """The blocks round ``t`` moves (each aggregated over the clients that trained it), in order."""
+        if self.assignment == "shared":
+            return (self.schedule[t],)
+        members = self.participants[t] if self.participants is not None else range(self.clients)
+        return tuple(sorted({self.block_for(c, t) for c in members}))
+
+    def applied_before(self, t: int) -> int:
+        """The last round whose aggregate must be in place before round ``t`` begins (``-1``: none).
+
+        ``sync``/``fedavg``: round ``t − 1``; ``parablock``: round ``t − 2``
+        (one round of staleness, at the same point of every run).
+        """
+        return min(t, self.rounds) - 1 - (self.staleness if t < self.rounds else 0)
+
+    def trains_again_before_apply(self, t: int, block: int, client: int = 0) -> bool:
+        """Whether ``client`` may train ``block`` between the hand-off of round ``t`` and the application of its aggregate.
+
+        Only in ``parablock``, and only if round ``t + 1`` has the client
+        train that block (a single block, or a block another client moved in
+        a staggered round; schedules never repeat a block back to back
+        otherwise). Then the hand-off value ``e`` must be kept for the rebase.
+        """
+        return self.staleness > 0 and t + 1 < self.rounds and self.block_for(client, t + 1) == block
+
+
+def cyclic_assignment(order: str, clients: int, num_blocks: int, rounds: int, seed: int = 0) -> tuple[list[int], list[tuple[int, ...]]]:
+    """FedCyBGD's relay (DESIGN §1.1 Cyclic): round ``t`` is client ``i = t mod N``'s turn in its epoch ``e = t // N``.
+
+    Returns the block of every round and its one client.
+
+    Raises:
+        AlgorithmError: an order outside :data:`CYCLIC_ORDERS`.
+    """
+    if order not in CYCLIC_ORDERS:
+        raise AlgorithmError(f"cyclic assigns blocks {', '.join(CYCLIC_ORDERS)}, not {order!r}")
+    epochs = -(-rounds // clients)
+    rng = random.Random(seed + 104729)
+    sequences = []
+    for i in range(clients):
+        if order == "ascending":
+            sequences.append([(i + e) % num_blocks for e in range(epochs)])
+        elif order == "descending":
+            sequences.append([num_blocks - 1 - (i + e) % num_blocks for e in range(epochs)])
+        else:
+            seq: list[int] = []
+            while len(seq) < epochs:
+                seq.extend(rng.sample(range(num_blocks), num_blocks))
+            sequences.append(seq[:epochs])
+    schedule = [sequences[t % clients][t // clients] for t in range(rounds)]
+    return schedule, [(t % clients,) for t in range(rounds)]
+
+
+def make_plan(
+    mode: str,
+    *,
+    num_blocks: int,
+    rounds: int,
+    schedule: str | Sequence[int] = "ascending",
+    seed: int = 0,
+    clients: int = 1,
+    clients_per_round: int | None = None,
+    keep_optimizer_state: bool = False,
+    assignment: str = "shared",
+) -> Plan:
+    """The plan of a federation (the server's) or of a centralized run (one client, every round)."""
+    if mode == "cyclic":
+        if clients_per_round is not None and clients_per_round < clients:
+            raise AlgorithmError("cyclic visits every client in turn; it takes no clients_per_round")
+        if not isinstance(schedule, str):
+            raise AlgorithmError(f"cyclic assigns blocks {', '.join(CYCLIC_ORDERS)}, not an explicit list")
+        if assignment != "shared":
+            raise AlgorithmError("cyclic assigns each client its own block already; it takes assignment shared")
+        order_, turns = cyclic_assignment(schedule, clients, num_blocks, rounds, seed)
+        return Plan(mode, tuple(order_), num_blocks, tuple(turns), keep_optimizer_state, "shared", clients)
+    kind: str | list[int] = schedule if isinstance(schedule, str) else list(schedule)
+    order = make_schedule(kind, num_blocks, rounds, seed)
+    sampled = clients_per_round is not None and clients_per_round < clients
+    participants = tuple(sample_participants(clients, rounds, clients_per_round, seed)) if sampled else None
+    return Plan(mode, tuple(order), num_blocks, participants, keep_optimizer_state, assignment, clients)
+
+
+def client_weight(weighting: str, *, samples: int, tokens: int, shard: int) -> float:
+    """``w_i`` of one client's update (DESIGN §1.1 Weights).
+
+    ``tokens`` falls back to ``samples`` when the batches carry no token counts.
+    """
+    if weighting == "samples":
+        return float(samples)
+    if weighting == "tokens":
+        return float(tokens or samples)
+    if weighting == "shard":
+        return float(shard)
+    if weighting == "uniform":
+        return 1.0
+    raise AlgorithmError(f"unknown weighting {weighting!r}; use {', '.join(WEIGHTINGS)}")

@@ -1,0 +1,1 @@
+"""The LightningModule, building and loading models and tokenizers, metrics."""

@@ -1,0 +1,1 @@
+"""The recipe: its schema, loading and overrides, validation and the builders of what it names."""
