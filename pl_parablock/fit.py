@@ -31,6 +31,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from pl_parablock.core.plan import mode_of
 from pl_parablock.errors import ParaBlockError
 from pl_parablock.recipe.schema import (
     Recipe,
@@ -133,7 +134,7 @@ class RoundPrinter:
 def _aggregator(recipe: Recipe, progress: bool) -> Aggregator:
     """The server state of a recipe, resumed from OUTPUT_DIR/server when a checkpoint is there."""
     f = recipe.federation
-    schedule = recipe.blocks.schedule if recipe.mode != "fedavg" else "ascending"
+    schedule = mode_of(recipe.mode).schedule(recipe.blocks.schedule)
     checkpoint_dir = os.path.join(recipe.output_dir, "server")
     agg = Aggregator(
         clients=f.clients,

@@ -31,9 +31,10 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
 
 from pl_parablock.client.runner import prepare_client
+from pl_parablock.core.aggregate import rule_of
 from pl_parablock.core.client import ClientCore, RoundStart, Update, activate
 from pl_parablock.core.codecs import decode_broadcast, decode_update
-from pl_parablock.core.plan import make_plan
+from pl_parablock.core.plan import make_plan, mode_of
 from pl_parablock.core.server import GlobalState, RoundStep
 from pl_parablock.errors import ConfigError
 from pl_parablock.model.module import ParaBlockModule
@@ -70,8 +71,8 @@ def _check(recipe: Recipe) -> None:
         problems.append(f"train.precision is {t.precision!r}; the reference runs 32-true only")
     if t.accumulate_grad_batches != 1:
         problems.append(f"train.accumulate_grad_batches is {t.accumulate_grad_batches}; the reference runs 1 only")
-    if f.aggregation != "mean" or f.clip_norm is not None:
-        problems.append("the reference aggregates with federation.aggregation=mean and no federation.clip_norm")
+    if not rule_of(f.aggregation).everywhere or f.clip_norm is not None:
+        problems.append(f"federation.aggregation is {f.aggregation!r}; the reference runs mean (with no federation.clip_norm) only")
     if problems:
         raise ConfigError(problems)
 
@@ -100,7 +101,7 @@ def _client(recipe: Recipe, client_id: int) -> _Client:
         recipe.mode,
         num_blocks=len(partition),
         rounds=recipe.federation.rounds,
-        schedule=recipe.blocks.schedule if recipe.mode != "fedavg" else "ascending",
+        schedule=mode_of(recipe.mode).schedule(recipe.blocks.schedule),
         seed=recipe.seed,
         clients=recipe.federation.clients,
         clients_per_round=recipe.federation.clients_per_round,
@@ -170,7 +171,7 @@ def run_reference(recipe: Recipe) -> ReferenceResult:
         for r in c.core.awaiting():
             moved = {n: t for b in plan.blocks_of(r) for n, t in state.value_at(b, r, reader=c.core.client_id).items()}
             sent = [state.broadcast_at(b, r) for b in plan.blocks_of(r)]
-            if compression.lossy_download and plan.mode != "cyclic" and all(x is not None for x in sent):
+            if compression.lossy_download and not plan.relay and all(x is not None for x in sent):
                 parts = {n: t for x in sent if x is not None for n, t in x[1].items()}
                 bases = {b: x[0] for b, x in zip(plan.blocks_of(r), sent) if x is not None}
                 delta = decode_broadcast(compression, parts, {n: shapes[n] for n in moved})

@@ -39,7 +39,7 @@ from pl_parablock.client.transport import Transport
 from pl_parablock.core.blocks import Partition, freeze_to_blocks, partition_model, whole_model_partition
 from pl_parablock.core.client import ClientCore
 from pl_parablock.core.codecs import NO_COMPRESSION, WIRE_DTYPE_CODECS, CodecError, Compression, make_codec
-from pl_parablock.core.plan import make_plan
+from pl_parablock.core.plan import make_plan, mode_of
 from pl_parablock.core.tensors import digest
 from pl_parablock.errors import ParaBlockError
 from pl_parablock.wire.link import Link
@@ -220,7 +220,7 @@ class FederatedBlockStrategy(Callback):
 
     def partition_of(self, module: nn.Module) -> Partition:
         """The blocks this strategy trains in ``module`` (every trainable parameter as one block for ``fedavg``)."""
-        if self.mode == "fedavg":
+        if mode_of(self.mode).whole_model:
             return whole_model_partition(module)
         return partition_model(
             module, layers_per_block=self.layers_per_block, embeddings=self.embeddings, head=self.head, patterns=self.block_patterns
@@ -250,7 +250,7 @@ class FederatedBlockStrategy(Callback):
         session = None
         if self.server is not None:
             session = ClientSession(self.server, self.client_id, dist=self._dist, leader=self._leader, compression=self.compression,
-                                    delta_downloads=self.mode != "cyclic", **options)  # fmt: skip
+                                    delta_downloads=mode_of(self.mode).delta_downloads, **options)  # fmt: skip
         self.client = ClientRounds(
             self.client_id, self.mode, self._block_params, session=session, weighting=self.weighting, shard_size=self.shard_size,
             keep_optimizer_state=self.keep_optimizer_state, compression=self.compression, dist=self._dist,

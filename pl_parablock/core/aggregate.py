@@ -17,24 +17,121 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "AGGREGATIONS",
+    "AGGREGATION_RULES",
     "PIECES",
     "PIECE_ELEMS",
     "ROBUST_METHODS",
+    "AggregationRule",
     "PiecePool",
     "RoundAccumulator",
     "assemble",
     "clip_factor",
+    "median",
     "pieces_of",
     "robust_mean",
+    "rule_of",
+    "trimmed_mean",
 ]
 
-ROBUST_METHODS = ("trimmed_mean", "median")
-AGGREGATIONS = ("mean", *ROBUST_METHODS)
+
+def median(deltas: Sequence[Tensor], trim_fraction: float = 0.1) -> Tensor:
+    """Coordinate-wise median of the clients' deltas of one tensor (unweighted; the mean of the middle two for an even count).
+
+    Example::
+
+        >>> median([torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([100.0])])
+        tensor([2.], dtype=torch.float64)
+    """
+    stacked = _stacked(deltas)
+    n = stacked.shape[0]
+    ordered = stacked.sort(dim=0).values
+    if n % 2:
+        return ordered[n // 2]
+    return (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+def trimmed_mean(deltas: Sequence[Tensor], trim_fraction: float = 0.1) -> Tensor:
+    """Coordinate-wise trimmed mean: drop the ``trim_fraction`` largest and smallest values of every coordinate, average the rest.
+
+    Example::
+
+        >>> trimmed_mean([torch.tensor([v]) for v in (1.0, 2.0, 3.0, 100.0)], 0.25)
+        tensor([2.5000], dtype=torch.float64)
+    """
+    if not 0.0 <= trim_fraction < 0.5:
+        raise ValueError(f"trim_fraction must be in [0, 0.5), not {trim_fraction}")
+    stacked = _stacked(deltas)
+    n = stacked.shape[0]
+    k = math.floor(trim_fraction * n)
+    ordered = stacked.sort(dim=0).values
+    return ordered[k : n - k].mean(dim=0)
+
+
+def _stacked(deltas: Sequence[Tensor]) -> Tensor:
+    if not deltas:
+        raise ValueError("no deltas to aggregate")
+    return torch.stack([d.to(torch.float64) for d in deltas])
+
+
+@dataclass(frozen=True)
+class AggregationRule:
+    """One way of forming a round's aggregate (``federation.aggregation``), with what it supports, stated once.
+
+    Args:
+        name: the recipe's ``federation.aggregation``.
+        summary: one line for the recipe reference.
+        combine: the coordinate-wise rule over the kept deltas of one tensor piece (unweighted), ``None`` for the
+            weighted mean, which :class:`RoundAccumulator` sums as updates arrive.
+        server_optimizer: a server optimizer (FedOpt) can follow it (it forms ``g + mean Δ``, not the global directly).
+        staggered: it aggregates each block over the clients that trained it (``blocks.assignment: staggered``).
+        everywhere: every driver runs it (the reference and the simulator too); else only the server does.
+    """
+
+    name: str
+    summary: str
+    combine: Callable[[Sequence[Tensor], float], Tensor] | None = None
+    server_optimizer: bool = False
+    staggered: bool = False
+    everywhere: bool = False
+
+    @property
+    def streaming(self) -> bool:
+        """Whether updates are summed as they arrive (the weighted mean), rather than kept until the round closes."""
+        return self.combine is None
+
+
+AGGREGATION_RULES: dict[str, AggregationRule] = {
+    r.name: r
+    for r in (
+        AggregationRule("mean", "the weighted mean of the updates (FedAvg)", server_optimizer=True, staggered=True, everywhere=True),
+        AggregationRule("trimmed_mean", "coordinate-wise trimmed mean (federation.trim_fraction at each end), unweighted",
+                        combine=trimmed_mean),
+        AggregationRule("median", "coordinate-wise median, unweighted", combine=median),
+    )
+}  # fmt: skip
+"""Every aggregation rule, by name."""
+
+AGGREGATIONS = tuple(AGGREGATION_RULES)
+ROBUST_METHODS = tuple(n for n, r in AGGREGATION_RULES.items() if not r.streaming)
+
+
+def rule_of(name: str) -> AggregationRule:
+    """The :class:`AggregationRule` called ``name``.
+
+    Raises:
+        ValueError: no rule has that name (the message lists them).
+    """
+    try:
+        return AGGREGATION_RULES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown aggregation {name!r}; use {', '.join(AGGREGATIONS)}") from None
 
 
 def clip_factor(norm: float, max_norm: float | None) -> float:
@@ -45,36 +142,17 @@ def clip_factor(norm: float, max_norm: float | None) -> float:
 
 
 def robust_mean(deltas: Sequence[Tensor], method: str, trim_fraction: float = 0.1) -> Tensor:
-    """Coordinate-wise robust aggregate of the clients' deltas of one tensor (unweighted).
-
-    Args:
-        deltas: one tensor per client, same shape.
-        method: ``median`` or ``trimmed_mean`` (drop the ``trim_fraction``
-            largest and smallest values of every coordinate, average the rest).
-        trim_fraction: share trimmed at each end, ``0 <= f < 0.5``.
+    """Coordinate-wise robust aggregate of the clients' deltas of one tensor (unweighted): ``method``'s rule.
 
     Example::
 
         >>> robust_mean([torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([100.0])], "median")
-        tensor([2.])
+        tensor([2.], dtype=torch.float64)
     """
-    if not deltas:
-        raise ValueError("no deltas to aggregate")
-    stacked = torch.stack([d.to(torch.float64) for d in deltas])
-    if method == "median":
-        n = stacked.shape[0]
-        ordered = stacked.sort(dim=0).values
-        if n % 2:
-            return ordered[n // 2]
-        return (ordered[n // 2 - 1] + ordered[n // 2]) / 2
-    if method == "trimmed_mean":
-        if not 0.0 <= trim_fraction < 0.5:
-            raise ValueError(f"trim_fraction must be in [0, 0.5), not {trim_fraction}")
-        n = stacked.shape[0]
-        k = math.floor(trim_fraction * n)
-        ordered = stacked.sort(dim=0).values
-        return ordered[k : n - k].mean(dim=0)
-    raise ValueError(f"unknown robust method {method!r}; use {', '.join(ROBUST_METHODS)}")
+    rule = rule_of(method)
+    if rule.combine is None:
+        raise ValueError(f"unknown robust method {method!r}; use {', '.join(ROBUST_METHODS)}")
+    return rule.combine(deltas, trim_fraction)
 
 
 ServerStep = Callable[[str, int, Tensor, Tensor], Tensor]

@@ -207,7 +207,7 @@ class ClientCore:
         if self.participates():
             raise AlgorithmError(f"client {self.client_id} is sampled for round {t}; call begin()")
         b = self.plan.block_for(self.client_id, t)
-        if self.plan.mode == "cyclic":
+        if self.plan.relay:
             self.catching_up = True
             if not self.plan.participates(self.client_id, t + 1) and t + 1 < self.plan.rounds:
                 self.round = self.next_apply = t + 1

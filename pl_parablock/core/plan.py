@@ -41,14 +41,10 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from pl_parablock.core.blocks import make_schedule
 from pl_parablock.errors import ParaBlockError
-
-MODES = ("parablock", "sync", "fedavg", "cyclic")
-"""``parablock`` overlaps a round's communication with the next round; ``sync`` waits every round; ``fedavg`` is one
-block of everything; ``cyclic`` (FedCyBGD) visits the clients one after another, each training its own block of the
-model the previous one left."""
 
 ASSIGNMENTS = ("shared", "staggered")
 """Which block a client trains in round ``t``: ``shared``, every client ``b_t``; ``staggered``, client ``i`` block
@@ -65,15 +61,112 @@ UPDATE_KINDS = ("value", "delta", "none")
 """What an update carries: the end value ``e``, the delta ``e − s``, or nothing (a round the client is not sampled for)."""
 
 
+_S = TypeVar("_S", bound="str | Sequence[int]")
+
+
 class AlgorithmError(ParaBlockError):
     """A driver asked the core for something the algorithm forbids (a bug in the driver, or a corrupt state)."""
 
 
+@dataclass(frozen=True)
+class Mode:
+    """One way of running rounds (``mode`` in a recipe): the rules every driver asks of it, stated once.
+
+    Adding a mode is one :class:`Mode` in :data:`MODE_REGISTRY` (and its tests); the plan, the client core, the
+    server, the reference, the simulator and the recipe's validation ask the object, never the name.
+
+    Args:
+        name: the recipe's ``mode``.
+        summary: one line for the recipe reference and error messages.
+        staleness: rounds a client may run ahead of the last aggregate it applied (``parablock``: 1).
+        whole_model: every trainable parameter is one block, trained every round (``fedavg``).
+        relay: one client a round, in turn, each training its own block of the model the previous one left
+            (``cyclic``, FedCyBGD); its trained block replaces the global block, so a download is the block's value
+            (never a compressed delta) and a client fetches only the blocks changed since it last held the model.
+        assignments: the ``blocks.assignment`` values it runs.
+    """
+
+    name: str
+    summary: str
+    staleness: int = 0
+    whole_model: bool = False
+    relay: bool = False
+    assignments: tuple[str, ...] = ("shared",)
+
+    @property
+    def delta_downloads(self) -> bool:
+        """Whether a client may ask for an aggregate as the compressed delta ``D`` (not in a relay: it replaces)."""
+        return not self.relay
+
+    def schedule(self, asked: _S) -> _S | str:
+        """The schedule this mode runs for ``blocks.schedule``: ``fedavg``'s one block needs none (``ascending``)."""
+        return "ascending" if self.whole_model else asked
+
+    def refusals(
+        self,
+        *,
+        schedule: str | Sequence[int] = "ascending",
+        clients: int = 1,
+        clients_per_round: int | None = None,
+        assignment: str = "shared",
+        aggregation: str = "mean",
+        server_optimizer: str = "sgd",
+        server_lr: float = 1.0,
+    ) -> list[str]:
+        """What this mode does not run, one line each naming the recipe key; empty when it runs these settings."""
+        p = []
+        if assignment in ASSIGNMENTS and assignment not in self.assignments:
+            p.append(f"`blocks.assignment` is {assignment} but mode={self.name} has one block a round; use shared")
+        if not self.relay:
+            return p
+        if not (isinstance(schedule, str) and schedule in CYCLIC_ORDERS):
+            what = "an explicit list" if not isinstance(schedule, str) else repr(schedule)
+            p.append(f"`blocks.schedule` is {what}; mode={self.name} assigns blocks {' | '.join(CYCLIC_ORDERS)}")
+        if clients_per_round is not None and clients_per_round < clients:
+            p.append(f"`federation.clients_per_round` is set but mode={self.name} visits every client in turn; remove it")
+        if server_optimizer != "sgd" or server_lr != 1.0:
+            p.append(
+                f"`federation.server_optimizer` / `federation.server_lr`: mode={self.name} replaces the global block with the "
+                "trained one; use sgd at lr 1"
+            )
+        if aggregation != "mean":
+            p.append(f"`federation.aggregation` is {aggregation!r}; mode={self.name} has one update a round (use mean)")
+        return p
+
+
+MODE_REGISTRY: dict[str, Mode] = {
+    m.name: m
+    for m in (
+        Mode("parablock", "overlaps a round's communication with the next round's training", staleness=1,
+             assignments=("shared", "staggered")),
+        Mode("sync", "waits for every round's aggregate before the next round (federated block coordinate descent)",
+             assignments=("shared", "staggered")),
+        Mode("fedavg", "one block of every trainable parameter, every round", whole_model=True),
+        Mode("cyclic", "FedCyBGD: the clients one after another, each training its own block of the model the previous "
+             "one left", relay=True),
+    )
+}  # fmt: skip
+"""Every mode, by name."""
+
+MODES = tuple(MODE_REGISTRY)
+"""The names of :data:`MODE_REGISTRY`."""
+
+
+def mode_of(name: str) -> Mode:
+    """The :class:`Mode` called ``name``.
+
+    Raises:
+        AlgorithmError: no mode has that name (the message lists them).
+    """
+    try:
+        return MODE_REGISTRY[name]
+    except (KeyError, TypeError):
+        raise AlgorithmError(f"unknown mode {name!r}; use {', '.join(MODES)}") from None
+
+
 def staleness(mode: str) -> int:
     """Rounds a client may run ahead of the last aggregate it applied: 1 for ``parablock``, else 0."""
-    if mode not in MODES:
-        raise AlgorithmError(f"unknown mode {mode!r}; use {', '.join(MODES)}")
-    return 1 if mode == "parablock" else 0
+    return mode_of(mode).staleness
 
 
 def sample_participants(clients: int, rounds: int, per_round: int | None, seed: int) -> list[tuple[int, ...]]:
@@ -123,6 +216,11 @@ class Plan:
     @property
     def staleness(self) -> int:
         return staleness(self.mode)
+
+    @property
+    def relay(self) -> bool:
+        """Whether this plan is a relay (:attr:`Mode.relay`): one client a round, its block replacing the global."""
+        return mode_of(self.mode).relay
 
     def participates(self, client: int, t: int) -> bool:
         """Whether ``client`` trains round ``t`` (no round after the last)."""
@@ -198,17 +296,21 @@ def make_plan(
     keep_optimizer_state: bool = False,
     assignment: str = "shared",
 ) -> Plan:
-    """The plan of a federation (the server's) or of a centralized run (one client, every round)."""
-    if mode == "cyclic":
-        if clients_per_round is not None and clients_per_round < clients:
-            raise AlgorithmError("cyclic visits every client in turn; it takes no clients_per_round")
-        if not isinstance(schedule, str):
-            raise AlgorithmError(f"cyclic assigns blocks {', '.join(CYCLIC_ORDERS)}, not an explicit list")
-        if assignment != "shared":
-            raise AlgorithmError("cyclic assigns each client its own block already; it takes assignment shared")
+    """The plan of a federation (the server's) or of a centralized run (one client, every round).
+
+    Raises:
+        AlgorithmError: settings the mode refuses (:meth:`Mode.refusals`).
+    """
+    m = mode_of(mode)
+    refused = m.refusals(schedule=schedule, clients=clients, clients_per_round=clients_per_round, assignment=assignment)
+    if refused:
+        raise AlgorithmError("; ".join(refused))
+    if m.relay:
+        assert isinstance(schedule, str)  # refusals() asked for one of CYCLIC_ORDERS
         order_, turns = cyclic_assignment(schedule, clients, num_blocks, rounds, seed)
         return Plan(mode, tuple(order_), num_blocks, tuple(turns), keep_optimizer_state, "shared", clients)
-    kind: str | list[int] = schedule if isinstance(schedule, str) else list(schedule)
+    asked = m.schedule(schedule)
+    kind: str | list[int] = asked if isinstance(asked, str) else list(asked)
     order = make_schedule(kind, num_blocks, rounds, seed)
     sampled = clients_per_round is not None and clients_per_round < clients
     participants = tuple(sample_participants(clients, rounds, clients_per_round, seed)) if sampled else None

@@ -24,10 +24,11 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from pl_parablock.core.aggregate import rule_of
 from pl_parablock.core.blocks import freeze_to_blocks, partition_model, whole_model_partition
 from pl_parablock.core.client import Update
 from pl_parablock.core.codecs import decode_update
-from pl_parablock.core.plan import make_plan
+from pl_parablock.core.plan import make_plan, mode_of
 from pl_parablock.core.server import RoundStep
 from pl_parablock.core.tensors import digest
 from pl_parablock.errors import ConfigError
@@ -73,8 +74,8 @@ def _check(recipe: Recipe) -> None:
         problems.append(f"`train.precision` is {t.precision!r}; the simulator runs 32-true only")
     if t.accumulate_grad_batches != 1:
         problems.append(f"`train.accumulate_grad_batches` is {t.accumulate_grad_batches}; the simulator runs 1 only")
-    if f.aggregation != "mean":
-        problems.append(f"`federation.aggregation` is {f.aggregation!r}; the simulator aggregates with mean")
+    if not rule_of(f.aggregation).everywhere:
+        problems.append(f"`federation.aggregation` is {f.aggregation!r}; the simulator runs mean only (the server alone runs it)")
     if f.clip_norm is not None or f.max_update_norm is not None:
         problems.append("`federation.clip_norm` and `federation.max_update_norm` are not simulated; set them to null")
     if recipe.blocks.assignment != "shared":
@@ -129,7 +130,7 @@ def run_simulation(
     module = ParaBlockModule(model, tokenizer, lr=tr.lr, weight_decay=tr.weight_decay)
     module.to(device)
     b = recipe.blocks
-    if recipe.mode == "fedavg":
+    if mode_of(recipe.mode).whole_model:
         partition = whole_model_partition(module)
     else:
         partition = partition_model(module, layers_per_block=b.layers_per_block, embeddings=b.embeddings, head=b.head, patterns=b.patterns)
@@ -140,7 +141,7 @@ def run_simulation(
         recipe.mode,
         num_blocks=len(partition),
         rounds=f.rounds,
-        schedule=b.schedule if recipe.mode != "fedavg" else "ascending",
+        schedule=mode_of(recipe.mode).schedule(b.schedule),
         seed=recipe.seed,
         clients=f.clients,
         clients_per_round=f.clients_per_round,
