@@ -1,4 +1,8 @@
-"""dataplane: moved from federation.dataplane."""
+"""The data plane's client half: a block transfer as one TCP (or TLS) connection, falling back to gRPC when refused.
+
+The frames and the protocol are :mod:`pl_parablock.wire.dataplane`'s; the
+server half is :mod:`pl_parablock.server.dataplane`.
+"""
 
 from __future__ import annotations
 

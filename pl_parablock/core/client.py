@@ -1,4 +1,12 @@
-"""client: moved from algorithm."""
+"""The client's side of the algorithm (DESIGN §1, §1.1): its round state machine, the rebase, what it hands off.
+
+:class:`ClientCore` decides, for one client, when a round begins and which
+aggregates must be in place first (the plan's staleness), what the round's
+update is (the end value ``e`` or the delta ``e − s``, compressed with the
+client's residual), and how an aggregate ``g'`` lands: :func:`rebase`,
+``θ[b] ← g' + (θ[b] − e)``. The Lightning callback, the reference and the
+simulator drive it; none decides anything of its own.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""optimizers: moved from algorithm."""
+"""Server optimizers (FedOpt, DESIGN §1.1): per block, ``x_b ← x_b − opt(−Δ_agg)``.
+
+``sgd`` at lr 1 is FedAvg, bitwise; ``momentum``, ``adam``, ``yogi`` and
+``adagrad`` keep their state per block (on the server and in its
+checkpoints). Each works on float64 pieces of a tensor, the way the round's
+sums are formed.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,13 @@
-"""server: moved from algorithm."""
+"""The server's side of the algorithm: one round's step per block and the global state with its versions.
+
+:class:`RoundStep` forms ``g' = g + η_g · Σ w_i Δ_i / Σ w_i`` from a round's
+updates (exactly, in float64); :class:`GlobalState` holds the global in the
+parameters' dtype, the version of every block, the versions a late pull may
+still ask for, and the compressed broadcast ``D`` with the server's residual
+(DESIGN §1.1 "The global is exact"). No threads, files or sockets: the
+server process (:mod:`pl_parablock.server`), the reference and the
+simulator drive it.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""tensors: moved from algorithm."""
+"""Named tensors as the algorithm sees them: a digest that says "bitwise equal", finiteness, CPU copies."""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""dataplane: moved from federation.dataplane."""
+"""The data plane's server half: serves block transfers over plain TCP (or TLS) with the gRPC server's own handlers.
+
+The frames and the protocol are :mod:`pl_parablock.wire.dataplane`'s; the
+client half is :mod:`pl_parablock.client.dataplane`.
+"""
 
 from __future__ import annotations
 

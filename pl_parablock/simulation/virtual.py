@@ -30,7 +30,7 @@ from pl_parablock.data import client_data, client_shares, collate, encode_record
 from pl_parablock.data.module import EpochShuffle, adds_bos
 from pl_parablock.errors import DataError
 from pl_parablock.model.module import ParaBlockModule
-from pl_parablock.reference import plain_steps
+from pl_parablock.model.steps import plain_steps
 
 __all__ = ["ClientShards", "RoundExecutor", "RoundResult", "ServerBlocks", "SharedModelExecutor", "VirtualClient"]
 
