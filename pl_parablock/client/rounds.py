@@ -115,6 +115,7 @@ class ClientRounds:
         elif old is not None:
             core.versions = list(old.versions)
             core.mark_unverified()
+            core.keep_residuals(old)
         fetched = session.adopt(core, reply)
         next_round = int(reply.get("next_round", 0))
         if fetched or core.round != next_round:
@@ -234,11 +235,10 @@ class ClientRounds:
     def state_dict(self) -> dict[str, Any]:
         core = self.core
         return {
-            "round": core.round if core else 0,
+            **(core.state_dict() if core else {"round": 0, "versions": []}),
             "round_start_step": self.round_start_step,
             "schedule": list(core.plan.schedule) if core else [],
             "rounds": core.plan.rounds if core else 0,
-            "versions": list(core.versions) if core else [],
             "records": [dict(r) for r in self.ledger.records],
             "events": [dict(e) for e in self.ledger.events],
         }
@@ -253,4 +253,5 @@ class ClientRounds:
         self.ledger.restore(state.get("records", []), state.get("events", []), core.round)
         self.done = core.round >= core.plan.rounds
         if federated:
-            self.ledger.event("restored", round=core.round)
+            residuals = len(core.uplink.residuals) if core.uplink is not None else 0
+            self.ledger.event("restored", round=core.round, **({"upload_residual_blocks": residuals} if residuals else {}))

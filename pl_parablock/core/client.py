@@ -341,13 +341,28 @@ class ClientCore:
     # ------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain data to resume from (between rounds, with nothing in flight)."""
-        return {"round": self.round, "versions": list(self.versions)}
+        """Plain data to resume from (between rounds), with the upload residuals ``r`` of error feedback.
+
+        The residuals are those after the last hand-off the transmitter
+        compressed: what the codec dropped so far, which a restarted client
+        adds to its next update of each block instead of losing it.
+        """
+        state: dict[str, Any] = {"round": self.round, "versions": list(self.versions)}
+        if self.uplink is not None and self.uplink.enabled:
+            state["upload_residuals"] = self.uplink.state_tensors()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.restart_at(int(state["round"]))
         self.versions = [int(v) for v in state.get("versions", self.versions)]
         self.mark_unverified()
+        if self.uplink is not None and self.uplink.enabled and state.get("upload_residuals"):
+            self.uplink.load_state_tensors(state["upload_residuals"])
+
+    def keep_residuals(self, previous: ClientCore) -> None:
+        """Take ``previous``'s upload residuals (a rejoin builds a new core; what the codec dropped is not lost)."""
+        if self.uplink is not None and previous.uplink is not None and self.uplink.codec.name == previous.uplink.codec.name:
+            self.uplink.residuals = previous.uplink.residuals
 
 
 def activate(blocks: Sequence[Mapping[str, Tensor]], start: RoundStart, optimizers: Iterable[torch.optim.Optimizer]) -> None:

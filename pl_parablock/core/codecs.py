@@ -430,8 +430,12 @@ class ErrorFeedback:
         return parts, decoded
 
     def state_tensors(self, prefix: str = "") -> dict[str, Tensor]:
-        """The residuals as flat named tensors (``<prefix><block>/<tensor>``), for checkpoints."""
-        return {f"{prefix}{b}/{n}": t for b, r in self.residuals.items() for n, t in r.items()}
+        """The residuals as flat named tensors (``<prefix><block>/<tensor>``), for checkpoints.
+
+        A snapshot: :meth:`compress` replaces a block's residuals with new
+        tensors (never in place), so another thread may compress meanwhile.
+        """
+        return {f"{prefix}{b}/{n}": t for b, r in list(self.residuals.items()) for n, t in r.items()}
 
     def load_state_tensors(self, tensors: Mapping[str, Tensor], prefix: str = "") -> None:
         self.residuals = {}

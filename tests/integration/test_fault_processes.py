@@ -93,6 +93,7 @@ def test_a_killed_client_is_dropped_then_restarted_and_catches_up(tmp_path, proc
     out = tmp_path / "run"
     common = [str(recipe), f"mode={mode}", f"output_dir={out}", "federation.clients=3", "federation.rounds=10", "federation.min_clients=2"]
     common += ["federation.round_timeout_s=1.5", "federation.timeout_s=60", "train.checkpoint_every=1"]
+    common += ["federation.compression.codec=int8"]  # with error feedback: the restarted client resumes its upload residuals
     server = Proc(tmp_path, "server", *common, "--role", "server")
     procs.append(server)
     address = server.wait_for(r"listening on (\S+)").group(1)
@@ -124,6 +125,8 @@ def test_a_killed_client_is_dropped_then_restarted_and_catches_up(tmp_path, proc
         events = json.loads((out / "clients" / "client_2.json").read_text())["events"]
     kinds = [e["event"] for e in events]
     assert "restored" in kinds and "synced" in kinds
+    restored = next(e for e in events if e["event"] == "restored")
+    assert restored.get("upload_residual_blocks", 0) >= 1, "the checkpoint carried what int8 dropped before the crash"
     synced = next(e for e in events if e["event"] == "synced")
     assert synced["to_round"] > synced["from_round"]
 
