@@ -109,7 +109,7 @@ def test_optimizer_state_lives_only_while_the_block_trains_unless_kept(mode, kw,
 
 def test_a_pull_returns_the_rounds_version_or_says_it_was_superseded():
     """A pull for round r returns version r of its block even after a later round replaced it, while a client has yet to read it."""
-    from tests.unit.test_aggregator import joined, update
+    from tests.unit.server.test_aggregator import joined, update
 
     agg = joined(clients=2, rounds=4)  # schedule 0, 1, 0, 1
     svc = FederationService(agg)

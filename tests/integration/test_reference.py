@@ -21,10 +21,10 @@ than the round's: the core refuses (``AlgorithmError``). A server pull that
 returned the block's current value instead of the round's version was *not*
 caught here (in these runs no later round of the block closes before every
 client pulled); GlobalState's holding rule is pinned in
-tests/unit/test_algorithm.py.
+tests/unit/core/test_algorithm.py.
 
 The core's own rules (late application, rebase terms, the rebase's ``e``,
-weights) are pinned against DESIGN's algorithm in tests/unit/test_algorithm.py;
+weights) are pinned against DESIGN's algorithm in tests/unit/core/test_algorithm.py;
 a rule broken in the core breaks the reference and the federation alike, so
 it is caught there, not here.
 """

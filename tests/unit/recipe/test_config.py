@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from pl_parablock.errors import ConfigError
 from pl_parablock.recipe.schema import Recipe, load_recipe, to_yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def write(tmp_path, text: str) -> str:

@@ -14,6 +14,7 @@ from pl_parablock.server.aggregator import Aggregator, RefusedError, _all_finite
 from pl_parablock.server.inprocess import InProcessTransport
 from pl_parablock.server.service import FederationService
 from pl_parablock.wire.framing import StagedTensors, dtype_name, encode, parse_header
+from tests.helpers import wait_until
 
 STATE = {"l0.w": torch.ones(4, 3), "l0.b": torch.zeros(3), "l1.w": torch.full((2, 2), 2.0)}
 PART = Partition((Block(0, "layers.0", ("l0.w", "l0.b")), Block(1, "layers.1", ("l1.w",))))
@@ -258,15 +259,25 @@ def test_a_long_poll_that_times_out_polls_again(monkeypatch):
     monkeypatch.setattr("pl_parablock.client.transport.POLL_S", 0.1)
     agg = joined()
     transport = InProcessTransport(FederationService(agg))
+    polls = []
+    real_call = transport._unary_stream
+
+    def counted(method, *args):
+        polls.append(method)
+        return real_call(method, *args)
+
+    monkeypatch.setattr(transport, "_unary_stream", counted)
     result = {}
-    t = threading.Thread(target=lambda: result.setdefault("pulled", transport.pull(0, 0, 10)))
+    t = threading.Thread(target=lambda: result.setdefault("pulled", transport.pull(0, 0, 60)))
     t.start()
-    time.sleep(0.5)  # several empty polls
+    assert wait_until(lambda: len(polls) >= 3, 60), "empty polls, one after another"
     agg.submit(*update(0, 0, 0, 2.0))
     agg.submit(*update(1, 0, 0, 2.0))
-    t.join(10)
+    t.join(60)
     pulled = result["pulled"]
-    assert pulled.version == 0 and pulled.server_wait_s >= 0.4
+    assert set(polls) == {"Pull"} and len(polls) >= 3
+    # the wait counts the empty polls too: at least the two that each waited their 0.1 s (a lower bound; load only adds)
+    assert pulled.version == 0 and pulled.server_wait_s >= 0.19
     assert torch.equal(pulled.tensors["l0.w"], torch.full((4, 3), 2.0))
 
 
@@ -425,13 +436,13 @@ def test_a_malformed_fingerprint_is_refused_and_nothing_is_kept(change, why):
 
 
 def test_a_fingerprint_whose_state_never_comes_expires_and_the_next_client_takes_over():
-    agg = Aggregator(clients=3, rounds=2, initial_state_wait_s=0.2)
+    agg = Aggregator(clients=3, rounds=2, initial_state_wait_s=1.0)  # long enough that the next line comes while it is pending
     agg.join(2, {**fingerprint(h="foreign"), "extra": "x" * 1000}, 60)  # the wrong party joins first, sends no state
     assert "extra" not in agg._fingerprint
     with pytest.raises(RefusedError, match="retry later") as err:
         agg.join(0, fingerprint(), 1)  # while it is pending, not refused for good
     assert err.value.code == "unavailable"
-    time.sleep(0.3)
+    time.sleep(1.1)  # past initial_state_wait_s (a lower bound: a busy machine only sleeps longer)
     assert agg.join(0, fingerprint(), 1)["need_state"]
     with pytest.raises(RefusedError, match="may not set"):
         agg.set_initial_state(2, STATE)
