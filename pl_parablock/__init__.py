@@ -6,6 +6,7 @@ Public API::
 """
 
 from pl_parablock import _compat  # noqa: F401  (0.1's module paths, for one release)
+from pl_parablock.client.inprocess import InProcessTransport
 from pl_parablock.client.strategy import FederatedBlockStrategy
 from pl_parablock.client.transmitter import Transmitter
 from pl_parablock.client.transport import GrpcTransport, Transport
@@ -15,7 +16,6 @@ from pl_parablock.model.module import ParaBlockModule
 from pl_parablock.recipe.schema import Recipe, load_recipe
 from pl_parablock.server.aggregator import Aggregator
 from pl_parablock.server.grpc_server import FederationServer
-from pl_parablock.server.inprocess import InProcessTransport
 from pl_parablock.server.service import FederationService
 from pl_parablock.wire.link import Link
 

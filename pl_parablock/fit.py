@@ -31,6 +31,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from pl_parablock.client.inprocess import InProcessTransport
 from pl_parablock.core.plan import mode_of
 from pl_parablock.errors import ParaBlockError
 from pl_parablock.recipe.schema import (
@@ -47,7 +48,6 @@ from pl_parablock.recipe.schema import (
 )
 from pl_parablock.server.aggregator import Aggregator
 from pl_parablock.server.grpc_server import FederationServer, tune_server_memory
-from pl_parablock.server.inprocess import InProcessTransport
 from pl_parablock.server.service import FederationService
 from pl_parablock.wire.channel import TLS
 from pl_parablock.wire.framing import MAX_LARGE_HEADER_BYTES

@@ -11,11 +11,11 @@ import lightning.pytorch as pl
 import torch
 
 from pl_parablock import FederatedBlockStrategy, ParaBlockModule
+from pl_parablock.client.inprocess import InProcessTransport
 from pl_parablock.data import ClientDataModule, synthetic_records
 from pl_parablock.model.build import build_model
 from pl_parablock.recipe.schema import ModelSection
 from pl_parablock.server.aggregator import Aggregator
-from pl_parablock.server.inprocess import InProcessTransport
 from pl_parablock.server.service import Caller, FederationService
 from pl_parablock.wire.link import Link
 

@@ -7,7 +7,7 @@ calls that its subclasses provide:
 * :class:`GrpcTransport` talks to a :class:`~pl_parablock.server.grpc_server.FederationServer`
   over gRPC (separate processes or machines), with a bearer token and
   optional TLS;
-* :class:`~pl_parablock.server.inprocess.InProcessTransport` calls a
+* :class:`~pl_parablock.client.inprocess.InProcessTransport` calls a
   :class:`~pl_parablock.server.service.FederationService` in the same
   process (unit tests, one-process debugging); it lives in its own module
   because it holds the server side.

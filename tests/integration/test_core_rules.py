@@ -15,9 +15,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from pl_parablock.client.inprocess import InProcessTransport
 from pl_parablock.errors import VersionSuperseded
 from pl_parablock.fit import federate_in_process
-from pl_parablock.server.inprocess import InProcessTransport
 from pl_parablock.server.service import FederationService
 from tests.helpers import federated_client, run_clients, service, tiny_data, tiny_recipe
 

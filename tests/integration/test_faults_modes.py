@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from pl_parablock import FederatedBlockStrategy
+from pl_parablock.client.inprocess import InProcessTransport
 from pl_parablock.client.transport import Faults
 from pl_parablock.fit import federate_in_process
 from pl_parablock.reference import run_reference
 from pl_parablock.server.aggregator import Aggregator
-from pl_parablock.server.inprocess import InProcessTransport
 from pl_parablock.server.service import FederationService
 from tests.helpers import params, run_clients, tiny_data, tiny_module, tiny_recipe, tiny_trainer
 

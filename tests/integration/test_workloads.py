@@ -11,13 +11,13 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from pl_parablock import FederatedBlockStrategy, ParaBlockModule
+from pl_parablock.client.inprocess import InProcessTransport
 from pl_parablock.client.strategy import model_fingerprint
 from pl_parablock.data import client_data, collate, encode_record
 from pl_parablock.fit import main
 from pl_parablock.model.build import build_base_model, build_model
 from pl_parablock.model.metrics import evaluate_loss
 from pl_parablock.recipe.schema import ModelSection, PeftSection, load_recipe
-from pl_parablock.server.inprocess import InProcessTransport
 from tests.helpers import TINY_LLAMA, run_clients, service, tiny_data, tiny_trainer
 
 TINY = (

@@ -284,10 +284,6 @@ KNOWN: dict[tuple[str, str], set[str]] = {
     ("core-pure", "pl_parablock.core.aggregate"): {"threading"},
     # the recipe's vocabularies of dtypes and time distributions are taken from the modules that implement them
     ("recipe-not-model", "pl_parablock.recipe.schema"): {"pl_parablock.model.build", "pl_parablock.simulation.profile"},
-    # InProcessTransport subclasses the client's Transport base class
-    ("server-not-client", "pl_parablock.server.inprocess"): {"pl_parablock.client.transport"},
-    # the virtual clients step with the reference's plain_steps
-    ("no-entry-point", "pl_parablock.simulation.virtual"): {"pl_parablock.reference"},
 }
 """(rule, module) -> the imports that break the rule today, while the fix is under way. Remove an entry when its check XPASSes."""
 

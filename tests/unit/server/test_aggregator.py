@@ -7,11 +7,11 @@ import time
 import pytest
 import torch
 
+from pl_parablock.client.inprocess import InProcessTransport
 from pl_parablock.core.aggregate import PIECE_ELEMS
 from pl_parablock.core.blocks import Block, Partition
 from pl_parablock.errors import FederationError
 from pl_parablock.server.aggregator import Aggregator, RefusedError, _all_finite
-from pl_parablock.server.inprocess import InProcessTransport
 from pl_parablock.server.service import FederationService
 from pl_parablock.wire.framing import StagedTensors, dtype_name, encode, parse_header
 from tests.helpers import wait_until

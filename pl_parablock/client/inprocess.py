@@ -5,8 +5,9 @@
 protocol (:class:`~pl_parablock.client.transport.Transport`), the same
 messages and the same link pacing, handed to a
 :class:`~pl_parablock.server.service.FederationService` in the same
-process instead of a gRPC channel. It is the one module that joins the
-client side and the server side, so neither side imports the other.
+process instead of a gRPC channel. It is the client half of the
+in-process carrier; its server half is the service itself, which it calls
+by the protocol's method names, so it imports nothing of the server.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from pl_parablock.client.transport import Transport
-from pl_parablock.server.service import FederationService
 
 __all__ = ["InProcessTransport"]
 
@@ -25,12 +25,13 @@ class InProcessTransport(Transport):
 
     Example::
 
-        >>> from pl_parablock.federation import Aggregator, FederationService, InProcessTransport
+        >>> from pl_parablock import Aggregator, FederationService, InProcessTransport
         >>> service = FederationService(Aggregator(clients=1, rounds=2))
         >>> transport = InProcessTransport(service)
     """
 
-    def __init__(self, service: FederationService, **kwargs: Any) -> None:
+    def __init__(self, service: Any, **kwargs: Any) -> None:
+        """``service``: a :class:`~pl_parablock.server.service.FederationService` (anything with the protocol's handlers)."""
         super().__init__(**kwargs)
         self.service = service
 
