@@ -23,16 +23,19 @@ from pl_parablock.core.tensors import cpu_copy
 from pl_parablock.errors import ResyncNeeded
 
 
-def rebase(local: Tensor, end: Tensor, new_global: Tensor) -> Tensor:
-    """Block-level correction: ``new_global + (local − end)``.
+def rebase(local: Tensor, end: Tensor, new_global: Tensor, mix: float = 1.0) -> Tensor:
+    """Block-level correction: ``new_global + mix · (local − end)``.
 
     ``end`` is the block's value when it was handed off, ``local`` its value
     now: the result is the aggregate plus the local progress made since the
-    hand-off. Returns a new tensor on ``local``'s device and dtype.
+    hand-off. ``mix`` (``α``, ``federation.stale_mix``) damps that progress,
+    as Streaming DiLoCo mixes local and global parameters; at 1 (the
+    paper's rebase) no multiplication happens, so the result is bitwise the
+    undamped one. Returns a new tensor on ``local``'s device and dtype.
     """
     g = new_global.to(device=local.device, dtype=local.dtype)
     e = end.to(device=local.device, dtype=local.dtype)
-    return g + (local - e)
+    return g + (local - e) if mix == 1.0 else g + mix * (local - e)
 
 
 # ---------------------------------------------------------------------------------------------------- client
@@ -295,13 +298,13 @@ class ClientCore:
                     raise AlgorithmError(f"client {self.client_id}: block {b} trained again before round {round_index}'s aggregate arrived")
                 with torch.no_grad():
                     for n, p in self.blocks[b].items():
-                        p.copy_(rebase(p, end[n], new_global[n]))
+                        p.copy_(rebase(p, end[n], new_global[n], self.plan.mix))
                 for q in later:
                     e_q = self.inflight[q][b]
                     if e_q is not None:
-                        self.inflight[q][b] = {n: rebase(e_q[n], end[n], new_global[n]) for n in e_q}
+                        self.inflight[q][b] = {n: rebase(e_q[n], end[n], new_global[n], self.plan.mix) for n in e_q}
                 if self.open is not None and self.open.block == b and self.open.start is not None:
-                    self.open.start = {n: rebase(self.open.start[n], end[n], new_global[n]) for n in end}
+                    self.open.start = {n: rebase(self.open.start[n], end[n], new_global[n], self.plan.mix) for n in end}
                 self.clean[b] = False
                 if keep:
                     self.globals[b] = {n: new_global[n].detach().to("cpu", copy=True) for n in self.blocks[b]}

@@ -112,9 +112,19 @@ class Mode:
         aggregation: str = "mean",
         server_optimizer: str = "sgd",
         server_lr: float = 1.0,
+        staleness: int = 1,
+        stale_mix: float = 1.0,
     ) -> list[str]:
         """What this mode does not run, one line each naming the recipe key; empty when it runs these settings."""
         p = []
+        if not self.staleness and staleness != 1:
+            p.append(f"`federation.staleness` is {staleness} but mode={self.name} waits for every aggregate; leave it at 1")
+        if not self.staleness and stale_mix != 1.0:
+            p.append(f"`federation.stale_mix` is {stale_mix} but mode={self.name} has no stale rounds to damp; leave it at 1.0")
+        if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 1:
+            p.append(f"`federation.staleness` is {staleness!r}; give an integer >= 1 (1: the paper's ParaBlock)")
+        if not (isinstance(stale_mix, (int, float)) and 0.0 <= stale_mix <= 1.0):
+            p.append(f"`federation.stale_mix` is {stale_mix!r}; give a number in [0, 1] (1: the paper's rebase)")
         if assignment in ASSIGNMENTS and assignment not in self.assignments:
             p.append(f"`blocks.assignment` is {assignment} but mode={self.name} has one block a round; use shared")
         if not self.relay:
@@ -190,6 +200,9 @@ class Plan:
             rounds (default: created fresh every round the block trains).
         assignment: ``shared`` or ``staggered`` (:data:`ASSIGNMENTS`).
         clients: ``N`` (the blocks of a staggered round depend on it).
+        depth: ``k`` (``federation.staleness``): in a pipelined mode, round ``t``'s aggregate is applied before round
+            ``t + k + 1`` begins, so up to ``k`` hand-offs are in flight (1: the paper's ParaBlock).
+        mix: ``α`` (``federation.stale_mix``): the rebase applies ``g' + α·(θ − e)`` (1: the paper's rebase).
     """
 
     mode: str
@@ -199,9 +212,13 @@ class Plan:
     keep_optimizer_state: bool = False
     assignment: str = "shared"
     clients: int = 1
+    depth: int = 1
+    mix: float = 1.0
 
     def __post_init__(self) -> None:
-        staleness(self.mode)
+        refused = mode_of(self.mode).refusals(staleness=self.depth, stale_mix=self.mix)
+        if refused:
+            raise AlgorithmError("; ".join(refused))
         if any(not 0 <= b < self.num_blocks for b in self.schedule):
             raise AlgorithmError(f"schedule {list(self.schedule)} names a block outside 0..{self.num_blocks - 1}")
         if self.participants is not None and len(self.participants) != len(self.schedule):
@@ -215,7 +232,8 @@ class Plan:
 
     @property
     def staleness(self) -> int:
-        return staleness(self.mode)
+        """Rounds a client may run ahead of the last aggregate it applied: ``k`` in a pipelined mode, else 0."""
+        return mode_of(self.mode).staleness * self.depth
 
     @property
     def relay(self) -> bool:
@@ -249,12 +267,15 @@ class Plan:
     def trains_again_before_apply(self, t: int, block: int, client: int = 0) -> bool:
         """Whether ``client`` may train ``block`` between the hand-off of round ``t`` and the application of its aggregate.
 
-        Only in ``parablock``, and only if round ``t + 1`` has the client
-        train that block (a single block, or a block another client moved in
-        a staggered round; schedules never repeat a block back to back
-        otherwise). Then the hand-off value ``e`` must be kept for the rebase.
+        Only in a pipelined mode, and only if one of rounds ``t + 1 .. t + k``
+        has the client train that block (a single block; a block another
+        client moved in a staggered round; with ``k ≥ 2`` a block that comes
+        round again within the window, e.g. ``M = 2``; schedules never repeat
+        a block back to back otherwise). Then the hand-off value ``e`` must be
+        kept for the rebase.
         """
-        return self.staleness > 0 and t + 1 < self.rounds and self.block_for(client, t + 1) == block
+        last = min(t + self.staleness, self.rounds - 1)
+        return any(self.block_for(client, q) == block for q in range(t + 1, last + 1))
 
 
 def cyclic_assignment(order: str, clients: int, num_blocks: int, rounds: int, seed: int = 0) -> tuple[list[int], list[tuple[int, ...]]]:
@@ -295,6 +316,8 @@ def make_plan(
     clients_per_round: int | None = None,
     keep_optimizer_state: bool = False,
     assignment: str = "shared",
+    staleness: int = 1,
+    stale_mix: float = 1.0,
 ) -> Plan:
     """The plan of a federation (the server's) or of a centralized run (one client, every round).
 
@@ -308,13 +331,13 @@ def make_plan(
     if m.relay:
         assert isinstance(schedule, str)  # refusals() asked for one of CYCLIC_ORDERS
         order_, turns = cyclic_assignment(schedule, clients, num_blocks, rounds, seed)
-        return Plan(mode, tuple(order_), num_blocks, tuple(turns), keep_optimizer_state, "shared", clients)
+        return Plan(mode, tuple(order_), num_blocks, tuple(turns), keep_optimizer_state, "shared", clients, staleness, stale_mix)
     asked = m.schedule(schedule)
     kind: str | list[int] = asked if isinstance(asked, str) else list(asked)
     order = make_schedule(kind, num_blocks, rounds, seed)
     sampled = clients_per_round is not None and clients_per_round < clients
     participants = tuple(sample_participants(clients, rounds, clients_per_round, seed)) if sampled else None
-    return Plan(mode, tuple(order), num_blocks, participants, keep_optimizer_state, assignment, clients)
+    return Plan(mode, tuple(order), num_blocks, participants, keep_optimizer_state, assignment, clients, staleness, stale_mix)
 
 
 def client_weight(weighting: str, *, samples: int, tokens: int, shard: int) -> float:

@@ -51,7 +51,7 @@ def initial(num_blocks: int) -> list[torch.Tensor]:
     return [torch.tensor([0.25 * b, -0.125 * b + 1.0], dtype=torch.float64) for b in range(num_blocks)]
 
 
-def spec_run(plan, clients: int, lag: int, staggered: bool):
+def spec_run(plan, clients: int, lag: int, staggered: bool, alpha: float = 1.0):
     """DESIGN §1 / §1.1 written out. Returns (each client's blocks after each round, the final global, finals, rebases seen)."""
     glob = initial(plan.num_blocks)
     local = [initial(plan.num_blocks) for _ in range(clients)]
@@ -72,10 +72,10 @@ def spec_run(plan, clients: int, lag: int, staggered: bool):
             g_new = aggregates[r][b]
             if not torch.equal(local[i][b], e):
                 rebases += 1
-            local[i][b] = g_new + (local[i][b] - e)  # θ[b] ← g' + (θ[b] − e)
-            for q in handed[i]:  # later hand-offs of b still in flight: e₂ ← g' + (e₂ − e)
+            local[i][b] = g_new + alpha * (local[i][b] - e)  # θ[b] ← g' + α·(θ[b] − e)
+            for q in handed[i]:  # later hand-offs of b still in flight: e₂ ← g' + α·(e₂ − e)
                 if b in handed[i][q]:
-                    handed[i][q][b] = g_new + (handed[i][q][b] - e)
+                    handed[i][q][b] = g_new + alpha * (handed[i][q][b] - e)
 
     trace = []
     for t in range(plan.rounds):
@@ -83,7 +83,7 @@ def spec_run(plan, clients: int, lag: int, staggered: bool):
         sums = {b: torch.zeros(2, dtype=torch.float64) for b in moved}
         total = dict.fromkeys(moved, 0.0)
         for i in range(clients):
-            while applied[i] <= t - 1 - lag:  # sync: round t - 1 applied before round t; parablock: round t - 2
+            while applied[i] <= t - 1 - lag:  # sync: round t - 1 applied before round t; parablock: round t - 1 - k
                 apply(i, applied[i])
                 applied[i] += 1
             if i in members(t):
