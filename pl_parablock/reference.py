@@ -38,7 +38,8 @@ from pl_parablock.core.plan import make_plan, mode_of
 from pl_parablock.core.server import GlobalState, RoundStep
 from pl_parablock.errors import ConfigError
 from pl_parablock.model.module import ParaBlockModule
-from pl_parablock.recipe.schema import Recipe, compression_of, server_optimizer_of
+from pl_parablock.recipe.build import compression_of, server_optimizer_of
+from pl_parablock.recipe.schema import Recipe
 
 __all__ = ["ReferenceResult", "plain_steps", "run_reference"]
 

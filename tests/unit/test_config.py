@@ -8,7 +8,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from pl_parablock.errors import ConfigError
-from pl_parablock.recipe.schema import Recipe, load_recipe, to_yaml
+from pl_parablock.recipe.load import load_recipe, to_yaml
+from pl_parablock.recipe.schema import Recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -257,7 +258,7 @@ def test_the_servers_defences_are_validated_with_the_key_named():
 
 
 def test_the_weight_bound_follows_the_weighting():
-    from pl_parablock.recipe.schema import weight_bound
+    from pl_parablock.recipe.build import weight_bound
 
     base = ["train.local_steps=3", "train.batch_size=4", "train.accumulate_grad_batches=2", "train.max_length=16"]
     assert weight_bound(load_recipe(None, base)) == 24
@@ -282,7 +283,7 @@ def test_assignment_and_cyclic_keys_are_validated():
 
 
 def test_compression_keys_are_validated_with_the_key_named():
-    from pl_parablock.recipe.schema import compression_of
+    from pl_parablock.recipe.build import compression_of
 
     recipe = load_recipe(None, ["federation.compression.codec=topk", "federation.compression.fraction=0.02"])
     c = compression_of(recipe)
