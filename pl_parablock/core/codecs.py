@@ -149,15 +149,8 @@ class Codec:
         Raises:
             CodecError: an option out of range.
         """
-        given = {}
-        for name in cls.OPTIONS:
-            value = (
-                options.get(name, CODEC_OPTIONS[name].default)
-                if isinstance(options, Mapping)
-                else getattr(options, name, CODEC_OPTIONS[name].default)
-            )
-            given[name] = value
-        return cls(**given)
+        read = options.get if isinstance(options, Mapping) else lambda name, default: getattr(options, name, default)
+        return cls(**{name: read(name, CODEC_OPTIONS[name].default) for name in cls.OPTIONS})
 
     def encode(self, x: Tensor) -> dict[str, Tensor]:
         """Parts of ``x`` (any float dtype, any shape), by part name (``""``: the only part)."""
