@@ -41,7 +41,8 @@ from _common import REPO, finish, machine, say
 from pl_parablock.client.runner import quiet_third_party
 from pl_parablock.core.codecs import CODECS
 from pl_parablock.fit import federate_in_process
-from pl_parablock.recipe.schema import ModelSection, load_recipe
+from pl_parablock.recipe.load import load_recipe
+from pl_parablock.recipe.schema import ModelSection
 
 NO_LINK = ["link.uplink_mbps=null", "link.downlink_mbps=null", "link.latency_ms=0"]
 

@@ -77,9 +77,9 @@ def _mean_compute(report: dict[str, Any]) -> float:
 
 def _retime(report: dict[str, Any], factor: float) -> float:
     """The simulated wall-clock of a simulator run's measured rounds with every client's compute factor set to ``factor``."""
-    from pl_parablock.recipe.schema import load_recipe
+    from pl_parablock.recipe.load import load_recipe
+    from pl_parablock.recipe.profile import resolve_profiles
     from pl_parablock.simulation.clock import SimClock
-    from pl_parablock.simulation.profile import resolve_profiles
 
     recipe = load_recipe(os.path.join(report["output_dir"], "recipe.yaml"))
     f = recipe.federation
@@ -105,7 +105,7 @@ def _retime(report: dict[str, Any], factor: float) -> float:
 
 
 def clock_check(rounds: int, root: str) -> list[dict[str, Any]]:
-    from pl_parablock.recipe.schema import load_recipe
+    from pl_parablock.recipe.load import load_recipe
     from pl_parablock.simulate import simulate
 
     runs: dict[str, dict[str, Any]] = {}
@@ -154,7 +154,7 @@ def clock_check(rounds: int, root: str) -> list[dict[str, Any]]:
 
 
 def _recipe(clients: int, per_round: int, rounds: int, out: str) -> Any:
-    from pl_parablock.recipe.schema import load_recipe
+    from pl_parablock.recipe.load import load_recipe
 
     return load_recipe(
         QUICKSTART,

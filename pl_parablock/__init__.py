@@ -13,7 +13,8 @@ from pl_parablock.client.transport import GrpcTransport, Transport
 from pl_parablock.core.blocks import Block, Partition, make_schedule, partition_model, whole_model_partition
 from pl_parablock.errors import ConfigError, DataError, FederationError, ModelError, ParaBlockError, TransmitterError
 from pl_parablock.model.module import ParaBlockModule
-from pl_parablock.recipe.schema import Recipe, load_recipe
+from pl_parablock.recipe.load import load_recipe
+from pl_parablock.recipe.schema import Recipe
 from pl_parablock.server.aggregator import Aggregator
 from pl_parablock.server.grpc_server import FederationServer
 from pl_parablock.server.service import FederationService

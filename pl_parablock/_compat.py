@@ -27,7 +27,8 @@ MOVED: dict[str, tuple[str, ...]] = {
     "aggregate": ("core.aggregate",),
     "blocks": ("core.blocks",),
     "compression": ("core.codecs",),
-    "config": ("recipe.schema",),
+    # config.py also held names it imported from the core (Codec, CYCLIC_ORDERS): the core's modules come last
+    "config": ("recipe.schema", "recipe.load", "recipe.validate", "recipe.build", "recipe.docs", "core.plan", "core.codecs"),
     "module": ("model.module",),
     "models": ("model.build",),
     "metrics": ("model.metrics",),
@@ -57,6 +58,7 @@ MOVED: dict[str, tuple[str, ...]] = {
     "federation.channel": ("wire.channel",),
     "federation.link": ("wire.link",),
     "federation.dataplane": ("wire.dataplane", "server.dataplane", "client.dataplane"),
+    "simulation.profile": ("recipe.profile",),
 }
 """Old path (under ``pl_parablock.``) -> its new home(s). ``pl_parablock.client`` (``ClientRounds``) is now a
 package; :mod:`pl_parablock.client` forwards its two names with the same warning."""

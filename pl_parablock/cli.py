@@ -30,24 +30,15 @@ from pl_parablock.data import ClientDataModule, client_data
 from pl_parablock.errors import ConfigError, ParaBlockError
 from pl_parablock.model.build import build_model
 from pl_parablock.model.module import ParaBlockModule
-from pl_parablock.recipe.schema import (
-    DataSection,
-    FederationSection,
-    ModelSection,
-    PartitionSection,
-    PeftSection,
-    Recipe,
-    TrainSection,
-    validate,
-)
+from pl_parablock.recipe.schema import DataSection, EvalSection, ModelSection, PartitionSection, PeftSection, TrainSection
+from pl_parablock.recipe.validate import data_problems, model_problems
 
 __all__ = ["CausalLM", "FederatedData", "main"]
 
 _QUICKSTART_MODEL = ModelSection().config
 
 
-def _check(recipe: Recipe, prefix: str) -> None:
-    problems = [p for p in validate(recipe) if p.startswith(f"`{prefix}")]
+def _check(problems: list[str]) -> None:
     if problems:
         raise ConfigError(problems)
 
@@ -98,7 +89,7 @@ class CausalLM(ParaBlockModule):
             gradient_checkpointing=gradient_checkpointing,
             peft=peft or PeftSection(),
         )
-        _check(Recipe(model=section, seed=seed), "model.")
+        _check(model_problems(section))
         model, tok = build_model(section, seed)
         super().__init__(model, tok, lr=lr, weight_decay=weight_decay)
 
@@ -161,13 +152,9 @@ class FederatedData(pl.LightningDataModule):
             split=split,
             row_format=row_format,
         )
-        self.recipe = Recipe(
-            data=section,
-            seed=seed,
-            federation=FederationSection(clients=clients),
-            train=TrainSection(batch_size=batch_size, max_length=max_length, packing=packing),
-        )
-        _check(self.recipe, "data.")
+        _check(data_problems(section, clients=clients))
+        self.data, self.clients, self.seed = section, clients, seed
+        self.train = TrainSection(batch_size=batch_size, max_length=max_length, packing=packing)
         self.client_id = client_id
         self._module: ClientDataModule | None = None
 
@@ -182,19 +169,19 @@ class FederatedData(pl.LightningDataModule):
         if client_id is None:
             strategies = [cb for cb in trainer.callbacks if isinstance(cb, FederatedBlockStrategy)]  # type: ignore[attr-defined]
             client_id = strategies[0].client_id if strategies else 0
-        if not 0 <= client_id < self.recipe.federation.clients:
-            raise ParaBlockError(f"client {client_id} has no share: data.clients is {self.recipe.federation.clients}")
-        data = client_data(self.recipe, client_id, evaluate=False)
-        t = self.recipe.train
+        if not 0 <= client_id < self.clients:
+            raise ParaBlockError(f"client {client_id} has no share: data.clients is {self.clients}")
+        data = client_data(self.data, client_id, clients=self.clients, seed=self.seed, evaluation=EvalSection(), evaluate=False)
+        t = self.train
         self._module = ClientDataModule(
             data.train,
             None,
             trainer.lightning_module.tokenizer,
             batch_size=t.batch_size,
             max_length=t.max_length,
-            seed=self.recipe.seed,
+            seed=self.seed,
             packing=t.packing,
-            on_error=self.recipe.data.on_error,
+            on_error=self.data.on_error,
             name=f"client {client_id}",
         )
         self._module.setup(stage)

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pl_parablock.errors import ConfigError, ParaBlockError
-from pl_parablock.recipe.schema import load_recipe
+from pl_parablock.recipe.load import load_recipe
 
 __all__ = ["COLUMNS", "collect_recipes", "main", "row_of"]
 

@@ -34,18 +34,10 @@ from typing import Any
 from pl_parablock.client.inprocess import InProcessTransport
 from pl_parablock.core.plan import mode_of
 from pl_parablock.errors import ParaBlockError
-from pl_parablock.recipe.schema import (
-    Recipe,
-    client_token,
-    compression_of,
-    load_recipe,
-    reference_markdown,
-    run_loggers,
-    server_optimizer_of,
-    server_token,
-    to_yaml,
-    weight_bound,
-)
+from pl_parablock.recipe.build import client_token, compression_of, run_loggers, server_optimizer_of, server_token, weight_bound
+from pl_parablock.recipe.docs import reference_markdown
+from pl_parablock.recipe.load import load_recipe, to_yaml
+from pl_parablock.recipe.schema import Recipe
 from pl_parablock.server.aggregator import Aggregator
 from pl_parablock.server.grpc_server import FederationServer, tune_server_memory
 from pl_parablock.server.service import FederationService
@@ -210,7 +202,7 @@ def _client_address(address: str, recipe: Recipe) -> str:
 def _describe_data(recipe: Recipe) -> str:
     from pl_parablock.data import describe_data
 
-    return "\n  ".join(describe_data(recipe))
+    return "\n  ".join(describe_data(recipe.data, clients=recipe.federation.clients, seed=recipe.seed, evaluation=recipe.eval))
 
 
 def _finish(recipe: Recipe, agg: Aggregator, wall_s: float) -> int:

@@ -37,7 +37,8 @@ from pl_parablock.core.server import GlobalState, RoundStep
 from pl_parablock.errors import ConfigError
 from pl_parablock.model.module import ParaBlockModule
 from pl_parablock.model.steps import plain_steps
-from pl_parablock.recipe.schema import Recipe, compression_of, server_optimizer_of
+from pl_parablock.recipe.build import compression_of, server_optimizer_of
+from pl_parablock.recipe.schema import Recipe
 
 __all__ = ["ReferenceResult", "plain_steps", "run_reference"]
 

@@ -39,7 +39,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from pl_parablock.errors import ParaBlockError
-from pl_parablock.recipe.schema import Recipe, to_dict
+from pl_parablock.recipe.load import to_dict
+from pl_parablock.recipe.schema import Recipe
 from pl_parablock.wire.link import Link
 
 if TYPE_CHECKING:

@@ -36,7 +36,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from pl_parablock.errors import ParaBlockError
-from pl_parablock.recipe.schema import Recipe, load_recipe, to_yaml
+from pl_parablock.recipe.load import load_recipe, to_yaml
+from pl_parablock.recipe.schema import Recipe
 from pl_parablock.wire.link import Link
 
 __all__ = ["main", "simulate"]
@@ -61,7 +62,7 @@ def _say(msg: str) -> None:
 
 
 def _describe_links(recipe: Recipe) -> str:
-    from pl_parablock.simulation.profile import resolve_profiles
+    from pl_parablock.recipe.profile import resolve_profiles
 
     f = recipe.federation
     profiles = resolve_profiles(recipe.simulation.profile, f.clients, recipe.link, recipe.seed)

@@ -112,7 +112,7 @@ eval: {max_samples: 4, max_new_tokens: 2}
 
 def tiny_recipe(tmp_path: Any, *overrides: str, output: str = "run") -> Any:
     """The tiny recipe with dotlist ``overrides``, written to ``tmp_path/recipe.yaml``, output under ``tmp_path/output``."""
-    from pl_parablock.recipe.schema import load_recipe
+    from pl_parablock.recipe.load import load_recipe
 
     path = tmp_path / "recipe.yaml"
     path.write_text(TINY_RECIPE)

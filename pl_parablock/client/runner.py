@@ -34,7 +34,8 @@ from pl_parablock.data import ClientDataModule, client_data
 from pl_parablock.errors import ParaBlockError
 from pl_parablock.model.build import build_model, save_base, save_merged
 from pl_parablock.model.module import ParaBlockModule
-from pl_parablock.recipe.schema import Recipe, client_token, compression_of, run_loggers
+from pl_parablock.recipe.build import client_token, compression_of, run_loggers
+from pl_parablock.recipe.schema import Recipe
 from pl_parablock.wire.channel import TLS
 from pl_parablock.wire.link import Link
 
@@ -127,7 +128,14 @@ def prepare_client(
         torch.set_num_threads(recipe.train.threads)
     evaluate = client_id == 0 if evaluate is None else evaluate
     shard = server is not None if shard is None else shard
-    data = client_data(recipe, client_id if shard else None, evaluate=evaluate)
+    data = client_data(
+        recipe.data,
+        client_id if shard else None,
+        clients=recipe.federation.clients,
+        seed=recipe.seed,
+        evaluation=recipe.eval,
+        evaluate=evaluate,
+    )
     log.info("client %d: %d training records, %d evaluation records", client_id, len(data.train), len(data.evals))
     if data.skipped:
         log.warning(

@@ -27,7 +27,7 @@ from pl_parablock.core.client import ClientCore, Update
 from pl_parablock.core.codecs import NO_COMPRESSION, Compression
 from pl_parablock.core.plan import Plan
 from pl_parablock.errors import ParaBlockError, ResyncNeeded, ServerRestarted, TransmitterError, TransportError
-from pl_parablock.recipe.schema import TOKEN_ENV
+from pl_parablock.recipe.build import TOKEN_ENV
 from pl_parablock.wire.framing import dtype_name
 from pl_parablock.wire.link import Link
 

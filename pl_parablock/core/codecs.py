@@ -20,7 +20,13 @@ client hold the same global (:class:`ErrorFeedback` and
 :func:`advance`). A block travels as the parts of its tensors, named
 ``<tensor>`` (one part) or ``<tensor>::<part>``.
 
-Adding a codec: one subclass here, registered in :data:`CODECS`.
+Adding a codec: one subclass here, registered in :data:`CODECS`. A codec
+names the options it takes in :attr:`Codec.OPTIONS` (each one of
+:data:`CODEC_OPTIONS`, a key of ``federation.compression`` with its default,
+the values it accepts and its line in the recipe reference) and builds
+itself from a mapping of options with :meth:`Codec.from_options`
+(:func:`codec_of`); the recipe validates every option through the same
+:class:`CodecOption`.
 
 Example::
 
@@ -33,7 +39,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -44,12 +50,15 @@ from pl_parablock.errors import ParaBlockError
 
 __all__ = [
     "CODECS",
+    "CODEC_OPTIONS",
     "SEPARATOR",
     "Codec",
     "CodecError",
+    "CodecOption",
     "ErrorFeedback",
     "advance",
     "block_problem",
+    "codec_of",
     "decode_block",
     "encode_block",
     "make_codec",
@@ -67,19 +76,81 @@ PartSpec = tuple[tuple[torch.dtype, ...], tuple[int, ...] | None]
 """What a part may be: its allowed dtypes and its shape (``None``: any 1-D length, checked on decode)."""
 
 
+def _positive_int(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+
+
+def _share(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value <= 1
+
+
+@dataclass(frozen=True)
+class CodecOption:
+    """An option a codec takes: a key of ``federation.compression``, stated once for the codecs and the recipe.
+
+    Args:
+        name: the key (``federation.compression.<name>``) and the codec's keyword argument.
+        default: its value when not given.
+        accepts: whether a value is valid.
+        expects: what a valid value is, in the codec's error (``group must be <expects>, not 0``).
+        advice: the same for the recipe's error (```federation.compression.group` is 0; <advice>``).
+        summary: its line in the recipe reference, after the codecs that take it.
+    """
+
+    name: str
+    default: Any
+    accepts: Callable[[Any], bool]
+    expects: str
+    advice: str
+    summary: str
+
+    def check(self, codec: str, value: Any) -> Any:
+        """``value``, or :class:`CodecError` naming codec ``codec`` and what the option accepts."""
+        if not self.accepts(value):
+            raise CodecError(f"codec {codec!r}: {self.name} must be {self.expects}, not {value!r}")
+        return value
+
+
+CODEC_OPTIONS: dict[str, CodecOption] = {
+    o.name: o
+    for o in (
+        CodecOption("group", 128, _positive_int, "a positive integer", "it must be >= 1", "values per absmax scale."),
+        CodecOption("fraction", 0.01, _share, "in (0, 1]", "the share of values topk sends must be in (0, 1], e.g. 0.01",
+                    "share of each tensor's values sent, in (0, 1]."),
+    )
+}  # fmt: skip
+"""Every option some codec takes, by name (the keys of ``federation.compression`` besides the codec's name)."""
+
+
 class Codec:
     """Encode one float tensor into named parts and decode them back (float32).
 
-    Subclasses set :attr:`name` and implement :meth:`encode`,
-    :meth:`decode` and :meth:`parts`.
+    Subclasses set :attr:`name`, list the options their constructor takes in
+    :attr:`OPTIONS` (names of :data:`CODEC_OPTIONS`) and implement
+    :meth:`encode`, :meth:`decode` and :meth:`parts`.
     """
 
     name: ClassVar[str] = ""
     lossless: ClassVar[bool] = False
+    OPTIONS: ClassVar[tuple[str, ...]] = ()
+    """The options of :data:`CODEC_OPTIONS` this codec takes, as keyword arguments."""
 
     def __init__(self, **options: Any) -> None:
         if options:
             raise CodecError(f"codec {self.name!r} takes no options (got {', '.join(sorted(options))})")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | object) -> Codec:
+        """This codec built from the options it takes, read from ``options`` (a mapping, or a section with those attributes).
+
+        Keys it does not take (another codec's options, ``codec``, ``error_feedback``) are ignored; a
+        missing one takes its default.
+
+        Raises:
+            CodecError: an option out of range.
+        """
+        read = options.get if isinstance(options, Mapping) else lambda name, default: getattr(options, name, default)
+        return cls(**{name: read(name, CODEC_OPTIONS[name].default) for name in cls.OPTIONS})
 
     def encode(self, x: Tensor) -> dict[str, Tensor]:
         """Parts of ``x`` (any float dtype, any shape), by part name (``""``: the only part)."""
@@ -153,12 +224,11 @@ class _Grouped(Codec):
     """Values cut into chunks of ``group``; one float32 absmax scale per chunk."""
 
     levels: ClassVar[float]
+    OPTIONS: ClassVar[tuple[str, ...]] = ("group",)
 
-    def __init__(self, group: int = 128, **options: Any) -> None:
+    def __init__(self, group: int = CODEC_OPTIONS["group"].default, **options: Any) -> None:
         super().__init__(**options)
-        if isinstance(group, bool) or not isinstance(group, int) or group < 1:
-            raise CodecError(f"codec {self.name!r}: group must be a positive integer, not {group!r}")
-        self.group = group
+        self.group: int = CODEC_OPTIONS["group"].check(self.name, group)
 
     def describe(self) -> str:
         return f"{self.name} (group {self.group})"
@@ -282,12 +352,13 @@ class TopK(_Grouped):
 
     name = "topk"
     levels = 127.0
+    OPTIONS: ClassVar[tuple[str, ...]] = ("group", "fraction")
 
-    def __init__(self, fraction: float = 0.01, group: int = 128, **options: Any) -> None:
+    def __init__(
+        self, fraction: float = CODEC_OPTIONS["fraction"].default, group: int = CODEC_OPTIONS["group"].default, **options: Any
+    ) -> None:
         super().__init__(group=group, **options)
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-            raise CodecError(f"codec 'topk': fraction must be in (0, 1], not {fraction!r}")
-        self.fraction = float(fraction)
+        self.fraction = float(CODEC_OPTIONS["fraction"].check(self.name, fraction))
 
     def describe(self) -> str:
         return f"topk (fraction {self.fraction:g}, group {self.group})"
@@ -335,20 +406,38 @@ WIRE_DTYPE_CODECS = {"float32": "none", "bfloat16": "bf16", "float16": "fp16"}
 """``federation.wire_dtype`` as the codec it is a shorthand for."""
 
 
+def _codec_class(name: str) -> type[Codec]:
+    try:
+        return CODECS[name]
+    except (KeyError, TypeError):
+        raise CodecError(f"unknown codec {name!r}; use one of {', '.join(CODECS)}") from None
+
+
 def make_codec(name: str, **options: Any) -> Codec:
-    """The codec ``name`` with its options (``group``, ``fraction``).
+    """The codec ``name`` with its options (``group``, ``fraction``), each given as a keyword argument.
 
     Raises:
         CodecError: an unknown codec, or an option it does not take or out of range.
     """
-    try:
-        cls = CODECS[name]
-    except KeyError:
-        raise CodecError(f"unknown codec {name!r}; use one of {', '.join(CODECS)}") from None
+    cls = _codec_class(name)
     try:
         return cls(**options)
     except TypeError as exc:
         raise CodecError(f"codec {name!r}: {exc}") from None
+
+
+def codec_of(name: str, options: Mapping[str, Any] | object) -> Codec:
+    """The codec ``name`` built from the options it takes (:meth:`Codec.from_options`), e.g. ``federation.compression``.
+
+    Example::
+
+        >>> codec_of("topk", {"fraction": 0.05, "group": 64, "error_feedback": True}).describe()
+        'topk (fraction 0.05, group 64)'
+
+    Raises:
+        CodecError: an unknown codec, or an option out of range.
+    """
+    return _codec_class(name).from_options(options)
 
 
 def _part_name(tensor: str, part: str) -> str:

@@ -112,10 +112,26 @@ class Mode:
         aggregation: str = "mean",
         server_optimizer: str = "sgd",
         server_lr: float = 1.0,
+        server_optimizer_lr: float | None = None,
         staleness: int = 1,
         stale_mix: float = 1.0,
     ) -> list[str]:
-        """What this mode does not run, one line each naming the recipe key; empty when it runs these settings."""
+        """What this mode does not run, one line each naming the recipe key; empty when it runs these settings.
+
+        The recipe's validation and :func:`make_plan` both ask this, so each rule of a mode is stated here only.
+
+        Args:
+            schedule: ``blocks.schedule``.
+            clients: ``federation.clients``.
+            clients_per_round: ``federation.clients_per_round`` (``None``: not set).
+            assignment: ``blocks.assignment``.
+            aggregation: ``federation.aggregation``.
+            server_optimizer: ``federation.server_optimizer.name``.
+            server_lr: ``federation.server_lr``.
+            server_optimizer_lr: ``federation.server_optimizer.lr`` (``None``: ``server_lr``).
+            staleness: ``federation.staleness`` (``k``: rounds in flight; only a pipelined mode takes more than 1).
+            stale_mix: ``federation.stale_mix`` (``α`` of the rebase; only a pipelined mode damps).
+        """
         p = []
         if not self.staleness and staleness != 1:
             p.append(f"`federation.staleness` is {staleness} but mode={self.name} waits for every aggregate; leave it at 1")
@@ -130,11 +146,11 @@ class Mode:
         if not self.relay:
             return p
         if not (isinstance(schedule, str) and schedule in CYCLIC_ORDERS):
-            what = "an explicit list" if not isinstance(schedule, str) else repr(schedule)
-            p.append(f"`blocks.schedule` is {what}; mode={self.name} assigns blocks {' | '.join(CYCLIC_ORDERS)}")
-        if clients_per_round is not None and clients_per_round < clients:
+            shown = list(schedule) if isinstance(schedule, (list, tuple)) else schedule
+            p.append(f"`blocks.schedule` is {shown!r}; mode={self.name} assigns blocks {' | '.join(CYCLIC_ORDERS)}")
+        if clients_per_round is not None:
             p.append(f"`federation.clients_per_round` is set but mode={self.name} visits every client in turn; remove it")
-        if server_optimizer != "sgd" or server_lr != 1.0:
+        if server_optimizer != "sgd" or server_lr != 1.0 or server_optimizer_lr not in (None, 1.0):
             p.append(
                 f"`federation.server_optimizer` / `federation.server_lr`: mode={self.name} replaces the global block with the "
                 "trained one; use sgd at lr 1"

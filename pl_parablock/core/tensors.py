@@ -1,4 +1,10 @@
-"""Named tensors as the algorithm sees them: a digest that says "bitwise equal", finiteness, CPU copies."""
+"""Tensors: digests, finiteness, CPU copies, and the parameter dtypes a model is built in.
+
+:data:`PARAMETER_DTYPES` (``model.dtype``) lives here, at the bottom of the
+package, so that the recipe (which validates the name) and
+:mod:`pl_parablock.model.build` (which builds in the dtype) share one
+vocabulary without the recipe importing the model.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,9 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor
+
+PARAMETER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The parameter dtypes a model is built or loaded in (``model.dtype``), by name."""
 
 
 def digest(tensors: Mapping[str, Tensor]) -> str:

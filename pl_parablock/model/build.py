@@ -25,16 +25,15 @@ from tokenizers import models as tk_models
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from pl_parablock.core.tensors import PARAMETER_DTYPES as DTYPES
 from pl_parablock.errors import ModelError
 
-if TYPE_CHECKING:  # the recipe's schema imports DTYPES from here
+if TYPE_CHECKING:
     from pl_parablock.recipe.schema import ModelSection, PeftSection
 
 __all__ = ["DTYPES", "apply_peft", "build_base_model", "build_model", "load_tokenizer", "offline_tokenizer", "save_merged"]
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-"""The parameter dtypes a model is built or loaded in (``model.dtype``)."""
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -1,16 +1,25 @@
-"""The recipe: schema, loading, overrides and validation.
+"""The recipe's schema: one dataclass per section, every key with its help text, and :class:`Recipe`.
 
 A recipe is a YAML file whose keys follow the dataclasses below. The schema's
 defaults are the offline quickstart, so a recipe only writes what it changes.
-Command-line overrides use OmegaConf's dotlist form (``train.lr=1e-4``).
+The rest of the recipe wing works from these classes:
 
-Every problem in a recipe (an unknown key, a wrong type, an impossible value,
-a missing file) is collected and reported at once in one :class:`ConfigError`
-that names each key.
+* :mod:`pl_parablock.recipe.load`: YAML, command-line overrides (OmegaConf's
+  dotlist form, ``train.lr=1e-4``) and :func:`~pl_parablock.recipe.load.load_recipe`;
+* :mod:`pl_parablock.recipe.validate`: every problem at once, one line naming each key;
+* :mod:`pl_parablock.recipe.build`: what a run builds from a recipe (compression,
+  server optimizer, tokens, loggers);
+* :mod:`pl_parablock.recipe.docs`: the recipe reference, generated from the help texts here;
+* :mod:`pl_parablock.recipe.profile`: ``simulation.profile``'s values per client.
+
+A vocabulary is its owner's (the core's modes, schedules, codecs and rules,
+the parameter dtypes, the wire dtypes, the data formats); this module
+imports what its help texts list. It imports nothing of the model or the
+simulator, which import it.
 
 Example::
 
-    >>> from pl_parablock.recipe.schema import load_recipe
+    >>> from pl_parablock.recipe.load import load_recipe
     >>> recipe = load_recipe(None, ["mode=sync", "federation.clients=2"])
     >>> recipe.mode, recipe.federation.clients
     ('sync', 2)
@@ -18,31 +27,16 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import os
-import re
-from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from pl_parablock.core.aggregate import AGGREGATIONS
-from pl_parablock.core.blocks import SCHEDULES
-from pl_parablock.core.codecs import CODECS, WIRE_DTYPE_CODECS, Codec, Compression, make_codec
-from pl_parablock.core.optimizers import SERVER_OPTIMIZERS, ServerOptimizer, make_server_optimizer
-from pl_parablock.core.plan import ASSIGNMENTS, CYCLIC_ORDERS, MODES, WEIGHTINGS
-from pl_parablock.data.formats import DATA_FORMATS, ROW_FORMAT_CHOICES
-from pl_parablock.errors import ConfigError
-from pl_parablock.model.build import DTYPES
-from pl_parablock.simulation.profile import DISTRIBUTIONS, profile_problems
+from pl_parablock.core.codecs import CODEC_OPTIONS, CODECS
+from pl_parablock.core.tensors import PARAMETER_DTYPES as DTYPES
+from pl_parablock.data.formats import ROW_FORMAT_CHOICES
+from pl_parablock.recipe.profile import DISTRIBUTIONS
 from pl_parablock.wire.framing import WIRE_DTYPES
 
-# The vocabularies are the modules' that implement them, imported above (modes and weightings: the
-# algorithm core; schedules; parameter and wire dtypes; data and row formats; aggregation rules).
+# The recipe's own vocabularies; the others are their owner modules' (see pl_parablock.recipe.validate).
 PARTITIONS = ("iid", "dirichlet", "natural")
 ON_ERROR = ("raise", "skip")
 PEFT_METHODS = ("lora", "ffa_lora")
@@ -64,30 +58,14 @@ def _quickstart_model() -> dict[str, Any]:
     }
 
 
-class _RecipeLoader(yaml.SafeLoader):
-    """YAML 1.1 as PyYAML reads it, except that ``1e-5`` is a float (as in YAML 1.2 and OmegaConf), not a string.
-
-    Free-form sections such as ``model.config`` are passed on as read, so a
-    string there would reach transformers instead of the number meant.
-    """
-
-
-_RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+][0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
+
+
+def _codec_option(name: str) -> dict[str, str]:
+    """The help of a ``federation.compression`` option, from the codecs that declare it (:data:`CODEC_OPTIONS`)."""
+    takers = ", ".join(codec for codec, cls in CODECS.items() if name in cls.OPTIONS)
+    return _help(f"{takers}: {CODEC_OPTIONS[name].summary}")
 
 
 @dataclass
@@ -265,8 +243,8 @@ class CompressionSection:
     download: str | None = field(
         default=None, metadata=_help("Codec of the server's broadcasts: " + " | ".join(CODECS) + "; null: the same as `codec`.")
     )
-    group: int = field(default=128, metadata=_help("int8, fp8, int4, topk: values per absmax scale."))
-    fraction: float = field(default=0.01, metadata=_help("topk: share of each tensor's values sent, in (0, 1]."))
+    group: int = field(default=CODEC_OPTIONS["group"].default, metadata=_codec_option("group"))
+    fraction: float = field(default=CODEC_OPTIONS["fraction"].default, metadata=_codec_option("fraction"))
 
 
 @dataclass
@@ -572,523 +550,3 @@ class Recipe:
     eval: EvalSection = field(default_factory=EvalSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
-
-
-# ---------------------------------------------------------------------------
-# loading
-
-
-def _first_line(exc: OmegaConfBaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-
-
-def _leaves(base: DictConfig, value: Any, prefix: str) -> list[tuple[str, Any]]:
-    """Flatten a user mapping into (dotted key, value) pairs.
-
-    Recursion stops at keys whose schema node is not a section (a free-form
-    dict such as ``model.config`` is one leaf and replaces the default).
-    """
-    node = OmegaConf.select(base, prefix, throw_on_missing=False) if prefix else base
-    is_section = isinstance(node, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(node))
-    if isinstance(value, dict) and (is_section or not prefix):
-        out: list[tuple[str, Any]] = []
-        for k, v in value.items():
-            out.extend(_leaves(base, v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return [(prefix, value)]
-
-
-def _assign(cfg: DictConfig, key: str, value: Any, problems: list[str]) -> None:
-    try:
-        node = OmegaConf.select(cfg, key, throw_on_missing=False)
-        merge = isinstance(node, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(node))
-        OmegaConf.update(cfg, key, value, merge=merge)
-    except OmegaConfBaseException as exc:
-        problems.append(f"`{key}`: {_first_line(exc)}")
-
-
-def _parse_override(item: str) -> tuple[str, Any]:
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override `{item}` is not of the form key=value (e.g. train.lr=1e-4)")
-    parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]))
-    assert isinstance(parsed, dict)
-    return key.strip(), parsed["v"]
-
-
-def load_recipe(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> Recipe:
-    """Load, merge and validate a recipe.
-
-    Args:
-        path: YAML recipe; ``None`` starts from the schema defaults (the quickstart).
-        overrides: OmegaConf dotlist items such as ``["mode=sync", "train.lr=1e-4"]``.
-
-    Returns:
-        The validated :class:`Recipe`.
-
-    Raises:
-        ConfigError: listing every problem found, each naming its key.
-    """
-    source = str(path) if path is not None else None
-    user: dict[str, Any] = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"recipe file `{path}` not found; pass the path of a YAML recipe such as recipes/quickstart.yaml")
-        try:
-            with open(path, encoding="utf-8") as f:
-                loaded = yaml.load(f, Loader=_RecipeLoader)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"not valid YAML{where}: {getattr(exc, 'problem', exc)}", source) from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError("the top level must be a mapping of keys (mode:, model:, ...)", source)
-        user = loaded
-
-    cfg = OmegaConf.structured(Recipe)
-    problems: list[str] = []
-    for key, value in _leaves(cfg, user, ""):
-        _assign(cfg, key, value, problems)
-    for item in overrides or []:
-        key, value = _parse_override(item)
-        _assign(cfg, key, value, problems)
-    if problems:
-        raise ConfigError(problems, source)
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError(
-            [f"`{key}` must be given (the recipe leaves it as ???): add {key}=... to the command line" for key in missing], source
-        )
-    recipe = OmegaConf.to_object(cfg)
-    assert isinstance(recipe, Recipe)
-    problems = validate(recipe)
-    if problems:
-        raise ConfigError(problems, source)
-    return recipe
-
-
-def _default(f: dataclasses.Field[Any]) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return None
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_show(v) for v in value) + "]"
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)
-
-
-def reference_rows(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(key, type, default, meaning) of every recipe key, from the schema itself."""
-    rows = []
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
-        default = _default(f)
-        if dataclasses.is_dataclass(default):
-            rows.extend(reference_rows(type(default), key + "."))
-            continue
-        kind = str(f.type).replace(" | ", " or ")
-        rows.append((key, kind, _show(default), f.metadata.get("help", "")))
-    return rows
-
-
-def reference_markdown() -> str:
-    """The recipe reference as a Markdown table (the README embeds it; a test keeps them equal)."""
-    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    for key, kind, default, meaning in reference_rows():
-        cell = default if len(default) <= 40 else "see below"
-        lines.append(f"| `{key}` | `{kind}` | `{cell}` | {meaning.replace('|', '&#124;')} |")
-    lines.append("")
-    lines.append(f"Default `model.config` (the quickstart model): `{_show(ModelSection().config)}`.")
-    return "\n".join(lines)
-
-
-TOKEN_ENV = "PL_PARABLOCK_TOKEN"
-
-
-def compression_of(recipe: Recipe) -> Compression:
-    """How the recipe's updates and aggregates travel (``federation.compression``, or the ``wire_dtype`` shorthand)."""
-    f = recipe.federation
-    c = f.compression
-    if c.codec == "none" and f.wire_dtype is not None:
-        return Compression(make_codec(WIRE_DTYPE_CODECS[f.wire_dtype]), make_codec("none"), error_feedback=False)
-    return Compression(codec_of(c.codec, c), codec_of(c.download or c.codec, c), error_feedback=bool(c.error_feedback))
-
-
-def codec_of(name: str, section: Any) -> Codec:
-    """The codec ``name`` with the options of ``federation.compression`` it takes."""
-    options: dict[str, Any] = {}
-    if name in ("int8", "fp8", "int4", "topk"):
-        options["group"] = section.group
-    if name == "topk":
-        options["fraction"] = section.fraction
-    return make_codec(name, **options)
-
-
-def server_optimizer_of(recipe: Recipe) -> ServerOptimizer:
-    """The recipe's server optimizer (``federation.server_optimizer``; its lr defaults to ``federation.server_lr``)."""
-    so, f = recipe.federation.server_optimizer, recipe.federation
-    betas = (float(so.betas[0]), float(so.betas[1]))
-    return make_server_optimizer(so.name, lr=so.lr if so.lr is not None else f.server_lr, betas=betas, tau=so.tau)
-
-
-def server_token(recipe: Recipe) -> str | dict[int, str] | None:
-    """The token(s) the server accepts: PL_PARABLOCK_TOKEN if set, else federation.token."""
-    env = os.environ.get(TOKEN_ENV)
-    if env:
-        return env
-    token = recipe.federation.token
-    if isinstance(token, dict):
-        return {int(k): str(v) for k, v in token.items()}
-    return token  # type: ignore[no-any-return]
-
-
-def client_token(recipe: Recipe, client_id: int) -> str | None:
-    """The token client ``client_id`` presents: PL_PARABLOCK_TOKEN if set, else its federation.token."""
-    token = server_token(recipe)
-    if isinstance(token, dict):
-        return token.get(client_id)
-    return token
-
-
-def weight_bound(recipe: Recipe) -> float | None:
-    """The largest weight the server accepts for one client's update (``federation.max_weight``).
-
-    Unless the recipe sets it: what one client can have seen in a round
-    under ``federation.weighting`` (one device per client): ``samples``:
-    ``local_steps x accumulate_grad_batches x batch_size``; ``tokens``: that
-    times ``max_length``; ``shard``: ``data.num_samples`` for synthetic data,
-    else ``None`` (no bound the server can know); ``uniform``: 1.
-    """
-    f, t = recipe.federation, recipe.train
-    if f.max_weight is not None:
-        return float(f.max_weight)
-    samples = float(t.local_steps * t.accumulate_grad_batches * t.batch_size)
-    if f.weighting == "samples":
-        return samples
-    if f.weighting == "tokens":
-        return samples * t.max_length
-    if f.weighting == "shard":
-        return float(recipe.data.num_samples) if recipe.data.format == "synthetic" else None
-    return 1.0
-
-
-def to_yaml(recipe: Recipe) -> str:
-    """The recipe as YAML (all keys, resolved), e.g. to record it next to a run."""
-    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
-
-
-def to_dict(recipe: Recipe) -> dict[str, Any]:
-    """The recipe as plain data."""
-    out = OmegaConf.to_container(OmegaConf.structured(recipe))
-    assert isinstance(out, dict)
-    return out  # type: ignore[return-value]
-
-
-# ---------------------------------------------------------------------------
-# validation
-
-
-def _one_of(problems: list[str], key: str, value: Any, allowed: Collection[str]) -> None:
-    if value not in allowed:
-        problems.append(f"`{key}` is {value!r}; allowed: {', '.join(allowed)}")
-
-
-def _at_least(problems: list[str], key: str, value: float | int | None, low: float, strict: bool = False) -> None:
-    if value is None:
-        return
-    bad = value <= low if strict else value < low
-    if bad:
-        rel = ">" if strict else ">="
-        problems.append(f"`{key}` is {value}; it must be {rel} {low}")
-
-
-def _tensorboard_installed() -> bool:
-    import importlib.util
-
-    return any(importlib.util.find_spec(m) is not None for m in ("tensorboard", "tensorboardX"))
-
-
-def run_loggers(recipe: Recipe, name: str) -> list[Any]:
-    """The Lightning loggers of one member of a run (``client_I`` or ``server``) under ``OUTPUT_DIR/logs/NAME``."""
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-    root = os.path.join(recipe.output_dir, "logs")
-    out: list[Any] = []
-    if recipe.logging.csv:
-        out.append(CSVLogger(root, name=name, version=""))
-    if recipe.logging.tensorboard:
-        out.append(TensorBoardLogger(root, name=name, version="", default_hp_metric=False))
-    return out
-
-
-def _validate_cyclic(p: list[str], recipe: Recipe) -> None:
-    """FedCyBGD's relay: one client a round, in turn; its trained block replaces the global block."""
-    f, b = recipe.federation, recipe.blocks
-    if not (isinstance(b.schedule, str) and b.schedule in CYCLIC_ORDERS):
-        p.append(f"`blocks.schedule` is {b.schedule!r}; mode=cyclic assigns blocks {' | '.join(CYCLIC_ORDERS)}")
-    if f.clients_per_round is not None:
-        p.append("`federation.clients_per_round` is set but mode=cyclic visits every client in turn; remove it")
-    if f.server_lr != 1.0 or f.server_optimizer.name != "sgd" or f.server_optimizer.lr not in (None, 1.0):
-        p.append(
-            "`federation.server_optimizer` / `federation.server_lr`: mode=cyclic replaces the global block with the trained "
-            "one; use sgd at lr 1"
-        )
-    if f.aggregation != "mean":
-        p.append(f"`federation.aggregation` is {f.aggregation!r}; mode=cyclic has one update a round (use mean)")
-
-
-def validate(recipe: Recipe) -> list[str]:
-    """Semantic checks of a typed recipe; returns one line per problem."""
-    p: list[str] = []
-    if recipe.logging.tensorboard and not _tensorboard_installed():
-        p.append("`logging.tensorboard` is true but neither tensorboard nor tensorboardX is installed: pip install tensorboard")
-    _one_of(p, "mode", recipe.mode, MODES)
-    _at_least(p, "seed", recipe.seed, 0)
-    if not recipe.output_dir:
-        p.append("`output_dir` is empty; name a directory for report.json and model/")
-
-    m = recipe.model
-    if m.config is not None and m.path is not None:
-        p.append("`model.config` and `model.path` are exclusive: set model.config=null to load model.path")
-    elif m.config is None and m.path is None:
-        p.append("set `model.config` (build from a config) or `model.path` (load a local checkpoint)")
-    if m.config is not None and not m.config.get("model_type"):
-        p.append("`model.config` needs a `model_type` (e.g. llama, qwen2, mistral, gpt2)")
-    if m.path is not None and not os.path.isfile(os.path.join(m.path, "config.json")):
-        p.append(f"`model.path` {m.path!r} is not a model directory (no config.json there); save one with save_pretrained")
-    if m.tokenizer is not None and not os.path.isdir(m.tokenizer):
-        p.append(f"`model.tokenizer` {m.tokenizer!r} is not a directory")
-    _one_of(p, "model.dtype", m.dtype, DTYPES)
-    _validate_peft(p, recipe)
-
-    b = recipe.blocks
-    _at_least(p, "blocks.layers_per_block", b.layers_per_block, 1)
-    if recipe.mode == "cyclic":
-        _validate_cyclic(p, recipe)
-    _one_of(p, "blocks.assignment", b.assignment, ASSIGNMENTS)
-    if b.assignment == "staggered" and recipe.mode not in ("sync", "parablock"):
-        p.append(f"`blocks.assignment` is staggered but mode={recipe.mode} has one block a round; use shared")
-    if b.assignment == "staggered" and recipe.federation.aggregation != "mean":
-        p.append(f"`blocks.assignment` is staggered: federation.aggregation={recipe.federation.aggregation} does not support it; use mean")
-    if isinstance(b.schedule, str):
-        _one_of(p, "blocks.schedule", b.schedule, SCHEDULES)
-    elif isinstance(b.schedule, list):
-        if not b.schedule or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in b.schedule):
-            p.append(f"`blocks.schedule` list {b.schedule!r} must hold block indices >= 0")
-    else:
-        p.append(f"`blocks.schedule` is {b.schedule!r}; give {', '.join(SCHEDULES)} or a list of block indices")
-    if b.patterns is not None:
-        if not b.patterns:
-            p.append("`blocks.patterns` is empty; give one regular expression per block, or null")
-        for i, pat in enumerate(b.patterns):
-            try:
-                re.compile(pat)
-            except re.error as exc:
-                p.append(f"`blocks.patterns[{i}]` {pat!r} is not a regular expression: {exc}")
-
-    t = recipe.train
-    _at_least(p, "train.local_steps", t.local_steps, 1)
-    _at_least(p, "train.lr", t.lr, 0.0, strict=True)
-    _at_least(p, "train.batch_size", t.batch_size, 1)
-    _at_least(p, "train.max_length", t.max_length, 8)
-    _at_least(p, "train.weight_decay", t.weight_decay, 0.0)
-    _at_least(p, "train.accumulate_grad_batches", t.accumulate_grad_batches, 1)
-    _at_least(p, "train.gradient_clip_val", t.gradient_clip_val, 0.0, strict=True)
-    _one_of(p, "train.precision", t.precision, PRECISIONS)
-    _at_least(p, "train.threads", t.threads, 1)
-    _at_least(p, "train.checkpoint_every", t.checkpoint_every, 0)
-
-    f = recipe.federation
-    _at_least(p, "federation.clients", f.clients, 1)
-    _at_least(p, "federation.rounds", f.rounds, 1)
-    _at_least(p, "federation.server_lr", f.server_lr, 0.0, strict=True)
-    _at_least(p, "federation.gather_s", f.gather_s, 0.0)
-    so = f.server_optimizer
-    _one_of(p, "federation.server_optimizer.name", so.name, SERVER_OPTIMIZERS)
-    _at_least(p, "federation.server_optimizer.lr", so.lr, 0.0, strict=True)
-    _at_least(p, "federation.server_optimizer.tau", so.tau, 0.0, strict=True)
-    if len(so.betas) != 2 or not all(0.0 <= b < 1.0 for b in so.betas):
-        p.append(f"`federation.server_optimizer.betas` is {list(so.betas)}; give two numbers in [0, 1), e.g. [0.9, 0.99]")
-    if so.name != "sgd" and f.aggregation != "mean":
-        p.append(
-            f"`federation.server_optimizer.name` is {so.name!r} but federation.aggregation={f.aggregation} forms the new "
-            "global directly from robust statistics a server optimizer cannot follow; use aggregation=mean or server_optimizer sgd"
-        )
-    _one_of(p, "federation.weighting", f.weighting, WEIGHTINGS)
-    if f.min_clients is not None and not 1 <= f.min_clients <= max(f.clients, 1):
-        p.append(f"`federation.min_clients` is {f.min_clients}; it must be between 1 and federation.clients ({f.clients})")
-    _at_least(p, "federation.round_timeout_s", f.round_timeout_s, 0.0, strict=True)
-    _at_least(p, "federation.timeout_s", f.timeout_s, 0.0, strict=True)
-    if f.wire_dtype is not None:
-        _one_of(p, "federation.wire_dtype", f.wire_dtype, WIRE_DTYPES)
-    c = f.compression
-    _one_of(p, "federation.compression.codec", c.codec, CODECS)
-    if c.download is not None:
-        _one_of(p, "federation.compression.download", c.download, CODECS)
-    _at_least(p, "federation.compression.group", c.group, 1)
-    if isinstance(c.fraction, bool) or not isinstance(c.fraction, (int, float)) or not 0.0 < c.fraction <= 1.0:
-        p.append(f"`federation.compression.fraction` is {c.fraction!r}; the share of values topk sends must be in (0, 1], e.g. 0.01")
-    if f.wire_dtype not in (None, "float32") and c.codec != "none":
-        p.append(
-            f"`federation.wire_dtype` ({f.wire_dtype}) and `federation.compression.codec` ({c.codec}) both set how uploads "
-            "travel; keep `compression` alone"
-        )
-    _at_least(p, "federation.chunk_kb", f.chunk_kb, 1)
-    if f.chunk_kb > 32768:
-        p.append(f"`federation.chunk_kb` is {f.chunk_kb}; at most 32768 (32 MiB) fits a message")
-    _at_least(p, "federation.receive_window_kb", f.receive_window_kb, 64)
-    if f.receive_window_kb is not None and f.receive_window_kb > 1 << 20:
-        p.append(f"`federation.receive_window_kb` is {f.receive_window_kb}; at most 1048576 (1 GiB), or null for gRPC's adaptive window")
-    if f.token is not None:
-        if isinstance(f.token, dict):
-            for k, v in f.token.items():
-                if not (str(k).isdigit() and isinstance(v, str) and v):
-                    p.append(f"`federation.token` maps {k!r} to a bad token; give client id -> non-empty token string")
-            values = [v for v in f.token.values() if isinstance(v, str)]
-            if len(set(values)) != len(values):
-                p.append("`federation.token` gives two clients the same token; give each client its own (a token names its client)")
-        elif not (isinstance(f.token, str) and f.token):
-            p.append("`federation.token` must be a non-empty string, a mapping client id -> token, or null")
-    tls = f.tls
-    if (tls.cert is None) != (tls.key is None):
-        p.append("`federation.tls.cert` and `federation.tls.key` go together (the server needs both)")
-    for key in ("cert", "key", "ca"):
-        path = getattr(tls, key)
-        if path is not None and not os.path.isfile(path):
-            p.append(f"`federation.tls.{key}` {path!r} is not a file")
-    if f.clients_per_round is not None and not 1 <= f.clients_per_round <= max(f.clients, 1):
-        p.append(f"`federation.clients_per_round` is {f.clients_per_round}; it must be between 1 and federation.clients ({f.clients})")
-    if f.clients_per_round is not None and f.min_clients is not None and f.min_clients > f.clients_per_round:
-        p.append(f"`federation.min_clients` ({f.min_clients}) exceeds federation.clients_per_round ({f.clients_per_round})")
-    _at_least(p, "federation.checkpoint_every", f.checkpoint_every, 0)
-    _one_of(p, "federation.aggregation", f.aggregation, AGGREGATIONS)
-    if not 0.0 <= f.trim_fraction < 0.5:
-        p.append(f"`federation.trim_fraction` is {f.trim_fraction}; it must be in [0, 0.5)")
-    _at_least(p, "federation.clip_norm", f.clip_norm, 0.0, strict=True)
-    _at_least(p, "federation.max_update_norm", f.max_update_norm, 0.0, strict=True)
-    if f.max_weight is not None and not 1.0 <= f.max_weight <= 2.0**53:
-        p.append(f"`federation.max_weight` is {f.max_weight}; it must be between 1 and 2**53 (9.0e15), or null")
-    if not (math.isfinite(f.idle_timeout_s) and f.idle_timeout_s > 0):
-        p.append(f"`federation.idle_timeout_s` is {f.idle_timeout_s}; it must be a number of seconds > 0")
-    _at_least(p, "federation.max_calls", f.max_calls, 4)
-    _at_least(p, "federation.max_calls_per_peer", f.max_calls_per_peer, 2)
-    if f.max_uploads is not None and not 1 <= f.max_uploads <= 65536:
-        p.append(f"`federation.max_uploads` is {f.max_uploads}; it must be between 1 and 65536, or null (4, fewer with fewer clients)")
-    if f.data_port is not None and (isinstance(f.data_port, bool) or not 0 <= f.data_port <= 65535):
-        p.append(f"`federation.data_port` is {f.data_port!r}; give a port (1-65535), 0 for any free one, or null for no data plane")
-
-    ln = recipe.link
-    _at_least(p, "link.uplink_mbps", ln.uplink_mbps, 0.0, strict=True)
-    _at_least(p, "link.downlink_mbps", ln.downlink_mbps, 0.0, strict=True)
-    _at_least(p, "link.latency_ms", ln.latency_ms, 0.0)
-
-    _validate_data(p, recipe)
-
-    sim = recipe.simulation
-    p.extend(profile_problems(sim.profile, max(f.clients, 1), ln, recipe.seed))
-    _at_least(p, "simulation.aggregation_s", sim.aggregation_s, 0.0)
-    _at_least(p, "simulation.bandwidth_mbps", sim.bandwidth_mbps, 0.0, strict=True)
-
-    e = recipe.eval
-    _at_least(p, "eval.every", e.every, 0)
-    _at_least(p, "eval.max_samples", e.max_samples, 1)
-    _at_least(p, "eval.max_new_tokens", e.max_new_tokens, 1)
-    if e.path is not None:
-        _data_path(p, "eval.path", e.path, recipe.data.format)
-    if e.split is not None and recipe.data.format != "hf":
-        p.append(f"`eval.split` is {e.split!r} but splits exist only for data.format=hf; set eval.split=null")
-    return p
-
-
-# Field names of each row format, which `data.columns` may rename.
-ROW_FIELDS = {
-    "alpaca": ("instruction", "input", "output", "category"),
-    "gsm8k": ("question", "answer", "category"),
-    "chat": ("messages", "answer", "category"),
-}
-HF_FILE_TYPES = (".json", ".jsonl", ".csv", ".parquet", ".arrow")
-
-
-def _data_path(p: list[str], key: str, path: str, fmt: str) -> None:
-    if not os.path.exists(path):
-        p.append(f"`{key}` {path!r} does not exist")
-    elif fmt == "hf":
-        if os.path.isfile(path) and not path.endswith(HF_FILE_TYPES):
-            p.append(f"`{key}` {path!r}: data.format=hf reads {', '.join(HF_FILE_TYPES)} files or a save_to_disk directory")
-    elif not os.path.isfile(path):
-        p.append(f"`{key}` {path!r} is a directory; data.format={fmt} reads one JSON or JSONL file")
-
-
-def _validate_data(p: list[str], recipe: Recipe) -> None:
-    d, clients = recipe.data, recipe.federation.clients
-    _one_of(p, "data.format", d.format, DATA_FORMATS)
-    _one_of(p, "data.partition.kind", d.partition.kind, PARTITIONS)
-    _one_of(p, "data.on_error", d.on_error, ON_ERROR)
-    _one_of(p, "data.row_format", d.row_format, ROW_FORMAT_CHOICES)
-    natural = d.partition.kind == "natural"
-    if d.format == "synthetic":
-        if natural:
-            p.append("`data.partition.kind` is natural but data.format=synthetic has no files; natural needs one data file per client")
-        if d.num_samples < max(clients, 1):
-            p.append(f"`data.num_samples` is {d.num_samples}; each of the {clients} clients needs at least one record")
-    elif natural and d.client_paths is not None:
-        if len(d.client_paths) != clients:
-            p.append(f"`data.client_paths` names {len(d.client_paths)} files for {clients} clients; give one file per client")
-        for i, path in enumerate(d.client_paths):
-            _data_path(p, f"data.client_paths[{i}]", path, d.format)
-    elif d.path is None:
-        what = "this client's data file (or data.client_paths, one file per client)" if natural else "the data file"
-        p.append(f"`data.path` is required for data.format={d.format}; give {what}")
-    else:
-        _data_path(p, "data.path", d.path, d.format)
-    if d.client_paths is not None and not natural:
-        p.append(f"`data.client_paths` is set but data.partition.kind is {d.partition.kind}; set data.partition.kind=natural")
-    if d.partition.kind == "dirichlet" and (d.partition.alpha is None or d.partition.alpha <= 0):
-        p.append(f"`data.partition.alpha` is {d.partition.alpha}; dirichlet needs alpha > 0 (e.g. 0.5)")
-    if not d.partition.label:
-        p.append("`data.partition.label` is empty; name the record field the Dirichlet skew is drawn over (e.g. category)")
-    if d.format != "hf" and d.row_format != "auto":
-        p.append(f"`data.row_format` is {d.row_format!r} but only data.format=hf reads it; set data.format=hf or remove it")
-    if d.columns is not None:
-        fields = sorted({f for fs in ROW_FIELDS.values() for f in fs})
-        for name, column in d.columns.items():
-            if name not in fields:
-                p.append(f"`data.columns.{name}`: {name!r} is not a field of any row format (fields: {', '.join(fields)})")
-            if not column:
-                p.append(f"`data.columns.{name}` is empty; name the column of your data that holds {name!r}")
-
-
-def _validate_peft(p: list[str], recipe: Recipe) -> None:
-    pe = recipe.model.peft
-    if pe.method is None:
-        if pe.merge:
-            p.append("`model.peft.merge` is true but model.peft.method is null; merging needs adapters (method lora or ffa_lora)")
-        return
-    _one_of(p, "model.peft.method", pe.method, PEFT_METHODS)
-    _at_least(p, "model.peft.r", pe.r, 1)
-    _at_least(p, "model.peft.alpha", pe.alpha, 1)
-    if not 0.0 <= pe.dropout < 1.0:
-        p.append(f"`model.peft.dropout` is {pe.dropout}; it must be in [0, 1)")
-    tm = pe.target_modules
-    ok = tm is None or tm == "all-linear" or (isinstance(tm, list) and tm and all(isinstance(x, str) and x for x in tm))
-    if not ok:
-        p.append(f"`model.peft.target_modules` is {tm!r}; give a list of module names (e.g. [q_proj, v_proj]), 'all-linear' or null")
-    b = recipe.blocks
-    for key, on in (("embeddings", b.embeddings), ("head", b.head)):
-        if on:
-            p.append(
-                f"`blocks.{key}` is true but with model.peft.method={pe.method} only the adapters train "
-                f"(the {key} {'stays' if key == 'head' else 'stay'} frozen); set blocks.{key}=false"
-            )

@@ -1,7 +1,8 @@
 """The simulator: virtual clients sharing one model, and a simulated clock (``python -m pl_parablock.simulate``).
 
-* :mod:`~pl_parablock.simulation.profile`: each virtual client's compute
-  factor and link, from the recipe's ``simulation.profile`` (pure).
+* each virtual client's compute factor and link come from the recipe's
+  ``simulation.profile``, resolved by :mod:`pl_parablock.recipe.profile`
+  (the recipe validates a profile by resolving it, so the code lives there).
 * :mod:`~pl_parablock.simulation.clock`: the event simulation of a run's
   wall-clock (pure).
 * :mod:`~pl_parablock.simulation.virtual`: virtual clients (only the state
@@ -10,6 +11,5 @@
 * :mod:`~pl_parablock.simulation.driver`: the round loop over the algorithm
   core, the report and the saved model.
 
-Nothing is imported here, so that :mod:`pl_parablock.recipe.schema` can import the
-profile's checks without importing the simulator.
+Nothing is imported here: ``python -m pl_parablock.simulate`` imports what it runs.
 """

@@ -2,7 +2,7 @@
 
 An event simulation of the federation the simulator stands for, round by
 round, from each client's measured compute time (times its profile's
-``compute_factor``) and its link (:class:`~pl_parablock.simulation.profile.ClientProfile`):
+``compute_factor``) and its link (:class:`~pl_parablock.recipe.profile.ClientProfile`):
 
 * **compute** of round ``t`` on client ``i`` starts when the client is free
   and holds the aggregate the mode requires: round ``t − 1``'s in ``sync``
@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from pl_parablock.simulation.profile import ClientProfile
+from pl_parablock.recipe.profile import ClientProfile
 
 __all__ = ["RoundClose", "SimClock", "shared_transfers"]
 

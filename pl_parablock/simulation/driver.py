@@ -34,9 +34,10 @@ from pl_parablock.core.tensors import digest
 from pl_parablock.errors import ConfigError
 from pl_parablock.model.build import build_model, save_merged
 from pl_parablock.model.module import ParaBlockModule
-from pl_parablock.recipe.schema import Recipe, compression_of, server_optimizer_of
+from pl_parablock.recipe.build import compression_of, server_optimizer_of
+from pl_parablock.recipe.profile import resolve_profiles
+from pl_parablock.recipe.schema import Recipe
 from pl_parablock.simulation.clock import RoundClose, SimClock
-from pl_parablock.simulation.profile import resolve_profiles
 from pl_parablock.simulation.virtual import ClientShards, RoundExecutor, ServerBlocks, SharedModelExecutor, VirtualClient
 
 __all__ = ["SimulationResult", "device_of", "run_simulation"]

@@ -26,7 +26,7 @@ from pl_parablock.core.client import ClientCore, RoundStart, Update, activate
 from pl_parablock.core.codecs import Compression
 from pl_parablock.core.plan import AlgorithmError, Plan
 from pl_parablock.core.server import GlobalState
-from pl_parablock.data import client_data, client_shares, collate, encode_record, pack_examples
+from pl_parablock.data import ClientData, client_data, client_shares, collate, encode_record, pack_examples
 from pl_parablock.data.module import EpochShuffle, adds_bos
 from pl_parablock.errors import DataError
 from pl_parablock.model.module import ParaBlockModule
@@ -69,21 +69,25 @@ class ClientShards:
         self.encode_skipped: list[str] = []
         self._own: dict[int, list[Example | None]] = {}
         if self.natural:
-            first = client_data(recipe, 0, evaluate=True)
+            first = self._client_data(0, evaluate=True)
             self.evals = first.evals
             self._sizes: list[int] | None = None
             self._shares: list[list[int]] = []
             self._pool: list[Example | None] = []
         else:
-            pooled = client_data(recipe, None, evaluate=True)
+            pooled = self._client_data(None, evaluate=True)
             self.evals = pooled.evals
             self.read_skipped = list(pooled.skipped)
-            self._shares = client_shares(recipe, pooled.train)
+            self._shares = client_shares(d, pooled.train, clients=recipe.federation.clients, seed=recipe.seed)
             self._sizes = [len(s) for s in self._shares]
             self._pool = [self._encode(r) for r in pooled.train]
             for i, share in enumerate(self._shares):
                 if not share:
                     raise DataError(f"client {i}'s share of the data is empty; use fewer clients or more data")
+
+    def _client_data(self, client: int | None, *, evaluate: bool) -> ClientData:
+        r = self.recipe
+        return client_data(r.data, client, clients=r.federation.clients, seed=r.seed, evaluation=r.eval, evaluate=evaluate)
 
     def _encode(self, record: dict[str, Any]) -> Example | None:
         try:
@@ -102,7 +106,7 @@ class ClientShards:
 
     def _natural(self, client: int) -> list[Example | None]:
         if client not in self._own:
-            data = client_data(self.recipe, client, evaluate=False)
+            data = self._client_data(client, evaluate=False)
             self.read_skipped.extend(data.skipped)
             self._own[client] = [self._encode(r) for r in data.train]
         return self._own[client]

@@ -621,7 +621,7 @@ def test_enormous_deep_or_out_of_range_headers_get_one_line(clean, no_tracebacks
 
 def test_the_server_waits_federation_timeout_s_for_every_leave(clean, monkeypatch, tmp_path, no_tracebacks):
     from pl_parablock import fit
-    from pl_parablock.recipe.schema import load_recipe
+    from pl_parablock.recipe.load import load_recipe
 
     recipe = load_recipe(None, ["federation.timeout_s=4", f"output_dir={tmp_path}"])
     assert fit.leave_grace_s(recipe) == 4.0, "as long as a network wait may take, not a fixed 30 s"

@@ -255,7 +255,8 @@ def test_a_client_that_stops_reading_a_data_plane_download_is_cut_at_the_deadlin
 
 @pytest.mark.parametrize("bad", [-1, 65536, True])
 def test_a_data_port_out_of_range_is_named(tmp_path, bad):
-    from pl_parablock.recipe.schema import ConfigError, load_recipe
+    from pl_parablock.errors import ConfigError
+    from pl_parablock.recipe.load import load_recipe
 
     with pytest.raises(ConfigError, match="federation.data_port"):
         load_recipe(None, [f"federation.data_port={str(bad).lower()}"])

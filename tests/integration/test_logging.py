@@ -10,7 +10,7 @@ import pytest
 
 from pl_parablock.errors import ConfigError
 from pl_parablock.fit import RoundPrinter, federate_in_process
-from pl_parablock.recipe.schema import load_recipe
+from pl_parablock.recipe.load import load_recipe
 from tests.helpers import tiny_recipe
 
 

@@ -22,7 +22,7 @@ def test_readme_example_runs(code, tmp_path, monkeypatch):
 
 
 def test_the_recipe_reference_is_the_schema():
-    from pl_parablock.recipe.schema import reference_markdown
+    from pl_parablock.recipe.docs import reference_markdown
 
     text = open(README, encoding="utf-8").read()
     start, end = "<!-- recipe-reference:start -->\n", "\n<!-- recipe-reference:end -->"

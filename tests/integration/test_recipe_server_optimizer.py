@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from pl_parablock.fit import _aggregator
-from pl_parablock.recipe.schema import load_recipe
+from pl_parablock.recipe.load import load_recipe
 
 SHAPES = {"l0.w": (2, 3), "l1.w": (4,)}
 BLOCK_OF = {"l0.w": 0, "l1.w": 1}

@@ -169,7 +169,7 @@ def test_a_client_starting_late_still_starts_at_round_0(tmp_path):
     from pl_parablock.client.inprocess import InProcessTransport
     from pl_parablock.client.runner import prepare_client
     from pl_parablock.fit import _aggregator
-    from pl_parablock.recipe.schema import client_token, server_token
+    from pl_parablock.recipe.build import client_token, server_token
     from pl_parablock.server.service import FederationService
 
     recipe = recipe_for(tmp_path, CASES["parablock-4-random-sampled"])

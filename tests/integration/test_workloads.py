@@ -17,7 +17,8 @@ from pl_parablock.data import client_data, collate, encode_record
 from pl_parablock.fit import main
 from pl_parablock.model.build import build_base_model, build_model
 from pl_parablock.model.metrics import evaluate_loss
-from pl_parablock.recipe.schema import ModelSection, PeftSection, load_recipe
+from pl_parablock.recipe.load import load_recipe
+from pl_parablock.recipe.schema import ModelSection, PeftSection
 from tests.helpers import TINY_LLAMA, run_clients, service, tiny_data, tiny_trainer
 
 TINY = (
@@ -47,7 +48,7 @@ def run(tmp_path, name: str, *overrides: str) -> tuple[dict[str, Any], list[str]
 
 
 def eval_batches(recipe, tokenizer):
-    evals = client_data(recipe, 0).evals
+    evals = client_data(recipe.data, 0, clients=recipe.federation.clients, seed=recipe.seed, evaluation=recipe.eval).evals
     examples = [encode_record(tokenizer, r, recipe.train.max_length) for r in evals]
     return [collate(examples[i : i + 4], tokenizer.pad_token_id) for i in range(0, len(examples), 4)]
 

@@ -282,8 +282,6 @@ RULES = {
 KNOWN: dict[tuple[str, str], set[str]] = {
     # RoundAccumulator guards its sums with a threading.Lock
     ("core-pure", "pl_parablock.core.aggregate"): {"threading"},
-    # the recipe's vocabularies of dtypes and time distributions are taken from the modules that implement them
-    ("recipe-not-model", "pl_parablock.recipe.schema"): {"pl_parablock.model.build", "pl_parablock.simulation.profile"},
 }
 """(rule, module) -> the imports that break the rule today, while the fix is under way. Remove an entry when its check XPASSes."""
 

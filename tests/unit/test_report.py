@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pl_parablock.recipe.schema import load_recipe
+from pl_parablock.recipe.load import load_recipe
 from pl_parablock.report import build_report, format_comparison, format_summary, main, write_pictures, write_report
 from pl_parablock.wire.link import Link
 

@@ -21,8 +21,9 @@ from pl_parablock.core.codecs import CODECS
 from pl_parablock.data.formats import DATA_FORMATS, FILE_FORMATS, ROW_FORMAT_CHOICES, ROW_FORMATS
 from pl_parablock.errors import ModelError
 from pl_parablock.model.build import DTYPES as PARAMETER_DTYPES
-from pl_parablock.recipe import schema as config
-from pl_parablock.recipe.schema import Recipe, validate
+from pl_parablock.recipe import validate as config
+from pl_parablock.recipe.schema import Recipe
+from pl_parablock.recipe.validate import validate
 from pl_parablock.server.aggregator import Aggregator
 from pl_parablock.wire.framing import DTYPES as TRAVEL_DTYPES
 from pl_parablock.wire.framing import WIRE_DTYPES

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from pl_parablock.core.codecs import decode_block, encode_block, make_codec
-from pl_parablock.recipe.schema import compression_of, load_recipe
+from pl_parablock.recipe.build import compression_of
+from pl_parablock.recipe.load import load_recipe
 
 LEVELS = {"int8": 127.0, "int4": 7.0}
 SCALES = [1e-6, 1e3, 1.0, 0.0, 1e-3, 1e6, 3e-2]  # one per chunk, 0.0: a chunk of zeros

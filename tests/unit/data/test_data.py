@@ -98,9 +98,14 @@ def test_partitions_are_seeded():
 
 
 def recipe_for(tmp_path, *overrides: str):
-    from pl_parablock.recipe.schema import load_recipe
+    from pl_parablock.recipe.load import load_recipe
 
     return load_recipe(None, ["federation.clients=3", "eval.max_samples=4", *overrides])
+
+
+def of(recipe) -> dict:
+    """What the data functions read besides a recipe's data section."""
+    return {"clients": recipe.federation.clients, "seed": recipe.seed, "evaluation": recipe.eval}
 
 
 def test_client_shares_sum_to_the_data_and_dirichlet_uses_any_column(tmp_path):
@@ -111,21 +116,21 @@ def test_client_shares_sum_to_the_data_and_dirichlet_uses_any_column(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     for part in (["data.partition.kind=iid"], ["data.partition.kind=dirichlet", "data.partition.alpha=0.3", "data.partition.label=source"]):
         recipe = recipe_for(tmp_path, "data.format=alpaca", f"data.path={path}", *part)
-        parts = [client_data(recipe, i) for i in range(3)]
+        parts = [client_data(recipe.data, i, **of(recipe)) for i in range(3)]
         held = parts[0].evals
         assert len(held) == 4 and all(p.evals == held for p in parts)
         seen = sorted(r["response"] for p in parts for r in p.train) + sorted(r["response"] for r in held)
         assert sorted(seen) == sorted(str(i) for i in range(120)), "every record in exactly one share or the eval set"
         assert parts[0].shares == [len(p.train) for p in parts]
-    lines = describe_data(recipe)
+    lines = describe_data(recipe.data, **of(recipe))
     assert len(lines) == 4 and lines[1].startswith("  client 0:") and "src" in lines[1]
     bad = recipe_for(tmp_path, "data.format=alpaca", f"data.path={path}", "data.partition.kind=dirichlet", "data.partition.alpha=1")
     with pytest.raises(DataError, match=r"every record has the same value 'alpaca'"):
-        client_data(bad, 0)  # alpaca rows without a category column: no silent one-label "skew"
+        client_data(bad.data, 0, **of(bad))  # alpaca rows without a category column: no silent one-label "skew"
     rows[7].pop("source")
     write_jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(DataError, match=r"d.jsonl:8: no field 'source'"):
-        client_data(recipe, 0)
+        client_data(recipe.data, 0, **of(recipe))
 
 
 def test_natural_partition_reads_only_the_clients_own_file(tmp_path):
@@ -134,18 +139,18 @@ def test_natural_partition_reads_only_the_clients_own_file(tmp_path):
 
     paths = [write_jsonl(tmp_path / f"c{i}.jsonl", [{"instruction": f"c{i} {j}", "output": "x"} for j in range(10 + i)]) for i in range(3)]
     recipe = recipe_for(tmp_path, "data.format=alpaca", "data.partition.kind=natural", f"data.client_paths=[{','.join(paths)}]")
-    assert "client 2:     12 records" in "\n".join(describe_data(recipe))
-    zero = client_data(recipe, 0)
+    assert "client 2:     12 records" in "\n".join(describe_data(recipe.data, **of(recipe)))
+    zero = client_data(recipe.data, 0, **of(recipe))
     assert len(zero.train) + len(zero.evals) == 10 and zero.evals, "client 0's file gives the held-out set"
     os.remove(paths[0])
     os.remove(paths[1])
-    two = client_data(recipe, 2, evaluate=False)  # the other clients' files are gone: client 2 does not need them
+    two = client_data(recipe.data, 2, evaluate=False, **of(recipe))  # the other clients' files are gone: client 2 does not need them
     assert len(two.train) == 12 and all(r["prompt"].count("c2 ") for r in two.train)
     # several machines: each client gets the same recipe and its own data.path
     alone = recipe_for(tmp_path, "data.format=alpaca", "data.partition.kind=natural", f"data.path={paths[2]}")
-    assert len(client_data(alone, 1, evaluate=False).train) == 12
+    assert len(client_data(alone.data, 1, evaluate=False, **of(alone)).train) == 12
     with pytest.raises(DataError, match="data.client_paths, one file per client"):
-        describe_data(alone)
+        describe_data(alone.data, **of(alone))
 
 
 def test_an_empty_client_shard_is_named():
@@ -202,6 +207,6 @@ def test_an_hf_recipe_trains_on_one_split_and_evaluates_on_another(tmp_path):
     recipe = recipe_for(
         tmp_path, "data.format=hf", f"data.path={tmp_path / 'ds'}", "eval.split=test", "data.columns={question: problem, answer: solution}"
     )
-    parts = [client_data(recipe, i) for i in range(3)]
+    parts = [client_data(recipe.data, i, **of(recipe)) for i in range(3)]
     assert sum(len(p.train) for p in parts) == 30, "nothing held out of the training split"
     assert [r["answer"] for r in parts[0].evals] == ["101", "102", "103", "104"]  # eval.max_samples=4

@@ -8,7 +8,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from pl_parablock.errors import ConfigError
-from pl_parablock.recipe.schema import Recipe, load_recipe, to_yaml
+from pl_parablock.recipe.load import load_recipe, to_yaml
+from pl_parablock.recipe.schema import Recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -257,7 +258,7 @@ def test_the_servers_defences_are_validated_with_the_key_named():
 
 
 def test_the_weight_bound_follows_the_weighting():
-    from pl_parablock.recipe.schema import weight_bound
+    from pl_parablock.recipe.build import weight_bound
 
     base = ["train.local_steps=3", "train.batch_size=4", "train.accumulate_grad_batches=2", "train.max_length=16"]
     assert weight_bound(load_recipe(None, base)) == 24
@@ -282,7 +283,7 @@ def test_assignment_and_cyclic_keys_are_validated():
 
 
 def test_compression_keys_are_validated_with_the_key_named():
-    from pl_parablock.recipe.schema import compression_of
+    from pl_parablock.recipe.build import compression_of
 
     recipe = load_recipe(None, ["federation.compression.codec=topk", "federation.compression.fraction=0.02"])
     c = compression_of(recipe)
@@ -304,3 +305,33 @@ def test_compression_keys_are_validated_with_the_key_named():
         assert len(err.value.problems) == 1, err.value.problems
     with pytest.raises(ConfigError, match="keep `compression` alone"):
         load_recipe(None, ["federation.wire_dtype=bfloat16", "federation.compression.codec=int8"])
+
+
+def test_a_codec_declares_its_options_and_the_recipe_holds_them():
+    import dataclasses
+
+    from pl_parablock.core.codecs import CODEC_OPTIONS, CODECS, CodecError, codec_of
+    from pl_parablock.recipe.schema import CompressionSection
+
+    fields = {f.name for f in dataclasses.fields(CompressionSection)}
+    given = {"group": 64, "fraction": 0.5}
+    for name, cls in CODECS.items():
+        assert set(cls.OPTIONS) <= set(CODEC_OPTIONS) <= fields
+        codec = codec_of(name, {**given, "codec": name, "error_feedback": False})  # keys it does not take are ignored
+        assert all(getattr(codec, option) == given[option] for option in cls.OPTIONS)
+        assert type(codec_of(name, CompressionSection())) is cls
+    with pytest.raises(CodecError, match="group must be a positive integer"):
+        codec_of("int8", CompressionSection(group=0))
+
+
+def test_a_rule_between_sections_is_its_owners_word():
+    from pl_parablock.core.plan import mode_of
+    from pl_parablock.recipe.validate import validate
+
+    recipe = load_recipe(None, ["mode=cyclic"])
+    recipe.blocks.schedule = [0, 1]
+    recipe.federation.server_lr = 2.0
+    refused = mode_of("cyclic").refusals(schedule=[0, 1], server_lr=2.0)
+    assert len(refused) == 2 and all(line in validate(recipe) for line in refused)
+    with pytest.raises(ConfigError, match=r"federation\.server_optimizer"):
+        load_recipe(None, ["mode=cyclic", "federation.server_lr=2", "federation.server_optimizer.lr=1"])

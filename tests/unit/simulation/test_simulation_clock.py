@@ -8,9 +8,10 @@ from types import SimpleNamespace
 import pytest
 
 from pl_parablock.errors import ConfigError
-from pl_parablock.recipe.schema import ProfileSection, load_recipe
+from pl_parablock.recipe.load import load_recipe
+from pl_parablock.recipe.profile import ClientProfile, profile_problems, resolve_profiles
+from pl_parablock.recipe.schema import ProfileSection
 from pl_parablock.simulation.clock import SimClock, shared_transfers
-from pl_parablock.simulation.profile import ClientProfile, profile_problems, resolve_profiles
 
 LINK = SimpleNamespace(uplink_mbps=16.0, downlink_mbps=None, latency_ms=20.0)
 MB = 1_000_000

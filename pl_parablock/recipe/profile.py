@@ -1,5 +1,12 @@
 """Each virtual client's compute speed and link, from the recipe's ``simulation.profile`` (pure).
 
+This lives with the recipe, not in :mod:`pl_parablock.simulation`: a
+profile is checked by resolving it (a list per client, a CSV file, a seeded
+distribution whose median must be valid), so its vocabulary, its checks and
+its resolution are one piece of code, and the recipe's validation needs it
+without importing the simulator. The simulator imports
+:func:`resolve_profiles` and :class:`ClientProfile` from here.
+
 Every key of the profile (``compute_factor``, ``uplink_mbps``,
 ``downlink_mbps``, ``latency_ms``) takes one of:
 

@@ -1,0 +1,91 @@
+"""What a run builds from its recipe: compression, the server optimizer, tokens, the weight bound, loggers.
+
+Each builder reads the sections it needs and asks the registry that owns the
+choice (:func:`~pl_parablock.core.codecs.codec_of`,
+:func:`~pl_parablock.core.optimizers.make_server_optimizer`); the recipe
+was validated before, so a builder does not check again.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pl_parablock.core.codecs import WIRE_DTYPE_CODECS, Compression, codec_of, make_codec
+from pl_parablock.core.optimizers import ServerOptimizer, make_server_optimizer
+from pl_parablock.recipe.schema import Recipe
+
+__all__ = ["TOKEN_ENV", "client_token", "compression_of", "run_loggers", "server_optimizer_of", "server_token", "weight_bound"]
+
+TOKEN_ENV = "PL_PARABLOCK_TOKEN"
+
+
+def compression_of(recipe: Recipe) -> Compression:
+    """How the recipe's updates and aggregates travel (``federation.compression``, or the ``wire_dtype`` shorthand)."""
+    f = recipe.federation
+    c = f.compression
+    if c.codec == "none" and f.wire_dtype is not None:
+        return Compression(make_codec(WIRE_DTYPE_CODECS[f.wire_dtype]), make_codec("none"), error_feedback=False)
+    # every codec takes its own options from the section (Codec.OPTIONS), ignoring the others
+    return Compression(codec_of(c.codec, c), codec_of(c.download or c.codec, c), error_feedback=bool(c.error_feedback))
+
+
+def server_optimizer_of(recipe: Recipe) -> ServerOptimizer:
+    """The recipe's server optimizer (``federation.server_optimizer``; its lr defaults to ``federation.server_lr``)."""
+    so, f = recipe.federation.server_optimizer, recipe.federation
+    betas = (float(so.betas[0]), float(so.betas[1]))
+    return make_server_optimizer(so.name, lr=so.lr if so.lr is not None else f.server_lr, betas=betas, tau=so.tau)
+
+
+def server_token(recipe: Recipe) -> str | dict[int, str] | None:
+    """The token(s) the server accepts: PL_PARABLOCK_TOKEN if set, else federation.token."""
+    env = os.environ.get(TOKEN_ENV)
+    if env:
+        return env
+    token = recipe.federation.token
+    if isinstance(token, dict):
+        return {int(k): str(v) for k, v in token.items()}
+    return token  # type: ignore[no-any-return]
+
+
+def client_token(recipe: Recipe, client_id: int) -> str | None:
+    """The token client ``client_id`` presents: PL_PARABLOCK_TOKEN if set, else its federation.token."""
+    token = server_token(recipe)
+    if isinstance(token, dict):
+        return token.get(client_id)
+    return token
+
+
+def weight_bound(recipe: Recipe) -> float | None:
+    """The largest weight the server accepts for one client's update (``federation.max_weight``).
+
+    Unless the recipe sets it: what one client can have seen in a round
+    under ``federation.weighting`` (one device per client): ``samples``:
+    ``local_steps x accumulate_grad_batches x batch_size``; ``tokens``: that
+    times ``max_length``; ``shard``: ``data.num_samples`` for synthetic data,
+    else ``None`` (no bound the server can know); ``uniform``: 1.
+    """
+    f, t = recipe.federation, recipe.train
+    if f.max_weight is not None:
+        return float(f.max_weight)
+    samples = float(t.local_steps * t.accumulate_grad_batches * t.batch_size)
+    if f.weighting == "samples":
+        return samples
+    if f.weighting == "tokens":
+        return samples * t.max_length
+    if f.weighting == "shard":
+        return float(recipe.data.num_samples) if recipe.data.format == "synthetic" else None
+    return 1.0
+
+
+def run_loggers(recipe: Recipe, name: str) -> list[Any]:
+    """The Lightning loggers of one member of a run (``client_I`` or ``server``) under ``OUTPUT_DIR/logs/NAME``."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    root = os.path.join(recipe.output_dir, "logs")
+    out: list[Any] = []
+    if recipe.logging.csv:
+        out.append(CSVLogger(root, name=name, version=""))
+    if recipe.logging.tensorboard:
+        out.append(TensorBoardLogger(root, name=name, version="", default_hp_metric=False))
+    return out
