@@ -32,12 +32,11 @@ from pl_parablock.client.runner import prepare_client
 from pl_parablock.core.aggregate import rule_of
 from pl_parablock.core.client import ClientCore, RoundStart, Update, activate
 from pl_parablock.core.codecs import decode_broadcast, decode_update
-from pl_parablock.core.plan import make_plan, mode_of
 from pl_parablock.core.server import GlobalState, RoundStep
 from pl_parablock.errors import ConfigError
 from pl_parablock.model.module import ParaBlockModule
 from pl_parablock.model.steps import plain_steps
-from pl_parablock.recipe.build import compression_of, server_optimizer_of
+from pl_parablock.recipe.build import compression_of, plan_of, server_optimizer_of
 from pl_parablock.recipe.schema import Recipe
 
 __all__ = ["ReferenceResult", "plain_steps", "run_reference"]
@@ -97,17 +96,7 @@ def _client(recipe: Recipe, client_id: int) -> _Client:
     optimizer = module.configure_optimizers()
     module.train()
     run.datamodule.setup("fit")
-    plan = make_plan(
-        recipe.mode,
-        num_blocks=len(partition),
-        rounds=recipe.federation.rounds,
-        schedule=mode_of(recipe.mode).schedule(recipe.blocks.schedule),
-        seed=recipe.seed,
-        clients=recipe.federation.clients,
-        clients_per_round=recipe.federation.clients_per_round,
-        keep_optimizer_state=recipe.train.keep_optimizer_state,
-        assignment=recipe.blocks.assignment,
-    )
+    plan = plan_of(recipe, len(partition))
     core = ClientCore(plan, client_id, blocks, compression=compression_of(recipe))
     return _Client(core, module, optimizer, _batches(run.datamodule.train_dataloader()), blocks, run.shard_size)
 

@@ -200,6 +200,8 @@ class ClientSession:
             keep_optimizer_state,
             str(reply.get("assignment", "shared")),
             int(reply.get("clients", 1)),
+            int(reply.get("staleness", 1)),
+            float(reply.get("stale_mix", 1.0)),
         )
 
     def adopt(self, core: ClientCore, reply: Mapping[str, Any], *, newer_only: bool = False) -> list[int]:

@@ -1,4 +1,4 @@
-"""What a run builds from its recipe: compression, the server optimizer, tokens, the weight bound, loggers.
+"""What a run builds from its recipe: the plan, compression, the server optimizer, tokens, the weight bound, loggers.
 
 Each builder reads the sections it needs and asks the registry that owns the
 choice (:func:`~pl_parablock.core.codecs.codec_of`,
@@ -13,11 +13,30 @@ from typing import Any
 
 from pl_parablock.core.codecs import WIRE_DTYPE_CODECS, Compression, codec_of, make_codec
 from pl_parablock.core.optimizers import ServerOptimizer, make_server_optimizer
+from pl_parablock.core.plan import Plan, make_plan, mode_of
 from pl_parablock.recipe.schema import Recipe
 
-__all__ = ["TOKEN_ENV", "client_token", "compression_of", "run_loggers", "server_optimizer_of", "server_token", "weight_bound"]
+__all__ = ["TOKEN_ENV", "client_token", "compression_of", "plan_of", "run_loggers", "server_optimizer_of", "server_token", "weight_bound"]
 
 TOKEN_ENV = "PL_PARABLOCK_TOKEN"
+
+
+def plan_of(recipe: Recipe, num_blocks: int) -> Plan:
+    """The federation's plan for a model of ``num_blocks`` blocks: every driver that reads a recipe builds it here."""
+    f, b = recipe.federation, recipe.blocks
+    return make_plan(
+        recipe.mode,
+        num_blocks=num_blocks,
+        rounds=f.rounds,
+        schedule=mode_of(recipe.mode).schedule(b.schedule),
+        seed=recipe.seed,
+        clients=f.clients,
+        clients_per_round=f.clients_per_round,
+        keep_optimizer_state=recipe.train.keep_optimizer_state,
+        assignment=b.assignment,
+        staleness=f.staleness,
+        stale_mix=f.stale_mix,
+    )
 
 
 def compression_of(recipe: Recipe) -> Compression:

@@ -329,6 +329,17 @@ class FederationSection:
     clients_per_round: int | None = field(
         default=None, metadata=_help("Clients sampled (seeded) to train each round; the others only fetch the aggregate.")
     )
+    staleness: int = field(
+        default=1,
+        metadata=_help(
+            "parablock's window k: round t's aggregate is applied before round t+k+1 begins, so up to k hand-offs are in "
+            "flight (1: the paper's ParaBlock)."
+        ),
+    )
+    stale_mix: float = field(
+        default=1.0,
+        metadata=_help("Damping alpha of the rebase, g' + alpha * (theta - e), for deep windows (1.0: the paper's rebase)."),
+    )
     checkpoint_every: int = field(
         default=0,
         metadata=_help("Write the server checkpoint (OUTPUT_DIR/server) every N rounds; a restarted server resumes from it. 0: never."),

@@ -382,7 +382,14 @@ def cross_section_problems(recipe: Recipe) -> list[str]:
                 server_optimizer=so.name,
                 server_lr=f.server_lr,
                 server_optimizer_lr=so.lr,
+                staleness=f.staleness,
+                stale_mix=f.stale_mix,
             )
+        )
+    if isinstance(f.staleness, int) and f.staleness >= max(f.rounds, 1) > 1:
+        p.append(
+            f"`federation.staleness` is {f.staleness} but the run has {f.rounds} rounds: a window that deep is never used; "
+            f"give at most {f.rounds - 1}"
         )
     if f.aggregation in AGGREGATIONS:
         rule = rule_of(f.aggregation)

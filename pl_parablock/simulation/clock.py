@@ -124,7 +124,7 @@ class SimClock:
 
     Args:
         profiles: one per client.
-        staleness: 0 (``sync``, ``fedavg``) or 1 (``parablock``).
+        staleness: 0 (``sync``, ``fedavg``) or ``k`` (``parablock``, ``federation.staleness``).
         round_timeout_s: close a round this long after its first arrival once ``min_clients`` arrived; ``None``: wait for all.
         min_clients: the quorum at the timeout (default: every sampled client).
         bandwidth_mbps: the server's total bandwidth each way; ``None``: unlimited.
@@ -279,8 +279,11 @@ class SimClock:
             recs.sort(key=lambda r: r["round"])
             for k, rec in enumerate(recs):
                 need = rec["ended_at"]
-                nxt = recs[k + 1] if k + 1 < len(recs) else None
-                if self.staleness and nxt is not None and nxt["round"] == rec["round"] + 1:
+                # pipelined: the aggregate is needed when the client ends round + staleness (rounds it trains in a row)
+                for j in range(1, self.staleness + 1):
+                    nxt = recs[k + j] if k + j < len(recs) else None
+                    if nxt is None or nxt["round"] != rec["round"] + j:
+                        break
                     need = nxt["ended_at"]
                 rec["applied_at"] = max(rec["arrived_at"], need)
                 rec["blocked_s"] = rec["applied_at"] - need

@@ -28,13 +28,13 @@ from pl_parablock.core.aggregate import rule_of
 from pl_parablock.core.blocks import freeze_to_blocks, partition_model, whole_model_partition
 from pl_parablock.core.client import Update
 from pl_parablock.core.codecs import decode_update
-from pl_parablock.core.plan import make_plan, mode_of
+from pl_parablock.core.plan import mode_of
 from pl_parablock.core.server import RoundStep
 from pl_parablock.core.tensors import digest
 from pl_parablock.errors import ConfigError
 from pl_parablock.model.build import build_model, save_merged
 from pl_parablock.model.module import ParaBlockModule
-from pl_parablock.recipe.build import compression_of, server_optimizer_of
+from pl_parablock.recipe.build import compression_of, plan_of, server_optimizer_of
 from pl_parablock.recipe.profile import resolve_profiles
 from pl_parablock.recipe.schema import Recipe
 from pl_parablock.simulation.clock import RoundClose, SimClock
@@ -138,16 +138,7 @@ def run_simulation(
     blocks = freeze_to_blocks(module, partition)
     optimizer = module.configure_optimizers()
     module.train()
-    plan = make_plan(
-        recipe.mode,
-        num_blocks=len(partition),
-        rounds=f.rounds,
-        schedule=mode_of(recipe.mode).schedule(b.schedule),
-        seed=recipe.seed,
-        clients=f.clients,
-        clients_per_round=f.clients_per_round,
-        keep_optimizer_state=tr.keep_optimizer_state,
-    )
+    plan = plan_of(recipe, len(partition))
     server_optimizer = server_optimizer_of(recipe)  # its state per block lives here, as on the server
     server = ServerBlocks([{n: p.detach().to("cpu", copy=True) for n, p in blk.items()} for blk in blocks])
     shards = ClientShards(recipe, tokenizer)
