@@ -853,7 +853,7 @@ def validate(recipe: Recipe) -> list[str]:
     """Semantic checks of a typed recipe; returns one line per problem."""
     p: list[str] = []
     if recipe.logging.tensorboard and not _tensorboard_installed():
-        p.append("`logging.tensorboard` is true but neither tensorboard nor tensorboardX is installed: pip install tensorboard")
+        p.append('`logging.tensorboard` needs tensorboard (or tensorboardX), not installed: pip install "pl_parablock[tensorboard]"')
     _one_of(p, "mode", recipe.mode, MODES)
     _at_least(p, "seed", recipe.seed, 0)
     if not recipe.output_dir:
