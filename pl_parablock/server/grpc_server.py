@@ -10,7 +10,7 @@ metadata. The service name, the methods, the channel options and the token
 metadata are those of :mod:`pl_parablock.wire.channel`, which the
 clients' transports share; this module imports nothing of the client side.
 
-Against an untrusted network peer (README: "What the server defends against"):
+Against an untrusted network peer (docs/guides/security.md, "What it defends against"):
 
 * **Authentication before work.** Every method is served as a
   request-streaming handler (on the wire the same as the unary calls
