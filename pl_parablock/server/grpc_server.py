@@ -72,9 +72,9 @@ import grpc
 
 from pl_parablock.errors import FederationError, ParaBlockError
 from pl_parablock.server._ratelimit import RateLimitedLog
-from pl_parablock.server.aggregator import RefusedError
 from pl_parablock.server.dataplane import DataPlaneServer
 from pl_parablock.server.service import Caller, FederationService
+from pl_parablock.server.validation import RefusedError
 from pl_parablock.wire.channel import MESSAGE_OPTIONS, METHODS, SERVER_OPTIONS, SERVICE_NAME, TLS, UPLOAD_SLOT, UPLOADS, bearer_token
 from pl_parablock.wire.dataplane import DATA_METHODS
 from pl_parablock.wire.framing import header_bytes
