@@ -29,13 +29,14 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from pl_parablock.core.blocks import Partition
-from pl_parablock.core.plan import Plan, make_plan
+from pl_parablock.core.plan import Plan, make_plan, participants_of
 from pl_parablock.errors import ParaBlockError
 from pl_parablock.server._ratelimit import RateLimitedLog
 from pl_parablock.server.validation import RefusedError, _itemsize
@@ -72,6 +73,18 @@ class PlanSettings:
     seed: int = 0
     clients_per_round: int | None = None
     assignment: str = "shared"
+
+    @cached_property
+    def participants(self) -> tuple[tuple[int, ...], ...]:
+        """The clients of every round, as the plan will hold them (:func:`~pl_parablock.core.plan.participants_of`)."""
+        per_round = self.clients_per_round
+        members = participants_of(self.mode, clients=self.clients, rounds=self.rounds, clients_per_round=per_round, seed=self.seed)
+        return members if members is not None else (tuple(range(self.clients)),) * self.rounds
+
+    @property
+    def sampled(self) -> bool:
+        """Whether some round has fewer clients than the federation (a join tells the clients the participants)."""
+        return any(len(p) < self.clients for p in self.participants)
 
     def plan(self, num_blocks: int) -> Plan:
         """The plan for a model of ``num_blocks`` blocks."""
@@ -310,6 +323,22 @@ class Admission:
         self.left.discard(client_id)
         return Admitted(need_state, again, took)
 
+    def reply(self, admitted: Admitted, versions: list[int], next_round: int, instance: str) -> dict[str, Any]:
+        """What a joining client learns (caller holds the lock): the plan, the block ``versions`` and the ``next_round``."""
+        settings = self.settings
+        return {
+            "need_state": admitted.need_state,
+            "schedule": list(self.plan.schedule) if self.plan is not None else [],
+            "rounds": settings.rounds,
+            "versions": versions,
+            "next_round": next_round,
+            "participants": [list(p) for p in settings.participants] if settings.sampled else None,
+            "mode": settings.mode,
+            "assignment": settings.assignment,
+            "clients": settings.clients,
+            "instance": instance,
+        }
+
     def _take(self, fingerprint: dict[str, Any], client_id: int, timeout: float) -> None:
         """This client's fingerprint becomes the federation's, pending its initial state (caller holds the lock)."""
         self.adopt(fingerprint)
@@ -348,6 +377,22 @@ class Admission:
             waited = self._first_join is not None and time.monotonic() - self._first_join >= self.limits.gather_s
             self._gathered_once = len(self.joined) >= self.settings.clients or waited
         return self._gathered_once
+
+    def update_problem(self, client: int) -> str:
+        """Why ``client`` may not send an update yet (not joined, no initial state), or ``''`` (caller holds the lock)."""
+        if client not in self.joined:
+            return f"client {client} has not joined"
+        return "" if self.ready else "no initial state yet"
+
+    def waiting_reply(self) -> dict[str, Any]:
+        """The reply to an update that came before the gather window closed: retry (caller holds the lock)."""
+        joined, clients = len(self.joined), self.settings.clients
+        return {
+            "accepted": False,
+            "status": "waiting",
+            "reason": f"waiting for every client to join ({joined} of {clients})",
+            "retry": True,
+        }
 
     def readers(self) -> set[int]:
         """The clients that may still read a new version: joined and not left (caller holds the lock)."""

@@ -46,21 +46,20 @@ from typing import Any
 
 from torch import Tensor
 
-from pl_parablock.core.aggregate import AGGREGATIONS, rule_of
+from pl_parablock.core.aggregate import AGGREGATIONS, AggregationRule, rule_of
 from pl_parablock.core.blocks import Partition
 from pl_parablock.core.codecs import NO_COMPRESSION, Compression
-from pl_parablock.core.optimizers import ServerOptimizer, make_server_optimizer
-from pl_parablock.core.plan import WEIGHTINGS, participants_of
-from pl_parablock.core.tensors import digest
+from pl_parablock.core.optimizers import ServerOptimizer
+from pl_parablock.core.plan import WEIGHTINGS
 from pl_parablock.errors import FederationError
 from pl_parablock.server._ratelimit import RateLimitedLog
 from pl_parablock.server.admission import Admission, AdmissionLimits, PlanSettings, check_fingerprint
 from pl_parablock.server.checkpoint import CHECKPOINT_FORMAT as CHECKPOINT_FORMAT  # still importable from here
-from pl_parablock.server.checkpoint import CheckpointPolicy, CheckpointStore, DirectoryStore, check_state, compose
+from pl_parablock.server.checkpoint import CheckpointPolicy, CheckpointStore, DirectoryStore, check_state, compose, federation_params
 from pl_parablock.server.intake import Consume as Consume  # still importable from here
 from pl_parablock.server.intake import Feed, Intake, Opened, Outcome, feed_of
 from pl_parablock.server.report import MAX_RECORDED_REJECTIONS as MAX_RECORDED_REJECTIONS  # still importable from here
-from pl_parablock.server.report import describe_compression, describe_optimizer, round_record, server_report
+from pl_parablock.server.report import Refusals, round_record, server_report
 from pl_parablock.server.rounds import Aggregation, Quorum, Round, Rounds
 from pl_parablock.server.validation import MAX_WEIGHT, RefusedError, UpdateLimits, parse_update_header
 from pl_parablock.wire.framing import Spec, StagedTensors, short
@@ -73,8 +72,44 @@ warn = RateLimitedLog(log)
 ACCEPTED = {"accepted": True, "status": "accepted", "reason": "accepted"}
 
 
+def _checked(
+    clients: int,
+    rounds: int,
+    server_lr: float,
+    aggregation: str,
+    weighting: str | None,
+    max_weight: float | None,
+    server_optimizer: ServerOptimizer | None,
+) -> AggregationRule:
+    """The aggregation rule of the :class:`Aggregator`'s arguments, once they are checked (in this order).
+
+    Raises:
+        ValueError: the first argument out of its range, naming it.
+    """
+    if clients < 1 or rounds < 1:
+        raise ValueError("a federation needs at least one client and one round")
+    if not server_lr > 0:
+        raise ValueError(f"server_lr must be > 0, not {server_lr}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, not {aggregation!r}")
+    if weighting is not None and weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, not {weighting!r}")
+    if max_weight is not None and not 1.0 <= max_weight <= MAX_WEIGHT:
+        raise ValueError(f"max_weight must be between 1 and 2**53, not {max_weight}")
+    rule = rule_of(aggregation)
+    if server_optimizer is not None and server_optimizer.name != "sgd" and not rule.server_optimizer:
+        raise ValueError(f"the server optimizer {server_optimizer.name} cannot follow aggregation={aggregation}; use mean")
+    return rule
+
+
 class Aggregator:
-    """Global state and round bookkeeping of a federation.
+    """Global state and round bookkeeping of a federation: the coordinator of the server's pieces.
+
+    The arguments are kept as attributes of their names and grouped as the pieces use them: the plan
+    (:class:`~pl_parablock.server.admission.PlanSettings`), admission's waits (``AdmissionLimits``), the
+    bounds on updates (:class:`~pl_parablock.server.validation.UpdateLimits`), the aggregate
+    (:class:`~pl_parablock.server.rounds.Aggregation`), the quorum (``Quorum``) and the checkpoints
+    (:class:`~pl_parablock.server.checkpoint.CheckpointPolicy`, a ``CheckpointStore``); see those for details.
 
     Args:
         clients: number of clients.
@@ -82,46 +117,31 @@ class Aggregator:
         schedule: ``ascending``, ``descending``, ``random`` or an explicit list.
         seed: seed of a random schedule and of client sampling.
         server_lr: server learning rate ``eta_g`` (1.0 is FedAvg).
-        server_optimizer: the server optimizer per block (its state lives here
-            and in the checkpoints); ``None``: SGD at ``server_lr``.
+        server_optimizer: the server optimizer per block (its state is in the checkpoints); ``None``: SGD at ``server_lr``.
         mode: the federation's mode; clients must run the same.
-        assignment: ``shared`` (every client trains ``b_t``) or ``staggered``
-            (client ``i`` trains ``(b_t + i) mod M``; each block is aggregated
-            over the clients that trained it).
+        assignment: ``shared`` (every client trains ``b_t``) or ``staggered`` (client ``i`` trains ``(b_t + i) mod M``).
         min_clients: quorum to close a round at ``round_timeout_s``.
-        round_timeout_s: close a round this long after its first update if
-            the quorum arrived; ``None`` waits for every expected client.
+        round_timeout_s: close a round this long after its first update if the quorum arrived; ``None``: wait for all.
         clients_per_round: sample this many clients per round (seeded).
-        aggregation: ``mean`` (weighted FedAvg), or the robust ``median`` /
-            ``trimmed_mean`` of the deltas (unweighted; keeps the round's
-            updates spooled on disk until it closes).
+        aggregation: ``mean`` (weighted FedAvg), or the robust ``median`` / ``trimmed_mean`` of the deltas (unweighted;
+            updates stay spooled on disk until the round closes): a rule of :data:`~pl_parablock.core.aggregate.AGGREGATION_RULES`.
         trim_fraction: share trimmed at each end by ``trimmed_mean``.
         clip_norm: scale every delta down to this L2 norm before aggregating.
         max_update_norm: refuse updates whose delta has a larger L2 norm.
         checkpoint_dir: where to write the server checkpoint.
         checkpoint_every: write it every this many rounds (0: never).
         on_round_closed: called with the round's record after it closes.
-        weighting: the clients' weighting (one of
-            :data:`~pl_parablock.core.plan.WEIGHTINGS`); ``uniform`` refuses
-            any weight but 1. ``None``: any positive weight up to
-            ``max_weight``.
-        max_weight: refuse an update whose weight is larger (what a client
-            can have seen in a round, see :func:`pl_parablock.recipe.schema.weight_bound`);
+        weighting: the clients' weighting (:data:`~pl_parablock.core.plan.WEIGHTINGS`); ``uniform`` refuses any
+            weight but 1. ``None``: any positive weight up to ``max_weight``.
+        max_weight: refuse an update whose weight is larger (see :func:`pl_parablock.recipe.schema.weight_bound`);
             ``None``: :data:`MAX_WEIGHT`.
-        gather_s: before every client has joined once, updates are refused
-            with "retry" until this many seconds after the first join, so
-            that a client starting late starts from round 0 like the others
-            (every client's view of the rounds is then the plan's); 0: no wait.
-        initial_state_wait_s: the first client's fingerprint is dropped if
-            its initial state has not begun to arrive this long after its
-            join (or within its join's timeout, if shorter).
-        compression: the codecs of the federation: updates compressed with
-            another codec are refused; with a lossy download codec each
-            round's aggregate is broadcast as ``D = Q(Δ_agg + r_b)`` and the
-            global becomes ``g + D`` (its residuals are in the checkpoints).
-        checkpoint_store: where the checkpoints go instead of
-            ``checkpoint_dir`` (a :class:`~pl_parablock.server.checkpoint.CheckpointStore`,
-            e.g. :class:`~pl_parablock.server.checkpoint.MemoryStore`).
+        gather_s: before every client has joined once, updates are refused with "retry" until this many seconds
+            after the first join, so that every client starts from round 0 (its view of the rounds is the plan's).
+        initial_state_wait_s: the first client's fingerprint is dropped if its initial state has not begun to
+            arrive this long after its join (or within its join's timeout, if shorter).
+        compression: the federation's codecs: an update compressed with another is refused; with a lossy download
+            codec a round's aggregate is broadcast as ``D = Q(Δ_agg + r_b)`` and the global becomes ``g + D``.
+        checkpoint_store: where the checkpoints go instead of ``checkpoint_dir`` (e.g. a ``MemoryStore``).
     """
 
     def __init__(
@@ -152,19 +172,7 @@ class Aggregator:
         compression: Compression = NO_COMPRESSION,
         checkpoint_store: CheckpointStore | None = None,
     ) -> None:
-        if clients < 1 or rounds < 1:
-            raise ValueError("a federation needs at least one client and one round")
-        if not server_lr > 0:
-            raise ValueError(f"server_lr must be > 0, not {server_lr}")
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, not {aggregation!r}")
-        if weighting is not None and weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, not {weighting!r}")
-        if max_weight is not None and not 1.0 <= max_weight <= MAX_WEIGHT:
-            raise ValueError(f"max_weight must be between 1 and 2**53, not {max_weight}")
-        rule = rule_of(aggregation)
-        if server_optimizer is not None and server_optimizer.name != "sgd" and not rule.server_optimizer:
-            raise ValueError(f"the server optimizer {server_optimizer.name} cannot follow aggregation={aggregation}; use mean")
+        rule = _checked(clients, rounds, server_lr, aggregation, weighting, max_weight, server_optimizer)
         # the settings as given (read by callers), then grouped by the piece that uses them
         self.clients, self.rounds, self.schedule_kind, self.seed, self.mode = clients, rounds, schedule, seed, mode
         self.assignment, self.clients_per_round, self.gather_s = assignment, clients_per_round, gather_s
@@ -173,53 +181,39 @@ class Aggregator:
         self.round_timeout_s, self.weighting, self.initial_state_wait_s = round_timeout_s, weighting, initial_state_wait_s
         self.checkpoint_dir, self.checkpoint_every, self.on_round_closed = checkpoint_dir, checkpoint_every, on_round_closed
         self.max_weight = 1.0 if weighting == "uniform" else float(max_weight or MAX_WEIGHT)
-        # the plan's participants, known before the model (and so the rest of the plan) is
-        members = participants_of(mode, clients=clients, rounds=rounds, clients_per_round=clients_per_round, seed=seed)
-        self.participants = list(members) if members is not None else [tuple(range(clients))] * rounds
+        self._settings = PlanSettings(mode, clients, rounds, schedule, seed, clients_per_round, assignment)
+        self.participants = list(self._settings.participants)  # the plan's, known before the model (and so the plan) is
         self.min_clients = min(min_clients or clients, min(len(p) for p in self.participants))
-        self._sampled = any(len(p) < clients for p in self.participants)
         self.started_at = time.time()
         self.instance = uuid.uuid4().hex
         self.resumed_from: int | None = None
 
         self._cond = threading.Condition()  # the federation's lock (re-entrant), shared with the pieces
         self._stopping = threading.Event()
-        plan = PlanSettings(mode, clients, rounds, schedule, seed, clients_per_round, assignment)
-        self._admission = Admission(self._cond, plan, AdmissionLimits(gather_s, initial_state_wait_s), self._stopping)
-        limits = UpdateLimits(weighting, self.max_weight, max_update_norm, clip_norm, compression)
-        self._limits = limits
-        self._intake = Intake(limits, rule)
-        how = Aggregation(rule, trim_fraction, server_lr, server_optimizer, compression)
-        self._rounds = Rounds(self._cond, rounds, how, Quorum(self.min_clients, round_timeout_s), self.started_at)
+        self._admission = Admission(self._cond, self._settings, AdmissionLimits(gather_s, initial_state_wait_s), self._stopping)
+        self._limits = UpdateLimits(weighting, self.max_weight, max_update_norm, clip_norm, compression)
+        self._intake = Intake(self._limits, rule)
+        self._aggregation = Aggregation(rule, trim_fraction, server_lr, server_optimizer, compression)
+        self._rounds = Rounds(self._cond, rounds, self._aggregation, Quorum(self.min_clients, round_timeout_s), self.started_at)
+        self._refusals = Refusals(self._cond, self.started_at)
         self._store = checkpoint_store or (DirectoryStore(checkpoint_dir) if checkpoint_dir else None)
         self._policy = CheckpointPolicy(checkpoint_every, rounds - 1)
         self._checkpoint_lock = threading.Lock()
-        self._rejected: list[dict[str, Any]] = []  # refusals outside rounds (recorded ones)
-        self._refused_outside = 0
 
     # ------------------------------------------------------------------ join
 
     def join(
         self, client_id: int, fingerprint: Mapping[str, Any], timeout: float, cancelled: threading.Event | None = None
     ) -> dict[str, Any]:
-        """Admit a client (first time or again); the first one fixes the federation's model.
+        """Admit a client (first time or again); the first one fixes the federation's model (see :mod:`~pl_parablock.server.admission`).
 
-        Returns the schedule, the round count, the block versions, the next
-        round to train, the participants of each round and whether this
-        client must upload the initial state.
-
-        The fingerprint is checked in full (:func:`check_fingerprint`) before
-        anything changes, and the federation's mode must be its mode. The
-        first fingerprint stays pending until its client's initial state
-        arrives: if none begins to arrive within ``timeout`` (at most
-        ``initial_state_wait_s``), it is dropped and the next join's is taken; while it is pending, a
-        join with another fingerprint is told to retry (``unavailable``)
-        rather than refused for good.
+        Returns the schedule, the round count, the block versions, the next round to train, the participants of
+        each round and whether this client must upload the initial state. While the first fingerprint waits for
+        its initial state, a join with another fingerprint is told to retry (``unavailable``).
 
         Raises:
-            RefusedError: bad client id or fingerprint, mismatching model or
-                mode, or the initial state not arriving within ``timeout``
-                (or the caller going away: ``cancelled`` set).
+            RefusedError: bad client id or fingerprint, mismatching model or mode, or the initial state not
+                arriving within ``timeout`` (or the caller going away: ``cancelled`` set).
         """
         fp = self._admission.check_join(client_id, fingerprint, timeout)
         with self._cond:
@@ -230,18 +224,7 @@ class Aggregator:
             if admitted.again:  # it adopts the current values: it reads no older version
                 self._rounds.state.release(client_id)
                 log.info("client %d joined again; next round %d", client_id, self._rounds.next_round())
-            return {
-                "need_state": admitted.need_state,
-                "schedule": self.schedule,
-                "rounds": self.rounds,
-                "versions": list(self._rounds.state.versions),
-                "next_round": self._rounds.next_round(),
-                "participants": [list(p) for p in self.participants] if self._sampled else None,
-                "mode": self.mode,
-                "assignment": self.assignment,
-                "clients": self.clients,
-                "instance": self.instance,
-            }
+            return self._admission.reply(admitted, list(self._rounds.state.versions), self._rounds.next_round(), self.instance)
 
     def begin_upload(self, client_id: int, specs: list[Spec]) -> None:
         """An initial-state upload is about to be read: only from the client asked for it, and exactly the fingerprint's tensors.
@@ -283,34 +266,11 @@ class Aggregator:
     def expected_block(self, round_index: int, client_id: int | None = None) -> int:
         """The block ``client_id`` trains in round ``round_index`` (the schedule's ``b_t`` without a client)."""
         with self._cond:
-            plan = self._admission.plan
-            if not self._admission.ready or plan is None:
-                raise RefusedError("the federation has no initial state yet; join first", "unavailable")
-            problem = self._rounds.range_problem(round_index)
-            if problem:
-                raise RefusedError(problem, "invalid")
-            return plan.block_for(client_id, round_index) if client_id is not None else plan.schedule[round_index]
+            return self._rounds.expected_block(round_index, client_id, ready=self._admission.ready)
 
     def refuse(self, record: dict[str, Any], reason: str, rnd: Round | None = None) -> dict[str, Any]:
-        """Record a refused update (it shows in the report) and return the reply.
-
-        At most :data:`~pl_parablock.server.report.MAX_RECORDED_REJECTIONS`
-        refusals are kept with their reasons per round (and outside rounds);
-        the rest are counted only. Warnings are rate-limited per client.
-        """
-        record = {k: (v if isinstance(v, int) and not isinstance(v, bool) else short(v, 40)) for k, v in record.items()}
-        entry = {**record, "reason": reason, "at": time.time() - self.started_at}
-        with self._cond:
-            if rnd is not None:
-                rnd.refused += 1
-                if len(rnd.rejected) < MAX_RECORDED_REJECTIONS:
-                    rnd.rejected.append(entry)
-            else:
-                self._refused_outside += 1
-                if len(self._rejected) < MAX_RECORDED_REJECTIONS:
-                    self._rejected.append(entry)
-        client = record.get("client")
-        warn.warning(f"client {client}", "refused update from client %s for round %s: %s", client, record.get("round"), reason)
+        """Record a refused update (it shows in the report, see :class:`~pl_parablock.server.report.Refusals`) and return the reply."""
+        self._refusals.note(record, reason, rnd)
         return {"accepted": False, "status": "rejected", "reason": reason}
 
     def precheck(self, header: Mapping[str, Any], specs: list[Spec] | None = None) -> dict[str, Any] | None:
@@ -326,20 +286,11 @@ class Aggregator:
         record = h.record()
         admission = self._admission
         with self._cond:
-            if h.client not in admission.joined:
-                return self.refuse(record, f"client {h.client} has not joined")
-            if not admission.ready:
-                return self.refuse(record, "no initial state yet")
-            problem = self._rounds.range_problem(h.round)
+            problem = admission.update_problem(h.client) or self._rounds.range_problem(h.round)
             if problem:
                 return self.refuse(record, problem)
             if not admission.gathered():
-                return {
-                    "accepted": False,
-                    "status": "waiting",
-                    "reason": f"waiting for every client to join ({len(admission.joined)} of {self.clients})",
-                    "retry": True,
-                }
+                return admission.waiting_reply()
             problem = self._rounds.slot_problem(h.client, h.round, h.block)
             if problem:
                 return self.refuse(record, problem)
@@ -368,15 +319,9 @@ class Aggregator:
 
     @property
     def streams(self) -> bool:
-        """Whether updates are checked and summed as they arrive (:meth:`receive`).
+        """Whether updates are checked and summed as they arrive (:meth:`receive`), else spooled whole (:meth:`submit`).
 
-        A streaming aggregation rule (the weighted ``mean``) without
-        ``clip_norm`` and without a lossy upload codec. With ``clip_norm`` an
-        update's scale is known only once its norm is, at its end;
-        ``median`` / ``trimmed_mean`` keep every update until the round
-        closes; a compressed update is decoded whole: those spool each
-        update whole and read it back (:meth:`submit` with
-        :class:`~pl_parablock.wire.framing.StagedTensors`).
+        See :attr:`~pl_parablock.server.intake.Intake.streams`.
         """
         return self._intake.streams
 
@@ -387,12 +332,9 @@ class Aggregator:
         every body chunk as it comes, then ``consume(name, start, values)``
         with its elements (flat, any float dtype, none crossing a multiple of
         :data:`~pl_parablock.core.aggregate.PIECE_ELEMS`), in any order and cut;
-        it may raise (a cut or corrupt stream) after part was consumed.
-
-        Every piece is checked and added to the round's float64 sums at once;
-        an update refused, cut short, superseded or overtaken by its round's
-        close after some of it was summed is rolled back exactly (see
-        :mod:`~pl_parablock.server.intake`). Needs :attr:`streams`.
+        it may raise (a cut or corrupt stream) after part was consumed. An
+        update refused, cut short, superseded or overtaken by its round's
+        close is rolled back exactly (:mod:`~pl_parablock.server.intake`). Needs :attr:`streams`.
         """
         if not self.streams:
             raise FederationError("this aggregator keeps whole updates (clip_norm or robust aggregation): use submit")
@@ -480,12 +422,7 @@ class Aggregator:
     def block_value(self, block: int) -> tuple[int, dict[str, Tensor]]:
         """Current version and global value of a block (do not modify the tensors)."""
         with self._cond:
-            if not self._admission.ready:
-                raise RefusedError("the federation has no initial state yet", "unavailable")
-            state = self._rounds.state
-            if not 0 <= block < len(state.values):
-                raise RefusedError(f"block {block} is outside 0..{len(state.values) - 1}", "invalid")
-            return state.versions[block], state.values[block]
+            return self._rounds.block_value(block, ready=self._admission.ready)
 
     def round_value(self, round_index: int, client_id: int | None = None) -> tuple[int, dict[str, Tensor]]:
         """Version ``round_index`` of the round's block, once the round is aggregated (do not modify the tensors).
@@ -600,13 +537,10 @@ class Aggregator:
             self._save(self._store, extra_closed=rnd)
 
     def save_checkpoint(self, directory: str | CheckpointStore, extra_closed: Round | None = None) -> str:
-        """Write the global state, versions, closed rounds and schedule atomically.
+        """Write the global state, versions, closed rounds and schedule; returns where the state went.
 
-        ``directory``: a directory (a :class:`~pl_parablock.server.checkpoint.DirectoryStore`:
-        the tensors go to a new ``globals-*.safetensors`` file, then
-        ``state.json`` is replaced in one rename, so a crash at any point
-        leaves the previous checkpoint whole), or another store. Returns
-        where the state went (the state file's path).
+        ``directory``: a directory (a :class:`~pl_parablock.server.checkpoint.DirectoryStore`, written
+        atomically: a crash at any point leaves the previous checkpoint whole), or another store.
         """
         return self._save(DirectoryStore(directory) if isinstance(directory, str) else directory, extra_closed)
 
@@ -616,32 +550,14 @@ class Aggregator:
                 if self._admission.fingerprint is None or not self._admission.ready:
                     raise FederationError("nothing to checkpoint before the first client joined")
                 versions, records, tensors, upto = self._rounds.snapshot(extra_closed)
+                params = federation_params(self._settings, self._aggregation)
+                admission, rejected = self._admission.snapshot(), list(self._refusals.outside)
                 state = compose(
-                    params=self._params(),
-                    admission=self._admission.snapshot(),
-                    versions=versions,
-                    rounds=records,
-                    rejected=list(self._rejected),
-                    started_at=self.started_at,
+                    params=params, admission=admission, versions=versions, rounds=records, rejected=rejected, started_at=self.started_at
                 )
             path = store.save(state, tensors, upto)
             log.info("server checkpoint written: %d rounds closed", len(records))
             return path
-
-    def _params(self) -> dict[str, Any]:
-        """The settings a checkpoint must share with the federation that resumes from it."""
-        return {
-            "clients": self.clients,
-            "rounds": self.rounds,
-            "schedule": self.schedule_kind,
-            "seed": self.seed,
-            "server_lr": self.server_lr,
-            "server_optimizer": describe_optimizer(self.server_optimizer),
-            "mode": self.mode,
-            "assignment": self.assignment,
-            "clients_per_round": self.clients_per_round,
-            "compression": describe_compression(self.compression),
-        }
 
     def load_checkpoint(self, directory: str | CheckpointStore) -> int:
         """Resume from a checkpoint written by :meth:`save_checkpoint` (a directory, or a store); returns the next round.
@@ -652,13 +568,7 @@ class Aggregator:
         """
         store = DirectoryStore(directory) if isinstance(directory, str) else directory
         state, tensors = store.load()
-        # keys added after the first checkpoints: a checkpoint without them ran their defaults
-        legacy = {
-            "assignment": "shared",
-            "server_optimizer": describe_optimizer(make_server_optimizer("sgd", lr=self.server_lr)),
-            "compression": describe_compression(NO_COMPRESSION),
-        }
-        check_state(state, self._params(), legacy, store.where)
+        check_state(state, federation_params(self._settings, self._aggregation), store.where)
         with self._cond:
             admission = self._admission
             admission.adopt(state["fingerprint"])
@@ -667,7 +577,7 @@ class Aggregator:
             blocks = [b.params for b in admission.partition.blocks]
             self._rounds.restore(tensors, set(admission.fingerprint["tensors"]), blocks, state["versions"], state["rounds"], store.where)
             admission.restore(state)
-            self._rejected = list(state.get("rejected", []))
+            self._refusals.outside = list(state.get("rejected", []))
             self.resumed_from = self._rounds.next_round()
             return self.resumed_from
 
@@ -676,24 +586,11 @@ class Aggregator:
     def report(self) -> dict[str, Any]:
         """The server's view of the run: rounds, rejections, client reports, dropped clients."""
         with self._cond:
-            a = self._admission
             return server_report(
-                mode=self.mode,
-                clients=self.clients,
-                rounds_planned=self.rounds,
-                schedule=self.schedule,
-                partition=a.partition,
-                server_lr=self.server_lr,
-                server_optimizer=self.server_optimizer,
-                aggregation=self.aggregation,
-                compression=self.compression,
-                rounds=[round_record(r, self.started_at) for r in self._rounds.closed()],
-                rejected=self._rejected,
-                refused_outside=self._refused_outside,
-                client_reports=a.reports,
-                joined=a.joined,
-                left=a.left,
+                settings=self._settings,
+                aggregation=self._aggregation,
+                admission=self._admission,
+                rounds=self._rounds,
+                refusals=self._refusals,
                 resumed_from=self.resumed_from,
-                started_at=self.started_at,
-                globals_sha256=digest(self._rounds.global_state()) if a.ready else None,
             )

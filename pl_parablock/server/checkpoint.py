@@ -27,12 +27,19 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from pl_parablock.core.codecs import NO_COMPRESSION
+from pl_parablock.core.optimizers import make_server_optimizer
 from pl_parablock.errors import FederationError
+from pl_parablock.server.report import describe_compression, describe_optimizer
+
+if TYPE_CHECKING:
+    from pl_parablock.server.admission import PlanSettings
+    from pl_parablock.server.rounds import Aggregation
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -44,6 +51,7 @@ __all__ = [
     "MemoryStore",
     "check_state",
     "compose",
+    "federation_params",
     "split_tensors",
 ]
 
@@ -192,14 +200,31 @@ def compose(
     }
 
 
-def check_state(state: Mapping[str, Any], params: Mapping[str, Any], legacy: Mapping[str, Any], where: str) -> None:
+def federation_params(settings: PlanSettings, aggregation: Aggregation) -> dict[str, Any]:
+    """The settings a checkpoint must share with the federation that resumes from it (as :func:`compose` saves them)."""
+    return {
+        "clients": settings.clients,
+        "rounds": settings.rounds,
+        "schedule": settings.schedule,
+        "seed": settings.seed,
+        "server_lr": aggregation.server_lr,
+        "server_optimizer": describe_optimizer(aggregation.server_optimizer),
+        "mode": settings.mode,
+        "assignment": settings.assignment,
+        "clients_per_round": settings.clients_per_round,
+        "compression": describe_compression(aggregation.compression),
+    }
+
+
+def check_state(state: Mapping[str, Any], params: Mapping[str, Any], where: str) -> None:
     """That a checkpoint's state is of this format and of this federation.
+
+    A setting missing from the checkpoint (written before it was saved) ran
+    its default then.
 
     Args:
         state: the checkpoint's state.
-        params: this federation's settings (as :func:`compose` saves them).
-        legacy: the value a setting had in checkpoints written before it
-            was saved (they ran its default).
+        params: this federation's settings (:func:`federation_params`).
         where: the store's place, for the message.
 
     Raises:
@@ -208,6 +233,11 @@ def check_state(state: Mapping[str, Any], params: Mapping[str, Any], legacy: Map
     """
     if state.get("format") != CHECKPOINT_FORMAT:
         raise FederationError(f"server checkpoint in {where} has format {state.get('format')}, this version reads {CHECKPOINT_FORMAT}")
+    legacy = {
+        "assignment": "shared",
+        "server_optimizer": describe_optimizer(make_server_optimizer("sgd", lr=params["server_lr"])),
+        "compression": describe_compression(NO_COMPRESSION),
+    }
     saved = {k: state["params"].get(k, legacy.get(k)) for k in params}
     diff = {k: (saved[k], v) for k, v in params.items() if saved[k] != v}
     if diff:

@@ -277,6 +277,32 @@ class Rounds:
 
     # ------------------------------------------------------------ reads (caller holds the lock)
 
+    def expected_block(self, round_index: int, client_id: int | None, *, ready: bool) -> int:
+        """The block ``client_id`` trains in round ``round_index`` (the schedule's ``b_t`` without a client).
+
+        Raises:
+            RefusedError: no initial state yet (``ready`` false), or no such round.
+        """
+        plan = self.plan
+        if not ready or plan is None:
+            raise RefusedError("the federation has no initial state yet; join first", "unavailable")
+        problem = self.range_problem(round_index)
+        if problem:
+            raise RefusedError(problem, "invalid")
+        return plan.block_for(client_id, round_index) if client_id is not None else plan.schedule[round_index]
+
+    def block_value(self, block: int, *, ready: bool) -> tuple[int, dict[str, Tensor]]:
+        """Current version and global value of a block.
+
+        Raises:
+            RefusedError: no initial state yet (``ready`` false), or no such block.
+        """
+        if not ready:
+            raise RefusedError("the federation has no initial state yet", "unavailable")
+        if not 0 <= block < len(self.state.values):
+            raise RefusedError(f"block {block} is outside 0..{len(self.state.values) - 1}", "invalid")
+        return self.state.versions[block], self.state.values[block]
+
     def answer(self, round_index: int, client_id: int | None, delta: bool) -> tuple[int, dict[str, Tensor], dict[int, int] | None]:
         """Version ``round_index`` of the round's blocks, or their compressed broadcast ``D`` (see the coordinator's ``round_answer``).
 
