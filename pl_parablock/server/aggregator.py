@@ -52,7 +52,6 @@ from pl_parablock.core.codecs import NO_COMPRESSION, Compression
 from pl_parablock.core.optimizers import ServerOptimizer
 from pl_parablock.core.plan import WEIGHTINGS
 from pl_parablock.errors import FederationError
-from pl_parablock.server._ratelimit import RateLimitedLog
 from pl_parablock.server.admission import Admission, AdmissionLimits, PlanSettings, check_fingerprint
 from pl_parablock.server.checkpoint import CHECKPOINT_FORMAT as CHECKPOINT_FORMAT  # still importable from here
 from pl_parablock.server.checkpoint import CheckpointPolicy, CheckpointStore, DirectoryStore, check_state, compose, federation_params
@@ -67,7 +66,6 @@ from pl_parablock.wire.framing import Spec, StagedTensors, short
 __all__ = ["AGGREGATIONS", "MAX_WEIGHT", "Aggregator", "Feed", "RefusedError", "check_fingerprint"]
 
 log = logging.getLogger(__name__)
-warn = RateLimitedLog(log)
 
 ACCEPTED = {"accepted": True, "status": "accepted", "reason": "accepted"}
 
