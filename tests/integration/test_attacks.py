@@ -604,7 +604,7 @@ def test_enormous_deep_or_out_of_range_headers_get_one_line(clean, no_tracebacks
         padded = {**FINGERPRINT, "extra": "x" * (3 << 20)}
         attack.unary("Join", header_bytes({"client_id": 0, "fingerprint": padded, "timeout_s": 60}))
         del padded
-        kept = server.service.aggregator._fingerprint
+        kept = server.service.aggregator._admission.fingerprint
         assert kept is not None and set(kept) == {"mode", "partition", "tensors", "hash"}
         assert len(json.dumps(kept)) < 10_000
         assert rss_mb() - before < 100
