@@ -32,7 +32,7 @@ from torch import Tensor
 
 from pl_parablock.core.aggregate import AggregationRule, assemble, pieces_of
 from pl_parablock.core.codecs import NO_COMPRESSION, Compression
-from pl_parablock.core.optimizers import ServerOptimizer
+from pl_parablock.core.optimizers import ServerOptimizer, plain_step
 from pl_parablock.core.plan import Plan
 from pl_parablock.core.server import GlobalState, RoundStep, Superseded
 from pl_parablock.errors import FederationError
@@ -267,13 +267,14 @@ class Rounds:
         a = self.aggregation
         combine = a.rule.combine
         assert combine is not None
+        lr, _ = plain_step(a.server_lr, a.server_optimizer)  # a robust rule takes no other optimizer (AggregationRule.server_optimizer)
         for _, start, g_piece in pieces_of({name: g}):
             g64 = g_piece.to(torch.float64)
             deltas = []
             for u in rnd.intake.kept.values():
                 t = u.source.read(name, start, g64.numel()).to(torch.float64)
                 deltas.append((t - g64 if u.kind == "value" else t) * u.scale)
-            yield g64 + a.server_lr * combine(deltas, a.trim_fraction)
+            yield g64 + lr * combine(deltas, a.trim_fraction)
 
     # ------------------------------------------------------------ reads (caller holds the lock)
 
