@@ -41,7 +41,7 @@ from typing import IO, TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from pl_parablock.core.aggregate import PIECE_ELEMS, PIECES, AggregationRule, clip_factor
+from pl_parablock.core.aggregate import PIECE_ELEMS, AggregationRule, PiecePool, clip_factor
 from pl_parablock.core.codecs import CodecError, decode_update
 from pl_parablock.core.server import RoundStep
 from pl_parablock.errors import FederationError
@@ -52,6 +52,26 @@ if TYPE_CHECKING:
     from pl_parablock.server.rounds import Round
 
 __all__ = ["WORK_SLOTS", "Consume", "Feed", "Intake", "Opened", "Outcome", "RoundIntake", "feed_of"]
+
+
+class SharedPiecePool(PiecePool):
+    """:class:`~pl_parablock.core.aggregate.PiecePool` for the server's handler threads, which sum into one pool."""
+
+    def __init__(self, max_pieces: int = 64) -> None:
+        super().__init__(max_pieces)
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> Tensor:
+        with self._lock:
+            return super().take(n)
+
+    def give(self, piece: Tensor) -> None:
+        with self._lock:
+            super().give(piece)
+
+
+PIECES = SharedPiecePool()
+"""The pool of float64 pieces the round sums of this server process draw from."""
 
 log = logging.getLogger(__name__)
 

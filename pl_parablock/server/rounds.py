@@ -37,7 +37,7 @@ from pl_parablock.core.plan import Plan
 from pl_parablock.core.server import GlobalState, RoundStep, Superseded
 from pl_parablock.errors import FederationError
 from pl_parablock.server.checkpoint import OPT_PREFIX, RESIDUAL_PREFIX, split_tensors
-from pl_parablock.server.intake import RoundIntake
+from pl_parablock.server.intake import PIECES, RoundIntake
 from pl_parablock.server.report import round_record
 from pl_parablock.server.validation import RefusedError
 
@@ -170,7 +170,7 @@ class Rounds:
             plan = self.plan
             assert plan is not None
             a = self.aggregation
-            steps = {b: RoundStep(index, b, a.server_lr, a.server_optimizer) for b in plan.blocks_of(index)}
+            steps = {b: RoundStep(index, b, a.server_lr, a.server_optimizer, PIECES) for b in plan.blocks_of(index)}
             rnd = self._rounds[index] = Round(index, plan.schedule[index], plan.clients_of(index), steps, RoundIntake(index, steps))
         return rnd
 
