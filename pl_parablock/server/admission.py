@@ -244,6 +244,7 @@ class Admission:
         self._pending_until = math.inf  # a fingerprint whose initial state has not come is dropped after this
         self._uploads = 0  # initial-state uploads in progress
         self.joined: set[int] = set()
+        self.seen: dict[int, float] = {}  # client -> when it last called (time.time()), for the end of the run
         self.left: set[int] = set()
         self.reports: dict[int, dict[str, Any]] = {}
         self._first_join: float | None = None
@@ -393,6 +394,19 @@ class Admission:
             "reason": f"waiting for every client to join ({joined} of {clients})",
             "retry": True,
         }
+
+    def saw(self, client_id: int) -> None:
+        """``client_id`` called (join, update, pull, leave): it is alive at this time (caller holds the lock)."""
+        if client_id in self.joined:
+            self.seen[client_id] = time.time()
+
+    def awaited(self, since: float | None) -> list[int]:
+        """The clients whose Leave the end of the run waits for: joined, not left, and seen at ``since`` or later.
+
+        A client that called nothing since (it missed the run's last rounds:
+        killed, or its connection gone) is not waited for (caller holds the lock).
+        """
+        return sorted(c for c in self.joined - self.left if since is None or self.seen.get(c, -math.inf) >= since)
 
     def readers(self) -> set[int]:
         """The clients that may still read a new version: joined and not left (caller holds the lock)."""

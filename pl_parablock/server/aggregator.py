@@ -216,6 +216,7 @@ class Aggregator:
         fp = self._admission.check_join(client_id, fingerprint, timeout)
         with self._cond:
             admitted = self._admission.join(client_id, fp, timeout, cancelled)
+            self._admission.saw(client_id)
             if admitted.took_model:  # a new model: the round state starts over with its plan
                 assert self._admission.plan is not None
                 self._rounds.reset(self._admission.plan)
@@ -309,6 +310,7 @@ class Aggregator:
             return early
         client, rnd_i, kind, weight = int(header["client_id"]), int(header["round"]), str(header["kind"]), float(header["weight"])
         with self._cond:
+            self._admission.saw(client)
             assert self._rounds.plan is not None
             rnd = self._rounds.open(rnd_i)
             block = self._rounds.plan.block_for(client, rnd_i)
@@ -442,6 +444,8 @@ class Aggregator:
         """
         self.expected_block(round_index)
         with self._cond:
+            if client_id is not None:
+                self._admission.saw(client_id)
             return self._rounds.answer(round_index, client_id, delta)
 
     def round_shapes(self, round_index: int) -> dict[str, list[int]]:
@@ -491,19 +495,30 @@ class Aggregator:
         with self._cond:
             self._cond.notify_all()
 
-    def wait_finished(self, timeout: float, grace_s: float = 30.0) -> bool:
-        """Wait until every round is closed and every joined client left.
+    def wait_finished(self, timeout: float, grace_s: float = 30.0, on_wait: Callable[[list[int], float], None] | None = None) -> bool:
+        """Wait until every round is closed and every client that took part in the run's last rounds left.
 
-        A client that has not left ``grace_s`` seconds after the last round
-        closed is counted as dropped. ``False`` on timeout or shutdown.
+        Once the last round closed, the server waits only for the clients
+        joined, not left, and seen (any call) since the round before the
+        last ones a client must apply closed (:meth:`_last_rounds_began`): a
+        client killed earlier, or whose connection is gone, is not waited
+        for. ``on_wait(clients, grace_s)`` is called once when there are
+        clients to wait for. A client that has not left ``grace_s`` seconds
+        after the last round closed is counted as dropped (the report's
+        ``dropped``). ``False`` on timeout or shutdown.
         """
         deadline = time.monotonic() + timeout
+        told = False
         with self._cond:
             while True:
-                joined, left = self._admission.joined, self._admission.left  # (a resumed server replaces them)
                 done = self._rounds.next_round() >= self.rounds
-                if done and joined and joined <= left:
-                    return True
+                if done:
+                    awaited = self._admission.awaited(self._last_rounds_began())  # (a resumed server replaces them)
+                    if self._admission.joined and not awaited:
+                        return True
+                    if awaited and not told and on_wait is not None:
+                        told = True
+                        on_wait(awaited, grace_s)
                 last = self._rounds.last_close
                 if done and last is not None and time.monotonic() - last >= grace_s:
                     return True
@@ -511,6 +526,17 @@ class Aggregator:
                 if remaining <= 0 or self._stopping.is_set():
                     return False
                 self._cond.wait(min(remaining, 0.5))
+
+    def _last_rounds_began(self) -> float | None:
+        """When the run's last rounds began: the close of the round before the last ``staleness + 1`` (``None``: the start).
+
+        Every client still in the run calls the server after it: it sends
+        an update of the last rounds, or fetches their aggregates.
+        """
+        plan = self._rounds.plan
+        before = self.rounds - 2 - (plan.staleness if plan is not None else 0)
+        rnd = self._rounds.get(before) if before >= 0 else None
+        return rnd.closed_at if rnd is not None else None
 
     @property
     def finished(self) -> bool:

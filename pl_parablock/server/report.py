@@ -135,6 +135,7 @@ def server_report(
         "client_reports": {str(k): v for k, v in sorted(admission.reports.items())},
         "joined": sorted(admission.joined),
         "dropped": sorted(admission.joined - admission.left),
+        "never_reported": sorted(admission.joined - set(admission.reports)),
         "resumed_from_round": resumed_from,
         "started_at": rounds.started_at,
         "globals_sha256": digest(rounds.global_state()) if admission.ready else None,

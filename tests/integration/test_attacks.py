@@ -627,7 +627,7 @@ def test_the_server_waits_federation_timeout_s_for_every_leave(clean, monkeypatc
     assert fit.leave_grace_s(recipe) == 4.0, "as long as a network wait may take, not a fixed 30 s"
     seen: dict[str, float] = {}
 
-    def wait_finished(self: Aggregator, timeout: float, grace_s: float = 30.0) -> bool:
+    def wait_finished(self: Aggregator, timeout: float, grace_s: float = 30.0, on_wait: Any = None) -> bool:
         seen["grace_s"] = grace_s
         return True
 
