@@ -376,8 +376,8 @@ def leave_grace_s(recipe: Recipe) -> float:
 
 def _waiting_for(clients: list[int], grace_s: float) -> None:
     """The last round closed: say whose report the server still waits for, and how long at most."""
-    who = ", ".join(str(c) for c in clients)
-    _say(f"every round closed; waiting up to {grace_s:g} s for client{'s' if len(clients) > 1 else ''} {who}'s report (federation.timeout_s)")
+    who = ("clients " if len(clients) > 1 else "client ") + ", ".join(str(c) for c in clients)
+    _say(f"every round closed; waiting up to {grace_s:g} s for {who}'s report (federation.timeout_s)")
 
 
 def _serve(recipe: Recipe, listen: str) -> int:

@@ -84,7 +84,11 @@ def test_a_client_alive_in_the_last_rounds_is_waited_for_and_named():
         run(agg, {0, 1}, 4)
         told: list[tuple[list[int], float]] = []
         done: dict[str, bool] = {}
-        waiter = threading.Thread(target=lambda: done.setdefault("ok", agg.wait_finished(LIMIT_S, GRACE_S, lambda c, g: told.append((c, g)))))
+
+        def wait() -> None:
+            done["ok"] = agg.wait_finished(LIMIT_S, GRACE_S, lambda c, g: told.append((c, g)))
+
+        waiter = threading.Thread(target=wait, name="test-server-wait")
         agg.leave(0, {"final": {}})
         waiter.start()
         time.sleep(0.5)
