@@ -1,4 +1,4 @@
-"""The README's performance table, from the benchmarks' JSON results.
+"""The performance table (docs/performance.md), from the benchmarks' JSON results.
 
     python benchmarks/table.py --run [--quick] [--save DIR]   # run all six, then print the table
     python benchmarks/table.py RESULT.json ...                # print the table of saved results

@@ -55,7 +55,7 @@ from _common import MB, ServerProcess, block_fingerprint, finish, machine, media
 
 from pl_parablock.client.transport import GrpcTransport
 from pl_parablock.core.aggregate import RoundAccumulator
-from pl_parablock.server.aggregator import _check_values
+from pl_parablock.server.validation import _check_values
 from pl_parablock.wire.channel import CLIENT_OPTIONS
 from pl_parablock.wire.framing import StagedTensors, decode, encode
 

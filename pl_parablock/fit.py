@@ -374,6 +374,12 @@ def leave_grace_s(recipe: Recipe) -> float:
     return max(f.timeout_s, f.round_timeout_s or 0.0)
 
 
+def _waiting_for(clients: list[int], grace_s: float) -> None:
+    """The last round closed: say whose report the server still waits for, and how long at most."""
+    who = ("clients " if len(clients) > 1 else "client ") + ", ".join(str(c) for c in clients)
+    _say(f"every round closed; waiting up to {grace_s:g} s for {who}'s report (federation.timeout_s)")
+
+
 def _serve(recipe: Recipe, listen: str) -> int:
     f = recipe.federation
     agg = _aggregator(recipe, progress=True)
@@ -389,7 +395,7 @@ def _serve(recipe: Recipe, listen: str) -> int:
     limit = f.timeout_s * (f.rounds + 2)
     grace = leave_grace_s(recipe)
     try:
-        finished = agg.wait_finished(timeout=limit, grace_s=grace)
+        finished = agg.wait_finished(timeout=limit, grace_s=grace, on_wait=_waiting_for)
     except KeyboardInterrupt:
         _say("interrupted: stopping the server")
         server.stop()

@@ -163,6 +163,7 @@ def build_report(recipe: Recipe, server: dict[str, Any], *, wall_s: float, link:
             "compression": server.get("compression"),
             "joined": server.get("joined", []),
             "dropped": server.get("dropped", []),
+            "never_reported": server.get("never_reported", []),
             "resumed_from_round": server.get("resumed_from_round"),
         },
         "model_dir": final.get("model_dir"),

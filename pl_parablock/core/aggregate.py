@@ -15,7 +15,6 @@ centralized run.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -25,7 +24,6 @@ from torch import Tensor
 __all__ = [
     "AGGREGATIONS",
     "AGGREGATION_RULES",
-    "PIECES",
     "PIECE_ELEMS",
     "ROBUST_METHODS",
     "AggregationRule",
@@ -189,41 +187,43 @@ def assemble(like: Tensor, pieces: Iterable[Tensor]) -> Tensor:
 
 
 class PiecePool:
-    """Float64 buffers of :data:`PIECE_ELEMS` elements kept for the next round's sums.
+    """Float64 buffers of :data:`PIECE_ELEMS` elements kept for the next round's sums (one thread's).
 
     A round's sums are two float64 copies of its block, freed when it
     closes; allocating them afresh every round costs a page fault per 4 KiB
     (more than the arithmetic on them). Released pieces wait here, at most
     ``max_pieces`` of them, for the next round: idle memory no larger than
-    the largest round's sums, which every round needs anyway. Thread-safe.
+    the largest round's sums, which every round needs anyway. Not
+    thread-safe: a server whose handler threads share one pool locks it
+    (:class:`~pl_parablock.server.intake.SharedPiecePool`).
     """
 
     def __init__(self, max_pieces: int = 64) -> None:
         self.max_pieces = max_pieces
         self._free: dict[int, list[Tensor]] = {}  # by length (a tensor's last piece is shorter)
         self._count = 0
-        self._lock = threading.Lock()
 
     def take(self, n: int) -> Tensor:
         """A float64 buffer of ``n`` elements, contents undefined."""
-        with self._lock:
-            free = self._free.get(n)
-            if free:
-                self._count -= 1
-                return free.pop()
+        free = self._free.get(n)
+        if free:
+            self._count -= 1
+            return free.pop()
         return torch.empty(n, dtype=torch.float64)
 
     def give(self, piece: Tensor) -> None:
         """Return a buffer from :meth:`take` (the caller no longer uses it)."""
         if piece.dtype == torch.float64 and piece.dim() == 1 and piece._base is None and 0 < piece.numel() <= PIECE_ELEMS:
-            with self._lock:
-                if self._count < self.max_pieces:
-                    self._free.setdefault(piece.numel(), []).append(piece)
-                    self._count += 1
+            if self._count < self.max_pieces:
+                self._free.setdefault(piece.numel(), []).append(piece)
+                self._count += 1
 
 
-PIECES = PiecePool()
-"""The pool of float64 pieces the round sums of this process draw from."""
+class _Fresh(PiecePool):
+    """No pool: every piece is allocated, none kept (the default of one-off sums)."""
+
+    def give(self, piece: Tensor) -> None:
+        return None
 
 
 class RoundAccumulator:
@@ -238,13 +238,14 @@ class RoundAccumulator:
     Memory is two float64 copies of the block at most, whatever the number
     of clients. The sums are kept in pieces of :data:`PIECE_ELEMS` elements,
     so an update can be added a piece at a time, in any cut, as it arrives,
-    and :meth:`finish` hands each piece of the sums back to :data:`PIECES`
-    as soon as it has written the new value's piece; the pool keeps them for
+    and :meth:`finish` hands each piece of the sums back to ``pool`` as
+    soon as it has written the new value's piece; the pool keeps them for
     the next round's sums (no page faults), so the round's peak is the sums
-    plus the new value.
+    plus the new value. Without a pool every piece is allocated afresh.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pool: PiecePool | None = None) -> None:
+        self.pool = pool if pool is not None else _Fresh(0)
         self._values: dict[str, dict[int, Tensor]] = {}
         self._deltas: dict[str, dict[int, Tensor]] = {}
         self.weight_values = 0.0
@@ -303,7 +304,7 @@ class RoundAccumulator:
         sums = self.sums(kind).setdefault(name, {})
         piece = sums.get(i)
         if piece is None:
-            piece = sums[i] = PIECES.take(piece_len)
+            piece = sums[i] = self.pool.take(piece_len)
             self._filled[(kind, name, i)] = 0
         n = values.numel()
         if off + n > piece.numel():
@@ -388,18 +389,18 @@ class RoundAccumulator:
                 piece = values.pop(i)
                 self._complete("value", name, i, piece)
                 yield piece if total == 1.0 else piece.div_(total)  # x / 1 == x: one pass less
-                PIECES.give(piece)  # the caller is done with it once it asks for the next
+                self.pool.give(piece)  # the caller is done with it once it asks for the next
                 continue
             piece = g_piece.to(torch.float64, copy=True)
             s = torch.zeros_like(piece)
             if i in deltas:
                 self._complete("delta", name, i, deltas[i])
                 s.add_(deltas[i])
-                PIECES.give(deltas.pop(i))
+                self.pool.give(deltas.pop(i))
             if i in values:
                 self._complete("value", name, i, values[i])
                 s.add_(values[i]).sub_(piece, alpha=self.weight_values)
-                PIECES.give(values.pop(i))
+                self.pool.give(values.pop(i))
             if step is None:
                 yield piece.add_(s, alpha=server_lr / total)
             else:

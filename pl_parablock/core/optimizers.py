@@ -79,6 +79,14 @@ class ServerSGD(ServerOptimizer):
         return g.add_(delta, alpha=self.lr)
 
 
+def plain_step(server_lr: float, optimizer: ServerOptimizer | None) -> tuple[float, ServerOptimizer | None]:
+    """``(η_g, optimizer)`` of a round's step: plain SGD is ``g + lr · Δ`` at its own lr, the aggregation's exact path
+    (no optimizer object); any other optimizer steps itself, and ``server_lr`` is the plain step's otherwise."""
+    if isinstance(optimizer, ServerSGD):
+        return optimizer.lr, None
+    return server_lr, optimizer
+
+
 class ServerMomentum(ServerOptimizer):
     """FedAvgM: ``m <- β1 m + Δ``, ``x + η m``."""
 

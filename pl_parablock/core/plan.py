@@ -265,12 +265,15 @@ class Plan:
         b = self.schedule[t]
         return (b + client) % self.num_blocks if self.assignment == "staggered" else b
 
+    def clients_of(self, t: int) -> tuple[int, ...]:
+        """The clients expected in round ``t`` (sorted): its participants, or every client."""
+        return self.participants[t] if self.participants is not None else tuple(range(self.clients))
+
     def blocks_of(self, t: int) -> tuple[int, ...]:
         """The blocks round ``t`` moves (each aggregated over the clients that trained it), in order."""
         if self.assignment == "shared":
             return (self.schedule[t],)
-        members = self.participants[t] if self.participants is not None else range(self.clients)
-        return tuple(sorted({self.block_for(c, t) for c in members}))
+        return tuple(sorted({self.block_for(c, t) for c in self.clients_of(t)}))
 
     def applied_before(self, t: int) -> int:
         """The last round whose aggregate must be in place before round ``t`` begins (``-1``: none).
@@ -318,7 +321,32 @@ def cyclic_assignment(order: str, clients: int, num_blocks: int, rounds: int, se
                 seq.extend(rng.sample(range(num_blocks), num_blocks))
             sequences.append(seq[:epochs])
     schedule = [sequences[t % clients][t // clients] for t in range(rounds)]
-    return schedule, [(t % clients,) for t in range(rounds)]
+    return schedule, list(_turns(clients, rounds))
+
+
+def _turns(clients: int, rounds: int) -> tuple[tuple[int, ...], ...]:
+    """A relay's one client of every round: client ``t mod N`` in round ``t``."""
+    return tuple((t % clients,) for t in range(rounds))
+
+
+def participants_of(
+    mode: str, *, clients: int, rounds: int, clients_per_round: int | None = None, seed: int = 0
+) -> tuple[tuple[int, ...], ...] | None:
+    """The clients of every round, as :func:`make_plan`'s :attr:`Plan.participants` holds them; ``None``: every client.
+
+    They do not depend on the model's blocks, so a server knows them before
+    the first client announces its model: a relay visits client ``t mod N``
+    in round ``t``; otherwise a seeded sample of ``clients_per_round``
+    (:func:`sample_participants`) when it is smaller than ``clients``.
+
+    Raises:
+        AlgorithmError: an unknown mode.
+    """
+    if mode_of(mode).relay:
+        return _turns(clients, rounds)
+    if clients_per_round is not None and clients_per_round < clients:
+        return tuple(sample_participants(clients, rounds, clients_per_round, seed))
+    return None
 
 
 def make_plan(
@@ -346,13 +374,13 @@ def make_plan(
         raise AlgorithmError("; ".join(refused))
     if m.relay:
         assert isinstance(schedule, str)  # refusals() asked for one of CYCLIC_ORDERS
-        order_, turns = cyclic_assignment(schedule, clients, num_blocks, rounds, seed)
-        return Plan(mode, tuple(order_), num_blocks, tuple(turns), keep_optimizer_state, "shared", clients, staleness, stale_mix)
+        order_, _ = cyclic_assignment(schedule, clients, num_blocks, rounds, seed)
+        participants = participants_of(mode, clients=clients, rounds=rounds, seed=seed)
+        return Plan(mode, tuple(order_), num_blocks, participants, keep_optimizer_state, "shared", clients, staleness, stale_mix)
     asked = m.schedule(schedule)
     kind: str | list[int] = asked if isinstance(asked, str) else list(asked)
     order = make_schedule(kind, num_blocks, rounds, seed)
-    sampled = clients_per_round is not None and clients_per_round < clients
-    participants = tuple(sample_participants(clients, rounds, clients_per_round, seed)) if sampled else None
+    participants = participants_of(mode, clients=clients, rounds=rounds, clients_per_round=clients_per_round, seed=seed)
     return Plan(mode, tuple(order), num_blocks, participants, keep_optimizer_state, assignment, clients, staleness, stale_mix)
 
 

@@ -16,9 +16,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from pl_parablock.core.aggregate import RoundAccumulator
+from pl_parablock.core.aggregate import PiecePool, RoundAccumulator
 from pl_parablock.core.codecs import NO_COMPRESSION, Compression, ErrorFeedback, advance
-from pl_parablock.core.optimizers import ServerOptimizer, ServerSGD
+from pl_parablock.core.optimizers import ServerOptimizer, plain_step
 from pl_parablock.core.plan import AlgorithmError
 from pl_parablock.core.tensors import finite
 
@@ -38,14 +38,13 @@ class RoundStep:
     block, whatever the number of clients.
     """
 
-    def __init__(self, round_index: int, block: int, server_lr: float = 1.0, optimizer: ServerOptimizer | None = None) -> None:
+    def __init__(
+        self, round_index: int, block: int, server_lr: float = 1.0, optimizer: ServerOptimizer | None = None, pool: PiecePool | None = None
+    ) -> None:
         self.round = round_index
         self.block = block
-        self.server_lr = server_lr
-        if isinstance(optimizer, ServerSGD):  # plain SGD is the accumulator's own exact path
-            self.server_lr, optimizer = optimizer.lr, None
-        self.optimizer = optimizer
-        self.acc = RoundAccumulator()
+        self.server_lr, self.optimizer = plain_step(server_lr, optimizer)  # plain SGD is the accumulator's own exact path
+        self.acc = RoundAccumulator(pool)
 
     def add(self, tensors: Mapping[str, Tensor], weight: float, kind: str, scale: float = 1.0) -> None:
         """One client's update (whole tensors)."""

@@ -1,4 +1,4 @@
-"""The recipe reference, generated from the schema's help texts (the README embeds it; a test keeps them equal).
+"""The recipe reference, generated from the schema's help texts (the docs site's recipe page is built from it).
 
 Named ``docs`` rather than ``reference``: :mod:`pl_parablock.reference` is
 the sequential reference run of the algorithm.
@@ -49,7 +49,7 @@ def reference_rows(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str,
 
 
 def reference_markdown() -> str:
-    """The recipe reference as a Markdown table (the README embeds it; a test keeps them equal)."""
+    """The recipe reference as a Markdown table (the docs site's recipe page is built from it)."""
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, kind, default, meaning in reference_rows():
         cell = default if len(default) <= 40 else "see below"

@@ -487,7 +487,8 @@ class LoggingSection:
     tensorboard: bool = field(
         default=False,
         metadata=_help(
-            "TensorBoard event files in the same folders (`tensorboard --logdir OUTPUT_DIR/logs`); needs tensorboard installed."
+            "TensorBoard event files in the same folders (`tensorboard --logdir OUTPUT_DIR/logs`); needs the tensorboard extra "
+            "(pip install pl_parablock[tensorboard])."
         ),
     )
 

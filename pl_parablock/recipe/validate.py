@@ -110,7 +110,7 @@ def _tensorboard_installed() -> bool:
 
 def _logging_problems(lg: LoggingSection) -> list[str]:
     if lg.tensorboard and not _tensorboard_installed():
-        return ["`logging.tensorboard` is true but neither tensorboard nor tensorboardX is installed: pip install tensorboard"]
+        return ['`logging.tensorboard` is true but tensorboard (or tensorboardX) is not installed: pip install "pl_parablock[tensorboard]"']
     return []
 
 

@@ -1,7 +1,13 @@
-"""The data plane's server half: serves block transfers over plain TCP (or TLS) with the gRPC server's own handlers.
+"""The data plane's server half: a carrier of the block transfers over plain TCP (or TLS) beside gRPC.
 
-The frames and the protocol are :mod:`pl_parablock.wire.dataplane`'s; the
-client half is :mod:`pl_parablock.client.dataplane`.
+:class:`DataPlaneServer` serves the data plane's calls
+(:data:`~pl_parablock.wire.dataplane.DATA_METHODS`, the protocol of
+:mod:`pl_parablock.wire.dataplane`) with the same handlers as gRPC
+(:class:`~pl_parablock.server.carriers.Handlers`: token check, limits, turns,
+then the service), through a :class:`_Context` that offers the handlers what
+they use of a ``grpc.ServicerContext``. It is a
+:class:`~pl_parablock.server.carriers.Carrier`: the server opens it with the
+others and announces its port (``data_port``) in the ``Join`` reply.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from typing import Any
 import grpc
 
 from pl_parablock.errors import FederationError
+from pl_parablock.server.carriers import Carrier, Handlers
+from pl_parablock.wire import dataplane as wire
 from pl_parablock.wire.channel import TLS
 from pl_parablock.wire.dataplane import (
     _FRAME,
@@ -26,7 +34,6 @@ from pl_parablock.wire.dataplane import (
     GO,
     MAX_PREFACE_BYTES,
     MESSAGE,
-    PREFACE_TIMEOUT_S,
     READY,
     _close,
     _peer,
@@ -95,17 +102,12 @@ class _Context:
             fn()
 
 
-Handler = Callable[[Iterator[bytes], Any], Any]
-
-
-class DataPlaneServer:
-    """Serves the data plane's calls with the gRPC server's own handlers.
+class DataPlaneServer(Carrier):
+    """Serves the data plane's calls with the server's own handlers.
 
     Args:
-        handlers: method -> the ``FederationServer`` handler function (a
-            request-streaming function of ``(messages, context)``; it returns
-            the reply, or yields the replies of a streaming method).
-        streaming: the methods whose handler yields replies.
+        handlers: the ``FederationServer``'s handlers of the data plane's
+            methods (request-streaming functions of ``(messages, context)``).
         host: the address to bind (the gRPC server's host).
         port: the port; 0 picks a free one.
         tls: certificate and key to serve TLS, as the gRPC server does.
@@ -115,10 +117,11 @@ class DataPlaneServer:
         max_message_bytes: the largest request message.
     """
 
+    name = "data plane"
+
     def __init__(
         self,
-        handlers: dict[str, Handler],
-        streaming: set[str],
+        handlers: Handlers,
         *,
         host: str,
         port: int = 0,
@@ -128,8 +131,8 @@ class DataPlaneServer:
         idle_timeout_s: float,
         max_message_bytes: int,
     ) -> None:
-        self.handlers = handlers
-        self.streaming = streaming
+        self.handlers = handlers.calls
+        self.streaming = handlers.streaming
         self.host = host
         self.port = port
         self.max_connections = max_connections
@@ -151,6 +154,26 @@ class DataPlaneServer:
         self._thread: threading.Thread | None = None
         self._pool = futures.ThreadPoolExecutor(max_workers=max_connections, thread_name_prefix="pl_parablock-data")
         self.calls: dict[str, int] = {}  # calls begun, per method
+
+    def open(self) -> int:
+        """Bind and accept connections (:meth:`start`); returns the port.
+
+        Raises:
+            FederationError: the port cannot be taken (``federation.data_port``).
+        """
+        try:
+            return self.start()
+        except OSError as exc:
+            raise FederationError(
+                f"cannot listen on {self.host}:{self.port} for the data plane (federation.data_port): {exc.strerror}"
+            ) from None
+
+    def announce(self) -> dict[str, Any]:
+        """Clients learn the data plane's port when they join."""
+        return {"data_port": self.port}
+
+    def close(self, grace: float | None) -> None:
+        self.stop()
 
     def start(self) -> int:
         """Bind and accept connections; returns the port."""
@@ -225,7 +248,7 @@ class DataPlaneServer:
         sock: socket.socket = raw
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            raw.settimeout(min(PREFACE_TIMEOUT_S, self.idle_timeout_s))
+            raw.settimeout(min(wire.PREFACE_TIMEOUT_S, self.idle_timeout_s))  # read when used (tests shorten it)
             if self._tls is not None:
                 sock = self._tls.wrap_socket(raw, server_side=True)
                 with self._lock:

@@ -18,7 +18,7 @@ parsed (:data:`~pl_parablock.wire.framing.MAX_HEADER_BYTES`, or
 :data:`~pl_parablock.wire.framing.MAX_LARGE_HEADER_BYTES` for the
 headers that list a model's tensors or carry a report), then each field's
 type and range; a bad request is refused with one line
-(:class:`~pl_parablock.server.aggregator.RefusedError`, code
+(:class:`~pl_parablock.server.validation.RefusedError`, code
 ``invalid``), never with an internal error.
 
 Methods (message shapes):
@@ -54,7 +54,9 @@ from typing import Any
 from pl_parablock.core.aggregate import PIECE_ELEMS
 from pl_parablock.errors import FederationError
 from pl_parablock.server._ratelimit import RateLimitedLog
-from pl_parablock.server.aggregator import Aggregator, Consume, RefusedError
+from pl_parablock.server.aggregator import Aggregator
+from pl_parablock.server.intake import Consume
+from pl_parablock.server.validation import RefusedError
 from pl_parablock.wire.framing import (
     MAX_LARGE_HEADER_BYTES,
     CorruptStream,

@@ -24,7 +24,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from pl_parablock.core.aggregate import rule_of
+from pl_parablock.core.aggregate import PiecePool, rule_of
 from pl_parablock.core.blocks import freeze_to_blocks, partition_model, whole_model_partition
 from pl_parablock.core.client import Update
 from pl_parablock.core.codecs import decode_update
@@ -174,6 +174,7 @@ def run_simulation(
     live: set[int] = set()  # the clients holding a core: those sampled last round
     eval_s = 0.0
     t_loop = time.perf_counter()
+    pool = PiecePool()  # the round sums' buffers, reused round after round (one thread)
     for t in range(plan.rounds):
         block = plan.schedule[t]
         sampled = plan.participants[t] if plan.participants is not None else range(f.clients)
@@ -195,7 +196,7 @@ def run_simulation(
         steps += len(results) * tr.local_steps
         close = clock.upload(t, {r.client_id: r.compute_s for r in results}, {i: _nbytes(u.tensors) for i, u in ups.items()})
         t0 = time.perf_counter()
-        step = RoundStep(t, block, optimizer=server_optimizer)
+        step = RoundStep(t, block, optimizer=server_optimizer, pool=pool)
         arrived = []
         for i in close.on_time:  # client-id order, as the reference and the server add them
             u = ups[i]

@@ -604,7 +604,7 @@ def test_enormous_deep_or_out_of_range_headers_get_one_line(clean, no_tracebacks
         padded = {**FINGERPRINT, "extra": "x" * (3 << 20)}
         attack.unary("Join", header_bytes({"client_id": 0, "fingerprint": padded, "timeout_s": 60}))
         del padded
-        kept = server.service.aggregator._fingerprint
+        kept = server.service.aggregator._admission.fingerprint
         assert kept is not None and set(kept) == {"mode", "partition", "tensors", "hash"}
         assert len(json.dumps(kept)) < 10_000
         assert rss_mb() - before < 100
@@ -627,7 +627,7 @@ def test_the_server_waits_federation_timeout_s_for_every_leave(clean, monkeypatc
     assert fit.leave_grace_s(recipe) == 4.0, "as long as a network wait may take, not a fixed 30 s"
     seen: dict[str, float] = {}
 
-    def wait_finished(self: Aggregator, timeout: float, grace_s: float = 30.0) -> bool:
+    def wait_finished(self: Aggregator, timeout: float, grace_s: float = 30.0, on_wait: Any = None) -> bool:
         seen["grace_s"] = grace_s
         return True
 

@@ -131,6 +131,36 @@ def test_a_killed_client_is_dropped_then_restarted_and_catches_up(tmp_path, proc
     assert synced["to_round"] > synced["from_round"]
 
 
+def test_a_client_killed_for_good_does_not_keep_the_server_waiting(tmp_path, procs):
+    """The server waits only for clients that took part in the last rounds: it exits soon after the live ones leave.
+
+    The grace it would otherwise wait for client 2's Leave is
+    ``federation.timeout_s`` (60 s here); it must exit well within it, and
+    its report must name client 2 as never reported.
+    """
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    out = tmp_path / "run"
+    common = [str(recipe), "mode=parablock", f"output_dir={out}", "federation.clients=3", "federation.rounds=8"]
+    common += ["federation.min_clients=2", "federation.round_timeout_s=1.5", "federation.timeout_s=60"]
+    server = Proc(tmp_path, "server", *common, "--role", "server")
+    procs.append(server)
+    address = server.wait_for(r"listening on (\S+)").group(1)
+    clients = []
+    for i in range(3):
+        clients.append(Proc(tmp_path, f"client{i}", *common, "--role", "client", "--client-id", str(i), "--server", address))
+        procs.append(clients[-1])
+    server.wait_for(r"round   2/8")
+    clients[2].kill()
+    for p in clients[:2]:
+        assert p.wait() == 0, p.text()[-3000:]
+    assert server.wait(timeout=30) == 0, "the server waited for the killed client:\n" + server.text()[-3000:]
+    assert "client 2's report" not in server.text()
+    report = json.loads((out / "report.json").read_text())
+    assert report["federation"]["never_reported"] == [2] and report["federation"]["dropped"] == [2]
+    assert [r["round"] for r in report["rounds"]] == list(range(8))
+
+
 @pytest.mark.parametrize("mode", ["parablock"])
 def test_a_killed_server_restarts_from_its_checkpoint_and_clients_reconnect(tmp_path, procs, mode):
     """In parablock the server dies with two rounds in flight (a client hands off round t+1 before t is aggregated)."""

@@ -1,47 +1,114 @@
-"""The README's Python examples run as written."""
+"""The documentation runs as written: the README and every page of the site under ``docs/``.
+
+* Every ```` ```python ```` example of ``README.md`` and ``docs/**/*.md`` runs.
+* The Lightning CLI client configuration (the ```` ```yaml ```` block with
+  ``class_path``, wherever it lives) runs against a server.
+* The recipe reference page is generated when the site is built
+  (``docs/_gen/recipe_reference.py``, an mkdocs hook); there is no committed
+  copy to compare, so the generator must produce the page from the schema,
+  and ``python -m pl_parablock.fit --reference`` must print the same table.
+* The API reference has a page for every public module (``docs/_gen/api.py``).
+"""
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
 import re
+import subprocess
+import sys
+from types import ModuleType
 
 import pytest
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "README.md")
-BLOCKS = re.findall(r"```python\n(.*?)```", open(README, encoding="utf-8").read(), flags=re.S)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+README = os.path.join(ROOT, "README.md")
+DOCS = os.path.join(ROOT, "docs")
+PAGES = [README, *sorted(glob.glob(os.path.join(DOCS, "**", "*.md"), recursive=True))]
 
 
-def test_the_readme_has_examples():
-    assert BLOCKS
+def _blocks(language: str) -> list[tuple[str, str]]:
+    """(page relative to the root, code) of every fenced block in ``language``, in page order."""
+    out = []
+    for page in PAGES:
+        text = open(page, encoding="utf-8").read()
+        out += [(os.path.relpath(page, ROOT), code) for code in re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)]
+    return out
 
 
-@pytest.mark.parametrize("code", BLOCKS)
-def test_readme_example_runs(code, tmp_path, monkeypatch):
+PYTHON = _blocks("python")
+
+
+def _load(name: str) -> ModuleType:
+    """A script of ``docs/_gen`` as a module (they are not part of the package)."""
+    path = os.path.join(DOCS, "_gen", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"docs_gen_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_readme_and_the_docs_have_examples():
+    pages = {page for page, _ in PYTHON}
+    assert "README.md" in pages
+    assert any(page.startswith("docs") for page in pages)
+
+
+@pytest.mark.parametrize("page,code", PYTHON, ids=[f"{page}:{i}" for i, (page, _) in enumerate(PYTHON)])
+def test_example_runs(page, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    exec(compile(code, page, "exec"), {"__name__": "docs_example"})
 
 
-def test_the_recipe_reference_is_the_schema():
+def test_the_recipe_reference_page_is_generated_from_the_schema():
+    hook = _load("recipe_reference")
+    table = hook.reference_markdown()
     from pl_parablock.recipe.docs import reference_markdown
 
-    text = open(README, encoding="utf-8").read()
-    start, end = "<!-- recipe-reference:start -->\n", "\n<!-- recipe-reference:end -->"
-    embedded = text[text.index(start) + len(start) : text.index(end)]
-    assert embedded == reference_markdown(), "regenerate the README table with `python -m pl_parablock.fit --reference`"
+    assert table == reference_markdown()
+    assert table.startswith("| key | type | default | meaning |")
+    for key in ("`mode`", "`federation.compression.codec`", "`data.format`", "`simulation.bandwidth_mbps`"):
+        assert f"| {key} |" in table
+
+    page = open(os.path.join(DOCS, hook.PAGE), encoding="utf-8").read()
+    rendered = hook.render(page)
+    assert table in rendered and hook.MARKER not in rendered
+    with pytest.raises(ValueError):
+        hook.render(page.replace(hook.MARKER, ""))
 
 
-def test_the_readme_cli_client_runs_against_a_server(tmp_path):
-    import subprocess
-    import sys
+def test_fit_reference_prints_the_table():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+    done = subprocess.run(
+        [sys.executable, "-m", "pl_parablock.fit", "--reference"], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == _load("recipe_reference").reference_markdown().strip()
 
+
+def test_the_api_reference_has_a_page_per_public_module():
+    pytest.importorskip("mkdocs_gen_files")
+    api = _load("api")
+    names = {".".join(parts) for parts in api.modules()}
+    assert {"pl_parablock", "pl_parablock.core", "pl_parablock.core.plan", "pl_parablock.client.strategy", "pl_parablock.fit"} <= names
+    assert not any(part.startswith("_") for name in names for part in name.split("."))
+    sources = glob.glob(os.path.join(ROOT, "pl_parablock", "**", "*.py"), recursive=True)
+    public = [s for s in sources if not any(p.startswith("_") and p != "__init__.py" for p in os.path.relpath(s, ROOT).split(os.sep))]
+    assert len(names) == len(public)
+
+
+def test_the_cli_client_runs_against_a_server(tmp_path):
     import yaml
 
     from pl_parablock.server.aggregator import Aggregator
     from pl_parablock.server.grpc_server import FederationServer
     from pl_parablock.server.service import FederationService
 
-    block = next(b for b in re.findall(r"```yaml\n(.*?)```", open(README, encoding="utf-8").read(), flags=re.S) if "class_path" in b)
-    config = yaml.safe_load(block)
+    blocks = [code for _, code in _blocks("yaml") if "class_path" in code]
+    assert len(blocks) == 1, "one Lightning CLI client configuration, in the README or a docs page"
+    config = yaml.safe_load(blocks[0])
     agg = Aggregator(clients=1, rounds=2, mode="parablock")
     server = FederationServer(FederationService(agg))
     address = server.start()
@@ -50,8 +117,8 @@ def test_the_readme_cli_client_runs_against_a_server(tmp_path):
         config["data"]["clients"] = 1
         path = tmp_path / "client.yaml"
         path.write_text(yaml.safe_dump(config))
-        root = os.path.dirname(README)  # the client imports this checkout's package, whatever is installed
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        # the client imports this checkout's package, whatever is installed
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
         done = subprocess.run(
             [sys.executable, "-m", "pl_parablock.cli", "fit", "--config", str(path)],
             capture_output=True,

@@ -279,10 +279,7 @@ RULES = {
 }
 """rule -> (the folder it checks, or None for every module; the offending imports of a module; what it says)."""
 
-KNOWN: dict[tuple[str, str], set[str]] = {
-    # RoundAccumulator guards its sums with a threading.Lock
-    ("core-pure", "pl_parablock.core.aggregate"): {"threading"},
-}
+KNOWN: dict[tuple[str, str], set[str]] = {}
 """(rule, module) -> the imports that break the rule today, while the fix is under way. Remove an entry when its check XPASSes."""
 
 KNOWN_CYCLES: list[list[str]] = []

@@ -11,8 +11,9 @@ from pl_parablock.client.inprocess import InProcessTransport
 from pl_parablock.core.aggregate import PIECE_ELEMS
 from pl_parablock.core.blocks import Block, Partition
 from pl_parablock.errors import FederationError
-from pl_parablock.server.aggregator import Aggregator, RefusedError, _all_finite
+from pl_parablock.server.aggregator import Aggregator, RefusedError
 from pl_parablock.server.service import FederationService
+from pl_parablock.server.validation import _all_finite
 from pl_parablock.wire.framing import StagedTensors, dtype_name, encode, parse_header
 from tests.helpers import wait_until
 
@@ -400,7 +401,7 @@ def test_a_non_finite_aggregate_keeps_the_previous_value_and_the_round_record_sa
     big = {n: torch.full_like(STATE[n], 3e38) for n in PART.blocks[0].params}
     head = {"client_id": 0, "round": 0, "block": 0, "kind": "delta", "base_version": -1, "weight": 1.0}
     before = {n: t.clone() for n, t in agg.block_value(0)[1].items()}
-    agg._state.values[0] = {n: torch.full_like(t, 3e38) for n, t in before.items()}  # a global near float32's largest
+    agg._rounds.state.values[0] = {n: torch.full_like(t, 3e38) for n, t in before.items()}  # a global near float32's largest
     assert status(agg.submit(head, big)) == "accepted"  # finite, but global + delta overflows float32
     assert agg.wait_round(0, 1.0)
     version, value = agg.block_value(0)
@@ -438,7 +439,7 @@ def test_a_malformed_fingerprint_is_refused_and_nothing_is_kept(change, why):
 def test_a_fingerprint_whose_state_never_comes_expires_and_the_next_client_takes_over():
     agg = Aggregator(clients=3, rounds=2, initial_state_wait_s=1.0)  # long enough that the next line comes while it is pending
     agg.join(2, {**fingerprint(h="foreign"), "extra": "x" * 1000}, 60)  # the wrong party joins first, sends no state
-    assert "extra" not in agg._fingerprint
+    assert "extra" not in agg._admission.fingerprint
     with pytest.raises(RefusedError, match="retry later") as err:
         agg.join(0, fingerprint(), 1)  # while it is pending, not refused for good
     assert err.value.code == "unavailable"
@@ -492,12 +493,12 @@ def test_leave_needs_a_join_and_pushes_need_an_open_round():
 
 
 def test_refusals_are_recorded_up_to_a_bound_and_counted_beyond():
-    from pl_parablock.server.aggregator import MAX_RECORDED_REJECTIONS
+    from pl_parablock.server.report import MAX_RECORDED_REJECTIONS, round_record
 
     agg = joined()
     for _ in range(MAX_RECORDED_REJECTIONS + 50):
         agg.submit(*update(0, 0, 0, 1.0, weight=-1))
-    rec = agg._round_record(agg._rounds[0])
+    rec = round_record(agg._rounds.get(0), agg.started_at)
     assert len(rec["rejections"]) == MAX_RECORDED_REJECTIONS and rec["rejected"] == MAX_RECORDED_REJECTIONS + 50
 
 

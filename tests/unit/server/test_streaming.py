@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from pl_parablock.core.blocks import Block, Partition
-from pl_parablock.server import aggregator as aggregator_module
+from pl_parablock.server import intake as intake_module
 from pl_parablock.server.aggregator import Aggregator
 from pl_parablock.server.service import FederationService
 from pl_parablock.wire.framing import CorruptStream, check_specs, dtype_name, encode, parse_header, receive_pieces
@@ -186,7 +186,7 @@ def test_a_round_closing_while_an_update_streams_leaves_it_out():
 
 
 def test_aggregation_s_counts_the_work_on_each_update_as_it_arrives(monkeypatch):
-    real = aggregator_module._all_finite
+    real = intake_module._all_finite
     calls = []
 
     def slow(t: torch.Tensor) -> bool:
@@ -196,7 +196,7 @@ def test_aggregation_s_counts_the_work_on_each_update_as_it_arrives(monkeypatch)
         time.sleep(0.005)
         return real(t)
 
-    monkeypatch.setattr(aggregator_module, "_all_finite", slow)
+    monkeypatch.setattr(intake_module, "_all_finite", slow)
     agg, svc = federation(clients=1)
     assert push(svc, messages(0, honest(0)))["status"] == "accepted"
     assert len(calls) == 12  # a check per chunk, as it arrived
