@@ -137,6 +137,8 @@ def _aggregator(recipe: Recipe, progress: bool) -> Aggregator:
         server_optimizer=server_optimizer_of(recipe),
         mode=recipe.mode,
         assignment=recipe.blocks.assignment,
+        staleness=f.staleness,
+        stale_mix=f.stale_mix,
         gather_s=f.gather_s,
         min_clients=f.min_clients,
         round_timeout_s=f.round_timeout_s,

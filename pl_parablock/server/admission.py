@@ -64,6 +64,8 @@ class PlanSettings:
         seed: seed of a random schedule and of client sampling.
         clients_per_round: sample this many clients per round (seeded).
         assignment: ``shared`` or ``staggered``.
+        staleness: ``k``, rounds in flight in a pipelined mode.
+        stale_mix: ``α`` of the rebase.
     """
 
     mode: str
@@ -73,6 +75,8 @@ class PlanSettings:
     seed: int = 0
     clients_per_round: int | None = None
     assignment: str = "shared"
+    staleness: int = 1
+    stale_mix: float = 1.0
 
     @cached_property
     def participants(self) -> tuple[tuple[int, ...], ...]:
@@ -97,6 +101,8 @@ class PlanSettings:
             clients=self.clients,
             clients_per_round=self.clients_per_round,
             assignment=self.assignment,
+            staleness=self.staleness,
+            stale_mix=self.stale_mix,
         )
 
 
@@ -337,6 +343,8 @@ class Admission:
             "mode": settings.mode,
             "assignment": settings.assignment,
             "clients": settings.clients,
+            "staleness": settings.staleness,
+            "stale_mix": settings.stale_mix,
             "instance": instance,
         }
 

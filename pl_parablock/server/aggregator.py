@@ -50,7 +50,7 @@ from pl_parablock.core.aggregate import AGGREGATIONS, AggregationRule, rule_of
 from pl_parablock.core.blocks import Partition
 from pl_parablock.core.codecs import NO_COMPRESSION, Compression
 from pl_parablock.core.optimizers import ServerOptimizer
-from pl_parablock.core.plan import WEIGHTINGS
+from pl_parablock.core.plan import WEIGHTINGS, mode_of
 from pl_parablock.errors import FederationError
 from pl_parablock.server.admission import Admission, AdmissionLimits, PlanSettings, check_fingerprint
 from pl_parablock.server.checkpoint import CHECKPOINT_FORMAT as CHECKPOINT_FORMAT  # still importable from here
@@ -118,6 +118,8 @@ class Aggregator:
         server_optimizer: the server optimizer per block (its state is in the checkpoints); ``None``: SGD at ``server_lr``.
         mode: the federation's mode; clients must run the same.
         assignment: ``shared`` (every client trains ``b_t``) or ``staggered`` (client ``i`` trains ``(b_t + i) mod M``).
+        staleness: ``k`` of a pipelined mode (``federation.staleness``): a client may push up to ``k`` rounds beyond
+            the first one still open; its clients learn it (and ``stale_mix``, the rebase's ``α``) at their join.
         min_clients: quorum to close a round at ``round_timeout_s``.
         round_timeout_s: close a round this long after its first update if the quorum arrived; ``None``: wait for all.
         clients_per_round: sample this many clients per round (seeded).
@@ -169,8 +171,13 @@ class Aggregator:
         gather_s: float = 0.0,
         compression: Compression = NO_COMPRESSION,
         checkpoint_store: CheckpointStore | None = None,
+        staleness: int = 1,
+        stale_mix: float = 1.0,
     ) -> None:
         rule = _checked(clients, rounds, server_lr, aggregation, weighting, max_weight, server_optimizer)
+        refused = mode_of(mode).refusals(staleness=staleness, stale_mix=stale_mix)
+        if refused:
+            raise ValueError("; ".join(refused))
         # the settings as given (read by callers), then grouped by the piece that uses them
         self.clients, self.rounds, self.schedule_kind, self.seed, self.mode = clients, rounds, schedule, seed, mode
         self.assignment, self.clients_per_round, self.gather_s = assignment, clients_per_round, gather_s
@@ -179,7 +186,7 @@ class Aggregator:
         self.round_timeout_s, self.weighting, self.initial_state_wait_s = round_timeout_s, weighting, initial_state_wait_s
         self.checkpoint_dir, self.checkpoint_every, self.on_round_closed = checkpoint_dir, checkpoint_every, on_round_closed
         self.max_weight = 1.0 if weighting == "uniform" else float(max_weight or MAX_WEIGHT)
-        self._settings = PlanSettings(mode, clients, rounds, schedule, seed, clients_per_round, assignment)
+        self._settings = PlanSettings(mode, clients, rounds, schedule, seed, clients_per_round, assignment, staleness, stale_mix)
         self.participants = list(self._settings.participants)  # the plan's, known before the model (and so the plan) is
         self.min_clients = min(min_clients or clients, min(len(p) for p in self.participants))
         self.started_at = time.time()

@@ -172,7 +172,7 @@ class SimClock:
             self._done[client] = q
             self.skipped_downloads += 1
             self.skipped_bytes_down += self._down_bytes[q]
-        for q in [q for q in arrivals if q < upto - 2]:
+        for q in [q for q in arrivals if q < upto - 1 - self.staleness]:  # the oldest a round may still wait for
             del arrivals[q]
 
     def _arrival(self, client: int, round_index: int) -> float:

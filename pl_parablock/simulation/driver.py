@@ -140,7 +140,7 @@ def run_simulation(
     module.train()
     plan = plan_of(recipe, len(partition))
     server_optimizer = server_optimizer_of(recipe)  # its state per block lives here, as on the server
-    server = ServerBlocks([{n: p.detach().to("cpu", copy=True) for n, p in blk.items()} for blk in blocks])
+    server = ServerBlocks([{n: p.detach().to("cpu", copy=True) for n, p in blk.items()} for blk in blocks], keep=plan.staleness)
     shards = ClientShards(recipe, tokenizer)
     compression = compression_of(recipe)
     build = executor or SharedModelExecutor
@@ -179,16 +179,19 @@ def run_simulation(
         block = plan.schedule[t]
         sampled = plan.participants[t] if plan.participants is not None else range(f.clients)
         chosen = set(sampled)
-        for i in [i for i in live if i not in chosen]:  # nothing of theirs is needed before they are sampled again
+        # a client not sampled is retired once no round it trained is still in its window (t >= last + k): nothing of
+        # its is needed before it is sampled again, when its core is rebuilt; until then its core skips the round
+        window = max(plan.staleness, 1)
+        for i in [i for i in live if i not in chosen and t >= clients[i].last_trained + window]:
             clients[i].retire()
             live.discard(i)
         for i in sampled:
             c = clients[i]
-            if c.core is None or c.last_trained != t - 1:
+            if c.core is None:
                 runner.materialize(c, t, server)
                 live.add(i)
         peak = max(peak, len(live))
-        results = runner.run_round(t, [clients[i] for i in sampled], server)
+        results = runner.run_round(t, [clients[i] for i in sorted(chosen | live)], server)
         ups = {r.client_id: r.update for r in results}
         for u in ups.values():
             u.encode()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -182,16 +183,17 @@ class VirtualClient:
 
 
 class ServerBlocks:
-    """The server's global blocks (a :class:`~pl_parablock.core.server.GlobalState`) and the one version a lagging client may still need.
+    """The server's global blocks (a :class:`~pl_parablock.core.server.GlobalState`) and the versions a lagging client may still need.
 
-    At round ``t`` every round before it is closed; a ``parablock`` client
-    holds the aggregates up to round ``t − 2``, so besides the current values
-    the previous value of the block round ``t − 1`` replaced is kept.
+    At round ``t`` every round before it is closed; a pipelined client
+    (``parablock``, staleness ``k``) holds the aggregates up to round
+    ``t − 1 − k``, so besides the current values the ``keep`` values the
+    last rounds replaced are kept (``keep = k``; at most ``k`` blocks more).
     """
 
-    def __init__(self, blocks: Sequence[Mapping[str, Tensor]]) -> None:
+    def __init__(self, blocks: Sequence[Mapping[str, Tensor]], keep: int = 1) -> None:
         self.state = GlobalState(blocks)
-        self.previous: tuple[int, int, dict[str, Tensor]] | None = None  # (block, version, values)
+        self.previous: deque[tuple[int, int, dict[str, Tensor]]] = deque(maxlen=max(1, keep))  # (block, version, values)
 
     @property
     def num_blocks(self) -> int:
@@ -203,29 +205,34 @@ class ServerBlocks:
     def is_current(self, block: int, version: int) -> bool:
         return self.state.versions[block] == version
 
+    def _kept(self, block: int, version: int) -> dict[str, Tensor] | None:
+        return next((values for b, v, values in self.previous if (b, v) == (block, version)), None)
+
     def holds(self, block: int, version: int) -> bool:
         """Whether version ``version`` of ``block`` is still held."""
-        return self.state.versions[block] == version or (self.previous is not None and self.previous[:2] == (block, version))
+        return self.state.versions[block] == version or self._kept(block, version) is not None
 
     def value(self, block: int, version: int) -> dict[str, Tensor]:
-        """Version ``version`` of ``block`` (the current one, or the previous one of the last round's block)."""
+        """Version ``version`` of ``block`` (the current one, or one the last rounds replaced)."""
         if self.state.versions[block] == version:
             return self.state.values[block]
-        if self.previous is not None and self.previous[:2] == (block, version):
-            return self.previous[2]
+        kept = self._kept(block, version)
+        if kept is not None:
+            return kept
         raise AlgorithmError(f"version {version} of block {block} is no longer held (the block is at {self.state.versions[block]})")
 
     def after(self, block: int, round_index: int) -> tuple[int, dict[str, Tensor]]:
         """The version and value ``block`` had once round ``round_index`` was aggregated."""
         if self.state.versions[block] <= round_index:
             return self.state.versions[block], self.state.values[block]
-        if self.previous is not None and self.previous[0] == block and self.previous[1] <= round_index:
-            return self.previous[1], self.previous[2]
+        for b, v, values in reversed(self.previous):  # the newest replaced value at or before the round
+            if b == block and v <= round_index:
+                return v, values
         raise AlgorithmError(f"block {block} after round {round_index} is no longer held")
 
     def install(self, round_index: int, block: int, new: dict[str, Tensor]) -> str:
         """Round ``round_index``'s aggregate becomes the block's value; returns ``''`` or why it was refused."""
-        self.previous = (block, self.state.versions[block], self.state.values[block])
+        self.previous.append((block, self.state.versions[block], self.state.values[block]))
         return self.state.install(round_index, block, new)
 
 

@@ -79,6 +79,16 @@ CASES = {
         "federation.compression.fraction=0.05",
     ],
     "cyclic-4-fp8": ["mode=cyclic", "federation.compression.codec=fp8"],
+    # staleness k (DESIGN §1.1): M = 4 and M = 2 (a block comes round again inside the window), sampled, damped
+    "parablock-4-k2": ["mode=parablock", "federation.staleness=2"],
+    "parablock-2-k2-sampled": ["mode=parablock", "blocks.layers_per_block=2", "federation.staleness=2", "federation.clients_per_round=2"],
+    "parablock-2-k3-random": ["mode=parablock", "blocks.layers_per_block=2", "federation.staleness=3", "blocks.schedule=random"],
+    "parablock-4-k3-staggered-damped": [
+        "mode=parablock",
+        "federation.staleness=3",
+        "blocks.assignment=staggered",
+        "federation.stale_mix=0.5",
+    ],
     "parablock-1-random-sampled": [
         "mode=parablock",
         "blocks.patterns=[.*]",
