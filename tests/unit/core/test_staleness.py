@@ -73,7 +73,7 @@ def test_a_client_runs_exactly_k_rounds_ahead(k):
     plan = make_plan("parablock", num_blocks=4, rounds=8, staleness=k)
     live = [{"w": torch.zeros(2)} for _ in range(4)]
     core = ClientCore(plan, 0, live)
-    for t in range(k + 1):  # rounds 0..k begin with nothing applied
+    for _ in range(k + 1):  # rounds 0..k begin with nothing applied
         assert core.awaiting() == []
         core.begin()
         core.end(samples=1, tokens=1, shard=1, weighting="samples")
