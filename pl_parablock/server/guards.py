@@ -455,4 +455,5 @@ class UploadTurns:
     def counts(self) -> tuple[int, int]:
         """(turns taken: uploads being read and reserved slots, uploads waiting)."""
         with self._cond:
+            self._lapse()
             return sum(self.reading.values()), len(self._queue)
