@@ -279,6 +279,7 @@ class CallGuard:
                 return
             call.deadline = math.inf  # cut once
             call.reading_since = None
+            call.upload = None
         warn.warning(call.key, "cut a %s call from %s: it %s", call.method, call.key, why)
         call.caller.cancelled.set()
         call.context.cancel()
