@@ -34,7 +34,15 @@ from typing import Any
 from pl_parablock.client.inprocess import InProcessTransport
 from pl_parablock.core.plan import mode_of
 from pl_parablock.errors import ParaBlockError
-from pl_parablock.recipe.build import client_token, compression_of, run_loggers, server_optimizer_of, server_token, weight_bound
+from pl_parablock.recipe.build import (
+    client_token,
+    compression_of,
+    min_upload_mbps,
+    run_loggers,
+    server_optimizer_of,
+    server_token,
+    weight_bound,
+)
 from pl_parablock.recipe.docs import reference_markdown
 from pl_parablock.recipe.load import load_recipe, to_yaml
 from pl_parablock.recipe.schema import Recipe
@@ -188,6 +196,8 @@ def _server(recipe: Recipe, agg: Aggregator, listen: str) -> FederationServer:
         receive_window_kb=f.receive_window_kb,
         max_uploads=f.max_uploads,
         data_port=f.data_port,
+        body_timeout_s=f.body_timeout_s,
+        min_upload_bps=min_upload_mbps(recipe) * 1e6 / 8,
     )
 
 

@@ -14,9 +14,21 @@ from typing import Any
 from pl_parablock.core.codecs import WIRE_DTYPE_CODECS, Compression, codec_of, make_codec
 from pl_parablock.core.optimizers import ServerOptimizer, make_server_optimizer
 from pl_parablock.core.plan import Plan, make_plan, mode_of
+from pl_parablock.recipe.profile import resolve_profiles
 from pl_parablock.recipe.schema import Recipe
 
-__all__ = ["TOKEN_ENV", "client_token", "compression_of", "plan_of", "run_loggers", "server_optimizer_of", "server_token", "weight_bound"]
+__all__ = [
+    "DEFAULT_MIN_UPLOAD_MBPS",
+    "TOKEN_ENV",
+    "client_token",
+    "compression_of",
+    "min_upload_mbps",
+    "plan_of",
+    "run_loggers",
+    "server_optimizer_of",
+    "server_token",
+    "weight_bound",
+]
 
 TOKEN_ENV = "PL_PARABLOCK_TOKEN"
 
@@ -73,6 +85,33 @@ def client_token(recipe: Recipe, client_id: int) -> str | None:
     if isinstance(token, dict):
         return token.get(client_id)
     return token
+
+
+DEFAULT_MIN_UPLOAD_MBPS = 0.1
+"""``federation.min_upload_mbps`` when the recipe declares no uplink: a tenth of a 1 Mbit/s uplink."""
+
+
+def min_upload_mbps(recipe: Recipe) -> float:
+    """The slowest rate an upload holding a turn may have before the server cuts it, Mbit/s (``federation.min_upload_mbps``).
+
+    Unless the recipe sets it: a tenth of the slowest uplink it declares
+    (``link.uplink_mbps`` and every client's ``simulation.profile.uplink_mbps``),
+    so that an honest client at its declared rate is never cut, with ten
+    times its rate to spare for a slower moment; :data:`DEFAULT_MIN_UPLOAD_MBPS`
+    when it declares none (the server then cannot know the clients' links;
+    the floor only frees turns that an upload at 0.1 Mbit/s or less would
+    hold). 0: no floor.
+    """
+    f = recipe.federation
+    if f.min_upload_mbps is not None:
+        return float(f.min_upload_mbps)
+    declared = [recipe.link.uplink_mbps] if recipe.link.uplink_mbps is not None else []
+    try:
+        profiles = resolve_profiles(recipe.simulation.profile, max(f.clients, 1), recipe.link, recipe.seed)
+    except ValueError:  # a profile the validation refuses: its own key says why
+        profiles = []
+    declared += [p.uplink_mbps for p in profiles if p.uplink_mbps is not None]
+    return min(declared) / 10 if declared else DEFAULT_MIN_UPLOAD_MBPS
 
 
 def weight_bound(recipe: Recipe) -> float | None:

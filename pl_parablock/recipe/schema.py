@@ -367,6 +367,24 @@ class FederationSection:
             "(a half-open or stalled stream). Must exceed the time one chunk takes on the slowest client's link."
         ),
     )
+    body_timeout_s: float = field(
+        default=30.0,
+        metadata=_help(
+            "Server: cut an upload that holds a turn and sent no body bytes for this long, and free its turn (a turn granted "
+            "and unused goes to the next after this long too, at most 10 s). Counts only the time the server waits for the "
+            "upload's messages, and only messages of at least 1 KiB (a body's chunks; empty or tiny messages are refused). "
+            "Must exceed the time one chunk (federation.chunk_kb) takes on the slowest client's link."
+        ),
+    )
+    min_upload_mbps: float | None = field(
+        default=None,
+        metadata=_help(
+            "Server: cut an upload holding a turn whose body arrives slower than this, Mbit/s (counting only the time the "
+            "server waits for it, after a 2 s grace, one chunk in flight allowed), and free its turn. null: a tenth of the "
+            "slowest declared uplink (link.uplink_mbps, simulation.profile.uplink_mbps), or 0.1 Mbit/s when none is "
+            "declared (a tenth of a 1 Mbit/s uplink); 0: no floor (federation.body_timeout_s still applies)."
+        ),
+    )
     max_calls: int | None = field(
         default=None,
         metadata=_help("Server: calls served at once; the rest are refused at once (the client retries). null: 6 x clients + 16."),

@@ -237,6 +237,10 @@ def _federation_problems(f: FederationSection) -> list[str]:
         p.append(f"`federation.max_weight` is {f.max_weight}; it must be between 1 and 2**53 (9.0e15), or null")
     if not (math.isfinite(f.idle_timeout_s) and f.idle_timeout_s > 0):
         p.append(f"`federation.idle_timeout_s` is {f.idle_timeout_s}; it must be a number of seconds > 0")
+    if not (math.isfinite(f.body_timeout_s) and f.body_timeout_s > 0):
+        p.append(f"`federation.body_timeout_s` is {f.body_timeout_s}; it must be a number of seconds > 0")
+    if f.min_upload_mbps is not None and not (math.isfinite(f.min_upload_mbps) and f.min_upload_mbps >= 0):
+        p.append(f"`federation.min_upload_mbps` is {f.min_upload_mbps}; give Mbit/s >= 0 (0: no floor), or null for the default")
     _at_least(p, "federation.max_calls", f.max_calls, 4)
     _at_least(p, "federation.max_calls_per_peer", f.max_calls_per_peer, 2)
     if f.max_uploads is not None and not 1 <= f.max_uploads <= 65536:
@@ -401,6 +405,15 @@ def cross_section_problems(recipe: Recipe) -> list[str]:
             p.append(
                 f"`federation.server_optimizer.name` is {so.name!r} but federation.aggregation={f.aggregation} forms the new "
                 f"global directly from robust statistics a server optimizer cannot follow; use aggregation={use} or server_optimizer sgd"
+            )
+    up = recipe.link.uplink_mbps
+    if up is not None and up > 0 and f.chunk_kb >= 1 and math.isfinite(f.body_timeout_s) and f.body_timeout_s > 0:
+        chunk_s = f.chunk_kb * 1024 * 8 / (up * 1e6) + max(recipe.link.latency_ms, 0.0) / 1000
+        if 2 * chunk_s >= f.body_timeout_s:
+            p.append(
+                f"`federation.body_timeout_s` is {f.body_timeout_s:g}; one chunk (federation.chunk_kb={f.chunk_kb}) takes "
+                f"{chunk_s:.3g} s on link.uplink_mbps={up:g}, so the server would cut honest uploads: give more than twice that, "
+                "or smaller chunks"
             )
     method = recipe.model.peft.method
     if method is not None:

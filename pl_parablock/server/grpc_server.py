@@ -28,14 +28,27 @@ Against an untrusted network peer (docs/guides/security.md, "What it defends aga
   per peer (a client id with per-client tokens, else a host).
 * **Bounded uploads.** At most ``max_uploads`` uploads (``Push``,
   ``UploadState``) are read at once, one per client id when every client
-  has its own token; the others wait their turn and give up at their call's
-  deadline. The project's clients send nothing while they wait: on the
-  data plane (:mod:`pl_parablock.wire.dataplane`) until the server's
-  go, over gRPC in a small ``Admit`` call before they open the upload (the
-  turn is then reserved for the upload for :data:`ADMIT_LEASE_S`). A gRPC
+  has its own token, at most ``max_uploads - 1`` per host under a shared
+  token (or none) once more than one host uploads, the next free turn going
+  to the waiting peer that holds fewest
+  (:class:`~pl_parablock.server.guards.UploadTurns`); the others wait their
+  turn, at most ``turn_wait_s`` (less than the clients' own deadline), and
+  are then refused with the reason. The project's clients send nothing
+  while they wait: on the data plane (:mod:`pl_parablock.wire.dataplane`)
+  until the server's go, over gRPC in a small ``Admit`` call before they
+  open the upload (the turn is then reserved for the upload for
+  :data:`ADMIT_LEASE_S`, or ``body_timeout_s`` when shorter). A gRPC
   upload opened without a turn waits with its stream open, the server
   reading none of its bytes: it is held back by HTTP/2 flow control, one
   receive window per connection at most.
+* **Turns that cannot be hoarded.** An upload holding a turn is cut, and
+  its turn freed, when it sends no body bytes for ``body_timeout_s``, or
+  its body arrives slower than ``min_upload_bps`` (counting only the time
+  the server waits for it, after a short grace, one chunk in flight
+  allowed: :class:`~pl_parablock.server.guards.CallGuard`); an empty
+  message, or a message under ``min_message_bytes`` anywhere but at the
+  body's end, is refused at once (``INVALID_ARGUMENT``), and no such
+  message counts as progress.
 * **Bounded downloads.** A download's next chunk is produced only once
   gRPC has taken the previous one, which it does as the client's receive
   window allows: a peer that stops reading holds about its window and a
@@ -76,7 +89,21 @@ from pl_parablock.server._ratelimit import RateLimitedLog
 from pl_parablock.server.carriers import Carrier, GrpcCarrier, Handler, Handlers
 from pl_parablock.server.dataplane import DataPlaneServer
 from pl_parablock.server.guards import ADMIT_LEASE_S as ADMIT_LEASE_S  # still importable from here
-from pl_parablock.server.guards import Call, CallGuard, UploadTurns, metadata_of, one_message, peer_host, reading, token_of
+from pl_parablock.server.guards import (
+    BODY_TIMEOUT_S,
+    MIN_MESSAGE_BYTES,
+    MIN_UPLOAD_BPS,
+    UPLOAD_GRACE_S,
+    Call,
+    CallGuard,
+    UploadTurns,
+    metadata_of,
+    one_message,
+    peer_host,
+    reading,
+    token_of,
+)
+from pl_parablock.server.guards import turn_wait_s as default_turn_wait_s
 from pl_parablock.server.service import FederationService
 from pl_parablock.server.validation import RefusedError
 from pl_parablock.wire.channel import MESSAGE_OPTIONS, METHODS, SERVER_OPTIONS, TLS, UPLOAD_SLOT, UPLOADS
@@ -172,6 +199,21 @@ class FederationServer:
             bandwidth-delay product, so that one upload keeps up with its
             link (``benchmarks/links.py``); measured on loopback about 8 MB
             per upload in flight, against about 2 MB with 1024 KiB.
+        body_timeout_s: cut an upload holding a turn that sent no body
+            bytes for this long (``federation.body_timeout_s``), counting
+            only the time the server waits for its messages.
+        min_upload_bps: cut an upload holding a turn whose body arrives
+            slower than this, bytes per second (``federation.min_upload_mbps``;
+            0: no floor): measured over the time the server waits for it, once
+            that passes ``upload_grace_s``, allowing one chunk of the
+            service's ``chunk_bytes`` in flight.
+        upload_grace_s: see ``min_upload_bps``.
+        min_message_bytes: smallest message of an upload's body but its
+            last (:data:`~pl_parablock.server.guards.MIN_MESSAGE_BYTES`,
+            the smallest chunk a client sends).
+        turn_wait_s: the longest a call waits for a turn to upload; ``None``:
+            :func:`~pl_parablock.server.guards.turn_wait_s` of the service's
+            ``max_wait_s`` (``federation.timeout_s``), less than a client's own deadline.
         data_port: port of the data plane (``federation.data_port``,
             :mod:`pl_parablock.wire.dataplane`): block transfers over
             plain TCP (TLS with ``tls``) beside gRPC, announced to clients
@@ -200,6 +242,11 @@ class FederationServer:
         receive_window_kb: int | None = RECEIVE_WINDOW_KB,
         max_uploads: int | None = None,
         data_port: int | None = 0,
+        body_timeout_s: float = BODY_TIMEOUT_S,
+        min_upload_bps: float = MIN_UPLOAD_BPS,
+        upload_grace_s: float = UPLOAD_GRACE_S,
+        min_message_bytes: int = MIN_MESSAGE_BYTES,
+        turn_wait_s: float | None = None,
     ) -> None:
         self.service = service
         self.listen = listen
@@ -214,9 +261,15 @@ class FederationServer:
             idle_timeout_s=idle_timeout_s,
             call_timeout_s=self.call_timeout_s,
             on_cut=service.aggregator.wake,
+            body_timeout_s=body_timeout_s,
+            min_upload_bps=min_upload_bps,
+            chunk_bytes=service.chunk_bytes,
+            min_message_bytes=min_message_bytes,
+            grace_s=upload_grace_s,
         )
         self.max_uploads = max_uploads or max(min(clients, MAX_UPLOADS), 1)
-        self._uploads = UploadTurns(self.max_uploads)
+        self.turn_wait_s = turn_wait_s if turn_wait_s is not None else default_turn_wait_s(service.max_wait_s)
+        self._uploads = UploadTurns(self.max_uploads, lease_s=min(ADMIT_LEASE_S, body_timeout_s), wait_s=self.turn_wait_s)
         self._executor = futures.ThreadPoolExecutor(max_workers=self.max_calls, thread_name_prefix="pl_parablock-server")
         options = list(SERVER_OPTIONS)
         if max_message_bytes is not None:
@@ -312,6 +365,7 @@ class FederationServer:
                 if upload:  # before any of its bytes is read
                     self._uploads.enter(call.key, call.caller, metadata_of(context, UPLOAD_SLOT))
                     admitted = True
+                    self._guard.uploading(call)  # from now on its messages are checked and its progress watched
                 incoming = reading(messages, call)
                 request: Any = one_message(incoming, method) if kind == "unary" else incoming
                 if method == "Admit":

@@ -56,7 +56,7 @@ from pl_parablock.errors import FederationError
 from pl_parablock.server._ratelimit import RateLimitedLog
 from pl_parablock.server.aggregator import Aggregator
 from pl_parablock.server.intake import Consume
-from pl_parablock.server.validation import RefusedError
+from pl_parablock.server.validation import RefusedError, StreamRefused
 from pl_parablock.wire.framing import (
     MAX_LARGE_HEADER_BYTES,
     CorruptStream,
@@ -271,6 +271,8 @@ class FederationService:
                     reply = agg.submit(h, staged)
         except CorruptStream as exc:
             reply = {"accepted": False, "status": "corrupt", "reason": str(exc), "retry": True}
+        except StreamRefused:
+            raise  # the stream itself is refused (its guards): the call ends, no update was read to refuse
         except FederationError as exc:
             reply = agg.refuse({"client": client, "round": h.get("round")}, str(exc))
         return header_bytes({**reply, "instance": agg.instance})

@@ -33,7 +33,7 @@ from pl_parablock.core.codecs import NO_COMPRESSION, Compression, block_problem
 from pl_parablock.errors import FederationError
 from pl_parablock.wire.framing import DTYPES, Spec, StagedTensors, short
 
-__all__ = ["MAX_WEIGHT", "RefusedError", "UpdateHeader", "UpdateLimits", "parse_update_header"]
+__all__ = ["MAX_WEIGHT", "RefusedError", "StreamRefused", "UpdateHeader", "UpdateLimits", "parse_update_header"]
 
 MAX_WEIGHT = float(2**53)
 """No update's weight may exceed this, whatever the bound of the recipe: every integer up to it is exact in
@@ -46,6 +46,17 @@ class RefusedError(FederationError):
     def __init__(self, message: str, code: str = "refused") -> None:
         super().__init__(message)
         self.code = code
+
+
+class StreamRefused(RefusedError):  # noqa: N818 - reads as what happened to the stream
+    """A request stream refused while it is read, for its shape (an empty or undersized message of an upload).
+
+    The call ends with it (code ``invalid``); it is never an update's
+    refusal recorded in the report, since the update was never read.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "invalid")
 
 
 @dataclass(frozen=True)
