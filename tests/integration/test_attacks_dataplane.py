@@ -236,6 +236,8 @@ class Flood:
                 continue
             try:
                 kind = self.each(sock)
+            except OSError:  # reset at once: closed at accept
+                kind = b""
             finally:
                 sock.close()
             self.made += 1
