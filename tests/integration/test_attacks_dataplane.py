@@ -405,3 +405,42 @@ def test_a_tls_connection_has_one_deadline_for_its_handshake_and_call_frame(requ
         assert closed and lived < 4.0, f"a TLS connection trickling its call frame lived {lived:.1f} s (deadline 1 s)"
     finally:
         server.stop()
+
+
+# ------------------------------------------------------------------------------------------------ why the drain is kept, bounded
+
+
+def test_an_upload_refused_early_stops_sending_so_a_bounded_drain_is_enough():
+    """The server drains at most 1 MiB after its answer; the project's client stops sending a refused upload as soon as the
+    answer comes. Here a server that answers after one message and then reads nothing more: the client gets the reason,
+    not a send blocked until its deadline."""
+    from pl_parablock.client.dataplane import DataPlaneClient
+    from pl_parablock.wire.dataplane import DataPlaneError
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        sock, _ = listener.accept()
+        held.append(sock)
+        sock.sendall(frame(b"A"))
+        for _ in range(2):  # the call, then the upload's first message
+            kind, n = FRAME.unpack(sock.recv(FRAME.size, socket.MSG_WAITALL))
+            sock.recv(n, socket.MSG_WAITALL)
+            if kind == b"C":
+                sock.sendall(frame(b"G"))
+        sock.sendall(frame(b"E", json.dumps({"code": "FAILED_PRECONDITION", "details": "refused at its first chunk"}).encode()))
+
+    thread = threading.Thread(target=serve, name="test-early-answer", daemon=True)
+    thread.start()
+    try:
+        client = DataPlaneClient("127.0.0.1", listener.getsockname()[1])
+        chunks = (bytes(64 << 10) for _ in range(512))  # 32 MiB: far beyond what the sockets' buffers hold
+        with pytest.raises(DataPlaneError) as info:
+            client.stream_unary("Push", chunks, 5.0, ())
+        assert info.value.code().name == "FAILED_PRECONDITION" and "first chunk" in info.value.details()
+    finally:
+        thread.join(5.0)
+        for sock in held:
+            sock.close()
+        listener.close()
