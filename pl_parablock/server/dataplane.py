@@ -8,6 +8,12 @@ then the service), through a :class:`_Context` that offers the handlers what
 they use of a ``grpc.ServicerContext``. It is a
 :class:`~pl_parablock.server.carriers.Carrier`: the server opens it with the
 others and announces its port (``data_port``) in the ``Join`` reply.
+
+Before a call's token is checked a connection costs the server a worker
+thread; :class:`DataPlaneServer` says who may hold one and for how long (one
+deadline for the call frame, connections counted until drained, a fair share
+per host), and :class:`Refusals` makes a host refused too often cost the
+server one accept and one close per connection.
 """
 
 from __future__ import annotations
@@ -250,9 +256,9 @@ class DataPlaneServer(Carrier):
       oldest connection that serves no call yet (still sending its call
       frame, or being drained after its answer): the calls being served are
       never cut, and an honest client's call frame takes one round trip, so
-      only connections that hold a worker without using it are. A host that
-      could not connect at all since more than ``max_connections`` hosts hold
-      one each is the limit of this rule: it shares, it does not reserve.
+      only connections that hold a worker without using it are. The rule
+      shares the workers, it reserves none: when more hosts than
+      ``max_connections`` hold one each, a new host finds none free.
     * **Refusals cost little** (:class:`Refusals`): a host refused more than
       :data:`REFUSAL_BURST` times, faster than :data:`REFUSALS_PER_S` a
       second, has its new connections closed at accept, before any worker or

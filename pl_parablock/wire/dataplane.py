@@ -21,15 +21,17 @@ A call, both ways a sequence of frames ``kind (1 byte) | length (4 bytes,
 big-endian) | payload``:
 
 * server, once it took the connection: ``A`` (or an empty ``E``: turned
-  away, too many connections, nothing read; the client then uses gRPC for
-  the call);
+  away, too many connections, nothing read; or a reset: its host was refused
+  too often; the client then uses gRPC for the call);
 * client, at once (not waiting for ``A``): ``C`` (the call: a JSON object
-  with ``method`` and ``metadata``, at most :data:`MAX_PREFACE_BYTES`);
+  with ``method`` and ``metadata``, at most :data:`MAX_PREFACE_BYTES`, all
+  of it within :data:`PREFACE_TIMEOUT_S` of the connection);
 * server, when the handler begins to read the request (the token checked,
   an upload's turn come): ``G``;
 * client: ``M`` per request message, ``Z`` — an upload only once ``G``
   came, so a client waiting for its turn has sent nothing (a download's
-  small request goes at once);
+  small request goes at once); an upload stops at once if the server
+  answers before its end (refused early);
 * server: ``M`` per reply message, then ``Z`` (done) or ``E`` (a JSON object
   with the gRPC status ``code``'s name and ``details``).
 
