@@ -34,7 +34,9 @@ from typing import Any
 import pytest
 
 from pl_parablock.client.transport import GrpcTransport
+from pl_parablock.server.dataplane import REFUSAL_BURST, REFUSALS_PER_S
 from pl_parablock.server.grpc_server import FederationServer
+from pl_parablock.wire import dataplane
 from tests.helpers import wait_until
 from tests.integration.test_attacks import bounded_memory, clean_global, make_server, no_tracebacks, run_honest, same  # noqa: F401
 from tests.integration.test_data_plane import FRAME, _preface_timeout, frame
@@ -42,7 +44,7 @@ from tests.integration.test_faults import self_signed  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("no_tracebacks")  # and test_attacks' bounded_memory, autouse
 
-PREFACE_S = 0.5  # the call frame's deadline here (10 s by default)
+PREFACE_S = 1.0  # the call frame's deadline here (10 s by default)
 WRONG_TOKEN_CALL = frame(b"C", json.dumps({"method": "Push", "metadata": [["authorization", "Bearer not-the-token"]]}).encode())
 GARBAGE = FRAME.pack(b"X", 0)  # five bytes, no call
 # a call frame long enough never to complete at a byte per tick: only a deadline for the whole frame cuts it
@@ -245,6 +247,16 @@ class Flood:
             time.sleep(0.0005)  # leave the honest clients some of the interpreter
 
 
+def refused_and_held(host: str, port: int) -> socket.socket:
+    """A connection from ``host`` whose call (a wrong token) the server refused; its peer keeps it open."""
+    sock = connect_from(host, port)
+    sock.sendall(WRONG_TOKEN_CALL)
+    assert first_frame(sock) == b"A"
+    kind, n = FRAME.unpack(sock.recv(FRAME.size, socket.MSG_WAITALL))
+    assert kind == b"E" and b"UNAUTHENTICATED" in sock.recv(n, socket.MSG_WAITALL)
+    return sock
+
+
 def wrong_token(sock: socket.socket) -> bytes:
     sock.sendall(WRONG_TOKEN_CALL)
     return first_frame(sock)
@@ -270,9 +282,9 @@ def test_call_frames_trickled_from_several_hosts_are_cut_and_do_not_close_the_da
             assert wait_until(lambda: attack.opened >= 36, 10.0)
             glob = honest_on_the_data_plane(server, address, fallbacks)
             assert same(glob, clean)
-            time.sleep(max(0.0, attack.started + 4.0 - time.monotonic()))  # the attack ran 4 s at least
+            time.sleep(max(0.0, attack.started + 5.0 - time.monotonic()))  # the attack ran 5 s at least
             oldest = attack.oldest_s()
-        assert oldest < 2.5, f"a trickling connection lived {oldest:.1f} s (the call frame's deadline is {PREFACE_S} s)"
+        assert oldest < 3.5, f"a trickling connection lived {oldest:.1f} s (the call frame's deadline is {PREFACE_S} s)"
         assert wait_until(lambda: server.data_plane.connections() == 0, 10.0)
     finally:
         server.stop()
@@ -281,7 +293,7 @@ def test_call_frames_trickled_from_several_hosts_are_cut_and_do_not_close_the_da
 # ---------------------------------------------------------------------------------------------- 2. held open after garbage or a wrong token
 
 
-def test_connections_held_open_after_garbage_or_a_wrong_token_count_until_drained(clean, fallbacks):
+def test_connections_held_open_after_garbage_or_a_wrong_token_count_until_drained(clean, fallbacks, monkeypatch):
     """40 connections from one host, each sending five bytes of garbage or a call with a wrong token, then holding the socket
     open: each kept a worker draining for 5 s while its slot was free again, so one host held every worker."""
     server = make_server(2, token="t0ken")
@@ -294,23 +306,23 @@ def test_connections_held_open_after_garbage_or_a_wrong_token_count_until_draine
             glob = honest_on_the_data_plane(server, address, fallbacks, "t0ken")
         assert same(glob, clean)
 
-        # a connection answered (here: a wrong token) is its host's until the server is done draining it ...
+        # a connection answered (here: a wrong token) is its host's until the server is done draining it (a drain of 3 s
+        # here, so that a stalled machine does not see it end first) ...
         server.data_plane.max_per_host = 2
-        held = [connect_from("127.0.0.9", port) for _ in range(2)]
-        try:
-            for sock in held:
-                sock.sendall(WRONG_TOKEN_CALL)
-                assert first_frame(sock) == b"A"
-                kind, n = FRAME.unpack(sock.recv(FRAME.size))
-                assert kind == b"E" and b"UNAUTHENTICATED" in sock.recv(n)
+        with monkeypatch.context() as m:
+            m.setattr(dataplane, "DRAIN_S", 3.0)
+            held = [refused_and_held("127.0.0.9", port) for _ in range(2)]
             third = connect_from("127.0.0.9", port)
             assert first_frame(third) == b"E", "turned away at the door: its host's two connections are still being drained"
-            third.close()
-            # ... and it drains for a bounded time: closed within seconds, though the peer holds it open
-            assert closed_within(held[0], 3.0), "the server closed the drained connection"
-        finally:
-            for sock in held:
+            for sock in (*held, third):
                 sock.close()
+        # ... and that drain lasts a bounded time (1 s): closed within seconds, though the peer holds it open
+        assert wait_until(lambda: server.data_plane.connections() == 0, 10.0)
+        sock = refused_and_held("127.0.0.9", port)
+        try:
+            assert closed_within(sock, 3.0), "the server closed the drained connection"
+        finally:
+            sock.close()
         # and a bounded number of bytes: a peer that goes on sending after its answer is cut, not read for as long as it sends
         server.data_plane.max_per_host = 12
         sock = connect_from("127.0.0.10", port, timeout=10.0)
@@ -347,11 +359,14 @@ def test_refusal_floods_and_reconnect_churn_are_closed_at_accept(clean, fallback
             assert wait_until(lambda: all(f.made >= 1000 for f in floods) or time.monotonic() - began > 8.0, 20.0)
             for f in floods:
                 f.stop()
+            lasted = time.monotonic() - began
         assert same(glob, clean)
+        # a burst, then a few a second; and the connections in flight when the burst ran out (a host's share at most)
+        allowed = REFUSAL_BURST + REFUSALS_PER_S * lasted + 50
         for f in floods:
             answered = f.made - f.seen.get(b"", 0)  # taken by a worker (A) or turned away with a frame (E)
             assert f.made >= 300, f"the flood from {f.host} made only {f.made} connections"
-            assert answered <= 150, f"{answered} of {f.made} connections from {f.host} were read or answered: {f.seen}"
+            assert answered <= allowed, f"{answered} of {f.made} connections from {f.host} were read or answered: {f.seen}"
 
         # the hosts it remembers are bounded: 40 more hosts refused, 16 remembered
         server.data_plane.refusals.max_hosts = 16
