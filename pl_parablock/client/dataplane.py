@@ -7,6 +7,7 @@ server half is :mod:`pl_parablock.server.dataplane`.
 from __future__ import annotations
 
 import json
+import select
 import socket
 import ssl
 import time
@@ -16,6 +17,18 @@ import grpc
 
 from pl_parablock.wire.channel import TLS
 from pl_parablock.wire.dataplane import CALL, END, ERROR, GO, MESSAGE, READY, DataPlaneError, DataPlaneUnavailableError, _left, _recv, _send
+
+
+def _answered(sock: socket.socket) -> bool:
+    """Whether the server has sent something while the request is still going out: after its go it answers only once
+    it has read the whole request, unless it refuses it early; the server then stops reading it (it drains at most
+    :data:`~pl_parablock.wire.dataplane.DRAIN_BYTES`), so the client stops sending."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return False
 
 
 class DataPlaneClient:
@@ -101,8 +114,11 @@ class DataPlaneClient:
                 for m in messages:
                     sock.settimeout(_left(deadline))
                     _send(sock, MESSAGE, m)
-                sock.settimeout(_left(deadline))
-                _send(sock, END)
+                    if _answered(sock):  # refused early (a bad update): the rest would be read only to be dropped
+                        break
+                else:
+                    sock.settimeout(_left(deadline))
+                    _send(sock, END)
             except TimeoutError:
                 raise DataPlaneError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
             except OSError as exc:  # the server may have answered (and closed) early: its answer may be waiting

@@ -21,15 +21,17 @@ A call, both ways a sequence of frames ``kind (1 byte) | length (4 bytes,
 big-endian) | payload``:
 
 * server, once it took the connection: ``A`` (or an empty ``E``: turned
-  away, too many connections, nothing read; the client then uses gRPC for
-  the call);
+  away, too many connections, nothing read; or a reset: its host was refused
+  too often; the client then uses gRPC for the call);
 * client, at once (not waiting for ``A``): ``C`` (the call: a JSON object
-  with ``method`` and ``metadata``, at most :data:`MAX_PREFACE_BYTES`);
+  with ``method`` and ``metadata``, at most :data:`MAX_PREFACE_BYTES`, all
+  of it within :data:`PREFACE_TIMEOUT_S` of the connection);
 * server, when the handler begins to read the request (the token checked,
   an upload's turn come): ``G``;
 * client: ``M`` per request message, ``Z`` — an upload only once ``G``
   came, so a client waiting for its turn has sent nothing (a download's
-  small request goes at once);
+  small request goes at once); an upload stops at once if the server
+  answers before its end (refused early);
 * server: ``M`` per reply message, then ``Z`` (done) or ``E`` (a JSON object
   with the gRPC status ``code``'s name and ``details``).
 
@@ -56,9 +58,12 @@ _FRAME = struct.Struct("!cI")
 MAX_PREFACE_BYTES = 64 << 10
 """Largest call frame (method and metadata) the server reads before the handler checks the token."""
 PREFACE_TIMEOUT_S = 10.0
-"""How long a new connection may take to send its call frame (a TLS handshake included)."""
-DRAIN_S = 5.0
-"""How long the server keeps reading a request it no longer needs after it answered."""
+"""How long a new connection may take, from the moment the server accepted it, to send its whole call frame (a TLS
+handshake included): one deadline for all of it, not a timeout per read, so trickling bytes does not extend it."""
+DRAIN_S = 1.0
+"""How long the server keeps reading a request it no longer needs after it answered (see :func:`_close`)."""
+DRAIN_BYTES = 1 << 20
+"""How many bytes of such a request the server reads at most before it closes the connection anyway."""
 _STEP = 4 << 20  # a larger message is received in steps of this size, so a frame's claimed length allocates nothing ahead
 
 
@@ -110,13 +115,20 @@ def _send(sock: socket.socket, kind: bytes, payload: bytes | bytearray | memoryv
                     n = 0
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytearray:
-    """``n`` bytes; the buffer grows as they arrive. Raises ``ConnectionError`` when the peer closes first."""
+def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytearray:
+    """``n`` bytes; the buffer grows as they arrive. Raises ``ConnectionError`` when the peer closes first.
+
+    ``deadline`` (``time.monotonic()``): all ``n`` bytes must have come by
+    then (``TimeoutError``), however the peer spaces them; without it, the
+    socket's timeout applies to each read.
+    """
     buf = bytearray(min(n, _STEP))
     got = 0
     while got < n:
         if got == len(buf):
             buf.extend(bytes(min(n - got, len(buf))))  # a large message: grown as its bytes come, doubling
+        if deadline is not None:
+            _until(sock, deadline)
         view = memoryview(buf)
         k = sock.recv_into(view[got:])
         del view
@@ -126,11 +138,20 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
-def _recv(sock: socket.socket, max_bytes: int) -> tuple[bytes, bytearray]:
-    kind, length = _FRAME.unpack(_recv_exact(sock, _FRAME.size))
+def _recv(sock: socket.socket, max_bytes: int, deadline: float | None = None) -> tuple[bytes, bytearray]:
+    """One frame, its payload at most ``max_bytes`` (``ValueError`` before any of it is read); ``deadline``: for the whole frame."""
+    kind, length = _FRAME.unpack(_recv_exact(sock, _FRAME.size, deadline))
     if length > max_bytes:
         raise ValueError(f"a frame of {length} bytes (at most {max_bytes})")
-    return kind, _recv_exact(sock, length) if length else bytearray()
+    return kind, _recv_exact(sock, length, deadline) if length else bytearray()
+
+
+def _until(sock: socket.socket, deadline: float) -> None:
+    """Let the socket's next operation wait only until ``deadline``; ``TimeoutError`` if it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the deadline passed")
+    sock.settimeout(left)
 
 
 def _peer(address: Any) -> str:
@@ -139,20 +160,34 @@ def _peer(address: Any) -> str:
     return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
 
 
-def _close(sock: socket.socket) -> None:
-    """Close after the answer was sent: what the peer still sends (the end of a request the server did not
-    need, e.g. a refused update) is read and dropped for up to :data:`DRAIN_S`, so the close does not reset
-    the connection before the peer has read the answer."""
+def _close(sock: socket.socket, drain: bool = True) -> None:
+    """Close a connection the server is done with.
+
+    ``drain``: the server answered, and the peer may still be sending what the
+    answer made needless (the end of a refused update); closing with those
+    bytes unread would reset the connection, and a reset can destroy the
+    answer before the peer has read it. So what the peer still sends is read
+    and dropped, until it closes, for at most :data:`DRAIN_S` and
+    :data:`DRAIN_BYTES` (the project's clients stop sending as soon as an
+    answer comes, so an honest peer ends well within either). Without
+    ``drain`` (nothing was answered: garbage, a call frame that never came),
+    only what has already arrived is read, without waiting.
+    """
     try:
         sock.shutdown(socket.SHUT_WR)  # a TLS socket's too: what is drained is read raw, undecrypted
-        end = time.monotonic() + DRAIN_S
         buf = bytearray(1 << 16)
-        while (left := end - time.monotonic()) > 0:
-            sock.settimeout(left)
-            if not sock.recv_into(buf):
+        end, left_bytes = time.monotonic() + (DRAIN_S if drain else 0.0), DRAIN_BYTES
+        if not drain:
+            sock.setblocking(False)
+        while left_bytes > 0:
+            if drain:
+                _until(sock, end)
+            k = sock.recv_into(buf, min(len(buf), left_bytes))
+            if not k:
                 break
+            left_bytes -= k
     except (OSError, ValueError, ssl.SSLError):
-        pass
+        pass  # the drain's time ran out, nothing more had arrived, or the peer reset the connection
     finally:
         sock.close()
 

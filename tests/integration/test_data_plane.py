@@ -169,7 +169,7 @@ def test_a_refused_update_gets_its_reason_over_the_data_plane():
 
 
 def _preface_timeout(monkeypatch: pytest.MonkeyPatch, server: FederationServer, seconds: float) -> None:
-    """Set how long the data plane waits for a call frame (the server's half reads it from the protocol's module when used)."""
+    """Set how long the data plane waits for a call frame: where it is defined, where the server's data plane reads it."""
     monkeypatch.setattr(dataplane, "PREFACE_TIMEOUT_S", seconds)
 
 
@@ -203,6 +203,7 @@ def test_hostile_connections_are_closed_and_the_server_keeps_serving(monkeypatch
             frames = list(raw_frames(sock))
             assert [f[0] for f in frames[:2]] == [b"A", b"G"], frames  # the junk pairs are dropped; the call is served
         # connections beyond the per-host limit are turned away at the door; the client then uses gRPC for the call
+        assert wait_until(lambda: server.data_plane.connections() == 0, 30.0), "a connection is its host's until drained"
         server.data_plane.max_per_host = 2
         server.data_plane.calls.clear()
         held = [socket.create_connection(("127.0.0.1", port), timeout=5.0) for _ in range(2)]
