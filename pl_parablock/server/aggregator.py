@@ -50,7 +50,7 @@ from pl_parablock.core.aggregate import AGGREGATIONS, AggregationRule, rule_of
 from pl_parablock.core.blocks import Partition
 from pl_parablock.core.codecs import NO_COMPRESSION, Compression
 from pl_parablock.core.optimizers import ServerOptimizer
-from pl_parablock.core.plan import WEIGHTINGS, mode_of
+from pl_parablock.core.plan import WEIGHTINGS, Mode, mode_of
 from pl_parablock.errors import FederationError
 from pl_parablock.server.admission import Admission, AdmissionLimits, PlanSettings, check_fingerprint
 from pl_parablock.server.checkpoint import CHECKPOINT_FORMAT as CHECKPOINT_FORMAT  # still importable from here
@@ -78,6 +78,9 @@ def _checked(
     weighting: str | None,
     max_weight: float | None,
     server_optimizer: ServerOptimizer | None,
+    mode: Mode,
+    staleness: int,
+    stale_mix: float,
 ) -> AggregationRule:
     """The aggregation rule of the :class:`Aggregator`'s arguments, once they are checked (in this order).
 
@@ -86,6 +89,9 @@ def _checked(
     """
     if clients < 1 or rounds < 1:
         raise ValueError("a federation needs at least one client and one round")
+    refused = mode.refusals(staleness=staleness, stale_mix=stale_mix)
+    if refused:
+        raise ValueError("; ".join(refused))
     if not server_lr > 0:
         raise ValueError(f"server_lr must be > 0, not {server_lr}")
     if aggregation not in AGGREGATIONS:
@@ -174,10 +180,9 @@ class Aggregator:
         staleness: int = 1,
         stale_mix: float = 1.0,
     ) -> None:
-        rule = _checked(clients, rounds, server_lr, aggregation, weighting, max_weight, server_optimizer)
-        refused = mode_of(mode).refusals(staleness=staleness, stale_mix=stale_mix)
-        if refused:
-            raise ValueError("; ".join(refused))
+        rule = _checked(
+            clients, rounds, server_lr, aggregation, weighting, max_weight, server_optimizer, mode_of(mode), staleness, stale_mix
+        )
         # the settings as given (read by callers), then grouped by the piece that uses them
         self.clients, self.rounds, self.schedule_kind, self.seed, self.mode = clients, rounds, schedule, seed, mode
         self.assignment, self.clients_per_round, self.gather_s = assignment, clients_per_round, gather_s
@@ -326,10 +331,7 @@ class Aggregator:
 
     @property
     def streams(self) -> bool:
-        """Whether updates are checked and summed as they arrive (:meth:`receive`), else spooled whole (:meth:`submit`).
-
-        See :attr:`~pl_parablock.server.intake.Intake.streams`.
-        """
+        """Whether updates are summed as they arrive (:meth:`receive`), else spooled whole (:attr:`.intake.Intake.streams`)."""
         return self._intake.streams
 
     def receive(self, header: Mapping[str, Any], specs: list[Spec], feed: Feed) -> dict[str, Any]:
@@ -432,12 +434,7 @@ class Aggregator:
             return self._rounds.block_value(block, ready=self._admission.ready)
 
     def round_value(self, round_index: int, client_id: int | None = None) -> tuple[int, dict[str, Tensor]]:
-        """Version ``round_index`` of the round's block, once the round is aggregated (do not modify the tensors).
-
-        Raises:
-            RefusedError: code ``superseded`` when a later round of the block
-                replaced that version and it is no longer held.
-        """
+        """Version ``round_index`` of the round's block, once aggregated (do not modify); ``superseded`` if no longer held."""
         version, values, _ = self.round_answer(round_index, client_id, delta=False)
         return version, values
 
@@ -505,27 +502,20 @@ class Aggregator:
     def wait_finished(self, timeout: float, grace_s: float = 30.0, on_wait: Callable[[list[int], float], None] | None = None) -> bool:
         """Wait until every round is closed and every client that took part in the run's last rounds left.
 
-        Once the last round closed, the server waits only for the clients
-        joined, not left, and seen (any call) since the round before the
-        last ones a client must apply closed (:meth:`_last_rounds_began`): a
-        client killed earlier, or whose connection is gone, is not waited
-        for. ``on_wait(clients, grace_s)`` is called once when there are
-        clients to wait for. A client that has not left ``grace_s`` seconds
-        after the last round closed is counted as dropped (the report's
-        ``dropped``). ``False`` on timeout or shutdown.
+        Only clients seen since the last rounds began are waited for (:meth:`~pl_parablock.server.rounds.Rounds.last_rounds_began`,
+        :meth:`~pl_parablock.server.admission.Admission.awaited`), and told to ``on_wait(clients, grace_s)`` once; one not
+        gone ``grace_s`` after the last close is dropped. ``False`` on timeout or shutdown.
         """
-        deadline = time.monotonic() + timeout
-        told = False
+        deadline, tell = time.monotonic() + timeout, on_wait
         with self._cond:
             while True:
                 done = self._rounds.next_round() >= self.rounds
-                if done:
-                    awaited = self._admission.awaited(self._last_rounds_began())  # (a resumed server replaces them)
-                    if self._admission.joined and not awaited:
-                        return True
-                    if awaited and not told and on_wait is not None:
-                        told = True
-                        on_wait(awaited, grace_s)
+                awaited = self._admission.awaited(self._rounds.last_rounds_began()) if done else []
+                if done and self._admission.joined and not awaited:
+                    return True
+                if awaited and tell is not None:
+                    tell(awaited, grace_s)
+                    tell = None  # once
                 last = self._rounds.last_close
                 if done and last is not None and time.monotonic() - last >= grace_s:
                     return True
@@ -533,17 +523,6 @@ class Aggregator:
                 if remaining <= 0 or self._stopping.is_set():
                     return False
                 self._cond.wait(min(remaining, 0.5))
-
-    def _last_rounds_began(self) -> float | None:
-        """When the run's last rounds began: the close of the round before the last ``staleness + 1`` (``None``: the start).
-
-        Every client still in the run calls the server after it: it sends
-        an update of the last rounds, or fetches their aggregates.
-        """
-        plan = self._rounds.plan
-        before = self.rounds - 2 - (plan.staleness if plan is not None else 0)
-        rnd = self._rounds.get(before) if before >= 0 else None
-        return rnd.closed_at if rnd is not None else None
 
     @property
     def finished(self) -> bool:

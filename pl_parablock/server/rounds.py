@@ -177,6 +177,16 @@ class Rounds:
     def get(self, index: int) -> Round | None:
         return self._rounds.get(index)
 
+    def last_rounds_began(self) -> float | None:
+        """When the run's last rounds began: the close of the round before the last ``staleness + 1`` (``None``: the start).
+
+        Every client still in the run calls the server after it: it sends an
+        update of the last rounds, or fetches their aggregates.
+        """
+        before = self.rounds - 2 - (self.plan.staleness if self.plan is not None else 0)
+        rnd = self._rounds.get(before) if before >= 0 else None
+        return rnd.closed_at if rnd is not None else None
+
     def next_round(self) -> int:
         """The first round not yet closed (``rounds`` when all are)."""
         return next((r for r in range(self.rounds) if r not in self._rounds or not self._rounds[r].closed), self.rounds)

@@ -482,3 +482,19 @@ def test_the_old_client_module_names_still_import_with_a_warning():
     for n in ("ClientRounds", "ROUND_METRICS"):
         with pytest.warns(DeprecationWarning, match="pl_parablock.client.rounds"):
             assert getattr(client_package, n) is getattr(rounds, n)
+
+
+def test_no_class_over_500_lines_and_no_file_over_700():
+    """A class that big holds several jobs, a file that big several classes' worth: split it by job (DESIGN §3)."""
+    package = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "pl_parablock")
+    too_big = []
+    for folder, _, names in os.walk(package):
+        for name in [n for n in names if n.endswith(".py")]:
+            path = os.path.join(folder, name)
+            source = open(path, encoding="utf-8").read()
+            if source.count("\n") > 700:
+                too_big.append(f"{path}: {source.count(chr(10))} lines")
+            for node in ast.walk(ast.parse(source)):
+                if isinstance(node, ast.ClassDef) and node.end_lineno is not None and node.end_lineno - node.lineno + 1 > 500:
+                    too_big.append(f"{path}: class {node.name}, {node.end_lineno - node.lineno + 1} lines")
+    assert not too_big, too_big
