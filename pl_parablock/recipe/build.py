@@ -16,7 +16,17 @@ from pl_parablock.core.optimizers import ServerOptimizer, make_server_optimizer
 from pl_parablock.core.plan import Plan, make_plan, mode_of
 from pl_parablock.recipe.schema import Recipe
 
-__all__ = ["TOKEN_ENV", "client_token", "compression_of", "plan_of", "run_loggers", "server_optimizer_of", "server_token", "weight_bound"]
+__all__ = [
+    "TOKEN_ENV",
+    "client_threads",
+    "client_token",
+    "compression_of",
+    "plan_of",
+    "run_loggers",
+    "server_optimizer_of",
+    "server_token",
+    "weight_bound",
+]
 
 TOKEN_ENV = "PL_PARABLOCK_TOKEN"
 
@@ -73,6 +83,19 @@ def client_token(recipe: Recipe, client_id: int) -> str | None:
     if isinstance(token, dict):
         return token.get(client_id)
     return token
+
+
+def client_threads(recipe: Recipe) -> int:
+    """The CPU threads each client computes with: ``train.threads``, else the machine's cores shared by the clients.
+
+    ``max(1, cores // federation.clients)``: what ``python -m pl_parablock.fit``
+    gives each of its local client processes, what its ``--inprocess``
+    clients use, and what the simulator uses for the virtual client it runs.
+    torch's kernels may sum in another order with another thread count, so
+    one default for all three is what lets them end with the same model,
+    bitwise, on the same machine.
+    """
+    return int(recipe.train.threads or max(1, (os.cpu_count() or 1) // recipe.federation.clients))
 
 
 def weight_bound(recipe: Recipe) -> float | None:

@@ -32,7 +32,7 @@ from pl_parablock.core.tensors import digest
 from pl_parablock.errors import ConfigError
 from pl_parablock.model.build import build_model, save_merged
 from pl_parablock.model.module import ParaBlockModule
-from pl_parablock.recipe.build import compression_of, plan_of, server_optimizer_of, weight_bound
+from pl_parablock.recipe.build import client_threads, compression_of, plan_of, server_optimizer_of, weight_bound
 from pl_parablock.recipe.profile import resolve_profiles
 from pl_parablock.recipe.schema import Recipe
 from pl_parablock.server.validation import MAX_WEIGHT, UpdateLimits
@@ -40,7 +40,7 @@ from pl_parablock.simulation.aggregation import ServerRound
 from pl_parablock.simulation.clock import RoundClose, SimClock
 from pl_parablock.simulation.virtual import ClientShards, RoundExecutor, ServerBlocks, SharedModelExecutor, VirtualClient
 
-__all__ = ["SimulationResult", "default_threads", "device_of", "run_simulation"]
+__all__ = ["SimulationResult", "device_of", "run_simulation"]
 
 log = logging.getLogger(__name__)
 
@@ -87,20 +87,6 @@ def _check(recipe: Recipe) -> None:
         raise ConfigError(problems)
 
 
-def default_threads(recipe: Recipe) -> int:
-    """The CPU threads of the simulator when ``train.threads`` is not set: a local process federation client's.
-
-    ``python -m pl_parablock.fit`` gives each of its ``N`` client processes
-    ``max(1, cores // N)`` threads; the simulator, which runs each virtual
-    client in turn, takes the same number, so that with their default
-    settings both commands compute every step alike and end with the same
-    model bitwise (torch's kernels may sum in another order with another
-    thread count). Set ``train.threads`` to use more cores in the
-    simulator; the same value in ``fit`` gives the same model again.
-    """
-    return recipe.train.threads or max(1, (os.cpu_count() or 1) // recipe.federation.clients)
-
-
 def device_of(accelerator: str) -> torch.device:
     """The one device of ``train.accelerator`` (``auto``: the GPU when there is one)."""
     a = accelerator.lower()
@@ -134,7 +120,7 @@ def run_simulation(
     _check(recipe)
     t_real = time.perf_counter()
     f, tr = recipe.federation, recipe.train
-    torch.set_num_threads(default_threads(recipe))
+    torch.set_num_threads(client_threads(recipe))  # a local process client's: the same model as `fit` gives, bitwise
     device = device_of(tr.accelerator)
     model, tokenizer = build_model(recipe.model, recipe.seed)
     module = ParaBlockModule(model, tokenizer, lr=tr.lr, weight_decay=tr.weight_decay)
