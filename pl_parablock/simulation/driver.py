@@ -3,10 +3,12 @@
 Round ``t``: the executor runs the round's sampled clients on the shared
 model (each applies the aggregates it awaits, trains ``K`` steps, ends the
 round, in client-id order); the clock times their computes and uploads and
-closes the round; the updates that arrived in time are added to the round's
-:class:`~pl_parablock.core.server.RoundStep` in client-id order, as the
-reference and the server do; the aggregate is installed and the shared
-model takes it. So for the same recipe the final global model is the
+closes the round; the updates that arrived in time are checked and added
+in client-id order (:class:`~pl_parablock.simulation.aggregation.ServerRound`:
+the server's checks, clipping and aggregation rule), as the reference and
+the server do; each block's aggregate is installed (compressed with the
+server's residual when the download codec is lossy) and the shared model
+takes it. So for the same recipe the final global model is the
 process federation's, bitwise (with ``round_timeout_s``, which updates are
 late depends on the measured compute times, as in a real run).
 """
@@ -115,7 +117,9 @@ def run_simulation(
     are done on the shared model, which holds the global after every round.
 
     Raises:
-        ConfigError: a setting the simulator does not run (precision, gradient accumulation, robust aggregation).
+        ConfigError: a setting the simulator does not run (``train.precision``, gradient accumulation), with why.
+        FederationError: the server refused an update (past ``federation.max_update_norm``, not finite): a real
+            client stops there too.
     """
     _check(recipe)
     t_real = time.perf_counter()
