@@ -82,7 +82,7 @@ class ServerRound:
         self.server_lr = server_lr
         self.optimizer = optimizer
         self.trim_fraction = trim_fraction
-        self.steps = {b: RoundStep(round_index, b, optimizer=optimizer, pool=pool) for b in blocks}
+        self.steps = {b: RoundStep(round_index, b, server_lr, optimizer, pool) for b in blocks}  # as the server opens them
         self.kept: dict[int, list[_Kept]] = {b: [] for b in blocks}
         self.clipped: list[int] = []
 

@@ -8,7 +8,9 @@ own model and core and drives every round of every client; the process
 federation is pinned to the reference in test_reference.py. Here the
 simulator's global must equal both, bitwise, on full participation and
 sampling, several blocks and one, kept optimizer state, LoRA, clipping and
-packing.
+packing, every codec with error feedback both ways, staggered and cyclic;
+and, against the in-process federation, what only the server runs (robust
+aggregation, ``clip_norm``, ``max_update_norm``).
 
 Wrong variants tried on the simulator (each made a test here fail, then was restored):
 
@@ -17,7 +19,20 @@ Wrong variants tried on the simulator (each made a test here fail, then was rest
 * the shared block not restored to the global after a client trained;
 * the kept optimizer state not loaded back for the client that owns it;
 * a client's data position not kept between its rounds;
-* the round's updates added in another order than the clients' ids.
+* the round's updates added in another order than the clients' ids;
+* a materialized client's core given fresh upload residuals, or a retired
+  client dropping its residuals (the int8/int4/topk sampled cases and
+  cyclic fp8 with M = 2 fail; full participation never retires a client);
+* the server's broadcast residual dropped after every round (every case
+  with a lossy download fails);
+* a client forming g + D on the current global instead of the version it
+  holds (the parablock int8, int4-download k = 2 and topk cases fail);
+* the values replaced in the last k rounds kept by count, not by round (the
+  staggered cases fail: a staggered round replaces several blocks);
+* against the in-process federation: robust rules summed as a weighted
+  mean (median of 3, trimmed mean fail), no clipping, a clipped value
+  update scaled as a value instead of as its delta, no norm bound (the
+  clip cases and the norm-bound test fail).
 """
 
 from __future__ import annotations
@@ -63,6 +78,12 @@ CASES = {
         "mode=parablock",
         "federation.compression.codec=int8",
         "federation.compression.download=none",
+        "federation.clients_per_round=2",
+    ],
+    "parablock-4-int8-server-lr-sampled": [
+        "mode=parablock",
+        "federation.compression.codec=int8",
+        "federation.server_lr=0.5",
         "federation.clients_per_round=2",
     ],
     "sync-1-int4-sampled": ["mode=sync", "blocks.patterns=[.*]", "federation.compression.codec=int4", "federation.clients_per_round=2"],
