@@ -11,10 +11,22 @@ simulated clock); each run's output goes to
 (``{"rows": [...]}``, one row per recipe) and ``OUTPUT_DIR/comparison.png``
 (loss versus wall-clock and versus round, every run on shared axes).
 
+``--seeds 0,1,2,3,4`` runs every recipe once per seed (``seed=`` of each
+run; outputs in ``OUTPUT_DIR/<recipe>/seed<k>/``) and reports, per recipe,
+the mean and the sample standard deviation over the seeds of the eval
+loss, the perplexity, the exact match (``null`` where a run has none) and
+the wall time (simulated with ``--simulate``): ``compare.json`` holds
+``{"seeds": [...], "rows": [...], "per_seed": [...]}``, a row per recipe
+with ``seeds``, ``mean`` and ``std`` (each a mapping of those metrics), and
+the per-seed rows (the table's columns and ``seed``); ``comparison.png``
+draws the mean loss per round with a ± 1 std band and the final eval loss
+and wall time with error bars.
+
 Example::
 
     python -m pl_parablock.compare recipes/math/ model.path=/models/Llama-3.2-1B \\
         data.path=/data/gsm8k/train.jsonl eval.path=/data/gsm8k/test.jsonl output_dir=runs/math-table
+    python -m pl_parablock.compare recipes/sim/ --simulate --seeds 0,1,2,3,4,5,6,7 output_dir=runs/sim-seeds
 """
 
 from __future__ import annotations
@@ -30,7 +42,7 @@ from typing import Any
 from pl_parablock.errors import ConfigError, ParaBlockError
 from pl_parablock.recipe.load import load_recipe
 
-__all__ = ["COLUMNS", "collect_recipes", "main", "row_of"]
+__all__ = ["COLUMNS", "SEED_METRICS", "collect_recipes", "main", "parse_seeds", "row_of", "seed_row"]
 
 COLUMNS = (
     "recipe",
@@ -45,6 +57,9 @@ COLUMNS = (
     "peak_rss_mb",
     "trainable_params",
 )
+
+SEED_METRICS = ("eval_loss", "perplexity", "exact_match", "wall_s")
+"""The columns ``--seeds`` reports as mean and standard deviation over the seeds."""
 
 
 def collect_recipes(items: Sequence[str]) -> list[str]:
@@ -100,6 +115,39 @@ def row_of(name: str, report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds``: comma-separated integers, each once (``0,1,2``).
+
+    Raises:
+        ParaBlockError: anything else, in one line naming the flag.
+    """
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        seeds = [int(p) for p in parts]
+    except ValueError:
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ParaBlockError(f"`--seeds` is {text!r}; give distinct non-negative integers separated by commas, e.g. --seeds 0,1,2,3,4")
+    return seeds
+
+
+def seed_row(name: str, rows: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[str, Any]:
+    """One recipe's row over its seeds: ``seeds``, and per metric of :data:`SEED_METRICS` its ``mean`` and ``std``.
+
+    ``std`` is the sample standard deviation (``n − 1``; ``null`` with one
+    seed); a metric some run lacks (no exact match) is ``null`` in both.
+    """
+    from pl_parablock.report import mean_std
+
+    first = rows[0]
+    out: dict[str, Any] = {"recipe": name, "mode": first.get("mode"), "clock": first.get("clock"), "seeds": list(seeds)}
+    out["mean"], out["std"] = {}, {}
+    for m in SEED_METRICS:
+        values = [float(v) for r in rows if isinstance(v := r.get(m), (int, float)) and not isinstance(v, bool)]
+        out["mean"][m], out["std"][m] = mean_std(values) if len(values) == len(rows) else (None, None)
+    return out
+
+
 def _cell(v: Any) -> str:
     if v is None:
         return "–"
@@ -120,6 +168,19 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_seed_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows of :func:`seed_row` as a markdown table: mean ± standard deviation over the seeds."""
+    head = ["recipe", "mode", "seeds", "eval loss", "perplexity", "exact match", "wall s", "clock"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        stats = []
+        for m in SEED_METRICS:
+            mean, std = r["mean"][m], r["std"][m]
+            stats.append(_cell(mean) if std is None else f"{_cell(mean)} ± {_cell(std)}")
+        lines.append("| " + " | ".join([str(r["recipe"]), _cell(r["mode"]), str(len(r["seeds"])), *stats, _cell(r["clock"])]) + " |")
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pl_parablock.compare",
@@ -129,11 +190,16 @@ def _parser() -> argparse.ArgumentParser:
     how = p.add_mutually_exclusive_group()
     how.add_argument("--inprocess", action="store_true", help="run each federation in one process (clients as threads)")
     how.add_argument("--simulate", action="store_true", help="run each recipe in the simulator (virtual clients, simulated clock)")
+    p.add_argument(
+        "--seeds",
+        metavar="S,S,...",
+        help="run every recipe once per seed (e.g. 0,1,2,3,4) and report the mean and standard deviation over the seeds",
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # recipes, overrides and flags in any order
     overrides = [a for a in args.items if "=" in a and not os.path.exists(a)]
     items = [a for a in args.items if a not in overrides]
     out_dir = "runs/compare"
@@ -144,46 +210,69 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             rest.append(o)
     try:
+        seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+        if seeds is not None and any(o.split("=", 1)[0].strip() == "seed" for o in rest):
+            raise ParaBlockError("`seed=` and `--seeds` both set the seed; keep one")
         paths = collect_recipes(items)
         names = _names(paths)
         problems = []
         for path in paths:  # every recipe is checked before any runs
             try:
-                load_recipe(path, rest)
+                for seed in seeds if seeds is not None else [None]:
+                    load_recipe(path, rest + ([f"seed={seed}"] if seed is not None else []))
             except ConfigError as exc:
                 problems.append(f"{path}: {exc}")
         if problems:
             raise ConfigError(problems)
         os.makedirs(out_dir, exist_ok=True)
-        rows, runs = [], []
+        rows, runs, per_seed, groups = [], [], [], []
         for path, name in zip(paths, names):
-            run_dir = os.path.join(out_dir, name)
-            entry = "pl_parablock.simulate" if args.simulate else "pl_parablock.fit"
-            cmd = [sys.executable, "-m", entry, path, *rest, f"output_dir={run_dir}"]
-            if args.inprocess:
-                cmd.append("--inprocess")
-            print(f"  running {name}: {' '.join(cmd[1:])}", flush=True)
-            log_path = os.path.join(out_dir, f"{name}.log")
-            with open(log_path, "w", encoding="utf-8") as log:
-                done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
-            if done.returncode != 0:
-                raise ParaBlockError(f"recipe {path} failed (exit {done.returncode}); its output is in {log_path}")
-            with open(os.path.join(run_dir, "report.json"), encoding="utf-8") as f:
-                report = json.load(f)
-            rows.append(row_of(name, report))
-            runs.append((f"{name}: {report.get('mode')}", report))
+            reports = []
+            for seed in seeds if seeds is not None else [None]:
+                tag = name if seed is None else f"{name}-seed{seed}"
+                run_dir = os.path.join(out_dir, name) if seed is None else os.path.join(out_dir, name, f"seed{seed}")
+                report = _run(args, path, [*rest, *([f"seed={seed}"] if seed is not None else [])], run_dir, tag, out_dir)
+                row = row_of(name, report)
+                if seed is None:
+                    rows.append(row)
+                    runs.append((f"{name}: {report.get('mode')}", report))
+                else:
+                    per_seed.append({**row, "seed": seed})
+                    reports.append(report)
+            if seeds is not None:
+                rows.append(seed_row(name, per_seed[-len(seeds) :], seeds))
+                groups.append((f"{name}: {reports[0].get('mode')}", reports))
+        table: dict[str, Any] = {"rows": rows} if seeds is None else {"seeds": seeds, "rows": rows, "per_seed": per_seed}
         with open(os.path.join(out_dir, "compare.json"), "w", encoding="utf-8") as f:
-            json.dump({"rows": rows}, f, indent=2)
-        from pl_parablock.report import plot_comparison
+            json.dump(table, f, indent=2)
+        from pl_parablock.report import plot_comparison, plot_seed_comparison
 
-        picture = plot_comparison(runs, os.path.join(out_dir, "comparison.png"))
+        target = os.path.join(out_dir, "comparison.png")
+        picture = plot_comparison(runs, target) if seeds is None else plot_seed_comparison(groups, target)
         print()
-        print(format_table(rows))
+        print(format_table(rows) if seeds is None else format_seed_table(rows))
         print(f"\n  table     {os.path.abspath(os.path.join(out_dir, 'compare.json'))}\n  picture   {os.path.abspath(picture)}")
         return 0
     except ParaBlockError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+
+
+def _run(args: argparse.Namespace, path: str, overrides: list[str], run_dir: str, tag: str, out_dir: str) -> dict[str, Any]:
+    """Run one recipe (a process federation, ``--inprocess`` or ``--simulate``) into ``run_dir``; its report."""
+    entry = "pl_parablock.simulate" if args.simulate else "pl_parablock.fit"
+    cmd = [sys.executable, "-m", entry, path, *overrides, f"output_dir={run_dir}"]
+    if args.inprocess:
+        cmd.append("--inprocess")
+    print(f"  running {tag}: {' '.join(cmd[1:])}", flush=True)
+    log_path = os.path.join(out_dir, f"{tag}.log")
+    with open(log_path, "w", encoding="utf-8") as log:
+        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        raise ParaBlockError(f"recipe {path} failed (exit {done.returncode}); its output is in {log_path}")
+    with open(os.path.join(run_dir, "report.json"), encoding="utf-8") as f:
+        report: dict[str, Any] = json.load(f)
+    return report
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from pl_parablock.client.inprocess import InProcessTransport
 from pl_parablock.core.plan import mode_of
 from pl_parablock.errors import ParaBlockError
 from pl_parablock.recipe.build import (
+    client_threads,
     client_token,
     compression_of,
     min_upload_mbps,
@@ -249,8 +250,7 @@ def _quorum_survives(recipe: Recipe, alive: int) -> bool:
 
 def _local_processes(recipe: Recipe) -> int:
     f = recipe.federation
-    if recipe.train.threads is None:
-        recipe.train.threads = max(1, (os.cpu_count() or 1) // f.clients)
+    recipe.train.threads = client_threads(recipe)
     out = recipe.output_dir
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
@@ -333,6 +333,7 @@ def federate_in_process(recipe: Recipe, progress: bool = False) -> tuple[Aggrega
 
     quiet_third_party()
     f = recipe.federation
+    recipe.train.threads = client_threads(recipe)  # as a local process client has them (the clients share the process's)
     agg = _aggregator(recipe, progress=progress)
     service = _service(recipe, agg)
     link = Link.from_section(recipe.link)

@@ -52,8 +52,10 @@ __all__ = [
     "format_comparison",
     "format_summary",
     "load_report",
+    "mean_std",
     "plot_comparison",
     "plot_loss",
+    "plot_seed_comparison",
     "plot_timeline",
     "write_pictures",
     "write_report",
@@ -446,6 +448,72 @@ def plot_comparison(runs: Sequence[tuple[str, dict[str, Any]]], path: str) -> st
     )
     # beyond two runs the walls would not fit one title line: the compare command puts them in the legend
     fig.suptitle((walls + "\n" if len(runs) <= 2 else "") + "; ".join(links), fontsize=10)
+    fig.savefig(path)
+    return path
+
+
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """The mean and the sample standard deviation (``n − 1``) of ``values``; ``None`` where undefined (no value; one value's spread)."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return None, None
+    mean = math.fsum(vals) / len(vals)
+    if len(vals) < 2:
+        return mean, None
+    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def plot_seed_comparison(groups: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: str) -> str:
+    """Several recipes, each run over several seeds: mean and spread. Returns ``path``.
+
+    ``groups``: per recipe, its label and its runs' reports (one per seed).
+    Left: the training loss per round, the mean over the seeds with a band
+    of ± one standard deviation. Middle and right: each recipe's final eval
+    loss and wall time, the mean with ± one standard deviation error bars,
+    every seed a dot.
+    """
+    fig = _figure(15.0, 4.6)
+    ax_round, ax_eval, ax_wall = fig.subplots(1, 3)
+    names = [label for label, _ in groups]
+    for k, (label, reports) in enumerate(groups):
+        per_round: dict[int, list[float]] = {}
+        for report in reports:
+            _, rounds, losses = _loss_points(report)
+            for r, v in zip(rounds, losses):
+                per_round.setdefault(r, []).append(v)
+        xs = sorted(per_round)
+        stats = [mean_std(per_round[x]) for x in xs]
+        means = [m if m is not None else float("nan") for m, _ in stats]
+        spreads = [d if d is not None else 0.0 for _, d in stats]
+        (line,) = ax_round.plot(xs, means, marker=".", markersize=4, linewidth=1.3, label=f"{label} ({len(reports)} seeds)")
+        ax_round.fill_between(xs, [m - d for m, d in zip(means, spreads)], [m + d for m, d in zip(means, spreads)],
+                              color=line.get_color(), alpha=0.2)  # fmt: skip
+        for ax, values in (
+            (ax_eval, [(r.get("final") or {}).get("eval_loss") for r in reports]),
+            (ax_wall, [r.get("wall_s") for r in reports]),
+        ):
+            vals = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+            mean, std = mean_std(vals)
+            if mean is None:
+                continue
+            ax.errorbar([k], [mean], yerr=[std or 0.0], fmt="o", capsize=6, markersize=7, color=line.get_color())
+            ax.plot([k] * len(vals), vals, ".", color=line.get_color(), alpha=0.5)
+    ax_round.set_xlabel("round")
+    ax_round.set_ylabel("training loss (clients' weighted mean)")
+    ax_round.set_title("loss vs round: mean over the seeds, band ± 1 std", fontsize=10)
+    ax_round.legend(fontsize=8)
+    simulated = any(_simulated(r) for _, reports in groups for r in reports)
+    for ax, title in (
+        (ax_eval, "final eval loss: mean ± 1 std, dots: seeds"),
+        (ax_wall, "wall time (s" + (", simulated clock" if simulated else "") + "): mean ± 1 std"),
+    ):
+        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+        ax.set_xlim(-0.5, len(names) - 0.5)
+        ax.set_title(title, fontsize=10)
+    for ax in (ax_round, ax_eval, ax_wall):
+        ax.grid(alpha=0.3)
+    links = sorted({_link_label(r) for _, reports in groups for r in reports})
+    fig.suptitle("; ".join(links), fontsize=10)
     fig.savefig(path)
     return path
 

@@ -91,11 +91,13 @@ def _describe_links(recipe: Recipe) -> str:
 def simulate(recipe: Recipe, *, progress: bool = False) -> dict[str, Any]:
     """Run ``recipe`` in the simulator; write ``report.json``, the pictures and ``model/``; return the report."""
     from pl_parablock.client.runner import quiet_third_party
+    from pl_parablock.recipe.build import client_threads
     from pl_parablock.report import build_report, write_pictures, write_report
     from pl_parablock.simulation.driver import run_simulation
 
     quiet_third_party()
     f = recipe.federation
+    recipe.train.threads = client_threads(recipe)  # what `fit` gives each local client: the same model, bitwise
     os.makedirs(recipe.output_dir, exist_ok=True)
     with open(os.path.join(recipe.output_dir, "recipe.yaml"), "w", encoding="utf-8") as fh:
         fh.write(to_yaml(recipe))
@@ -126,6 +128,7 @@ def simulate(recipe: Recipe, *, progress: bool = False) -> dict[str, Any]:
         "loop_s": result.loop_s,
         "tokens": result.tokens,
         "steps": result.steps,
+        "threads": recipe.train.threads,
         "clients_in_memory_peak": result.peak_clients_in_memory,
         "downloads_not_sampled": result.skipped_downloads,
         "bytes_down_not_sampled": result.skipped_bytes_down,

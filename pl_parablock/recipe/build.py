@@ -20,6 +20,7 @@ from pl_parablock.recipe.schema import Recipe
 __all__ = [
     "DEFAULT_MIN_UPLOAD_MBPS",
     "TOKEN_ENV",
+    "client_threads",
     "client_token",
     "compression_of",
     "min_upload_mbps",
@@ -112,6 +113,19 @@ def min_upload_mbps(recipe: Recipe) -> float:
         profiles = []
     declared += [p.uplink_mbps for p in profiles if p.uplink_mbps is not None]
     return min(declared) / 10 if declared else DEFAULT_MIN_UPLOAD_MBPS
+
+
+def client_threads(recipe: Recipe) -> int:
+    """The CPU threads each client computes with: ``train.threads``, else the machine's cores shared by the clients.
+
+    ``max(1, cores // federation.clients)``: what ``python -m pl_parablock.fit``
+    gives each of its local client processes, what its ``--inprocess``
+    clients use, and what the simulator uses for the virtual client it runs.
+    torch's kernels may sum in another order with another thread count, so
+    one default for all three is what lets them end with the same model,
+    bitwise, on the same machine.
+    """
+    return int(recipe.train.threads or max(1, (os.cpu_count() or 1) // recipe.federation.clients))
 
 
 def weight_bound(recipe: Recipe) -> float | None:

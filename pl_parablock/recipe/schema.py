@@ -182,7 +182,11 @@ class TrainSection:
     accelerator: str = field(default="auto", metadata=_help("Lightning accelerator of each client."))
     threads: int | None = field(
         default=None,
-        metadata=_help("CPU threads per client process; default: the machine's cores shared among local clients."),
+        metadata=_help(
+            "CPU threads per client; default: the machine's cores shared among the clients, max(1, cores // clients), in "
+            "`fit` (processes or --inprocess) and in the simulator alike, so that both give the same model bitwise. A "
+            "client started by hand (--role client) without it uses torch's default."
+        ),
     )
     checkpoint_every: int = field(
         default=0,

@@ -3,10 +3,12 @@
 Round ``t``: the executor runs the round's sampled clients on the shared
 model (each applies the aggregates it awaits, trains ``K`` steps, ends the
 round, in client-id order); the clock times their computes and uploads and
-closes the round; the updates that arrived in time are added to the round's
-:class:`~pl_parablock.core.server.RoundStep` in client-id order, as the
-reference and the server do; the aggregate is installed and the shared
-model takes it. So for the same recipe the final global model is the
+closes the round; the updates that arrived in time are checked and added
+in client-id order (:class:`~pl_parablock.simulation.aggregation.ServerRound`:
+the server's checks, clipping and aggregation rule), as the reference and
+the server do; each block's aggregate is installed (compressed with the
+server's residual when the download codec is lossy) and the shared model
+takes it. So for the same recipe the final global model is the
 process federation's, bitwise (with ``round_timeout_s``, which updates are
 late depends on the measured compute times, as in a real run).
 """
@@ -27,16 +29,16 @@ from torch import Tensor
 from pl_parablock.core.aggregate import PiecePool, rule_of
 from pl_parablock.core.blocks import freeze_to_blocks, partition_model, whole_model_partition
 from pl_parablock.core.client import Update
-from pl_parablock.core.codecs import decode_update
 from pl_parablock.core.plan import mode_of
-from pl_parablock.core.server import RoundStep
 from pl_parablock.core.tensors import digest
 from pl_parablock.errors import ConfigError
 from pl_parablock.model.build import build_model, save_merged
 from pl_parablock.model.module import ParaBlockModule
-from pl_parablock.recipe.build import compression_of, plan_of, server_optimizer_of
+from pl_parablock.recipe.build import client_threads, compression_of, plan_of, server_optimizer_of, weight_bound
 from pl_parablock.recipe.profile import resolve_profiles
 from pl_parablock.recipe.schema import Recipe
+from pl_parablock.server.validation import MAX_WEIGHT, UpdateLimits
+from pl_parablock.simulation.aggregation import ServerRound
 from pl_parablock.simulation.clock import RoundClose, SimClock
 from pl_parablock.simulation.virtual import ClientShards, RoundExecutor, ServerBlocks, SharedModelExecutor, VirtualClient
 
@@ -69,23 +71,19 @@ class SimulationResult:
 
 
 def _check(recipe: Recipe) -> None:
-    t, f = recipe.train, recipe.federation
+    t = recipe.train
     problems = []
-    if t.precision != "32-true":
-        problems.append(f"`train.precision` is {t.precision!r}; the simulator runs 32-true only")
-    if t.accumulate_grad_batches != 1:
-        problems.append(f"`train.accumulate_grad_batches` is {t.accumulate_grad_batches}; the simulator runs 1 only")
-    if not rule_of(f.aggregation).everywhere:
-        problems.append(f"`federation.aggregation` is {f.aggregation!r}; the simulator runs mean only (the server alone runs it)")
-    if f.clip_norm is not None or f.max_update_norm is not None:
-        problems.append("`federation.clip_norm` and `federation.max_update_norm` are not simulated; set them to null")
-    if recipe.blocks.assignment != "shared":
-        problems.append("`blocks.assignment` is staggered; the simulator runs shared (every client on b_t) in this version")
-    c = compression_of(recipe)
-    if c.lossy_download or (c.lossy_upload and c.error_feedback):
+    if t.precision not in ("32-true", "32"):
         problems.append(
-            "`federation.compression`: the simulator runs lossy codecs on uploads without error feedback only in this version "
-            "(set error_feedback: false and download: none, or run the federation with python -m pl_parablock.fit)"
+            f"`train.precision` is {t.precision!r}; the simulator runs 32-true only: its local steps are plain PyTorch steps "
+            "(as the reference's), which do not reproduce Lightning's mixed-precision scaling and casts, so the model "
+            "would not be the federation's"
+        )
+    if t.accumulate_grad_batches != 1:
+        problems.append(
+            f"`train.accumulate_grad_batches` is {t.accumulate_grad_batches}; the simulator runs 1 only: its plain "
+            "PyTorch steps do not reproduce Lightning's accumulation (loss scaling and step boundaries), so the model "
+            "would not be the federation's"
         )
     if problems:
         raise ConfigError(problems)
@@ -119,13 +117,14 @@ def run_simulation(
     are done on the shared model, which holds the global after every round.
 
     Raises:
-        ConfigError: a setting the simulator does not run (precision, gradient accumulation, robust aggregation).
+        ConfigError: a setting the simulator does not run (``train.precision``, gradient accumulation), with why.
+        FederationError: the server refused an update (past ``federation.max_update_norm``, not finite): a real
+            client stops there too.
     """
     _check(recipe)
     t_real = time.perf_counter()
     f, tr = recipe.federation, recipe.train
-    if tr.threads:
-        torch.set_num_threads(tr.threads)
+    torch.set_num_threads(client_threads(recipe))  # a local process client's: the same model as `fit` gives, bitwise
     device = device_of(tr.accelerator)
     model, tokenizer = build_model(recipe.model, recipe.seed)
     module = ParaBlockModule(model, tokenizer, lr=tr.lr, weight_decay=tr.weight_decay)
@@ -140,9 +139,19 @@ def run_simulation(
     module.train()
     plan = plan_of(recipe, len(partition))
     server_optimizer = server_optimizer_of(recipe)  # its state per block lives here, as on the server
-    server = ServerBlocks([{n: p.detach().to("cpu", copy=True) for n, p in blk.items()} for blk in blocks], keep=plan.staleness)
     shards = ClientShards(recipe, tokenizer)
     compression = compression_of(recipe)
+    delta_downloads = compression.lossy_download and mode_of(recipe.mode).delta_downloads
+    # the values the last k rounds replaced (a pipelined client still holds them); with g + D downloads one round more:
+    # the round a client applies, whose D it adds to the value it holds
+    server = ServerBlocks(
+        [{n: p.detach().to("cpu", copy=True) for n, p in blk.items()} for blk in blocks],
+        keep=plan.staleness + (1 if delta_downloads else 0),
+        compression=compression,
+    )
+    rule = rule_of(f.aggregation)
+    max_weight = 1.0 if f.weighting == "uniform" else float(weight_bound(recipe) or MAX_WEIGHT)  # the server's bound
+    limits = UpdateLimits(f.weighting, max_weight, f.max_update_norm, f.clip_norm, compression)
     build = executor or SharedModelExecutor
     runner: RoundExecutor = build(
         module,
@@ -199,25 +208,35 @@ def run_simulation(
         steps += len(results) * tr.local_steps
         close = clock.upload(t, {r.client_id: r.compute_s for r in results}, {i: _nbytes(u.tensors) for i, u in ups.items()})
         t0 = time.perf_counter()
-        step = RoundStep(t, block, optimizer=server_optimizer, pool=pool)
+        moved = plan.blocks_of(t)
+        step = ServerRound(
+            t, moved, rule=rule, limits=limits, server_lr=f.server_lr, optimizer=server_optimizer, trim_fraction=f.trim_fraction, pool=pool
+        )
         arrived = []
         for i in close.on_time:  # client-id order, as the reference and the server add them
             u = ups[i]
             assert u.tensors is not None
-            tensors = u.tensors if u.codec == "none" else decode_update(compression, u.codec, u.tensors, server.current(block))
-            step.add(tensors, u.weight, u.kind)
+            step.add(i, u.block, u.tensors, u.weight, u.kind, u.codec, server.current(u.block))
             arrived.append(i)
-        problem = server.install(t, block, step.close(server.current(block)))
-        runner.install(block, server.current(block))
+        problems = []
+        for m in moved:  # a block nobody trained keeps its value
+            problems.append(server.install(t, m, step.close(m, server.current(m))))
+            runner.install(m, server.current(m))
+        problem = "; ".join(p for p in problems if p)
         aggregation_s = time.perf_counter() - t0
         sim_agg = recipe.simulation.aggregation_s if recipe.simulation.aggregation_s is not None else aggregation_s
-        clock.deliver(t, sim_agg, _nbytes(server.current(block)))
-        record = _round_record(t, block, list(sampled), arrived, close, problem, sim_agg, ups)
+        sent = [server.broadcast(m, t) for m in moved] if delta_downloads else []
+        if sent and all(x is not None for x in sent):
+            bytes_down = sum(_nbytes(x[1]) for x in sent if x is not None)  # the compressed D of every block the round moved
+        else:
+            bytes_down = sum(_nbytes(server.current(m)) for m in moved)
+        clock.deliver(t, sim_agg, bytes_down)
+        record = _round_record(t, block, list(moved), list(sampled), arrived, close, problem, sim_agg, ups, step.clipped)
         rounds.append(record)
         for r in results:
             rep = reports.setdefault(r.client_id, {"rounds": [], "events": [], "final": {}})
             u = r.update
-            rep["rounds"].append(dict(round=t, block=block, samples=r.samples, weight=u.weight, kind=u.kind, loss=u.loss, version=t))
+            rep["rounds"].append(dict(round=t, block=u.block, samples=r.samples, weight=u.weight, kind=u.kind, loss=u.loss, version=t))
         if progress is not None:
             progress(record)
         last = plan.rounds - 1 - plan.staleness  # parablock: the point of the second-to-last round comes with the final one
@@ -274,12 +293,14 @@ def run_simulation(
 def _round_record(
     t: int,
     block: int,
+    moved: list[int],
     sampled: list[int],
     arrived: list[int],
     close: RoundClose,
     problem: str,
     aggregation_s: float,
     updates: dict[int, Update],
+    clipped: list[int],
 ) -> dict[str, Any]:
     """The server's record of a round, as the aggregator writes it (the loss: the arrived updates' weighted mean)."""
     losses = [(updates[i].weight, float(loss)) for i in arrived if (loss := updates[i].loss) is not None and updates[i].weight]
@@ -287,6 +308,7 @@ def _round_record(
     return {
         "round": t,
         "block": block,
+        "blocks": moved,
         "expected": len(sampled),
         "expected_clients": sampled,
         "arrived": len(arrived),
@@ -297,7 +319,7 @@ def _round_record(
         "close_reason": close.reason,
         "loss": sum(w * v for w, v in losses) / total if total > 0 else None,
         "clients": arrived,
-        "clipped": [],
+        "clipped": sorted(clipped),
         "rejections": [{"round": t, "block": block, "reason": problem, "at": close.closed_at}] if problem else [],
     }
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import time
-from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -24,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from pl_parablock.core.client import ClientCore, RoundStart, Update, activate
-from pl_parablock.core.codecs import Compression
-from pl_parablock.core.plan import AlgorithmError, Plan
+from pl_parablock.core.codecs import NO_COMPRESSION, Compression, decode_broadcast
+from pl_parablock.core.plan import AlgorithmError, Plan, mode_of
 from pl_parablock.core.server import GlobalState
 from pl_parablock.data import ClientData, client_data, client_shares, collate, encode_record, pack_examples
 from pl_parablock.data.module import EpochShuffle, adds_bos
@@ -147,9 +146,10 @@ class VirtualClient:
         held: CPU values of the blocks it holds that differ from the global (its unaggregated block).
         optimizer_state: per parameter name, its optimizer state (``train.keep_optimizer_state`` only).
         last_trained: the last round it trained (``-1``: none).
-
-    A compressed upload's error-feedback residuals (per block, DESIGN §1.1)
-    are such state too: when the codecs arrive, they belong here, on the CPU.
+        residuals: its upload residuals per block (error feedback of a lossy upload codec, DESIGN §1.1: what the codec
+            dropped from its updates so far, added to its next update of the block), on the CPU. Its core's
+            :class:`~pl_parablock.core.codecs.ErrorFeedback` works on this very dict, so it outlives the core: a
+            retired client keeps them, and its next core goes on from them, as the real client's one core does.
     """
 
     client_id: int
@@ -161,6 +161,7 @@ class VirtualClient:
     held: dict[int, dict[str, Tensor]] = field(default_factory=dict)
     optimizer_state: dict[str, dict[str, Any]] = field(default_factory=dict)
     last_trained: int = -1
+    residuals: dict[int, dict[str, Tensor]] = field(default_factory=dict)
 
     def batches(self, examples: Sequence[Example], batch_size: int, seed: int, pad: int) -> Iterator[dict[str, Tensor]]:
         """Its batches from where it stopped: the data loader's order (a seeded permutation per epoch)."""
@@ -174,7 +175,10 @@ class VirtualClient:
             yield collate([examples[j] for j in idx], pad)
 
     def retire(self) -> None:
-        """Nothing in flight any more: drop the core and the held blocks (it holds the global when next sampled)."""
+        """Nothing in flight any more: drop the core and the held blocks (it holds the global when next sampled).
+
+        Its upload residuals stay (:attr:`residuals`): they are its own, not the global's.
+        """
         self.core = None
         self.held = {}
 
@@ -183,17 +187,25 @@ class VirtualClient:
 
 
 class ServerBlocks:
-    """The server's global blocks (a :class:`~pl_parablock.core.server.GlobalState`) and the versions a lagging client may still need.
+    """The server's global blocks (a :class:`~pl_parablock.core.server.GlobalState`) and what a lagging client may still need.
 
     At round ``t`` every round before it is closed; a pipelined client
     (``parablock``, staleness ``k``) holds the aggregates up to round
-    ``t − 1 − k``, so besides the current values the ``keep`` values the
-    last rounds replaced are kept (``keep = k``; at most ``k`` blocks more).
+    ``t − 1 − k``. So besides the current values, the values that the last
+    ``keep`` rounds replaced are kept (references, no copies: at most one
+    block per round, or the round's blocks when staggered), and, with a
+    lossy download codec, the compressed broadcasts ``D`` of those rounds
+    with the version each applies to (the client forms ``g + D`` from the
+    version it holds, as a real client does). The state compresses the
+    broadcasts with the server's own residual per block (DESIGN §1.1 "The
+    global is exact").
     """
 
-    def __init__(self, blocks: Sequence[Mapping[str, Tensor]], keep: int = 1) -> None:
-        self.state = GlobalState(blocks)
-        self.previous: deque[tuple[int, int, dict[str, Tensor]]] = deque(maxlen=max(1, keep))  # (block, version, values)
+    def __init__(self, blocks: Sequence[Mapping[str, Tensor]], keep: int = 1, compression: Compression = NO_COMPRESSION) -> None:
+        self.state = GlobalState(blocks, compression=compression)
+        self.keep = max(1, keep)
+        self.previous: list[tuple[int, int, dict[str, Tensor], int]] = []  # (block, version, values, the round that replaced it)
+        self.broadcasts: dict[tuple[int, int], tuple[int, dict[str, Tensor]]] = {}  # (block, version) -> (base version, parts of D)
 
     @property
     def num_blocks(self) -> int:
@@ -206,7 +218,7 @@ class ServerBlocks:
         return self.state.versions[block] == version
 
     def _kept(self, block: int, version: int) -> dict[str, Tensor] | None:
-        return next((values for b, v, values in self.previous if (b, v) == (block, version)), None)
+        return next((values for b, v, values, _ in self.previous if (b, v) == (block, version)), None)
 
     def holds(self, block: int, version: int) -> bool:
         """Whether version ``version`` of ``block`` is still held."""
@@ -221,19 +233,36 @@ class ServerBlocks:
             return kept
         raise AlgorithmError(f"version {version} of block {block} is no longer held (the block is at {self.state.versions[block]})")
 
+    def broadcast(self, block: int, version: int) -> tuple[int, dict[str, Tensor]] | None:
+        """The compressed ``D`` that made version ``version`` of ``block`` and the version it applies to; ``None``: not kept."""
+        return self.broadcasts.get((block, version))
+
     def after(self, block: int, round_index: int) -> tuple[int, dict[str, Tensor]]:
         """The version and value ``block`` had once round ``round_index`` was aggregated."""
         if self.state.versions[block] <= round_index:
             return self.state.versions[block], self.state.values[block]
-        for b, v, values in reversed(self.previous):  # the newest replaced value at or before the round
+        for b, v, values, _ in reversed(self.previous):  # the newest replaced value at or before the round
             if b == block and v <= round_index:
                 return v, values
         raise AlgorithmError(f"block {block} after round {round_index} is no longer held")
 
     def install(self, round_index: int, block: int, new: dict[str, Tensor]) -> str:
-        """Round ``round_index``'s aggregate becomes the block's value; returns ``''`` or why it was refused."""
-        self.previous.append((block, self.state.versions[block], self.state.values[block]))
-        return self.state.install(round_index, block, new)
+        """Round ``round_index``'s aggregate becomes the block's value; returns ``''`` or why it was refused.
+
+        With a lossy download codec the value becomes ``g + D`` (the
+        state's broadcast, compressed with the server's residual) and ``D``
+        is kept for the clients that apply the round later.
+        """
+        self.previous.append((block, self.state.versions[block], self.state.values[block], round_index))
+        problem = self.state.install(round_index, block, new)
+        sent = self.state.broadcast_at(block, round_index)
+        if sent is not None:
+            self.broadcasts[(block, round_index)] = sent
+        oldest = round_index - self.keep + 1  # what the next rounds may still ask for
+        self.previous = [e for e in self.previous if e[3] >= oldest]
+        for key in [k for k in self.broadcasts if k[1] < oldest]:
+            del self.broadcasts[key]
+        return problem
 
 
 # ---------------------------------------------------------------------------------------------------- executor
@@ -323,6 +352,9 @@ class SharedModelExecutor:
         self.device = device
         self.initial_rng = torch.get_rng_state()
         self.initial_cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        # a lossy download codec: a client forms each aggregate as g + D from the broadcast (not in a relay, which replaces)
+        self.delta_downloads = compression.lossy_download and mode_of(plan.mode).delta_downloads
+        self._decoded: dict[int, dict[str, Tensor]] = {}  # round -> its decoded broadcast D (every holder decodes it bitwise alike)
 
     # ------------------------------------------------------------ shared parameters
 
@@ -349,6 +381,8 @@ class SharedModelExecutor:
         """
         plan = self.plan
         core = ClientCore(plan, client.client_id, self.blocks, compression=self.compression)
+        if core.uplink is not None:
+            core.uplink.residuals = client.residuals  # its own upload residuals, kept while it had no core
         first = max(0, round_index - plan.staleness)
         if round_index > 0:
             core.restart_at(first)
@@ -377,7 +411,9 @@ class SharedModelExecutor:
         if core is None:
             raise AlgorithmError(f"client {c.client_id} has no core; materialize it first")
         touched: set[int] = set()
-        replaced = {self.plan.schedule[r] for r in core.awaiting()}
+        awaiting = core.awaiting()
+        # the blocks an aggregate it awaits replaces; unless it forms the aggregate as g + D, their old value is never read
+        replaced = set() if self.delta_downloads else {b for r in awaiting for b in self.plan.blocks_of(r)}
         for b in range(self.plan.num_blocks):  # the client's own view of the model
             if not core.clean[b]:
                 self._copy(b, c.held[b])
@@ -387,10 +423,9 @@ class SharedModelExecutor:
                     continue  # an aggregate it awaits replaces this old value before anything reads it
                 self._copy(b, server.value(b, core.versions[b]))
                 touched.add(b)
-        for r in core.awaiting():
-            b = self.plan.schedule[r]
-            core.apply(r, r, server.value(b, r))
-            touched.add(b)
+        for r in awaiting:
+            core.apply(r, r, self._aggregate(core, r, server))
+            touched.update(self.plan.blocks_of(r))
         result = None
         if core.participates():
             start = core.begin()
@@ -407,6 +442,32 @@ class SharedModelExecutor:
         for b in touched:
             self._copy(b, server.current(b))
         return result
+
+    def _aggregate(self, core: ClientCore, round_index: int, server: ServerBlocks) -> dict[str, Tensor]:
+        """Round ``round_index``'s aggregate of every block it moved, as the client receives it.
+
+        With a lossy download codec, the client forms ``g + D`` from the
+        round's broadcast and the global it holds
+        (:meth:`~pl_parablock.core.client.ClientCore.compressed_aggregate`),
+        as a real client does and as the reference does; ``D`` is decoded
+        once per round (decoding is deterministic: every holder decodes the
+        same tensor bitwise). Otherwise (or when the server kept its
+        previous value, a refused aggregate, and sent no ``D``) the server's
+        values.
+        """
+        blocks = self.plan.blocks_of(round_index)
+        if self.delta_downloads:
+            sent = [server.broadcast(b, round_index) for b in blocks]
+            if all(x is not None for x in sent):
+                delta = self._decoded.get(round_index)
+                if delta is None:
+                    parts = {n: t for x in sent if x is not None for n, t in x[1].items()}
+                    shapes = {n: tuple(t.shape) for b in blocks for n, t in server.current(b).items()}
+                    delta = decode_broadcast(self.compression, parts, shapes)
+                    self._decoded = {round_index: delta}  # the clients of a round all apply the same round
+                bases = {b: x[0] for b, x in zip(blocks, sent) if x is not None}
+                return core.compressed_aggregate(round_index, delta, bases)
+        return {n: t for b in blocks for n, t in server.value(b, round_index).items()}
 
     def _train(self, c: VirtualClient, start: RoundStart) -> RoundResult:
         """``K`` local steps of block ``start.block`` on the client's batches, then its update."""

@@ -8,7 +8,9 @@ own model and core and drives every round of every client; the process
 federation is pinned to the reference in test_reference.py. Here the
 simulator's global must equal both, bitwise, on full participation and
 sampling, several blocks and one, kept optimizer state, LoRA, clipping and
-packing.
+packing, every codec with error feedback both ways, staggered and cyclic;
+and, against the in-process federation, what only the server runs (robust
+aggregation, ``clip_norm``, ``max_update_norm``).
 
 Wrong variants tried on the simulator (each made a test here fail, then was restored):
 
@@ -17,7 +19,20 @@ Wrong variants tried on the simulator (each made a test here fail, then was rest
 * the shared block not restored to the global after a client trained;
 * the kept optimizer state not loaded back for the client that owns it;
 * a client's data position not kept between its rounds;
-* the round's updates added in another order than the clients' ids.
+* the round's updates added in another order than the clients' ids;
+* a materialized client's core given fresh upload residuals, or a retired
+  client dropping its residuals (the int8/int4/topk sampled cases and
+  cyclic fp8 with M = 2 fail; full participation never retires a client);
+* the server's broadcast residual dropped after every round (every case
+  with a lossy download fails);
+* a client forming g + D on the current global instead of the version it
+  holds (the parablock int8, int4-download k = 2 and topk cases fail);
+* the values replaced in the last k rounds kept by count, not by round (the
+  staggered cases fail: a staggered round replaces several blocks);
+* against the in-process federation: robust rules summed as a weighted
+  mean (median of 3, trimmed mean fail), no clipping, a clipped value
+  update scaled as a value instead of as its delta, no norm bound (the
+  clip cases and the norm-bound test fail).
 """
 
 from __future__ import annotations
@@ -56,6 +71,60 @@ CASES = {
     "parablock-2-k2-sampled": ["mode=parablock", "blocks.layers_per_block=2", "federation.staleness=2", "federation.clients_per_round=2"],
     "parablock-2-k3-damped": ["mode=parablock", "blocks.layers_per_block=2", "federation.staleness=3", "federation.stale_mix=0.5"],
     "parablock-4-adam-sampled": ["mode=parablock", "federation.server_optimizer.name=adam", "federation.clients_per_round=2"],
+    # every codec with error feedback (DESIGN §1.1 "The global is exact"): the clients' upload residuals, kept by each
+    # virtual client across its retirement, and the server's broadcast residual, each client forming g + D
+    "parablock-4-int8-ef-sampled": ["mode=parablock", "federation.compression.codec=int8", "federation.clients_per_round=2"],
+    "parablock-4-int8-up-only-sampled": [
+        "mode=parablock",
+        "federation.compression.codec=int8",
+        "federation.compression.download=none",
+        "federation.clients_per_round=2",
+    ],
+    "parablock-4-int8-server-lr-sampled": [
+        "mode=parablock",
+        "federation.compression.codec=int8",
+        "federation.server_lr=0.5",
+        "federation.clients_per_round=2",
+    ],
+    "sync-1-int4-sampled": ["mode=sync", "blocks.patterns=[.*]", "federation.compression.codec=int4", "federation.clients_per_round=2"],
+    "parablock-1-int4-sampled": [
+        "mode=parablock",
+        "blocks.patterns=[.*]",
+        "federation.compression.codec=int4",
+        "federation.clients_per_round=2",
+    ],
+    "parablock-4-int4-down-k2-sampled": [
+        "mode=parablock",
+        "federation.compression.codec=int8",
+        "federation.compression.download=int4",
+        "federation.staleness=2",
+        "federation.clients_per_round=2",
+    ],
+    "sync-4-topk-staggered": [
+        "mode=sync",
+        "blocks.assignment=staggered",
+        "federation.compression.codec=topk",
+        "federation.compression.fraction=0.05",
+    ],
+    "parablock-4-topk-staggered-sampled": [
+        "mode=parablock",
+        "blocks.assignment=staggered",
+        "federation.compression.codec=topk",
+        "federation.compression.fraction=0.05",
+        "federation.clients_per_round=2",
+    ],
+    # M = 2: a client's block comes round again two turns later, so its residual of that block is used again
+    "cyclic-2-fp8": ["mode=cyclic", "blocks.layers_per_block=2", "federation.compression.codec=fp8"],
+    "cyclic-4-ascending": ["mode=cyclic"],
+    "sync-4-staggered": ["mode=sync", "blocks.assignment=staggered"],
+    "parablock-2-staggered": ["mode=parablock", "blocks.assignment=staggered", "blocks.layers_per_block=2"],
+    "parablock-4-k3-staggered-damped-sampled": [
+        "mode=parablock",
+        "federation.staleness=3",
+        "blocks.assignment=staggered",
+        "federation.stale_mix=0.5",
+        "federation.clients_per_round=2",
+    ],
     "sync-all-dirichlet-shard-clip-packing": [
         "mode=sync",
         "blocks.schedule=random",
@@ -96,21 +165,66 @@ def test_a_natural_partition_reads_each_clients_own_file(tmp_path):
     assert digest(run_simulation(recipe).globals) == digest(run_reference(recipe).globals)
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        CASES["parablock-4-random-sampled"],
-        # uploads as bfloat16 deltas (the reference sends them unrounded, the federation and the simulator round them)
-        ["mode=parablock", "federation.wire_dtype=bfloat16", "federation.clients_per_round=2"],
+FEDERATION_CASES = {
+    "parablock-4-random-sampled": CASES["parablock-4-random-sampled"],
+    # uploads as bfloat16 deltas (the reference sends them unrounded, the federation and the simulator round them)
+    "parablock-bf16-wire-sampled": ["mode=parablock", "federation.wire_dtype=bfloat16", "federation.clients_per_round=2"],
+    "parablock-4-int8-ef-sampled": CASES["parablock-4-int8-ef-sampled"],
+    "parablock-1-int4-sampled": CASES["parablock-1-int4-sampled"],
+    # what only the server runs (the reference does not): robust rules over the kept deltas, clipping, a norm bound
+    "parablock-4-median-sampled": [
+        "mode=parablock",
+        "federation.aggregation=median",
+        "federation.clients=5",
+        "federation.clients_per_round=3",
     ],
-    ids=["parablock-4-random-sampled", "parablock-bf16-wire-sampled"],
-)
-def test_the_simulators_global_equals_the_in_process_federations_bitwise(overrides, tmp_path):
-    recipe = tiny_recipe(tmp_path, *overrides)
+    "sync-4-trimmed-mean-int8": [
+        "mode=sync",
+        "federation.clients=4",
+        "federation.aggregation=trimmed_mean",
+        "federation.trim_fraction=0.25",
+        "federation.compression.codec=int8",
+    ],
+    "parablock-4-clip-bounded-sampled": [
+        "mode=parablock",
+        "federation.clip_norm=0.05",
+        "federation.max_update_norm=100",
+        "federation.clients_per_round=2",
+    ],
+    "sync-1-clip-int4-sampled": [
+        "mode=sync",
+        "blocks.patterns=[.*]",
+        "federation.clip_norm=0.05",
+        "federation.compression.codec=int4",
+        "federation.clients_per_round=2",
+    ],
+}
+
+
+@pytest.mark.parametrize("case", list(FEDERATION_CASES))
+def test_the_simulators_global_equals_the_in_process_federations_bitwise(case, tmp_path):
+    recipe = tiny_recipe(tmp_path, *FEDERATION_CASES[case])
     agg, _, _ = federate_in_process(recipe)
     sim = run_simulation(recipe)
-    assert sim.server["globals_sha256"] == agg.report()["globals_sha256"]
-    assert [r["clients"] for r in sim.server["rounds"]] == [r["clients"] for r in agg.report()["rounds"]]
+    real = agg.report()
+    assert sim.server["globals_sha256"] == real["globals_sha256"]
+    assert [r["clients"] for r in sim.server["rounds"]] == [r["clients"] for r in real["rounds"]]
+    assert [r["blocks"] for r in sim.server["rounds"]] == [r["blocks"] for r in real["rounds"]]
+    assert [r["clipped"] for r in sim.server["rounds"]] == [r["clipped"] for r in real["rounds"]]
+    if "clip" in case:  # not vacuous: the bound clips
+        assert any(r["clipped"] for r in real["rounds"])
+
+
+def test_an_update_past_the_norm_bound_stops_the_simulation_as_it_stops_the_real_client(tmp_path):
+    """The server refuses it; the real client's transmitter raises, and the simulator stops with the server's reason."""
+    from pl_parablock.errors import FederationError
+
+    bound = ["mode=sync", "federation.max_update_norm=1e-6", "federation.rounds=2"]
+    reason = r"the server rejected the update of round 0: update norm .* exceeds the bound 1e-06"
+    with pytest.raises(FederationError, match="client 0: " + reason):
+        run_simulation(tiny_recipe(tmp_path, *bound))
+    with pytest.raises(FederationError, match=reason):
+        federate_in_process(tiny_recipe(tmp_path, *bound, output="fed"))
 
 
 def test_the_simulate_command_ends_on_the_grpc_federations_model_and_reports_like_fit(tmp_path, capsys):
@@ -167,7 +281,7 @@ def test_the_simulate_command_ends_on_the_grpc_federations_model_and_reports_lik
         (["federation.clients_per_round=4"], "federation.clients_per_round"),
         (["simulation.profile.compute_factor=-1"], "simulation.profile.compute_factor"),
         (["simulation.profile.uplink_mbps=[1, 0, 1]"], "simulation.profile.uplink_mbps[1]"),
-        (["mode=sync", "blocks.assignment=staggered"], "blocks.assignment"),
+        (["train.precision=bf16-mixed"], "train.precision"),
     ],
 )
 def test_bad_input_is_one_message_naming_the_key_and_exit_2(overrides, key, tmp_path, capsys):
