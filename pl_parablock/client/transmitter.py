@@ -69,7 +69,14 @@ Handoff = Update
 
 @dataclass
 class Arrival:
-    """The global value of a round's block, with the transfer's measurements."""
+    """The global value of a round's block, with the transfer's measurements.
+
+    ``sent_at``: when the round's upload began (its encoding included);
+    ``upload_s``: the upload; ``server_wait_s``: from the download's request
+    to its first byte (full duplex: the request goes once the download of the
+    round before is done, so this is the wait the downlink saw);
+    ``download_s``: the download; ``arrived_at``: when it was posted.
+    """
 
     round: int
     block: int
