@@ -174,6 +174,35 @@ def rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str, s
                     _load(r),
                 )
             )
+    if r := results.get("staleness"):
+        by_ratio: dict[float, dict[int, dict[str, Any]]] = {}
+        for row in r["rows"]:
+            by_ratio.setdefault(row["target_ratio"], {})[row["staleness"]] = row
+        for ratio, ks in by_ratio.items():
+            if 1 in ks and 2 in ks:
+                k2 = ks[2]
+                out.append(
+                    (
+                        "staleness",
+                        f"k = 2 at comm/compute {_fmt(k2['comm_over_compute'])} (target {ratio:g}): efficiency; round / k = 1's round "
+                        f"({r['clients']} {'client processes' if r.get('processes') else 'clients as threads'}, {r['rounds']} rounds)",
+                        f"{_fmt(k2['efficiency'])}; {_fmt(k2['round_vs_k1'])} ({_fmt(k2['round_s'], '.3f')} / "
+                        f"{_fmt(ks[1]['round_s'], '.3f')} s; x{_fmt(k2['speedup_vs_sync'])} vs sync)",
+                        "≥ 0.9; ≤ 0.8" if ratio == 2.0 else "",
+                        _load(r),
+                    )
+                )
+        for x in r.get("loss", []):
+            if x["staleness"] in (1, 2) and not x["damping"] and x["blocks"] == max(y["blocks"] for y in r["loss"]):
+                out.append(
+                    (
+                        "staleness",
+                        f"final eval loss, k = {x['staleness']} / sync (simulator, {x['seeds']} seeds, {x['blocks']} blocks)",
+                        f"{_fmt(x['mean'], '.4f')} ± {_fmt(x['std'], '.4f')}",
+                        "≤ 1.02" if x["staleness"] == 1 else "≤ 1.03",
+                        _load(r),
+                    )
+                )
     if r := results.get("simulation"):
         for c in r.get("clock", []):
             out.append(

@@ -278,13 +278,15 @@ def _client_intervals(report: dict[str, Any]) -> dict[int, dict[str, list[tuple[
             start, end = c.get("started_at"), c.get("ended_at")
             if isinstance(start, (int, float)) and isinstance(end, (int, float)):
                 lanes["compute"].append((start, max(end - start, 0.0)))
-            sent = c.get("sent_at")
+            sent, arrived = c.get("sent_at"), c.get("arrived_at")
+            up, wait, down = (float(c.get(k) or 0.0) for k in ("upload_s", "server_wait_s", "download_s"))
             if isinstance(sent, (int, float)):
-                t = float(sent)
-                for lane, key in (("upload", "upload_s"), ("server", "server_wait_s"), ("download", "download_s")):
-                    d = float(c.get(key) or 0.0)
-                    lanes[lane].append((t, d))
-                    t += d
+                lanes["upload"].append((float(sent), up))
+                # the download ends when the aggregate arrived; it began after the upload (at once in half duplex, when
+                # the download thread was free in full duplex, while the next round uploads)
+                t = float(arrived) - down - wait if isinstance(arrived, (int, float)) else float(sent) + up
+                lanes["server"].append((t, wait))
+                lanes["download"].append((t + wait, down))
             applied, blocked = c.get("applied_at"), float(c.get("blocked_s") or 0.0)
             if isinstance(applied, (int, float)) and blocked > 0:
                 lanes["blocked"].append((applied - blocked, blocked))
@@ -335,8 +337,10 @@ def plot_timeline(report: dict[str, Any], path: str, max_clients: int = 32) -> s
     """Draw the run's timeline: per client, compute bars above communication bars.
 
     Compute bars carry the round number when they are wide enough; the
-    communication lane shows upload, waiting for the server's aggregate and
-    download; red marks the time the training loop waited (blocked). The x
+    communication lanes show the upload (upper) and, below it, waiting for
+    the server's aggregate and the download (with ``federation.staleness``
+    >= 2 the transmitter is full duplex and a round's upload overlaps the
+    previous round's wait and download); red marks the time the training loop waited (blocked). The x
     axis is seconds since the server started (the simulated clock's, for
     a simulator's run). At most ``max_clients`` rows are drawn. Returns ``path``.
     """
@@ -360,8 +364,11 @@ def plot_timeline(report: dict[str, Any], path: str, max_clients: int = 32) -> s
         lane = lanes[cid]
         ax.broken_barh(lane["compute"], (y + 0.52, 0.36), facecolors=COLORS["compute"], edgecolor="white", linewidth=0.4)
         ax.broken_barh(lane["blocked"], (y + 0.52, 0.36), facecolors=COLORS["blocked"], alpha=0.85)
-        for name in ("upload", "server", "download"):
-            ax.broken_barh(lane[name], (y + 0.12, 0.36), facecolors=COLORS[name], edgecolor="white", linewidth=0.3)
+        # upload above, the wait for the aggregate and the download below: in full duplex (staleness >= 2) a round's
+        # upload runs while the round before waits and downloads, and the two bars overlap in time
+        ax.broken_barh(lane["upload"], (y + 0.31, 0.17), facecolors=COLORS["upload"], edgecolor="white", linewidth=0.3)
+        for name in ("server", "download"):
+            ax.broken_barh(lane[name], (y + 0.12, 0.17), facecolors=COLORS[name], edgecolor="white", linewidth=0.3)
         for s, w in lane["compute"]:
             t = rounds_by_start.get((cid, s))
             if t is not None and w / span * 1100 > 6 + 6 * len(str(t + 1)):

@@ -123,7 +123,8 @@ class ClientRounds:
         core.restart_at(next_round)
         self.view.forget()
         self.done = False
-        session.start_transmitter()
+        # k >= 2: round t + 1 uploads while round t's aggregate is awaited and downloaded (full duplex); k = 1 as the paper
+        session.start_transmitter(duplex=core.plan.staleness >= 2)
         log.info("client %d joined via %s: %d rounds from round %d", self.client_id, session.describe(), core.plan.rounds, next_round)
 
     # ---------------------------------------------------------------- rounds

@@ -245,10 +245,11 @@ class ClientSession:
 
     # ------------------------------------------------------------ rounds
 
-    def start_transmitter(self) -> None:
+    def start_transmitter(self, *, duplex: bool = False) -> None:
+        """A new transmitter (rank 0); ``duplex``: one thread per direction (``federation.staleness`` >= 2)."""
         if self.leader:
             assert self.transport is not None
-            self._transmitter = Transmitter(self.transport, self.client_id, timeout_s=self.timeout_s, instance=self.instance)
+            self._transmitter = Transmitter(self.transport, self.client_id, timeout_s=self.timeout_s, instance=self.instance, duplex=duplex)
 
     def send(self, update: Update) -> None:
         """Hand an update (or a fetch-only round) to the transmitter thread; returns at once."""

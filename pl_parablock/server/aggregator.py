@@ -28,7 +28,10 @@ update is refused with the reason and recorded; the round goes on. A
 repeated update of the same client, round and block is acknowledged and not
 applied twice; an update for a round that already closed is counted as late
 and dropped. A round closes when every expected client's update has
-arrived, or at its timeout with a quorum; with a checkpoint store and
+arrived, or at its timeout with a quorum, and never before every earlier
+round closed (rounds close in order: with ``staleness`` >= 2 a client
+uploads round ``t + 1`` while round ``t`` still waits for others, and round
+``t + 1`` may be complete first); with a checkpoint store and
 ``checkpoint_every``, the global state is written before the aggregate is
 released, so a restarted server resumes from it.
 
@@ -383,13 +386,22 @@ class Aggregator:
         if outcome.reply is not None:
             return outcome.reply
         if outcome.complete:
-            self._close(op.rnd, "all clients arrived")
+            self._close_complete()  # this round, once every earlier round is closed (else the close of the last of those closes it)
         else:
             with self._cond:
                 self._cond.notify_all()
         return dict(ACCEPTED)
 
     # ---------------------------------------------------------------- rounds
+
+    def _close_complete(self) -> None:
+        """Close, in round order, the first open round while every expected client of it has arrived."""
+        while True:
+            with self._cond:
+                rnd = self._rounds.get(self._rounds.next_round())
+                if rnd is None or rnd.closed or not rnd.complete:
+                    return
+            self._close(rnd, "all clients arrived")
 
     def _close(self, rnd: Round, reason: str) -> None:
         """Close a round: the rounds settle it, a due checkpoint is written, then the aggregate is released."""
@@ -427,6 +439,7 @@ class Aggregator:
                     self._cond.wait(min(left, 0.5))
             for r in due:
                 self._close(r, self._rounds.timeout_reason(r))
+                self._close_complete()  # later rounds complete meanwhile follow it
 
     def block_value(self, block: int) -> tuple[int, dict[str, Tensor]]:
         """Current version and global value of a block (do not modify the tensors)."""

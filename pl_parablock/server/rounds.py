@@ -112,6 +112,11 @@ class Round:
             return {"accepted": False, "status": "late", "reason": f"late: round {self.index} already closed"}
         return None
 
+    @property
+    def complete(self) -> bool:
+        """Whether every expected client's update has arrived."""
+        return len(self.clients) >= len(self.expected)
+
     def arrive(self, client: int, header: Mapping[str, Any], weight: float, kind: str, norm: float | None, *, clipped: bool) -> bool:
         """Record an accepted update (caller holds ``lock``); whether every expected client has now arrived."""
         loss = header.get("loss")
@@ -124,7 +129,7 @@ class Round:
         }
         if self.first_arrival is None:
             self.first_arrival = time.monotonic()
-        return len(self.clients) >= len(self.expected)
+        return self.complete
 
 
 class Rounds:
@@ -214,17 +219,23 @@ class Rounds:
         return ""
 
     def due(self) -> list[Round]:
-        """The rounds whose timeout passed with a quorum: to close now."""
+        """The first open round if its timeout passed with a quorum: to close now.
+
+        Rounds close in order, so a round's timeout counts from its first
+        update or from the close of the round before it, whichever came later.
+        """
         timeout = self.quorum.round_timeout_s
         if timeout is None:
             return []
         now = time.monotonic()
+        at = self.next_round()
         return [
             r
             for r in self._rounds.values()
-            if not r.closed
+            if r.index == at
+            and not r.closed
             and r.first_arrival is not None
-            and now - r.first_arrival >= timeout
+            and now - max(r.first_arrival, self.last_close or r.first_arrival) >= timeout
             and len(r.clients) >= min(self.quorum.min_clients, len(r.expected))
         ]
 

@@ -11,8 +11,10 @@ round, from each client's measured compute time (times its profile's
 * the client's **transmitter** takes its hand-offs in order (as
   :class:`~pl_parablock.client.transmitter.Transmitter` does): it uploads round
   ``t``'s block when the compute ended and it finished the previous
-  hand-off, waits for the aggregate, downloads it. A round the client is not
-  sampled for only downloads the aggregate;
+  hand-off, waits for the aggregate, downloads it. With ``staleness`` >= 2 it
+  is full duplex: round ``t``'s upload waits only for round ``t − 1``'s
+  upload, and its download for the aggregate and round ``t − 1``'s download.
+  A round the client is not sampled for only downloads the aggregate;
 * a transfer takes the link's latency once, then the bytes at the client's
   rate (as the emulated link paces them); with ``bandwidth_mbps`` the
   server's bandwidth, each way, is shared max-min fairly by the transfers
@@ -145,7 +147,9 @@ class SimClock:
         self.min_clients = min_clients
         self.bandwidth_mbps = bandwidth_mbps
         n = len(self.profiles)
-        self._tx_free = [0.0] * n
+        self._tx_free = [0.0] * n  # when the client's transmitter (full duplex: its download direction) is free
+        self.duplex = staleness >= 2
+        self._up_free = [0.0] * n  # full duplex: when its upload direction is free
         self._compute_free = [0.0] * n
         self._done = [-1] * n  # the last round whose hand-off this client's transmitter finished
         self._arrivals: list[dict[int, float]] = [{} for _ in range(n)]
@@ -194,7 +198,7 @@ class SimClock:
             start = max(self._compute_free[i], self._arrival(i, t - 1 - self.staleness))
             took = compute_s[i] * p.compute_factor
             end = self._compute_free[i] = start + took
-            sent = max(end, self._tx_free[i])
+            sent = max(end, self._up_free[i] if self.duplex else self._tx_free[i])
             transfers.append((sent, float(bytes_up[i]), p.uplink_mbps, p.latency_ms / 1000.0))
             records[i] = {
                 "round": t,
@@ -205,6 +209,8 @@ class SimClock:
                 "bytes_up": int(bytes_up[i]),
             }
         uploaded = dict(zip(participants, shared_transfers(transfers, self.bandwidth_mbps)))
+        for i, at in uploaded.items():
+            self._up_free[i] = at
         close = self._close(t, uploaded)
         self._pending = _Pending(participants, uploaded, close, records)
         return close
@@ -234,7 +240,8 @@ class SimClock:
         avail = pending.close.closed_at + aggregation_s
         self._avail.append(avail)
         self._down_bytes.append(int(bytes_down))
-        starts = {i: max(avail, pending.uploaded[i]) for i in pending.participants}
+        # half duplex the transmitter was free once the upload ended; full duplex the download waits for the one before
+        starts = {i: max(avail, pending.uploaded[i], self._tx_free[i]) for i in pending.participants}
         others: list[int] = []
         if self.bandwidth_mbps is not None:  # the clients not sampled download through the same server link
             sampled = set(pending.participants)
@@ -274,7 +281,7 @@ class SimClock:
         end = 0.0
         for i in range(len(self.profiles)):
             self._advance(i, last)
-            end = max(end, self._tx_free[i], self._compute_free[i])
+            end = max(end, self._tx_free[i], self._up_free[i], self._compute_free[i])
         for recs in self.records.values():
             recs.sort(key=lambda r: r["round"])
             for k, rec in enumerate(recs):

@@ -4,6 +4,12 @@ A client may declare ``uplink_mbps``, ``downlink_mbps`` and ``latency_ms``;
 its transport then paces the bytes it sends and receives to that rate and
 adds the one-way latency once per transfer. This is an emulation (loopback
 is much faster) and every report labels it so.
+
+The link is full duplex, as real ones are: each transfer is paced by itself
+(:meth:`Link.pace_up` and :meth:`Link.pace_down` share no lock or clock), so
+an upload and a download at once each take their own time. Transfers in one
+direction do not share the rate either; the client's transmitter moves one
+at a time per direction (:mod:`pl_parablock.client.transmitter`).
 """
 
 from __future__ import annotations

@@ -15,12 +15,12 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-NAMES = ("overlap", "overhead", "transport", "memory", "scaling")
+NAMES = ("overlap", "overhead", "transport", "memory", "scaling", "staleness")
 
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory) -> dict[str, tuple[int, str, str]]:
-    """All five smoke forms at once (they mostly wait on process start-up, so they share 2 cores well)."""
+    """All six smoke forms at once (they mostly wait on process start-up, so they share 2 cores well)."""
     tmp = tmp_path_factory.mktemp("benchmarks")
     procs = {}
     for name in NAMES:
@@ -94,6 +94,17 @@ def test_scaling(smoke):
     assert r["results"]
     for row in r["results"]:
         assert row["clients"] >= 2 and positive(row["round_s"], row["aggregate_s"])
+
+
+def test_staleness(smoke):
+    r = smoke("staleness")
+    assert {row["staleness"] for row in r["rows"]} == {0, 1, 2, 3}
+    for row in r["rows"]:
+        assert positive(row["comm_over_compute"], row["round_s"], row["ideal_round_s"], row["efficiency"], row["speedup_vs_sync"])
+    assert {(x["staleness"], x["damping"]) for x in r["loss"]} >= {(0, False), (1, False), (2, False), (3, False), (2, True)}
+    for x in r["loss"]:
+        assert x["seeds"] >= 2 and positive(x["mean"]) and x["std"] >= 0
+    assert [m["peak_blocks"] for m in r["memory"] if m["blocks"] == 4] == [1, 2, 3, 4]
 
 
 def test_the_readme_table_is_made_from_the_results(smoke, tmp_path):

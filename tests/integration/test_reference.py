@@ -83,6 +83,17 @@ CASES = {
     "parablock-4-k2": ["mode=parablock", "federation.staleness=2"],
     "parablock-2-k2-sampled": ["mode=parablock", "blocks.layers_per_block=2", "federation.staleness=2", "federation.clients_per_round=2"],
     "parablock-2-k3-random": ["mode=parablock", "blocks.layers_per_block=2", "federation.staleness=3", "blocks.schedule=random"],
+    # a slow emulated link: the full-duplex transmitter uploads rounds ahead while others still wait, so with sampling a
+    # later round can be complete before an earlier one (the server closes them in order)
+    "parablock-2-k2-sampled-slow-link": [
+        "mode=parablock",
+        "blocks.layers_per_block=2",
+        "federation.staleness=2",
+        "federation.clients_per_round=2",
+        "link.uplink_mbps=2",
+        "link.downlink_mbps=4",
+        "link.latency_ms=5",
+    ],
     "parablock-4-k3-staggered-damped": [
         "mode=parablock",
         "federation.staleness=3",

@@ -550,3 +550,36 @@ def test_a_compressed_update_of_another_codec_or_forged_is_refused_and_nothing_i
     assert "must be a delta" in reasons[3]
     assert all(torch.equal(got[n], clean[n]) for n in clean)  # the refused updates left no trace
     assert torch.allclose(clean["l0.w"], torch.full((4, 3), 2.0), atol=0.02)  # 1 + mean(0.5, 1.5), through int8 both ways
+
+
+def test_rounds_close_in_order_when_a_later_round_is_complete_first():
+    """Staleness 2 with a full-duplex transmitter: a client uploads rounds 1 and 2 while round 0 still waits for another."""
+    agg = joined(clients=2, rounds=4, staleness=2)
+    agg.submit(*update(0, 0, 0, 1.0))
+    agg.submit(*update(0, 1, 1, 0.5, kind="delta", base=-1))
+    agg.submit(*update(0, 2, 0, 0.5, kind="delta", base=-1))
+    agg.submit(*update(1, 1, 1, 1.5, kind="delta", base=-1))
+    agg.submit(*update(1, 2, 0, 1.5, kind="delta", base=-1))
+    assert not agg.wait_round(1, 0.05), "round 1 is complete but round 0 is not closed: it waits"
+    assert agg.versions() == [-1, -1]
+    agg.submit(*update(1, 0, 0, 3.0))
+    assert agg.wait_round(2, 1.0) and agg.wait_round(1, 0.0) and agg.wait_round(0, 0.0)
+    assert agg.versions() == [2, 1]
+    assert torch.equal(agg.block_value(0)[1]["l0.w"], torch.full((4, 3), 3.0)), "round 0's mean 2, then round 2's mean delta 1"
+    assert torch.equal(agg.block_value(1)[1]["l1.w"], torch.full((2, 2), 3.0))
+    closed = [r["round"] for r in sorted(agg.report()["rounds"], key=lambda r: r["closed_at"])]
+    assert closed == [0, 1, 2]
+
+
+def test_a_later_rounds_timeout_counts_from_the_close_of_the_round_before():
+    agg = joined(clients=3, rounds=4, staleness=2, min_clients=2, round_timeout_s=0.3)
+    agg.submit(*update(0, 1, 1, 1.0))
+    agg.submit(*update(1, 1, 1, 1.0))
+    time.sleep(0.35)
+    agg.submit(*update(0, 0, 0, 1.0))
+    assert not agg.wait_round(1, 0.1), "round 1 has a quorum and its timeout passed, but round 0 is open"
+    agg.submit(*update(1, 0, 0, 1.0))
+    assert agg.wait_round(0, 2.0)
+    t0 = time.monotonic()
+    assert not agg.wait_round(1, 0.1), "round 1's timeout counts again from round 0's close"
+    assert agg.wait_round(1, 2.0) and time.monotonic() - t0 >= 0.25

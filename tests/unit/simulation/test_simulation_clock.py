@@ -139,3 +139,30 @@ def test_with_a_shared_server_link_the_clients_not_sampled_download_through_it_t
     assert clock.records[0][0]["arrived_at"] == pytest.approx(5.0)
     assert clock.skipped_downloads == 2 and clock.skipped_bytes_down == 2 * MB
     assert clock.finish() == pytest.approx(5.0)
+
+
+def run_clock(staleness: int, rounds: int = 12) -> SimClock:
+    """One client, compute 0.1 s, an 8 Mbit/s link both ways (1 MB up and down: 1 s each), no latency."""
+    clock = SimClock([ClientProfile(1.0, 8.0, 8.0, 0.0)], staleness=staleness)
+    for t in range(rounds):
+        clock.upload(t, {0: 0.1}, {0: MB})
+        clock.deliver(t, 0.0, MB)
+    clock.finish()
+    return clock
+
+
+def test_with_staleness_2_the_transmitter_is_full_duplex():
+    """k = 1: upload and download of a round one after the other (2 s a round); k >= 2: both ways at once (1 s a round)."""
+
+    def period(clock: SimClock) -> float:
+        starts = [r["started_at"] for r in clock.records[0]]
+        return (starts[-1] - starts[4]) / (len(starts) - 5)
+
+    half, full, deeper = run_clock(1), run_clock(2), run_clock(3)
+    assert period(half) == pytest.approx(2.0)
+    assert period(full) == pytest.approx(1.0)
+    assert period(deeper) == pytest.approx(1.0)
+    rec = full.records[0][6]
+    nxt = full.records[0][7]
+    assert nxt["sent_at"] < rec["arrived_at"], "round t + 1 uploads while round t downloads"
+    assert rec["upload_s"] == pytest.approx(1.0) and rec["download_s"] == pytest.approx(1.0)

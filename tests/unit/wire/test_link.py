@@ -97,3 +97,29 @@ def test_a_stalled_source_leaves_the_link_idle_and_earns_no_credit():
     first = 0.5 + 0.01 + 0.01
     # after the stall the link starts again when the chunk came, and the next chunk waits its own turn
     assert times == [pytest.approx(first), pytest.approx(first + 0.2 + 0.01), pytest.approx(first + 0.2 + 0.02)]
+
+
+def test_up_and_down_are_paced_independently_full_duplex():
+    """An upload and a download at once each take their own time, as on a full-duplex link (no shared clock or lock)."""
+    import threading
+    import time
+
+    link = Link(uplink_mbps=4.0, downlink_mbps=4.0)  # 0.5 MB/s each way: 100 kB take 0.2 s
+    chunks = [b"x" * 20_000] * 5
+    took = {}
+
+    def move(direction: str) -> None:
+        t0 = time.perf_counter()
+        for _ in (link.pace_up if direction == "up" else link.pace_down)(chunks):
+            pass
+        took[direction] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=move, args=(d,)) for d in ("up", "down")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    both = time.perf_counter() - t0
+    assert took["up"] >= 0.19 and took["down"] >= 0.19
+    assert both < 0.35, f"an upload and a download at once took {both:.2f} s: the directions share the link"
