@@ -338,15 +338,10 @@ class Aggregator:
         return self._intake.streams
 
     def receive(self, header: Mapping[str, Any], specs: list[Spec], feed: Feed) -> dict[str, Any]:
-        """Check and sum one client's update as it arrives; returns the reply (as :meth:`submit`).
+        """Check and sum one client's update as it arrives; returns the reply (as :meth:`submit`). Needs :attr:`streams`.
 
-        ``feed(consume, spool)`` delivers the update: ``spool(chunk)`` with
-        every body chunk as it comes, then ``consume(name, start, values)``
-        with its elements (flat, any float dtype, none crossing a multiple of
-        :data:`~pl_parablock.core.aggregate.PIECE_ELEMS`), in any order and cut;
-        it may raise (a cut or corrupt stream) after part was consumed. An
-        update refused, cut short, superseded or overtaken by its round's
-        close is rolled back exactly (:mod:`~pl_parablock.server.intake`). Needs :attr:`streams`.
+        ``feed(consume, spool)`` delivers the update (see :meth:`~pl_parablock.server.intake.Intake.receive`); an
+        update refused, cut short, superseded or overtaken by its round's close is rolled back exactly.
         """
         if not self.streams:
             raise FederationError("this aggregator keeps whole updates (clip_norm or robust aggregation): use submit")
@@ -396,11 +391,7 @@ class Aggregator:
 
     def _close_complete(self) -> None:
         """Close, in round order, the first open round while every expected client of it has arrived."""
-        while True:
-            with self._cond:
-                rnd = self._rounds.get(self._rounds.next_round())
-                if rnd is None or rnd.closed or not rnd.complete:
-                    return
+        while (rnd := self._rounds.next_complete()) is not None:
             self._close(rnd, "all clients arrived")
 
     def _close(self, rnd: Round, reason: str) -> None:

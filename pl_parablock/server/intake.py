@@ -334,7 +334,16 @@ class Intake:
         return self.rule.streaming and self.limits.clip_norm is None and not self.limits.compression.lossy_upload
 
     def receive(self, op: Opened, header: Mapping[str, Any], specs: list[Spec], feed: Feed) -> Outcome:
-        """Check and sum one update as ``feed`` delivers it (see :meth:`~pl_parablock.server.aggregator.Aggregator.receive`)."""
+        """Check and sum one update as ``feed`` delivers it.
+
+        ``feed(consume, spool)`` delivers the update: ``spool(chunk)`` with
+        every body chunk as it comes, then ``consume(name, start, values)``
+        with its elements (flat, any float dtype, none crossing a multiple of
+        :data:`~pl_parablock.core.aggregate.PIECE_ELEMS`), in any order and cut;
+        it may raise (a cut or corrupt stream) after part was consumed. An
+        update refused, cut short, superseded or overtaken by its round's
+        close is rolled back exactly.
+        """
         rnd, client = op.rnd, op.client
         sums = rnd.intake
         up = _Upload(rnd, client, op.block, op.kind, op.weight, specs, op.current)

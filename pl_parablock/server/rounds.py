@@ -182,6 +182,12 @@ class Rounds:
     def get(self, index: int) -> Round | None:
         return self._rounds.get(index)
 
+    def next_complete(self) -> Round | None:
+        """The first open round, if every expected client of it has arrived (rounds close in order), else ``None``."""
+        with self._cond:
+            rnd = self._rounds.get(self.next_round())
+            return rnd if rnd is not None and not rnd.closed and rnd.complete else None
+
     def last_rounds_began(self) -> float | None:
         """When the run's last rounds began: the close of the round before the last ``staleness + 1`` (``None``: the start).
 
