@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     # the loss comparison: the timed runs' recipe; --quick a narrower model (64 wide) on shorter records (64 tokens), so that
     # 5 seeds fit in a few minutes
     loss_model = SMOKE_MODEL if args.smoke else {**model, "hidden_size": 64, "intermediate_size": 176} if args.quick else model
-    loss_rounds = 8 if args.smoke else 24 if args.quick else 48
+    loss_rounds = 4 if args.smoke else 24 if args.quick else 48
     eval_samples = 8 if args.smoke else 64
     root = args.output or tempfile.mkdtemp(prefix="pl_parablock-staleness-")
     os.makedirs(root, exist_ok=True)
