@@ -52,11 +52,12 @@ from pl_parablock.reference import run_reference
 from pl_parablock.simulate import main as simulate_main
 from pl_parablock.simulation.driver import run_simulation
 from tests.helpers import tiny_recipe
+from tests.integration.test_reference import CASES as REFERENCE_CASES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CASES = {
-    "parablock-4-random-sampled": ["mode=parablock", "blocks.schedule=random", "federation.clients_per_round=2"],
+    "parablock-4-random-sampled": REFERENCE_CASES["parablock-4-random-sampled"],
     "parablock-2-sampled-one": ["mode=parablock", "blocks.layers_per_block=2", "federation.clients=5", "federation.clients_per_round=1"],
     "parablock-1-random-sampled-tokens": [
         "mode=parablock",
@@ -67,8 +68,8 @@ CASES = {
     "fedavg-ffa-lora-sampled": ["mode=fedavg", "model.peft.method=ffa_lora", "federation.clients_per_round=2"],
     "parablock-kept-optimizer-state-sampled": ["mode=parablock", "train.keep_optimizer_state=true", "federation.clients_per_round=2"],
     "parablock-lora-sampled": ["mode=parablock", "model.peft.method=lora", "federation.clients_per_round=2"],
-    "cyclic-4-random": ["mode=cyclic", "blocks.schedule=random"],
-    "parablock-2-k2-sampled": ["mode=parablock", "blocks.layers_per_block=2", "federation.staleness=2", "federation.clients_per_round=2"],
+    "cyclic-4-random": REFERENCE_CASES["cyclic-4-random"],
+    "parablock-2-k2-sampled": REFERENCE_CASES["parablock-2-k2-sampled"],
     "parablock-2-k3-damped": ["mode=parablock", "blocks.layers_per_block=2", "federation.staleness=3", "federation.stale_mix=0.5"],
     "parablock-4-adam-sampled": ["mode=parablock", "federation.server_optimizer.name=adam", "federation.clients_per_round=2"],
     # every codec with error feedback (DESIGN §1.1 "The global is exact"): the clients' upload residuals, kept by each
@@ -86,13 +87,8 @@ CASES = {
         "federation.server_lr=0.5",
         "federation.clients_per_round=2",
     ],
-    "sync-1-int4-sampled": ["mode=sync", "blocks.patterns=[.*]", "federation.compression.codec=int4", "federation.clients_per_round=2"],
-    "parablock-1-int4-sampled": [
-        "mode=parablock",
-        "blocks.patterns=[.*]",
-        "federation.compression.codec=int4",
-        "federation.clients_per_round=2",
-    ],
+    "sync-1-int4-sampled": REFERENCE_CASES["sync-1-int4-sampled"],
+    "parablock-1-int4-sampled": REFERENCE_CASES["parablock-1-int4-sampled"],
     "parablock-4-int4-down-k2-sampled": [
         "mode=parablock",
         "federation.compression.codec=int8",
@@ -100,12 +96,7 @@ CASES = {
         "federation.staleness=2",
         "federation.clients_per_round=2",
     ],
-    "sync-4-topk-staggered": [
-        "mode=sync",
-        "blocks.assignment=staggered",
-        "federation.compression.codec=topk",
-        "federation.compression.fraction=0.05",
-    ],
+    "sync-4-topk-staggered": REFERENCE_CASES["sync-4-topk-staggered"],
     "parablock-4-topk-staggered-sampled": [
         "mode=parablock",
         "blocks.assignment=staggered",
@@ -115,9 +106,9 @@ CASES = {
     ],
     # M = 2: a client's block comes round again two turns later, so its residual of that block is used again
     "cyclic-2-fp8": ["mode=cyclic", "blocks.layers_per_block=2", "federation.compression.codec=fp8"],
-    "cyclic-4-ascending": ["mode=cyclic"],
-    "sync-4-staggered": ["mode=sync", "blocks.assignment=staggered"],
-    "parablock-2-staggered": ["mode=parablock", "blocks.assignment=staggered", "blocks.layers_per_block=2"],
+    "cyclic-4-ascending": REFERENCE_CASES["cyclic-4-ascending"],
+    "sync-4-staggered": REFERENCE_CASES["sync-4-staggered"],
+    "parablock-2-staggered": REFERENCE_CASES["parablock-2-staggered"],
     "parablock-4-k3-staggered-damped-sampled": [
         "mode=parablock",
         "federation.staleness=3",
