@@ -8,6 +8,7 @@ was validated before, so a builder does not check again.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -20,6 +21,7 @@ from pl_parablock.recipe.schema import Recipe
 __all__ = [
     "DEFAULT_MIN_UPLOAD_MBPS",
     "TOKEN_ENV",
+    "available_cores",
     "client_threads",
     "client_token",
     "compression_of",
@@ -115,17 +117,46 @@ def min_upload_mbps(recipe: Recipe) -> float:
     return min(declared) / 10 if declared else DEFAULT_MIN_UPLOAD_MBPS
 
 
-def client_threads(recipe: Recipe) -> int:
-    """The CPU threads each client computes with: ``train.threads``, else the machine's cores shared by the clients.
+def available_cores() -> int:
+    """The cores this process may actually run on: its CPU affinity, capped by a cgroup CPU quota.
 
-    ``max(1, cores // federation.clients)``: what ``python -m pl_parablock.fit``
+    ``os.cpu_count()`` counts the machine's cores; a process started under
+    ``taskset``, a container's cpuset or a ``cpu.max`` quota (Docker's
+    ``--cpus``, Kubernetes' CPU limit) gets fewer. Threads sized from the
+    machine's count would then wait on each other at every parallel region.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity on this platform (macOS, Windows)
+        cores = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    if quota is not None:
+        cores = min(cores, max(1, math.ceil(quota)))
+    return max(1, cores)
+
+
+def _cgroup_quota(path: str = "/sys/fs/cgroup/cpu.max") -> float | None:
+    """The cgroup v2 CPU quota in cores (``cpu.max``: ``QUOTA PERIOD``), or ``None`` when unlimited or unknown."""
+    try:
+        with open(path, encoding="ascii") as fh:
+            quota, period = fh.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def client_threads(recipe: Recipe) -> int:
+    """The CPU threads each client computes with: ``train.threads``, else the cores available shared by the clients.
+
+    ``max(1, cores // federation.clients)``, ``cores`` being :func:`available_cores`
+    (affinity and CPU quota, not the machine's count): what ``python -m pl_parablock.fit``
     gives each of its local client processes, what its ``--inprocess``
     clients use, and what the simulator uses for the virtual client it runs.
     torch's kernels may sum in another order with another thread count, so
     one default for all three is what lets them end with the same model,
     bitwise, on the same machine.
     """
-    return int(recipe.train.threads or max(1, (os.cpu_count() or 1) // recipe.federation.clients))
+    return int(recipe.train.threads or max(1, available_cores() // recipe.federation.clients))
 
 
 def weight_bound(recipe: Recipe) -> float | None:

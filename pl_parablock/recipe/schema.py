@@ -183,7 +183,8 @@ class TrainSection:
     threads: int | None = field(
         default=None,
         metadata=_help(
-            "CPU threads per client; default: the machine's cores shared among the clients, max(1, cores // clients), in "
+            "CPU threads per client; default: the cores this process may run on (its CPU affinity, capped by a cgroup "
+            "CPU quota) shared among the clients, max(1, cores // clients), in "
             "`fit` (processes or --inprocess) and in the simulator alike, so that both give the same model bitwise. A "
             "client started by hand (--role client) without it uses torch's default."
         ),

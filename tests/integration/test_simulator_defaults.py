@@ -45,7 +45,7 @@ def test_fit_and_simulate_with_default_threads_end_on_the_same_model(tmp_path):
     assert simulated["federation"]["globals_sha256"] == real["federation"]["globals_sha256"]
     assert [r["clients"] for r in simulated["rounds"]] == [r["clients"] for r in real["rounds"]]
     # both resolved the same default, and it is fit's per-client share of the cores
-    expected = max(1, (os.cpu_count() or 1) // 3)
+    expected = max(1, len(os.sched_getaffinity(0)) // 3)
     resolved = (tmp_path / "fit" / "recipe.yaml").read_text()
     assert f"threads: {expected}" in resolved
     assert simulated["clock"]["threads"] == expected
