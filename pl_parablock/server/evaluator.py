@@ -79,7 +79,7 @@ class EvaluatorDesk:
         self._admission = admission
         self.configure(points, hold_models)
         self.held: dict[int, Blocks] = {}
-        self.skipped: list[int] = []  # points dropped unread: the evaluator was behind
+        self.dropped: list[int] = []  # points let go before the evaluator asked for a later one (it may have read them)
         self.report: dict[str, Any] | None = None
         self.seen: float | None = None  # when the evaluator last read (time.time())
         self.left = False
@@ -110,8 +110,12 @@ class EvaluatorDesk:
         while len(self.held) > 1 and _nbytes([b for held in self.held.values() for b in held], current) > limit:
             oldest = min(self.held)
             del self.held[oldest]
-            self.skipped.append(oldest)
-            log.warning("the evaluator is behind: the global after %d rounds is dropped unread (it gets a later one)", oldest)
+            self.dropped.append(oldest)
+            log.warning(
+                "the evaluator is behind: the global after %d rounds is let go (eval.hold_models); if it has not read it, "
+                "it gets a later point",
+                oldest,
+            )
 
     def read(self, after: int, block: int) -> tuple[int, dict[str, Tensor]] | None:
         """Block ``block`` of the global after ``after`` rounds, or after the next point it can have; ``None``: not yet.
@@ -163,4 +167,4 @@ class EvaluatorDesk:
         """The evaluator's part of the server report (caller holds the lock); ``None`` when no evaluator read."""
         if self.seen is None and self.report is None:
             return None
-        return {"report": self.report, "left": self.left, "skipped_points": list(self.skipped)}
+        return {"report": self.report, "left": self.left, "dropped_points": list(self.dropped)}

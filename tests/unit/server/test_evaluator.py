@@ -87,7 +87,7 @@ def test_an_evaluator_behind_costs_the_server_a_bounded_memory_and_skips_to_a_la
         current = {id(t) for block in agg._rounds.state.values for t in block.values()}
         kept = {id(t): t for held in desk.held.values() for block in held for t in block.values() if id(t) not in current}
         assert sum(t.numel() * t.element_size() for t in kept.values()) <= model
-        assert desk.skipped and min(desk.held) > 0, "the oldest points were dropped"
+        assert desk.dropped and min(desk.held) > 0, "the oldest points were dropped"
         point, tensors = read_all(InProcessTransport(FederationService(agg)), 2)  # asks for a dropped point
         assert point == min(desk.held) > 2
         want = expected_after(point)
