@@ -542,6 +542,11 @@ def _evaluate(recipe: Recipe, server: str | None) -> int:
     if server is None:
         raise ParaBlockError("--role evaluator needs --server HOST:PORT (the address the server printed)")
     quiet_third_party()
+    if evaluator_of(recipe, launcher=False) != "process":
+        _say(
+            f"warning: eval.evaluator is {recipe.eval.evaluator}: client 0 evaluates and saves the model too; "
+            "give every host eval.evaluator=process"
+        )
     f = recipe.federation
     recipe.train.threads = client_threads(recipe)
     transport = GrpcTransport(

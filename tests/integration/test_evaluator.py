@@ -71,3 +71,10 @@ def test_a_dead_evaluator_does_not_stop_the_federation(tmp_path, monkeypatch):
     assert len(report["rounds"]) == recipe.federation.rounds, "every round closed"
     assert report["final"]["eval_loss"] is None and report["eval_curve"] == []
     assert report["evaluator"] is None or not report["evaluator"]["reported"]
+
+
+def test_role_evaluator_without_a_server_says_what_to_give(capsys):
+    from pl_parablock.fit import main
+
+    assert main(["--role", "evaluator"]) == 2
+    assert "--role evaluator needs --server HOST:PORT" in capsys.readouterr().err

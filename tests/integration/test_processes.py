@@ -47,6 +47,8 @@ def test_launcher_runs_server_and_client_processes_over_grpc(recipe, tmp_path):
     assert report["mode"] == "parablock" and len(report["rounds"]) == 4 and len(report["clients"]) == 2
     assert all(r["arrived"] == 2 for r in report["rounds"])
     assert report["final"]["eval_loss"] is not None
+    assert report["evaluator"]["reported"], "the launcher's evaluator process evaluated and saved the model (eval.evaluator: auto)"
+    assert (out / "logs" / "evaluator.log").exists() and (out / "evaluator.json").exists()
 
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
