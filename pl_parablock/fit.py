@@ -15,7 +15,7 @@ federation for clients on other machines and prints the address it listens
 on; ``--role client --client-id I --server HOST:PORT`` runs one client;
 ``--role evaluator --server HOST:PORT`` evaluates and saves the global model
 off the training path (``eval.evaluator``: the local launcher starts one
-itself when it is ``process`` or ``auto``).
+itself when it is ``process``, or ``auto`` with ``eval.every`` > 0).
 
 A bad recipe, a missing file or an unreachable server prints one clear
 message and exits with status 2.

@@ -168,11 +168,12 @@ def evaluator_of(recipe: Recipe, *, launcher: bool) -> str:
 
     ``eval.evaluator: auto`` is ``process`` where the launcher starts the
     processes itself (``launcher``: the local launcher with client
-    processes), else ``client``.
+    processes) and there is a curve (``eval.every`` > 0), else ``client``:
+    the final evaluation alone holds no client up.
     """
     chosen = recipe.eval.evaluator
     if chosen == "auto":
-        return "process" if launcher else "client"
+        return "process" if launcher and recipe.eval.every > 0 else "client"
     return str(chosen)
 
 

@@ -512,7 +512,8 @@ class EvalSection:
             "from the server as rounds close, off the training path (the local launcher starts it; on several machines "
             "start `python -m pl_parablock.fit RECIPE --role evaluator --server HOST:PORT`), and client 0 only trains | "
             "client: client 0 evaluates between its rounds (the other clients wait for its update meanwhile) | auto: "
-            "process in the local launcher (processes), client otherwise (--inprocess, --role client, your own Trainer)."
+            "process in the local launcher (processes) when eval.every > 0, client otherwise (only the final evaluation, "
+            "--inprocess, --role client, your own Trainer)."
         ),
     )
 
