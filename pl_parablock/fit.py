@@ -3,7 +3,7 @@
 Usage::
 
     python -m pl_parablock.fit [RECIPE.yaml] [key=value ...]
-        [--role local|server|client] [--listen HOST:PORT]
+        [--role local|server|client|evaluator] [--listen HOST:PORT]
         [--server HOST:PORT] [--client-id I] [--inprocess]
 
 ``--role local`` (the default) starts the server in this process and one
@@ -12,7 +12,10 @@ with a summary table, ``OUTPUT_DIR/report.json`` and the global model in
 ``OUTPUT_DIR/model``. ``--inprocess`` runs the clients as threads of this
 process instead (one-process debugging). ``--role server`` serves a
 federation for clients on other machines and prints the address it listens
-on; ``--role client --client-id I --server HOST:PORT`` runs one client.
+on; ``--role client --client-id I --server HOST:PORT`` runs one client;
+``--role evaluator --server HOST:PORT`` evaluates and saves the global model
+off the training path (``eval.evaluator``: the local launcher starts one
+itself when it is ``process``, or ``auto`` with ``eval.every`` > 0).
 
 A bad recipe, a missing file or an unreachable server prints one clear
 message and exits with status 2.
@@ -38,6 +41,8 @@ from pl_parablock.recipe.build import (
     client_threads,
     client_token,
     compression_of,
+    evaluation_points,
+    evaluator_of,
     min_upload_mbps,
     run_loggers,
     server_optimizer_of,
@@ -65,9 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("recipe", nargs="?", help="YAML recipe (default: the built-in quickstart defaults)")
     p.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. train.lr=1e-4")
-    p.add_argument("--role", choices=("local", "server", "client"), default="local", help="what this process runs (default: local)")
+    p.add_argument(
+        "--role", choices=("local", "server", "client", "evaluator"), default="local", help="what this process runs (default: local)"
+    )
     p.add_argument("--listen", default="127.0.0.1:0", help="server: HOST:PORT to bind (default 127.0.0.1 and a free port)")
-    p.add_argument("--server", help="client: HOST:PORT of the federation server")
+    p.add_argument("--server", help="client, evaluator: HOST:PORT of the federation server")
     p.add_argument("--client-id", type=int, help="client: this client's id, 0..clients-1")
     p.add_argument("--inprocess", action="store_true", help="local: run the clients as threads of this process")
     p.add_argument("--reference", action="store_true", help="print every recipe key (type, default, meaning) and exit")
@@ -132,8 +139,12 @@ class RoundPrinter:
             logger.finalize("success")
 
 
-def _aggregator(recipe: Recipe, progress: bool) -> Aggregator:
-    """The server state of a recipe, resumed from OUTPUT_DIR/server when a checkpoint is there."""
+def _aggregator(recipe: Recipe, progress: bool, launcher: bool = False) -> Aggregator:
+    """The server state of a recipe, resumed from OUTPUT_DIR/server when a checkpoint is there.
+
+    With an evaluator of its own (``eval.evaluator``; ``launcher``: the local
+    launcher starts the processes), the server holds the curve's points for it.
+    """
     f = recipe.federation
     schedule = mode_of(recipe.mode).schedule(recipe.blocks.schedule)
     checkpoint_dir = os.path.join(recipe.output_dir, "server")
@@ -163,6 +174,8 @@ def _aggregator(recipe: Recipe, progress: bool) -> Aggregator:
         max_weight=weight_bound(recipe),
         compression=compression_of(recipe),
     )
+    if evaluator_of(recipe, launcher=launcher) == "process":
+        agg.evaluator.configure(evaluation_points(recipe), recipe.eval.hold_models)
     if f.weighting == "shard" and weight_bound(recipe) is None:
         log.warning(
             "federation.weighting=shard with data files: the server cannot know the largest shard, so one client's weight "
@@ -248,9 +261,42 @@ def _quorum_survives(recipe: Recipe, alive: int) -> bool:
     return f.round_timeout_s is not None and alive >= (f.min_clients or f.clients)
 
 
+def _start_evaluator(resolved: str, address: str, logs: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], Any]:
+    """Start the evaluator process (``--role evaluator``) against the server at ``address``; its log goes to logs/evaluator.log."""
+    log_file = open(os.path.join(logs, "evaluator.log"), "wb")
+    cmd = [sys.executable, "-m", "pl_parablock.fit", resolved, "--role", "evaluator", "--server", address]
+    return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env), log_file
+
+
+def _end_evaluator(evaluator: tuple[subprocess.Popen[bytes], Any] | None, grace_s: float, logs: str, wait: bool) -> None:
+    """The clients are done: give the evaluator ``grace_s`` to finish (``wait``), else stop it; it never fails the run."""
+    if evaluator is None:
+        return
+    p, log_file = evaluator
+    try:
+        if wait and p.poll() is None:
+            _say("training done; the evaluator evaluates and saves the final model")
+            p.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        _say(f"the evaluator did not finish within {grace_s:g} s (federation.timeout_s): stopped, the report has no final evaluation")
+    finally:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        log_file.close()
+    if wait and p.returncode not in (0, None, -15):
+        where = os.path.join(logs, "evaluator.log")
+        _say(f"the evaluator failed (exit status {p.returncode}); the report has no final evaluation. Its log ({where}):\n{_tail(where)}")
+
+
 def _local_processes(recipe: Recipe) -> int:
     f = recipe.federation
     recipe.train.threads = client_threads(recipe)
+    recipe.eval.evaluator = evaluator_of(recipe, launcher=True)  # the clients read it from the resolved recipe
     out = recipe.output_dir
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
@@ -258,16 +304,19 @@ def _local_processes(recipe: Recipe) -> int:
     with open(resolved, "w", encoding="utf-8") as fh:
         fh.write(to_yaml(recipe))
     data = _describe_data(recipe)  # reads the data: a bad file stops the run before the server starts
-    agg = _aggregator(recipe, progress=True)
+    agg = _aggregator(recipe, progress=True, launcher=True)
     server = _server(recipe, agg, "127.0.0.1:0")
     address = _client_address(server.start(), recipe)
     _banner(recipe, f"server {address}, client logs in {logs}", data)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(recipe.train.threads), "TOKENIZERS_PARALLELISM": "false"}
     procs: dict[int, tuple[subprocess.Popen[bytes], Any]] = {}
+    evaluator = None
     start = time.perf_counter()
     failed: tuple[int, int] | None = None
     dropped: list[int] = []
     try:
+        if recipe.eval.evaluator == "process":
+            evaluator = _start_evaluator(resolved, address, logs, env)
         for i in range(f.clients):
             log_file = open(os.path.join(logs, f"client_{i}.log"), "wb")
             cmd = [sys.executable, "-m", "pl_parablock.fit", resolved, "--role", "client", "--client-id", str(i), "--server", address]
@@ -294,6 +343,7 @@ def _local_processes(recipe: Recipe) -> int:
         _say("interrupted: stopping the clients")
         failed = (-1, 130)
     finally:
+        _end_evaluator(evaluator, leave_grace_s(recipe), logs, wait=failed is None)
         for p, _ in procs.values():
             if p.poll() is None:
                 p.terminate()
@@ -327,7 +377,9 @@ def federate_in_process(recipe: Recipe, progress: bool = False) -> tuple[Aggrega
     """Run ``recipe``'s federation in this process, clients as threads over the in-process transport.
 
     Returns the aggregator, the client runs and the wall time. The first
-    client failure is raised (a :class:`ParaBlockError` as it is).
+    client failure is raised (a :class:`ParaBlockError` as it is). With
+    ``eval.evaluator: process`` an evaluator runs as one more thread
+    (:func:`evaluate_in_thread`); ``auto`` is client 0 here.
     """
     from pl_parablock.client.runner import prepare_client, quiet_third_party
 
@@ -355,11 +407,18 @@ def federate_in_process(recipe: Recipe, progress: bool = False) -> tuple[Aggrega
             agg.shutdown()
 
     start = time.perf_counter()
+    evaluator = evaluate_in_thread(recipe, service) if evaluator_of(recipe, launcher=False) == "process" else None
     threads = [threading.Thread(target=target, args=(r,), name=f"pl_parablock-client-{r.client_id}") for r in runs]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    if evaluator is not None:
+        evaluator.join(leave_grace_s(recipe))
+        if evaluator.is_alive():  # its waits end at the shutdown
+            log.warning("the evaluator did not finish within %g s: stopped", leave_grace_s(recipe))
+            agg.shutdown()
+            evaluator.join()
     wall = time.perf_counter() - start
     if errors:
         first, exc = errors[0]
@@ -367,6 +426,30 @@ def federate_in_process(recipe: Recipe, progress: bool = False) -> tuple[Aggrega
             raise exc
         raise RuntimeError(f"client {first} failed") from exc
     return agg, runs, wall
+
+
+def evaluate_in_thread(recipe: Recipe, service: FederationService) -> threading.Thread:
+    """Start an evaluator (:class:`~pl_parablock.client.evaluator.Evaluator`) as a thread of this process, on ``service``.
+
+    It never fails the federation: an error is logged (and kept in the thread's ``error``).
+    """
+    from pl_parablock.client.evaluator import Evaluator
+
+    f = recipe.federation
+    transport = InProcessTransport(service, chunk_bytes=f.chunk_kb * 1024, token=client_token(recipe, 0))  # no emulated link: not a client
+    evaluator = Evaluator(recipe, transport)  # builds the model here: a bad recipe stops the run before it starts
+
+    def target() -> None:
+        try:
+            evaluator.run()
+        except BaseException as exc:  # the federation goes on without its evaluation
+            thread.error = exc  # type: ignore[attr-defined]
+            log.warning("the evaluator failed: %r", exc)
+
+    thread = threading.Thread(target=target, name="pl_parablock-evaluator", daemon=True)
+    thread.error = None  # type: ignore[attr-defined]
+    thread.start()
+    return thread
 
 
 def _local_inprocess(recipe: Recipe) -> int:
@@ -413,10 +496,21 @@ def _serve(recipe: Recipe, listen: str) -> int:
         _say("interrupted: stopping the server")
         server.stop()
         return 130
+    if finished:
+        _await_evaluator(agg, grace)
     server.stop()
     if not finished:
         raise ParaBlockError(f"the federation did not finish within {limit:g} s: rounds closed {agg.next_round()}/{f.rounds}")
     return _finish(recipe, agg, time.perf_counter() - start)
+
+
+def _await_evaluator(agg: Aggregator, grace_s: float) -> None:
+    """Every round closed and the clients left: an evaluator that has read and not reported gets ``grace_s`` to report."""
+    desk, deadline = agg.evaluator, time.monotonic() + grace_s
+    if desk.seen is not None and not desk.left:
+        _say(f"every client left; waiting up to {grace_s:g} s for the evaluator's report (federation.timeout_s)")
+    while desk.seen is not None and not desk.left and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def _client(recipe: Recipe, client_id: int | None, server: str | None) -> int:
@@ -439,6 +533,40 @@ def _client(recipe: Recipe, client_id: int | None, server: str | None) -> int:
     return 0
 
 
+def _evaluate(recipe: Recipe, server: str | None) -> int:
+    """``--role evaluator``: evaluate the global model of the federation at ``server`` off the training path, and save it."""
+    from pl_parablock.client.evaluator import Evaluator
+    from pl_parablock.client.runner import quiet_third_party
+    from pl_parablock.client.transport import GrpcTransport
+
+    if server is None:
+        raise ParaBlockError("--role evaluator needs --server HOST:PORT (the address the server printed)")
+    quiet_third_party()
+    if evaluator_of(recipe, launcher=False) != "process":
+        _say(
+            f"warning: eval.evaluator is {recipe.eval.evaluator}: client 0 evaluates and saves the model too; "
+            "give every host eval.evaluator=process"
+        )
+    f = recipe.federation
+    recipe.train.threads = client_threads(recipe)
+    transport = GrpcTransport(
+        server,
+        chunk_bytes=f.chunk_kb * 1024,  # no emulated link: the clients' links are emulated, the evaluator's is its own
+        token=client_token(recipe, 0),
+        tls=TLS(ca=f.tls.ca) if f.tls.ca else None,
+    )
+    try:
+        report = Evaluator(recipe, transport).run()
+    finally:
+        transport.close()
+    path = os.path.join(recipe.output_dir, "evaluator.json")
+    os.makedirs(recipe.output_dir, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(report, fh, indent=1, default=str)
+    log.info("evaluator done; report in %s", path)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.reference:
@@ -449,11 +577,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if recipe_path is not None and "=" in recipe_path and not os.path.exists(recipe_path):
         overrides.insert(0, recipe_path)
         recipe_path = None
-    _setup_logging(verbose=args.role == "client")
+    _setup_logging(verbose=args.role in ("client", "evaluator"))
     try:
         recipe = load_recipe(recipe_path, overrides)
         if args.role == "client":
             return _client(recipe, args.client_id, args.server)
+        if args.role == "evaluator":
+            return _evaluate(recipe, args.server)
         if args.role == "server":
             return _serve(recipe, args.listen)
         if args.inprocess:

@@ -120,6 +120,10 @@ def build_report(recipe: Recipe, server: dict[str, Any], *, wall_s: float, link:
     final: dict[str, Any] = {}
     first = client_reports.get("0") or (next(iter(client_reports.values())) if client_reports else {})
     final.update({k: v for k, v in first.get("final", {}).items() if k not in ("eval_curve", "client_data")})
+    evaluator = (server.get("evaluator") or {}).get("report")  # an evaluator of its own evaluated and saved the model
+    if evaluator:
+        final.update({k: v for k, v in evaluator.get("final", {}).items() if k != "eval_curve"})
+    curve = evaluator.get("eval_curve", []) if evaluator else first.get("final", {}).get("eval_curve", [])
     last_losses = [r["loss"] for r in rounds if r.get("loss") is not None]
     final["loss"] = last_losses[-1] if last_losses else None
     final.setdefault("eval_loss", None)
@@ -134,7 +138,8 @@ def build_report(recipe: Recipe, server: dict[str, Any], *, wall_s: float, link:
         "rounds": rounds,
         "clients": clients,
         "final": final,
-        "eval_curve": first.get("final", {}).get("eval_curve", []),
+        "eval_curve": curve,
+        "evaluator": _evaluator_summary(server.get("evaluator")),
         "totals": {
             "compute_s": sum(c["compute_s"] for c in clients),
             "comm_s": comm_total,
@@ -171,6 +176,19 @@ def build_report(recipe: Recipe, server: dict[str, Any], *, wall_s: float, link:
         "model_dir": final.get("model_dir"),
         "output_dir": os.path.abspath(output_dir),
         "recipe": to_dict(recipe),
+    }
+
+
+def _evaluator_summary(desk: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Who evaluated the global model, when an evaluator of its own did (``None``: client 0)."""
+    if not desk:
+        return None
+    report = desk.get("report") or {}
+    return {
+        "reported": desk.get("report") is not None,
+        # the points the evaluator asked for and got a later one instead (or, without its report, those the server let go)
+        "skipped_points": report.get("skipped_points", []) if desk.get("report") is not None else desk.get("dropped_points", []),
+        "wall_s": report.get("wall_s"),
     }
 
 

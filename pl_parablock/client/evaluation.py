@@ -1,8 +1,11 @@
-"""Evaluation of the global model on a client, as a Lightning callback driven by the strategy.
+"""Evaluation of the global model: what is measured and saved (:class:`ModelEvaluation`), and client 0's callback.
 
-:class:`GlobalEvaluation` follows the global model through the strategy's
-hook (``on_global_model``): it never works out by itself when an aggregate
-is applied.
+:class:`ModelEvaluation` evaluates a model on the held-out records and
+saves it; the evaluator process (:mod:`pl_parablock.client.evaluator`) and
+:class:`GlobalEvaluation` both use it, so a curve point and the saved model
+are the same whoever evaluates. :class:`GlobalEvaluation` follows the
+global model through the strategy's hook (``on_global_model``): it never
+works out by itself when an aggregate is applied.
 """
 
 from __future__ import annotations
@@ -24,38 +27,27 @@ from pl_parablock.errors import DataError
 from pl_parablock.model.metrics import evaluate_exact_match, evaluate_loss
 from pl_parablock.model.module import ParaBlockModule
 
-__all__ = ["GlobalEvaluation"]
+__all__ = ["GlobalEvaluation", "ModelEvaluation"]
 
 log = logging.getLogger(__name__)
 
 
-class GlobalEvaluation(Callback):
-    """Evaluates the global model on client 0, every ``every`` rounds and at the end, and saves it.
+class ModelEvaluation:
+    """Evaluates a model on held-out records and saves it.
 
     Each evaluation computes the token loss and perplexity of the held-out
     records and, for math records (those with an ``answer``), greedy
-    exact match. The model evaluated is exactly the global model after round
-    ``t``: the strategy calls :meth:`on_global_model` when the module holds
-    it (it alone knows when each aggregate is applied). A point due at the
-    second-to-last round of a ``parablock`` run is covered by the final
-    evaluation (both aggregates arrive together). The curve (``round`` =
-    rounds aggregated, 0 = the initial model) goes to the report's
-    ``eval_curve``.
-
-    At the end (``on_train_end``, after the strategy applied the last
-    aggregates) the final metrics go to the report and the model is saved:
-    a full model, or a PEFT adapter, in ``model_dir``; with ``merge``, the
-    base with the adapter merged in, in ``merged_dir``.
+    exact match. The final model is saved as a full model, or a PEFT
+    adapter, in ``model_dir``; with ``merge``, the base with the adapter
+    merged in, in ``merged_dir``.
 
     Args:
-        strategy: the client's strategy, whose report receives the metrics.
         records: evaluation records.
         tokenizer: tokenizer of the model.
         batch_size: evaluation batch size.
         max_length: tokens per sequence.
         max_new_tokens: generated tokens per math question.
         model_dir: where to save the global model, or ``None``.
-        every: evaluate every this many rounds; 0: only at the end.
         on_error: ``raise`` on an evaluation record that cannot be encoded, or ``skip`` it.
         merged_dir: where to save the merged model (PEFT models only).
         merge: ``merge(adapter_dir, merged_dir)`` saves the merged model.
@@ -65,7 +57,6 @@ class GlobalEvaluation(Callback):
 
     def __init__(
         self,
-        strategy: FederatedBlockStrategy,
         records: list[dict[str, Any]],
         tokenizer: PreTrainedTokenizerBase,
         *,
@@ -73,25 +64,21 @@ class GlobalEvaluation(Callback):
         max_length: int,
         max_new_tokens: int,
         model_dir: str | None,
-        every: int = 0,
         on_error: str = "raise",
         merged_dir: str | None = None,
         merge: Callable[[str, str], None] | None = None,
         base_dir: str | None = None,
         save_base: Callable[[str, str], str] | None = None,
     ) -> None:
-        self.strategy = strategy
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_length = max_length
         self.max_new_tokens = max_new_tokens
         self.model_dir = model_dir
-        self.every = every
         self.merged_dir = merged_dir
         self.merge = merge
         self.base_dir = base_dir
         self.save_base = save_base
-        self.curve: list[dict[str, Any]] = []
         self.records: list[dict[str, Any]] = []
         self.skipped: list[str] = []
         examples = []
@@ -125,6 +112,79 @@ class GlobalEvaluation(Callback):
         metrics["eval_s"] = time.perf_counter() - t0
         return metrics
 
+    def final(self, module: ParaBlockModule, rounds_done: int, curve: list[dict[str, Any]] | None) -> dict[str, Any]:
+        """Evaluate and save the final global model; its point joins ``curve`` (unless ``None``). Returns the final metrics."""
+        metrics: dict[str, Any] = {}
+        if self.records:
+            metrics.update(self.evaluate(module.model))
+            metrics["eval_samples"] = len(self.records)
+            if curve is not None:
+                curve.append({"round": rounds_done, **{k: v for k, v in metrics.items() if k != "eval_samples"}})
+        if self.model_dir is not None:
+            module.save_pretrained(self.model_dir)
+            metrics["model_dir"] = os.path.abspath(self.model_dir)
+            if module.is_peft:
+                metrics["model_format"] = "peft_adapter"
+                if self.save_base is not None and self.base_dir is not None:
+                    metrics["base_model_dir"] = self.save_base(self.model_dir, self.base_dir)
+                if self.merge is not None and self.merged_dir is not None:
+                    self.merge(self.model_dir, self.merged_dir)
+                    metrics["merged_model_dir"] = os.path.abspath(self.merged_dir)
+            else:
+                metrics["model_format"] = "full"
+        if curve:
+            metrics["eval_curve"] = list(curve)
+        return metrics
+
+
+class GlobalEvaluation(Callback):
+    """Evaluates the global model on client 0, every ``every`` rounds and at the end, and saves it.
+
+    What is measured and saved is :class:`ModelEvaluation`'s. The model
+    evaluated is exactly the global model after round ``t``: the strategy
+    calls :meth:`on_global_model` when the module holds it (it alone knows
+    when each aggregate is applied). A point due at the second-to-last round
+    of a ``parablock`` run is covered by the final evaluation (both
+    aggregates arrive together). The curve (``round`` = rounds aggregated,
+    0 = the initial model) goes to the report's ``eval_curve``.
+
+    At the end (``on_train_end``, after the strategy applied the last
+    aggregates) the final metrics go to the report and the model is saved.
+
+    Args:
+        strategy: the client's strategy, whose report receives the metrics.
+        records: evaluation records.
+        tokenizer: tokenizer of the model.
+        every: evaluate every this many rounds; 0: only at the end.
+        **kwargs: :class:`ModelEvaluation`'s (``batch_size``, ``max_length``, ``max_new_tokens``, ``model_dir``, ...).
+    """
+
+    def __init__(
+        self,
+        strategy: FederatedBlockStrategy,
+        records: list[dict[str, Any]],
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        every: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        self.strategy = strategy
+        self.every = every
+        self.evaluation = ModelEvaluation(records, tokenizer, **kwargs)
+        self.curve: list[dict[str, Any]] = []
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return self.evaluation.records
+
+    @property
+    def skipped(self) -> list[str]:
+        return self.evaluation.skipped
+
+    def evaluate(self, model: PreTrainedModel) -> dict[str, Any]:
+        """Loss, perplexity and (math records) exact match of ``model`` on the evaluation records."""
+        return self.evaluation.evaluate(model)
+
     def _due(self, t: int) -> bool:
         """Whether the global model after round ``t`` (0-based) is a point of the curve before the final one."""
         return self.every > 0 and t >= 0 and (t + 1) % self.every == 0 and t < self.strategy.rounds - 1
@@ -147,25 +207,8 @@ class GlobalEvaluation(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert isinstance(pl_module, ParaBlockModule)
-        metrics: dict[str, Any] = {}
-        if self.records:
-            metrics.update(self.evaluate(pl_module.model))
-            metrics["eval_samples"] = len(self.records)
-            if self.every > 0:
-                self.curve.append({"round": self.strategy.round, **{k: v for k, v in metrics.items() if k != "eval_samples"}})
-        if self.model_dir is not None:
-            pl_module.save_pretrained(self.model_dir)
-            metrics["model_dir"] = os.path.abspath(self.model_dir)
-            if pl_module.is_peft:
-                metrics["model_format"] = "peft_adapter"
-                if self.save_base is not None and self.base_dir is not None:
-                    metrics["base_model_dir"] = self.save_base(self.model_dir, self.base_dir)
-                if self.merge is not None and self.merged_dir is not None:
-                    self.merge(self.model_dir, self.merged_dir)
-                    metrics["merged_model_dir"] = os.path.abspath(self.merged_dir)
-            else:
-                metrics["model_format"] = "full"
-        if self.curve:
+        metrics = self.evaluation.final(pl_module, self.strategy.round, self.curve if self.every > 0 else None)
+        if self.curve and "eval_curve" not in metrics:
             metrics["eval_curve"] = list(self.curve)
         self.strategy.final_metrics.update(metrics)
         log.info("global model: %s", {k: v for k, v in metrics.items() if k != "eval_curve"})

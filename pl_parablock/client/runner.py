@@ -1,9 +1,11 @@
 """One client of a recipe: build its model, data and Trainer, run it, report.
 
 The launcher runs this in each client process (or thread, in one-process
-mode). Client 0 also evaluates the global model every ``eval.every`` rounds
-and at the end, saves it with ``save_pretrained`` and puts the metrics in its
-report. Where the model lands under ``OUTPUT_DIR``:
+mode). Unless an evaluator of its own does it (``eval.evaluator: process``,
+:mod:`pl_parablock.client.evaluator`), client 0 also evaluates the global
+model every ``eval.every`` rounds and at the end, saves it with
+``save_pretrained`` and puts the metrics in its report. Where the model
+lands under ``OUTPUT_DIR`` (whoever saves it):
 
 * ``model/``: the global model with its tokenizer: full weights
   (``AutoModelForCausalLM.from_pretrained``), or with ``model.peft`` the
@@ -117,7 +119,7 @@ def prepare_client(
         recipe: the validated recipe.
         client_id: which client (its data shard).
         server: ``HOST:PORT``, a transport, or ``None`` for a centralized run on all the data.
-        evaluate: evaluate and save the global model (default: client 0 only).
+        evaluate: evaluate and save the global model (default: client 0, unless ``eval.evaluator`` is ``process``).
         shard: train on this client's share of the data (default: with a
             server; a centralized run trains on all of it).
 
@@ -126,7 +128,7 @@ def prepare_client(
     """
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
-    evaluate = client_id == 0 if evaluate is None else evaluate
+    evaluate = client_id == 0 and recipe.eval.evaluator != "process" if evaluate is None else evaluate
     shard = server is not None if shard is None else shard
     data = client_data(
         recipe.data,

@@ -301,6 +301,30 @@ class Transport(ABC):
         """Download a block's current global value without waiting."""
         return self._download({"client_id": client_id, "block": block}, timeout, f"block {block}")
 
+    def evaluator_pull(self, after: int, block: int, timeout: float) -> tuple[int, int, dict[str, Tensor]]:
+        """An evaluator's read: block ``block`` of the global after ``after`` rounds (or after a later point, if the server
+        could not hold that one); waits for those rounds. Returns the point read, the number of blocks and the tensors."""
+        deadline = time.monotonic() + timeout
+        what = f"block {block} of the global model after {after} rounds"
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TransportError(f"{what} did not arrive within {timeout:g} s (federation.timeout_s)")
+            t0 = time.monotonic()
+            req = header_bytes({"evaluator": True, "after": after, "block": block, "wait_s": min(left, POLL_S)})
+            try:
+                header, tensors = decode(self.link.pace_down(self._unary_stream("Pull", req, left + 5.0)), what=what)
+            except CorruptStream as exc:
+                raise TransportError(str(exc)) from None
+            if header.get("ready"):
+                return int(header["after"]), int(header["blocks"]), tensors
+            time.sleep(max(0.0, min(deadline - time.monotonic(), 0.5 - (time.monotonic() - t0))))  # answered at once: not a busy loop
+
+    def evaluator_leave(self, report: Mapping[str, Any], timeout: float) -> None:
+        """The evaluator is done: its report (curve, final metrics, where the model went) goes to the server."""
+        req = header_bytes({"evaluator": True, "report": dict(report)})
+        parse_header(self._unary("Leave", req, timeout), "leave reply", max_bytes=MAX_REPLY_HEADER_BYTES)
+
     def versions(self, client_id: int, timeout: float) -> dict[str, Any]:
         return parse_header(
             self._unary("Versions", header_bytes({"client_id": client_id}), timeout), "versions reply", max_bytes=MAX_REPLY_HEADER_BYTES

@@ -192,3 +192,32 @@ def run_loggers(recipe: Recipe, name: str) -> list[Any]:
     if recipe.logging.tensorboard:
         out.append(TensorBoardLogger(root, name=name, version="", default_hp_metric=False))
     return out
+
+
+def evaluator_of(recipe: Recipe, *, launcher: bool) -> str:
+    """Who evaluates the global model: ``process`` (an evaluator of its own) or ``client`` (client 0).
+
+    ``eval.evaluator: auto`` is ``process`` where the launcher starts the
+    processes itself (``launcher``: the local launcher with client
+    processes) and there is a curve (``eval.every`` > 0), else ``client``:
+    the final evaluation alone holds no client up.
+    """
+    chosen = recipe.eval.evaluator
+    if chosen == "auto":
+        return "process" if launcher and recipe.eval.every > 0 else "client"
+    return str(chosen)
+
+
+def evaluation_points(recipe: Recipe) -> list[int]:
+    """The points of the evaluation curve before the final model: ``n`` = rounds aggregated (0: the initial model).
+
+    The initial model and every ``eval.every`` rounds, as client 0 shows
+    them: in a pipelined mode a client applies the last ``staleness``
+    aggregates together at the end, so a point among them is the final
+    one's. Empty when ``eval.every`` is 0 (only the final model).
+    """
+    every, rounds = recipe.eval.every, recipe.federation.rounds
+    if every <= 0:
+        return []
+    ahead = recipe.federation.staleness if mode_of(recipe.mode).staleness else 0
+    return [n for n in range(0, rounds, every) if n < rounds - ahead]

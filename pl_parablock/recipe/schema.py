@@ -41,6 +41,8 @@ PARTITIONS = ("iid", "dirichlet", "natural")
 ON_ERROR = ("raise", "skip")
 PEFT_METHODS = ("lora", "ffa_lora")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
+EVALUATORS = ("auto", "process", "client")
+"""Who evaluates the global model (``eval.evaluator``)."""
 
 
 def _quickstart_model() -> dict[str, Any]:
@@ -485,7 +487,7 @@ class EvalSection:
 
     every: int = field(
         default=0,
-        metadata=_help("Evaluate the global model every N rounds on client 0 (a curve in report.json); 0: only at the end."),
+        metadata=_help("Evaluate the global model every N rounds (a curve in report.json; see eval.evaluator); 0: only at the end."),
     )
     path: str | None = field(
         default=None,
@@ -497,6 +499,24 @@ class EvalSection:
     )
     max_samples: int = field(default=200, metadata=_help("Evaluation records at most."))
     max_new_tokens: int = field(default=24, metadata=_help("Greedy tokens generated per math question for exact match."))
+    hold_models: float = field(
+        default=2.0,
+        metadata=_help(
+            "With eval.evaluator=process: the most memory the server spends holding the curve's points for an evaluator "
+            "behind the rounds, in copies of the model's trained blocks; an evaluator further behind skips to later points."
+        ),
+    )
+    evaluator: str = field(
+        default="auto",
+        metadata=_help(
+            "Who evaluates and saves the global model: process: an evaluator process of its own reads the global blocks "
+            "from the server as rounds close, off the training path (the local launcher starts it; on several machines "
+            "start `python -m pl_parablock.fit RECIPE --role evaluator --server HOST:PORT`), and client 0 only trains | "
+            "client: client 0 evaluates between its rounds (the other clients wait for its update meanwhile) | auto: "
+            "process in the local launcher (processes) when eval.every > 0, client otherwise (only the final evaluation, "
+            "--inprocess, --role client, your own Trainer)."
+        ),
+    )
 
 
 @dataclass

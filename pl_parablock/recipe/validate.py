@@ -38,6 +38,7 @@ from pl_parablock.core.tensors import PARAMETER_DTYPES as DTYPES
 from pl_parablock.data.formats import DATA_FORMATS, HF_BUILDERS, ROW_FORMAT_CHOICES
 from pl_parablock.recipe.profile import profile_problems
 from pl_parablock.recipe.schema import (
+    EVALUATORS,
     ON_ERROR,
     PARTITIONS,
     PEFT_METHODS,
@@ -358,6 +359,9 @@ def _eval_problems(e: EvalSection, *, data_format: str) -> list[str]:
     _at_least(p, "eval.every", e.every, 0)
     _at_least(p, "eval.max_samples", e.max_samples, 1)
     _at_least(p, "eval.max_new_tokens", e.max_new_tokens, 1)
+    _one_of(p, "eval.evaluator", e.evaluator, EVALUATORS)
+    if not (isinstance(e.hold_models, (int, float)) and e.hold_models > 0):
+        p.append(f"`eval.hold_models` is {e.hold_models!r}; give a number > 0 (copies of the model's trained blocks)")
     if e.path is not None:
         _data_path(p, "eval.path", e.path, data_format)
     if e.split is not None and data_format != "hf":

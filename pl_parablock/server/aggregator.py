@@ -58,6 +58,7 @@ from pl_parablock.errors import FederationError
 from pl_parablock.server.admission import Admission, AdmissionLimits, PlanSettings, check_fingerprint
 from pl_parablock.server.checkpoint import CHECKPOINT_FORMAT as CHECKPOINT_FORMAT  # still importable from here
 from pl_parablock.server.checkpoint import CheckpointPolicy, CheckpointStore, DirectoryStore, check_state, compose, federation_params
+from pl_parablock.server.evaluator import EvaluatorDesk
 from pl_parablock.server.intake import Consume as Consume  # still importable from here
 from pl_parablock.server.intake import Feed, Intake, Opened, Outcome, feed_of
 from pl_parablock.server.report import MAX_RECORDED_REJECTIONS as MAX_RECORDED_REJECTIONS  # still importable from here
@@ -112,11 +113,9 @@ def _checked(
 class Aggregator:
     """Global state and round bookkeeping of a federation: the coordinator of the server's pieces.
 
-    The arguments are kept as attributes of their names and grouped as the pieces use them: the plan
-    (:class:`~pl_parablock.server.admission.PlanSettings`), admission's waits (``AdmissionLimits``), the
-    bounds on updates (:class:`~pl_parablock.server.validation.UpdateLimits`), the aggregate
-    (:class:`~pl_parablock.server.rounds.Aggregation`), the quorum (``Quorum``) and the checkpoints
-    (:class:`~pl_parablock.server.checkpoint.CheckpointPolicy`, a ``CheckpointStore``); see those for details.
+    The arguments are kept as attributes of their names and grouped as the pieces use them: the plan (:class:`.PlanSettings`),
+    admission's waits (``AdmissionLimits``), the bounds on updates (:class:`.UpdateLimits`), the aggregate (:class:`.Aggregation`),
+    the quorum (``Quorum``), the checkpoints (:class:`.CheckpointPolicy`, a ``CheckpointStore``); see those for details.
 
     Args:
         clients: number of clients.
@@ -140,14 +139,11 @@ class Aggregator:
         checkpoint_dir: where to write the server checkpoint.
         checkpoint_every: write it every this many rounds (0: never).
         on_round_closed: called with the round's record after it closes.
-        weighting: the clients' weighting (:data:`~pl_parablock.core.plan.WEIGHTINGS`); ``uniform`` refuses any
-            weight but 1. ``None``: any positive weight up to ``max_weight``.
-        max_weight: refuse an update whose weight is larger (see :func:`pl_parablock.recipe.schema.weight_bound`);
-            ``None``: :data:`MAX_WEIGHT`.
+        weighting: the clients' weighting (:data:`.WEIGHTINGS`); ``uniform`` refuses any weight but 1; ``None``: any up to ``max_weight``.
+        max_weight: refuse an update whose weight is larger (:func:`pl_parablock.recipe.build.weight_bound`); ``None``: :data:`MAX_WEIGHT`.
         gather_s: before every client has joined once, updates are refused with "retry" until this many seconds
             after the first join, so that every client starts from round 0 (its view of the rounds is the plan's).
-        initial_state_wait_s: the first client's fingerprint is dropped if its initial state has not begun to
-            arrive this long after its join (or within its join's timeout, if shorter).
+        initial_state_wait_s: the first fingerprint is dropped if its initial state has not begun to arrive this long after its join.
         compression: the federation's codecs: an update compressed with another is refused; with a lossy download
             codec a round's aggregate is broadcast as ``D = Q(Δ_agg + r_b)`` and the global becomes ``g + D``.
         checkpoint_store: where the checkpoints go instead of ``checkpoint_dir`` (e.g. a ``MemoryStore``).
@@ -212,6 +208,7 @@ class Aggregator:
         self._store = checkpoint_store or (DirectoryStore(checkpoint_dir) if checkpoint_dir else None)
         self._policy = CheckpointPolicy(checkpoint_every, rounds - 1)
         self._checkpoint_lock = threading.Lock()
+        self.evaluator = EvaluatorDesk(self._cond, rounds=self._rounds, admission=self._admission)  # an evaluator's reads: not a client
 
     # ------------------------------------------------------------------ join
 
@@ -264,6 +261,7 @@ class Aggregator:
             if not self._admission.ready:
                 self._rounds.begin(blocks)
                 self._admission.ready = True
+                self.evaluator.reached(0, self._rounds.state.values)
             self._cond.notify_all()
         self._checkpoint_if_due(None)
 
@@ -403,6 +401,7 @@ class Aggregator:
             self._checkpoint_if_due(rnd)
             rnd.closed = True
         with self._cond:
+            self.evaluator.reached(self._rounds.next_round(), self._rounds.state.values)
             self._cond.notify_all()
         record = round_record(rnd, self.started_at)
         log.info("round %d closed (%s): block %d, %d/%d clients", rnd.index, reason, rnd.block, len(rnd.clients), len(rnd.expected))
@@ -473,8 +472,7 @@ class Aggregator:
     @property
     def schedule(self) -> list[int]:
         with self._cond:
-            plan = self._admission.plan
-            return list(plan.schedule) if plan is not None else []
+            return list(self._admission.plan.schedule) if self._admission.plan is not None else []
 
     @property
     def partition(self) -> Partition | None:
@@ -601,6 +599,7 @@ class Aggregator:
         """The server's view of the run: rounds, rejections, client reports, dropped clients."""
         with self._cond:
             return server_report(
+                evaluator=self.evaluator.summary(),
                 settings=self._settings,
                 aggregation=self._aggregation,
                 admission=self._admission,

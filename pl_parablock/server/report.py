@@ -116,6 +116,7 @@ def server_report(
     rounds: Rounds,
     refusals: Refusals,
     resumed_from: int | None,
+    evaluator: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The server's view of the run: rounds, rejections, client reports, dropped clients (caller holds the lock)."""
     plan = admission.plan
@@ -139,4 +140,5 @@ def server_report(
         "resumed_from_round": resumed_from,
         "started_at": rounds.started_at,
         "globals_sha256": digest(rounds.global_state()) if admission.ready else None,
+        "evaluator": evaluator,
     }

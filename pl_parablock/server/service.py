@@ -36,6 +36,14 @@ Methods (message shapes):
 * ``Versions``: ``{client_id}`` -> ``{versions, next_round, finished, instance}``
 * ``Leave``: ``{client_id, report}`` -> ``{ok}``
 
+An evaluator (not a client: it has no client id, and no round waits for
+it) reads and leaves with ``evaluator: true``: ``Pull``
+``{evaluator, after, block, wait_s}`` -> header ``{ready, after, block,
+blocks, instance}`` + the block's global value after ``after`` rounds (or
+after a later point: see :mod:`~pl_parablock.server.evaluator`), and
+``Leave`` ``{evaluator, report}`` -> ``{ok}``. It presents a token as a
+client does (any client's, with one token per client).
+
 The gRPC names of these methods and their call kinds are
 :data:`pl_parablock.wire.channel.METHODS`.
 """
@@ -280,6 +288,9 @@ class FederationService:
     def Pull(self, request: bytes, token: str | None = None, caller: Caller | None = None) -> Iterator[bytes]:  # noqa: N802
         caller = self._caller(token, caller)
         h = _header(request, "pull")
+        if h.get("evaluator") is True:
+            yield from self._evaluator_pull(h, caller)
+            return
         client = self._authorize(h, caller)
         agg = self.aggregator
         wait_s = caller.wait_limit(_seconds(h, "wait_s", MAX_WAIT_S, MAX_WAIT_S))
@@ -330,6 +341,23 @@ class FederationService:
 
         yield from encode(header, tensors, chunk_bytes=self.chunk_bytes, checksum=sums.get(key), on_checksum=remember, zero_copy=True)
 
+    def _evaluator_pull(self, h: Mapping[str, Any], caller: Caller) -> Iterator[bytes]:
+        """An evaluator's ``Pull``: a block of the global after ``after`` rounds, once they are aggregated."""
+        agg = self.aggregator
+        after, block = _int(h, "after"), _int(h, "block")
+        if not 0 <= after <= agg.rounds:
+            raise RefusedError(f"`after` {after} is outside 0..{agg.rounds} (rounds aggregated)", "invalid")
+        wait_s = caller.wait_limit(_seconds(h, "wait_s", MAX_WAIT_S, MAX_WAIT_S))
+        got = agg.evaluator.read(after, block) if after == 0 or agg.wait_round(after - 1, wait_s, cancelled=caller.cancelled) else None
+        if got is None:
+            if agg.closed:
+                raise RefusedError("the federation server is shutting down", "unavailable")
+            yield from encode({"ready": False, "after": after, "block": block, "instance": agg.instance})
+            return
+        point, tensors = got
+        header = {"ready": True, "after": point, "block": block, "blocks": agg.evaluator.blocks(), "instance": agg.instance}
+        yield from encode(header, tensors, chunk_bytes=self.chunk_bytes, zero_copy=True)
+
     def Versions(self, request: bytes, token: str | None = None, caller: Caller | None = None) -> bytes:  # noqa: N802
         caller = self._caller(token, caller)
         self._authorize(_header(request, "versions"), caller)
@@ -341,11 +369,15 @@ class FederationService:
     def Leave(self, request: bytes, token: str | None = None, caller: Caller | None = None) -> bytes:  # noqa: N802
         caller = self._caller(token, caller)
         h = _header(request, "leave", large=True)
-        client = self._authorize(h, caller)
+        evaluator = h.get("evaluator") is True
+        client = None if evaluator else self._authorize(h, caller)
         report = h.get("report")
         if report is not None and not isinstance(report, dict):
             raise RefusedError("leave request's `report` is not a JSON object", "invalid")
-        self.aggregator.leave(client, report)
+        if client is None:
+            self.aggregator.evaluator.leave(report)
+        else:
+            self.aggregator.leave(client, report)
         return header_bytes({"ok": True})
 
 

@@ -40,13 +40,15 @@ def recipe(tmp_path):
 
 def test_launcher_runs_server_and_client_processes_over_grpc(recipe, tmp_path):
     out = tmp_path / "run"
-    done = cli(str(recipe), f"output_dir={out}")
+    done = cli(str(recipe), f"output_dir={out}", "eval.evaluator=process")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "round   4/4" in done.stdout and "comm hidden" in done.stdout
     report = json.loads((out / "report.json").read_text())
     assert report["mode"] == "parablock" and len(report["rounds"]) == 4 and len(report["clients"]) == 2
     assert all(r["arrived"] == 2 for r in report["rounds"])
     assert report["final"]["eval_loss"] is not None
+    assert report["evaluator"]["reported"], "the launcher's evaluator process evaluated and saved the model"
+    assert (out / "logs" / "evaluator.log").exists() and (out / "evaluator.json").exists()
 
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
