@@ -41,7 +41,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import socket
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -52,7 +52,19 @@ from torch import Tensor
 from pl_parablock import errors
 from pl_parablock.errors import FederationError, ParaBlockError
 
-__all__ = ["ENV_KEYS", "Group", "Solo", "Workers", "free_cores", "launched_by_torchrun", "owner_of", "worker_threads"]
+__all__ = [
+    "ENV_KEYS",
+    "Group",
+    "Solo",
+    "Workers",
+    "free_cores",
+    "join_group",
+    "launched_by_torchrun",
+    "owner_of",
+    "rss_mb",
+    "spawn_group",
+    "worker_threads",
+]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +133,7 @@ class Solo:
     rank = 0
     size = 1
     is_root = True
+    train_device = None
 
     def owns(self, client: int) -> bool:
         return True
@@ -152,11 +165,12 @@ class Workers:
         device: where the group's tensors travel (CPU for gloo, this worker's GPU for NCCL).
     """
 
-    def __init__(self, rank: int, size: int, clients: int, device: torch.device) -> None:
+    def __init__(self, rank: int, size: int, clients: int, device: torch.device, train_device: torch.device | None = None) -> None:
         self.rank = rank
         self.size = size
         self.clients = clients
         self.device = device
+        self.train_device = train_device or device
         self.is_root = rank == 0
 
     @classmethod
@@ -362,8 +376,94 @@ def _filled(skeleton: Any, tensors: list[Tensor]) -> Any:
 Group = Solo | Workers
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# ---------------------------------------------------------------------------------------------------- starting workers
+
+
+def _devices(accelerator: str, local_rank: int, local_size: int) -> tuple[torch.device, torch.device]:
+    """The device a worker trains on and the one its messages travel through (its GPU for NCCL, else the CPU)."""
+    from pl_parablock.simulation.driver import device_of
+
+    device = device_of(accelerator)
+    if device.type != "cuda":
+        return device, torch.device("cpu")
+    count = torch.cuda.device_count()
+    own = torch.device("cuda", local_rank % max(1, count))
+    torch.cuda.set_device(own)
+    return own, (own if count >= local_size else torch.device("cpu"))  # NCCL only when every worker has its own GPU
+
+
+def join_group(
+    rank: int,
+    size: int,
+    recipe: Any,
+    *,
+    local_rank: int,
+    local_size: int,
+    timeout_s: float,
+    init_method: str | None = None,
+    port: int | None = None,
+    store: Any = None,
+) -> Workers:
+    """Join the workers' group as ``rank`` of ``size``: by ``init_method`` (``env://`` under torchrun), rank 0's ``port`` or a ``store``."""
+    train, comm = _devices(recipe.train.accelerator, local_rank, local_size)
+    if store is None and port is not None:
+        try:
+            store = dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+            store.set(f"ready/{rank}", "1")
+        except (RuntimeError, ValueError) as exc:
+            raise FederationError(f"worker {rank} could not reach rank 0 at 127.0.0.1:{port}: {exc}") from None
+    group = Workers.join(rank, size, recipe.federation.clients, timeout_s=timeout_s, device=comm, init_method=init_method, store=store)
+    group.train_device = train
+    return group
+
+
+def spawn_group(size: int, timeout_s: float, recipes: Sequence[Any], target: Callable[..., None], body: Callable[[Workers], T]) -> T:
+    """This process as rank 0 of ``size`` workers, the others started here (spawn), all joined when ``body`` returns or fails.
+
+    ``target(rank, size, port, recipes, timeout_s)`` runs in each started
+    process. A worker that exits before joining stops the start with its
+    exit code; one that dies later ends rank 0's next exchange (its
+    connections close; at worst ``timeout_s`` passes). Every started
+    process is joined (terminated if it has not ended within a few seconds
+    of the group's end).
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    td = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, timeout=td, wait_for_workers=False)
+    procs = [ctx.Process(target=target, args=(r, size, store.port, list(recipes), timeout_s), daemon=True) for r in range(1, size)]
+    for p in procs:
+        p.start()
+    group: Workers | None = None
+    try:
+        _await_ready(store, procs, timeout_s)
+        group = join_group(0, size, recipes[0], local_rank=0, local_size=size, timeout_s=timeout_s, store=store)
+        return body(group)
+    except FederationError as exc:
+        dead = [f"worker {r} exited with status {p.exitcode}" for r, p in enumerate(procs, 1) if p.exitcode not in (None, 0)]
+        if dead and group is not None:
+            raise FederationError(f"{'; '.join(dead)} (its error is printed above); {exc}") from None
+        raise
+    finally:
+        if group is not None:
+            group.close()
+        for p in procs:
+            p.join(timeout=10)
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+
+
+def _await_ready(store: Any, procs: Sequence[Any], timeout_s: float) -> None:
+    """Wait until every started worker has reached the store; a worker that exits first stops the wait with its status."""
+    deadline = time.monotonic() + timeout_s
+    keys = [f"ready/{r}" for r in range(1, len(procs) + 1)]
+    while not store.check(keys):
+        for r, p in enumerate(procs, 1):
+            if not p.is_alive():
+                raise FederationError(f"worker {r} exited with status {p.exitcode} before joining (its error is printed above)")
+        if time.monotonic() > deadline:
+            raise FederationError(f"the worker processes did not start within simulation.worker_timeout_s={timeout_s:g} s")
+        time.sleep(0.05)
