@@ -11,6 +11,8 @@ associative), which is why the workers pass the sums along instead.
 from __future__ import annotations
 
 import itertools
+import queue
+import threading
 
 import pytest
 import torch
@@ -22,7 +24,7 @@ from pl_parablock.errors import ConfigError, DataError, FederationError
 from pl_parablock.recipe.load import load_recipe
 from pl_parablock.server.validation import MAX_WEIGHT, UpdateLimits
 from pl_parablock.simulation.aggregation import ServerRound
-from pl_parablock.simulation.workers import _empty, _filled, _raise, _skeleton, _tensors, _wire_error, owner_of
+from pl_parablock.simulation.workers import Workers, _empty, _filled, _raise, _skeleton, _tensors, _wire_error, owner_of
 
 
 def test_the_client_map_is_contiguous_and_balanced():
@@ -117,3 +119,55 @@ def test_workers_are_checked_against_the_clients():
         load_recipe(None, ["simulation.workers=9", "federation.clients=4"])
     with pytest.raises(ConfigError, match="simulation.worker_timeout_s"):
         load_recipe(None, ["simulation.worker_timeout_s=0"])
+
+
+class _Loopback(Workers):
+    """Workers whose messages go through in-memory queues (one thread per rank), with the wire's encoding."""
+
+    def __init__(self, rank: int, size: int, clients: int, queues: dict) -> None:
+        super().__init__(rank, size, clients, torch.device("cpu"))
+        self.queues = queues
+
+    def _send(self, dst, value, error):
+        self.queues[(self.rank, dst)].put((_through_the_wire(value), error))
+
+    def _receive(self, src):
+        return self.queues[(src, self.rank)].get(timeout=30)
+
+
+def test_the_workers_chain_adds_a_round_in_client_order_bitwise():
+    """Three workers, each adding its contiguous run of the round's clients, end bitwise where one process ends."""
+    current = {"w": torch.zeros(64, 8), "b": torch.zeros(8)}
+    g = torch.Generator().manual_seed(1)
+    ups = [({n: torch.randn(t.shape, generator=g) * 10.0 ** (i % 5 - 4) for n, t in current.items()}, 3.0 + i % 4) for i in range(9)]
+    big = {n: torch.randn(t.shape, generator=g) * 1e9 for n, t in current.items()}
+    # client 0's and client 8's large values cancel in the mean: how the float64 sums rounded between them shows in float32
+    ups[0] = ({n: big[n] + ups[0][0][n] for n in big}, ups[0][1])
+    ups[8] = ({n: ups[8][0][n] - big[n] for n in big}, ups[8][1])
+
+    size, on_time = 3, [0, 1, 2, 4, 5, 7, 8]  # client 3 and 6 late: worker 1 holds one of its three
+    queues = {(a, b): queue.Queue() for a in range(size) for b in range(size)}
+    holders = sorted({owner_of(i, size, len(ups)) for i in on_time})
+    out: dict[int, object] = {}
+
+    def worker(rank: int) -> None:
+        w = _Loopback(rank, size, len(ups), queues)
+
+        def add(step: ServerRound) -> None:
+            for i in on_time:
+                if w.owns(i):
+                    step.add(i, 0, *ups[i], "value", "none", current)
+
+        out[rank] = w.chain(holders, _round, add)
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    step, error = out[0]
+    assert error is None and all(out[r] == (None, None) for r in (1, 2))
+    wanted = _round()
+    for i in on_time:
+        wanted.add(i, 0, *ups[i], "value", "none", current)
+    assert digest(step.close(0, current)) == digest(wanted.close(0, current))
