@@ -29,8 +29,19 @@
    in the same process right after it), target >= 0.9; ``rss_ratio`` = peak RSS
    at 1000 virtual clients over 100 (same clients per round), target <= 1.1.
 
+3. ``workers`` (``simulation.workers``, not in ``--smoke``): the quickstart
+   recipe (``parablock``) with 1 and 2 worker processes on the same cores
+   (W = 1 with ``train.threads`` = 2, W = 2 with 1 thread each), the runs
+   alternated (W1, W2, W1, W2): ``workers_speedup`` = rounds per second of
+   the round loop with 2 workers over 1 (ideal 2.0, target >= 1.5);
+   ``peak_rss_mb_per_worker`` with 1000 clients, 10 per round, against one
+   worker's (``peak_rss_ratio``, target <= 1.1); ``rss_slope_kb_per_round``:
+   each worker's resident memory sampled every round, the least-squares
+   slope after the first fifth (the warm-up), over 200 rounds.
+
 The last output line is JSON (keys ``clock``: a list of ``{mode, measured_s,
-simulated_s, ratio, compute_factor, ...}``, ``throughput_ratio``, ``rss_ratio``).
+simulated_s, ratio, compute_factor, ...}``, ``throughput_ratio``, ``rss_ratio``,
+``workers_speedup``, ``peak_rss_mb_per_worker``, ``rss_slope_kb_per_round``).
 """
 
 from __future__ import annotations
@@ -266,6 +277,73 @@ def scale(rounds: int, root: str, clients: int = 1000, small: int = 100, per_rou
     }
 
 
+# ------------------------------------------------------------------------------------------------ workers
+
+
+def _child_workers(workers: int, threads: int, clients: int, per_round: int, rounds: int, out: str) -> dict[str, Any]:
+    from pl_parablock.recipe.load import load_recipe
+    from pl_parablock.simulate import simulate_many
+
+    recipe = load_recipe(
+        QUICKSTART,
+        [
+            "mode=parablock",
+            f"federation.clients={clients}",
+            f"federation.clients_per_round={per_round}",
+            f"federation.rounds={rounds}",
+            f"train.threads={threads}",
+            f"simulation.workers={workers}",
+            "eval.max_samples=8",
+            f"output_dir={out}",
+        ],
+    )
+    report = simulate_many([recipe])[0]
+    sim = report["simulation"]
+    return {
+        "workers": workers,
+        "threads": threads,
+        "rounds": rounds,
+        "loop_s": report["clock"]["loop_s"],
+        "rounds_per_s": rounds / report["clock"]["loop_s"],
+        "peak_rss_mb": sim["peak_rss_mb"],
+        "rss_mb_per_round": sim["rss_mb_per_round"],
+        "globals_sha256": report["federation"]["globals_sha256"],
+    }
+
+
+def _slope_kb(samples: list[float]) -> float:
+    """Least-squares slope of ``samples`` (MiB, one per round) after the first fifth, in KiB per round."""
+    ys = samples[len(samples) // 5 :]
+    n = len(ys)
+    if n < 2:
+        return 0.0
+    mx, my = (n - 1) / 2, sum(ys) / n
+    return 1024 * sum((x - mx) * (y - my) for x, y in enumerate(ys)) / sum((x - mx) ** 2 for x in range(n))
+
+
+def workers_check(rounds: int, slope_rounds: int, root: str, clients: int = 1000, per_round: int = 10) -> dict[str, Any]:
+    runs = []
+    for k in range(2):  # alternated, so that a change of the machine's load falls on both
+        for w, threads in ((1, 2), (2, 1)):
+            say(f"workers: W={w} x {threads} thread(s), {clients} clients, {per_round} per round, {rounds} rounds (run {k + 1})")
+            out = os.path.join(root, f"workers-{w}-{k}")
+            runs.append(_run_child(["workers", str(w), str(threads), str(clients), str(per_round), str(rounds), out]))
+    one = [r for r in runs if r["workers"] == 1]
+    two = [r for r in runs if r["workers"] == 2]
+    say(f"workers: W=2 x 1 thread, {slope_rounds} rounds (memory over time)")
+    long = _run_child(["workers", "2", "1", str(clients), str(per_round), str(slope_rounds), os.path.join(root, "workers-long")])
+    per_worker = [list(col) for col in zip(*long["rss_mb_per_round"])]
+    return {
+        "workers_speedup": round(sum(r["rounds_per_s"] for r in two) / sum(r["rounds_per_s"] for r in one), 3),
+        "workers_speedup_ideal": 2.0,
+        "peak_rss_mb_per_worker": [round(x, 1) for x in two[-1]["peak_rss_mb"]],
+        "peak_rss_mb_one_worker": round(one[-1]["peak_rss_mb"][0], 1),
+        "peak_rss_ratio": round(max(two[-1]["peak_rss_mb"]) / one[-1]["peak_rss_mb"][0], 3),
+        "rss_slope_kb_per_round": [round(_slope_kb(col), 2) for col in per_worker],
+        "workers_runs": [{k: v for k, v in r.items() if k != "rss_mb_per_round"} for r in runs],
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     form = p.add_mutually_exclusive_group()
@@ -273,9 +351,13 @@ def main() -> None:
     form.add_argument("--smoke", action="store_true", help="seconds: the smallest form (tests)")
     p.add_argument("--output", help="where the runs go (default: a temporary directory)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    p.add_argument("--only-workers", action="store_true", help="only the workers part (simulation.workers)")
     args = p.parse_args()
     if args.child:
         _kind, *rest = args.child
+        if _kind == "workers":
+            print(json.dumps(_child_workers(*(int(x) for x in rest[:5]), rest[5])), flush=True)
+            return
         result = _child_sim(int(rest[0]), int(rest[1]), int(rest[2]), rest[3], plain=rest[4] == "plain")
         print(json.dumps(result), flush=True)
         return
@@ -284,12 +366,15 @@ def main() -> None:
     clock_rounds, scale_rounds = {"smoke": (2, 1), "quick": (4, 4), "full": (12, 8)}[form_name]
     root = args.output or tempfile.mkdtemp(prefix="pl_parablock-simulation-")
     result: dict[str, Any] = {"benchmark": "simulation", "form": form_name, "machine": machine()}
-    if args.smoke:
+    if args.only_workers:
+        result.update(workers_check(*{"smoke": (2, 5), "quick": (10, 60), "full": (30, 200)}[form_name], root))
+    elif args.smoke:
         result.update(scale(scale_rounds, root, clients=50, small=10, per_round=2))
         result["clock"] = clock_check(clock_rounds, root)
     else:
         result.update(scale(scale_rounds, root))
         result["clock"] = clock_check(clock_rounds, root)
+        result.update(workers_check(*{"quick": (10, 60), "full": (30, 200)}[form_name], root))
     finish(result, started)
 
 

@@ -22,6 +22,17 @@ table, ``timeline.png`` and ``loss.png``, and the global model in
 ``OUTPUT_DIR/model``; ``python -m pl_parablock.report SIM_RUN REAL_RUN``
 compares it with a real run.
 
+Several processes, several machines: ``simulation.workers: W`` starts ``W``
+worker processes on this machine (this one is rank 0; gloo on the CPU, NCCL
+when each worker has a GPU of its own), each training its own share of the
+clients (:mod:`pl_parablock.simulation.workers`); under ``torchrun``
+(``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK`` set) its processes are the
+workers, on one machine or several::
+
+    torchrun --nnodes 2 --nproc-per-node 2 --node-rank R --master-addr A --master-port P -m pl_parablock.simulate RECIPE
+
+The global is bitwise the one-process run's at equal ``train.threads``.
+
 A bad recipe prints one message naming the key and exits with status 2.
 """
 
@@ -40,7 +51,7 @@ from pl_parablock.recipe.load import load_recipe, to_yaml
 from pl_parablock.recipe.schema import Recipe
 from pl_parablock.wire.link import Link
 
-__all__ = ["main", "simulate"]
+__all__ = ["main", "simulate", "simulate_many"]
 
 log = logging.getLogger("pl_parablock")
 
@@ -88,16 +99,31 @@ def _describe_links(recipe: Recipe) -> str:
     return "simulated clock: " + ", ".join(parts)
 
 
-def simulate(recipe: Recipe, *, progress: bool = False) -> dict[str, Any]:
-    """Run ``recipe`` in the simulator; write ``report.json``, the pictures and ``model/``; return the report."""
+def simulate(recipe: Recipe, *, progress: bool = False, group: Any = None) -> dict[str, Any]:
+    """Run ``recipe`` in the simulator; write ``report.json``, the pictures and ``model/``; return the report.
+
+    With ``simulation.workers`` > 1, or under ``torchrun``, the run is
+    spread over worker processes (:func:`simulate_many`). ``group``: this
+    process's place among workers already joined; a worker other than
+    rank 0 writes nothing and returns ``{}``.
+    """
     from pl_parablock.client.runner import quiet_third_party
     from pl_parablock.recipe.build import client_threads
     from pl_parablock.report import build_report, write_pictures, write_report
     from pl_parablock.simulation.driver import run_simulation
+    from pl_parablock.simulation.workers import launched_by_torchrun
 
+    if group is None and (recipe.simulation.workers > 1 or launched_by_torchrun()):
+        return simulate_many([recipe], progress=progress)[0]
     quiet_third_party()
     f = recipe.federation
-    recipe.train.threads = client_threads(recipe)  # what `fit` gives each local client: the same model, bitwise
+    if group is None:
+        recipe.train.threads = client_threads(recipe)  # what `fit` gives each local client: the same model, bitwise
+    else:
+        group.clients = f.clients
+        if not group.is_root:
+            run_simulation(recipe, group=group, device=group.train_device)
+            return {}
     os.makedirs(recipe.output_dir, exist_ok=True)
     with open(os.path.join(recipe.output_dir, "recipe.yaml"), "w", encoding="utf-8") as fh:
         fh.write(to_yaml(recipe))
@@ -113,7 +139,10 @@ def simulate(recipe: Recipe, *, progress: bool = False) -> dict[str, Any]:
             + f"simulated t={rec['closed_at']:8.1f} s  (real {time.perf_counter() - started:6.1f} s)"
         )
 
-    result = run_simulation(recipe, progress=show if progress else None)
+    if group is None:
+        result = run_simulation(recipe, progress=show if progress else None)
+    else:
+        result = run_simulation(recipe, progress=show if progress else None, group=group, device=group.train_device)
     report = build_report(recipe, result.server, wall_s=result.wall_s, link=Link.from_section(recipe.link), output_dir=recipe.output_dir)
     report["wall_s"] = result.wall_s
     report["train_wall_s"] = result.wall_s
@@ -133,6 +162,7 @@ def simulate(recipe: Recipe, *, progress: bool = False) -> dict[str, Any]:
         "downloads_not_sampled": result.skipped_downloads,
         "bytes_down_not_sampled": result.skipped_bytes_down,
     }
+    report["simulation"] = {"workers": 1, **result.workers}
     # clients not sampled for a round still download its aggregate (as real ones do); the totals count them
     report["totals"]["bytes_down"] += result.skipped_bytes_down
     try:
@@ -142,6 +172,59 @@ def simulate(recipe: Recipe, *, progress: bool = False) -> dict[str, Any]:
         _say(f"warning: no pictures ({type(exc).__name__}: {exc}); report.json is complete")
     report["report_path"] = write_report(report, recipe.output_dir)
     return report
+
+
+def simulate_many(recipes: Sequence[Recipe], *, progress: bool = False, workers: int | None = None) -> list[dict[str, Any]]:
+    """Run ``recipes`` one after another on one group of worker processes; the reports (rank 0's; ``{}`` elsewhere).
+
+    Under ``torchrun`` the group is its processes (``init_method="env://"``);
+    otherwise this process is rank 0 and starts ``workers`` − 1 others
+    (default: the first recipe's ``simulation.workers``) on 127.0.0.1, and
+    joins them at the end. Threads per worker: ``train.threads``, else the
+    free cores shared by this machine's workers. Starting processes costs
+    seconds; several recipes share one start.
+
+    Raises:
+        ParaBlockError: a recipe's, or a worker's, error (every worker stops with it).
+    """
+    from pl_parablock.simulation import workers as w
+
+    first = recipes[0]
+    timeout = first.simulation.worker_timeout_s
+    if w.launched_by_torchrun():
+        rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ["LOCAL_RANK"])
+        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+        for r in recipes:
+            r.train.threads = r.train.threads or w.worker_threads(local_size)
+        group = w.join_group(rank, size, first, local_rank=local_rank, local_size=local_size, init_method="env://", timeout_s=timeout)
+        try:
+            return [simulate(r, progress=progress and rank == 0, group=group) for r in recipes]
+        finally:
+            group.close()
+    size = workers or first.simulation.workers
+    for r in recipes:
+        r.train.threads = r.train.threads or w.worker_threads(size)
+    return w.spawn_group(size, timeout, recipes, _worker, lambda group: [simulate(r, progress=progress, group=group) for r in recipes])
+
+
+def _worker(rank: int, size: int, port: int, recipes: Sequence[Recipe], timeout_s: float) -> None:
+    """A worker started by :func:`simulate_many` (rank ≥ 1): join rank 0's group and run the recipes with it."""
+    from pl_parablock.client.runner import quiet_third_party
+    from pl_parablock.simulation import workers as w
+
+    quiet_third_party()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
+    try:
+        group = w.join_group(rank, size, recipes[0], local_rank=rank, local_size=size, port=port, timeout_s=timeout_s)
+        try:
+            for r in recipes:
+                simulate(r, group=group)
+        finally:
+            group.close()
+    except ParaBlockError as exc:
+        print(f"worker {rank}: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -158,6 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe = load_recipe(recipe_path, overrides)
         f = recipe.federation
         per_round = f.clients_per_round or f.clients
+        from pl_parablock.simulation.workers import launched_by_torchrun
+
+        if launched_by_torchrun() and os.environ["RANK"] != "0":  # another worker under torchrun: rank 0 speaks for the run
+            simulate(recipe)
+            return 0
         _say(
             f"pl_parablock simulator: mode={recipe.mode}, {f.clients} virtual clients, {per_round} per round, "
             f"{f.rounds} rounds, {recipe.train.local_steps} local steps per round (one shared model)"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -357,6 +358,35 @@ class RoundAccumulator:
         else:
             self.weight_deltas += weight
         self.count += 1
+
+    def export(self) -> dict[str, Any]:
+        """The running sums and totals, to go on adding elsewhere (:meth:`resume`): plain data and float64 pieces.
+
+        Every piece is completed first (elements not yet set become ``-0.0``,
+        the identity of the sums), so adding the next update to the resumed
+        sums is bitwise what adding it here would give. The pieces are this
+        accumulator's own (no copies); drop it once they are sent.
+        """
+        for kind in ("value", "delta"):
+            for name, pieces in self.sums(kind).items():
+                for i, piece in pieces.items():
+                    self._complete(kind, name, i, piece)
+        return {
+            "values": self._values,
+            "deltas": self._deltas,
+            "weight_values": self.weight_values,
+            "weight_deltas": self.weight_deltas,
+            "count": self.count,
+        }
+
+    def resume(self, state: Mapping[str, Any]) -> None:
+        """Go on from another accumulator's :meth:`export` (its sums become this one's)."""
+        self._values = {n: dict(p) for n, p in state["values"].items()}
+        self._deltas = {n: dict(p) for n, p in state["deltas"].items()}
+        self.weight_values = float(state["weight_values"])
+        self.weight_deltas = float(state["weight_deltas"])
+        self.count = int(state["count"])
+        self._filled = {}
 
     def finish(self, current: Mapping[str, Tensor], server_lr: float = 1.0, step: ServerStep | None = None) -> dict[str, Tensor]:
         """The new global value of the block.

@@ -114,7 +114,7 @@ def evaluate_loss(model: PreTrainedModel, batches: Iterable[dict[str, Tensor]]) 
     """Token-weighted loss and perplexity of ``model`` on ``batches``."""
     was_training = model.training
     model.eval()
-    metric = TokenLoss().to(model.device)
+    metric = TokenLoss(sync_on_compute=False).to(model.device)  # these batches are this process's whole set: nothing to sync
     for batch in batches:
         batch = {k: v.to(model.device) for k, v in batch.items()}
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -147,7 +147,7 @@ def evaluate_exact_match(
         return {}
     was_training = model.training
     model.eval()
-    metric = ExactMatch()
+    metric = ExactMatch(sync_on_compute=False)  # these records are this process's whole set: nothing to sync
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for i in range(0, len(math_records), batch_size):
         chunk = math_records[i : i + batch_size]

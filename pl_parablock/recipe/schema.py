@@ -581,6 +581,22 @@ class SimulationSection:
         default=None,
         metadata=_help("Total server bandwidth, Mbit/s each way, shared max-min fairly by a round's transfers; null: unlimited."),
     )
+    workers: int = field(
+        default=1,
+        metadata=_help(
+            "Worker processes (torch.distributed: gloo on CPU, NCCL when each has its own GPU) that train the virtual "
+            "clients, client i on worker i * workers // clients; the global stays bitwise the one-process run's at equal "
+            "train.threads (default threads per worker: max(1, free cores // workers)). 1 <= workers <= federation.clients. "
+            "Started by torchrun (WORLD_SIZE set), the simulator uses torchrun's processes instead."
+        ),
+    )
+    worker_timeout_s: float = field(
+        default=600.0,
+        metadata=_help(
+            "The longest a worker process waits for another (joining, and each exchange of a round, which includes the "
+            "slowest worker's training); past it the run stops naming the wait."
+        ),
+    )
 
 
 @dataclass

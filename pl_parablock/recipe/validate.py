@@ -351,6 +351,10 @@ def _simulation_problems(sim: SimulationSection, *, clients: int, link: LinkSect
     p = profile_problems(sim.profile, clients, link, seed)
     _at_least(p, "simulation.aggregation_s", sim.aggregation_s, 0.0)
     _at_least(p, "simulation.bandwidth_mbps", sim.bandwidth_mbps, 0.0, strict=True)
+    _at_least(p, "simulation.workers", sim.workers, 1)
+    if sim.workers > clients:
+        p.append(f"`simulation.workers` is {sim.workers} but there are {clients} clients; use at most one worker per client")
+    _at_least(p, "simulation.worker_timeout_s", sim.worker_timeout_s, 0.0, strict=True)
     return p
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -114,6 +115,29 @@ class ServerRound:
             self.steps[block].add_pieces(_deltas(staged, current, kind), weight, "delta", scale)
         else:
             self.steps[block].add(tensors, weight, kind, scale)
+
+    def export(self) -> dict[str, Any]:
+        """What has been added so far, to go on adding in another process (:meth:`resume`).
+
+        The float64 sums and weight totals of every block's step, the kept
+        updates of a robust rule (decoded, with their kind and clipping
+        scale) and the clients clipped: plain data and tensors, bitwise what
+        the next :meth:`add` needs, so a round's updates can be added by
+        several processes in turn, in client-id order, and end bitwise as if
+        one process had added them all.
+        """
+        return {
+            "sums": {b: s.acc.export() for b, s in self.steps.items()},
+            "kept": {b: [(dict(k.tensors), k.kind, k.scale) for k in kept] for b, kept in self.kept.items()},
+            "clipped": list(self.clipped),
+        }
+
+    def resume(self, state: Mapping[str, Any]) -> None:
+        """Go on from another :class:`ServerRound`'s :meth:`export` of the same round."""
+        for b, sums in state["sums"].items():
+            self.steps[b].acc.resume(sums)
+        self.kept = {b: [_Kept(StagedTensors.from_tensors(t), kind, scale) for t, kind, scale in kept] for b, kept in state["kept"].items()}
+        self.clipped = list(state["clipped"])
 
     def _refuse(self, client: int, reason: str) -> None:
         raise FederationError(

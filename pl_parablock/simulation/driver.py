@@ -19,7 +19,7 @@ import logging
 import os
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -40,7 +40,8 @@ from pl_parablock.recipe.schema import Recipe
 from pl_parablock.server.validation import MAX_WEIGHT, UpdateLimits
 from pl_parablock.simulation.aggregation import ServerRound
 from pl_parablock.simulation.clock import RoundClose, SimClock
-from pl_parablock.simulation.virtual import ClientShards, RoundExecutor, ServerBlocks, SharedModelExecutor, VirtualClient
+from pl_parablock.simulation.virtual import ClientShards, RoundExecutor, RoundResult, ServerBlocks, SharedModelExecutor, VirtualClient
+from pl_parablock.simulation.workers import Group, Solo, owner_of, rss_mb
 
 __all__ = ["SimulationResult", "device_of", "run_simulation"]
 
@@ -68,6 +69,28 @@ class SimulationResult:
     loop_s: float = 0.0
     tokens: int = 0
     steps: int = 0
+    workers: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Sent:
+    """One client's round result as rank 0 needs it (no tensors): what the clock, the record and the report read."""
+
+    client_id: int
+    compute_s: float
+    nbytes: int
+    samples: int
+    tokens: int
+    block: int
+    weight: float
+    kind: str
+    loss: float | None
+    shard: int
+
+    @classmethod
+    def of(cls, r: RoundResult, shard: int) -> _Sent:
+        u = r.update
+        return cls(r.client_id, r.compute_s, _nbytes(u.tensors), r.samples, r.tokens, u.block, u.weight, u.kind, u.loss, shard)
 
 
 def _check(recipe: Recipe) -> None:
@@ -104,13 +127,24 @@ def _nbytes(tensors: dict[str, Tensor] | None) -> int:
 
 
 def run_simulation(
-    recipe: Recipe, progress: Callable[[dict[str, Any]], None] | None = None, *, executor: Callable[..., RoundExecutor] | None = None
+    recipe: Recipe,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    *,
+    executor: Callable[..., RoundExecutor] | None = None,
+    group: Group | None = None,
+    device: torch.device | None = None,
 ) -> SimulationResult:
     """Simulate ``recipe``'s federation: virtual clients on one shared model, a simulated clock.
 
     ``executor`` builds the :class:`~pl_parablock.simulation.virtual.RoundExecutor`
     from the arguments :class:`~pl_parablock.simulation.virtual.SharedModelExecutor`
     takes (the default: that one, sequential on one shared model).
+
+    ``group`` places this process among several workers
+    (:class:`~pl_parablock.simulation.workers.Workers`): it trains only the
+    clients it owns, and rank 0 alone runs the clock, evaluates, saves the
+    model and reports (another worker's result holds the globals and its
+    ``workers`` figures only). Default: one process, every client.
 
     Client 0's duties of a real run (evaluating the global model every
     ``eval.every`` rounds and at the end, saving it to ``OUTPUT_DIR/model``)
@@ -125,7 +159,8 @@ def run_simulation(
     t_real = time.perf_counter()
     f, tr = recipe.federation, recipe.train
     torch.set_num_threads(client_threads(recipe))  # a local process client's: the same model as `fit` gives, bitwise
-    device = device_of(tr.accelerator)
+    group = group or Solo()
+    device = device or device_of(tr.accelerator)
     model, tokenizer = build_model(recipe.model, recipe.seed)
     module = ParaBlockModule(model, tokenizer, lr=tr.lr, weight_decay=tr.weight_decay)
     module.to(device)
@@ -140,6 +175,8 @@ def run_simulation(
     plan = plan_of(recipe, len(partition))
     server_optimizer = server_optimizer_of(recipe)  # its state per block lives here, as on the server
     shards = ClientShards(recipe, tokenizer)
+    # every worker reads and encodes the pooled data (or client 0's evals) alike; what its own clients' files skip is its own
+    read_skipped_at_start, encode_skipped_at_start = len(shards.read_skipped), len(shards.encode_skipped)
     compression = compression_of(recipe)
     delta_downloads = compression.lossy_download and mode_of(recipe.mode).delta_downloads
     # the values the last k rounds replaced (a pipelined client still holds them); with g + D downloads one round more:
@@ -173,55 +210,92 @@ def run_simulation(
         min_clients=f.min_clients,
         bandwidth_mbps=recipe.simulation.bandwidth_mbps,
     )
-    evaluation = _evaluation(recipe, tokenizer, shards.evals)
+    evaluation = _evaluation(recipe, tokenizer, shards.evals) if group.is_root else None
     curve: list[dict[str, Any]] = []
     if evaluation is not None and recipe.eval.every > 0:
         curve.append({"round": 0, **evaluation.evaluate(module.model)})
     rounds: list[dict[str, Any]] = []
     reports: dict[int, dict[str, Any]] = {}
+    shard_sizes: dict[int, int] = {}
+    rss: list[list[float]] = []  # per round, each worker's resident memory once its clients trained
     peak = tokens = steps = 0
-    live: set[int] = set()  # the clients holding a core: those sampled last round
+    results: list[_Sent] = []
+    live: set[int] = set()  # this worker's clients holding a core: those sampled last round
     eval_s = 0.0
     t_loop = time.perf_counter()
     pool = PiecePool()  # the round sums' buffers, reused round after round (one thread)
     for t in range(plan.rounds):
         block = plan.schedule[t]
         sampled = plan.participants[t] if plan.participants is not None else range(f.clients)
-        chosen = set(sampled)
+        chosen = {i for i in sampled if group.owns(i)}
         # a client not sampled is retired once no round it trained is still in its window (t >= last + k): nothing of
         # its is needed before it is sampled again, when its core is rebuilt; until then its core skips the round
         window = max(plan.staleness, 1)
         for i in [i for i in live if i not in chosen and t >= clients[i].last_trained + window]:
             clients[i].retire()
             live.discard(i)
-        for i in sampled:
-            c = clients[i]
-            if c.core is None:
-                runner.materialize(c, t, server)
-                live.add(i)
-        peak = max(peak, len(live))
-        results = runner.run_round(t, [clients[i] for i in sorted(chosen | live)], server)
-        ups = {r.client_id: r.update for r in results}
-        for u in ups.values():
-            u.encode()
-        tokens += sum(r.tokens for r in results)
-        steps += len(results) * tr.local_steps
-        close = clock.upload(t, {r.client_id: r.compute_s for r in results}, {i: _nbytes(u.tensors) for i, u in ups.items()})
+        ups: dict[int, Update] = {}
+
+        def train(t: int = t, chosen: set[int] = chosen, ups: dict[int, Update] = ups) -> tuple[list[_Sent], int, float]:
+            for i in sorted(chosen):
+                c = clients[i]
+                if c.core is None:
+                    runner.materialize(c, t, server)
+                    live.add(i)
+            held = len(live)
+            results = runner.run_round(t, [clients[i] for i in sorted(chosen | live)], server)
+            for r in results:
+                r.update.encode()
+                ups[r.client_id] = r.update
+            return [_Sent.of(r, shards.shard_size(r.client_id)) for r in results], held, rss_mb()
+
+        gathered, error = group.gather(train)
         t0 = time.perf_counter()
         moved = plan.blocks_of(t)
-        step = ServerRound(
-            t, moved, rule=rule, limits=limits, server_lr=f.server_lr, optimizer=server_optimizer, trim_fraction=f.trim_fraction, pool=pool
-        )
-        arrived = []
-        for i in close.on_time:  # client-id order, as the reference and the server add them
-            u = ups[i]
-            assert u.tensors is not None
-            step.add(i, u.block, u.tensors, u.weight, u.kind, u.codec, server.current(u.block))
-            arrived.append(i)
+        close: RoundClose | None = None
+        sent_by: dict[int, _Sent] = {}
+        if gathered is not None and error is None:
+            peak = max(peak, sum(held for _, held, _ in gathered))
+            rss.append([mb for _, _, mb in gathered])
+            sent_by = {m.client_id: m for part, _, _ in gathered for m in part}
+            results = [sent_by[i] for i in sorted(sent_by)]
+            tokens += sum(r.tokens for r in results)
+            steps += len(results) * tr.local_steps
+            close = clock.upload(t, {r.client_id: r.compute_s for r in results}, {r.client_id: r.nbytes for r in results})
+        on_time: list[int] = group.share(list(close.on_time) if close is not None else [], error)
+
+        def start(t: int = t, moved: Sequence[int] = moved) -> ServerRound:
+            return ServerRound(
+                t,
+                moved,
+                rule=rule,
+                limits=limits,
+                server_lr=f.server_lr,
+                optimizer=server_optimizer,
+                trim_fraction=f.trim_fraction,
+                pool=pool,
+            )
+
+        def add(step: ServerRound, on_time: list[int] = on_time, ups: dict[int, Update] = ups) -> None:
+            for i in on_time:  # client-id order, as the reference and the server add them
+                if group.owns(i):
+                    u = ups[i]
+                    assert u.tensors is not None
+                    step.add(i, u.block, u.tensors, u.weight, u.kind, u.codec, server.current(u.block))
+
+        holders = sorted({owner_of(i, group.size, f.clients) for i in on_time})
+        step, error = group.chain(holders, start, add)
+        # a block nobody trained keeps its value; rank 0 closes the blocks (the server optimizer's state lives there)
+        news = {m: step.close(m, server.current(m)) for m in moved} if step is not None and error is None else {}
+        news = group.share(news, error)
         problems = []
-        for m in moved:  # a block nobody trained keeps its value
-            problems.append(server.install(t, m, step.close(m, server.current(m))))
+        for m in moved:
+            problems.append(server.install(t, m, news[m]))
             runner.install(m, server.current(m))
+        if not group.is_root:
+            continue
+        assert close is not None and step is not None
+        arrived = list(on_time)
         problem = "; ".join(p for p in problems if p)
         aggregation_s = time.perf_counter() - t0
         sim_agg = recipe.simulation.aggregation_s if recipe.simulation.aggregation_s is not None else aggregation_s
@@ -231,12 +305,12 @@ def run_simulation(
         else:
             bytes_down = sum(_nbytes(server.current(m)) for m in moved)
         clock.deliver(t, sim_agg, bytes_down)
-        record = _round_record(t, block, list(moved), list(sampled), arrived, close, problem, sim_agg, ups, step.clipped)
+        record = _round_record(t, block, list(moved), list(sampled), arrived, close, problem, sim_agg, sent_by, step.clipped)
         rounds.append(record)
         for r in results:
             rep = reports.setdefault(r.client_id, {"rounds": [], "events": [], "final": {}})
-            u = r.update
-            rep["rounds"].append(dict(round=t, block=u.block, samples=r.samples, weight=u.weight, kind=u.kind, loss=u.loss, version=t))
+            shard_sizes[r.client_id] = r.shard
+            rep["rounds"].append(dict(round=t, block=r.block, samples=r.samples, weight=r.weight, kind=r.kind, loss=r.loss, version=t))
         if progress is not None:
             progress(record)
         last = plan.rounds - 1 - plan.staleness  # parablock: the point of the second-to-last round comes with the final one
@@ -245,19 +319,40 @@ def run_simulation(
             curve.append({"round": t + 1, **evaluation.evaluate(module.model)})
             eval_s += time.perf_counter() - t_eval
     loop_s = time.perf_counter() - t_loop - eval_s
+    globals_ = {n: v for blk in server.state.values for n, v in blk.items()}
+    downlink = server.state.downlink
+    mine: dict[str, Any] = {
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "state_sha256": digest({**globals_, **(downlink.state_tensors("residual/") if downlink is not None else {})}),
+        "read_skipped": len(shards.read_skipped) - read_skipped_at_start,
+        "encode_skipped": len(shards.encode_skipped) - encode_skipped_at_start,
+    }
+    ends, _ = group.gather(lambda: mine)
+    if ends is None:  # another worker than rank 0: it only trained its clients
+        return SimulationResult(globals_, {}, 0.0, time.perf_counter() - t_real, workers=mine)
+    workers = {
+        "workers": group.size,
+        "peak_rss_mb": [e["peak_rss_mb"] for e in ends],
+        "state_sha256": [e["state_sha256"] for e in ends],
+        "rss_mb_per_round": rss,
+    }
     wall = clock.finish()
     _merge_clock(reports, clock.records)
     final = _final(recipe, module, evaluation, curve, plan.rounds)
     final["trainable_params"] = sum(p.numel() for blk in blocks for p in blk.values())
-    final["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the one process of every virtual client
-    globals_ = {n: v for blk in server.state.values for n, v in blk.items()}
+    final["peak_rss_mb"] = mine["peak_rss_mb"]  # the one process of every virtual client (with workers: rank 0's)
+    if group.size > 1:
+        final["peak_rss_mb_per_worker"] = workers["peak_rss_mb"]
     for i, rep in reports.items():
-        rep["shard_size"] = shards.shard_size(i)
-        rep["final"] = {"client_data": {"shard_size": shards.shard_size(i), "read_skipped": 0, "encode_skipped": 0}}
+        rep["shard_size"] = shard_sizes[i]
+        rep["final"] = {"client_data": {"shard_size": shard_sizes[i], "read_skipped": 0, "encode_skipped": 0}}
     if reports:
         first = reports[min(reports)]
         first["final"].update(final)
-        first["final"]["client_data"].update(read_skipped=len(shards.read_skipped), encode_skipped=len(shards.encode_skipped))
+        skipped = read_skipped_at_start + sum(e["read_skipped"] for e in ends)
+        first["final"]["client_data"].update(
+            read_skipped=skipped, encode_skipped=encode_skipped_at_start + sum(e["encode_skipped"] for e in ends)
+        )
     view = {
         "mode": recipe.mode,
         "clients": f.clients,
@@ -287,6 +382,7 @@ def run_simulation(
         loop_s,
         tokens,
         steps,
+        workers,
     )
 
 
@@ -299,7 +395,7 @@ def _round_record(
     close: RoundClose,
     problem: str,
     aggregation_s: float,
-    updates: dict[int, Update],
+    updates: dict[int, _Sent],
     clipped: list[int],
 ) -> dict[str, Any]:
     """The server's record of a round, as the aggregator writes it (the loss: the arrived updates' weighted mean)."""

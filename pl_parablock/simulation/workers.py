@@ -1,0 +1,469 @@
+"""The simulator over several processes and machines: one worker per process, on ``torch.distributed``.
+
+``simulation.workers: W`` (or ``torchrun``'s ``WORLD_SIZE``) splits the
+virtual clients among ``W`` processes, contiguously: client ``i`` lives on
+worker ``i * W // N`` (:func:`owner_of`), with its data position, RNG,
+optimizer state and upload residuals, as plain CPU data, for the whole run.
+Every worker builds the model once and runs the driver's round loop over
+its own clients; the plan, the schedule and the sampling are the same
+everywhere (seeded), so each knows which of its clients train a round.
+
+A round's exchanges (:class:`Workers`), all from or to rank 0:
+
+1. **gather**: each worker's results without their tensors (client, compute
+   time, bytes, samples, tokens, weight, loss) reach rank 0, which runs the
+   simulated clock and **shares** the clients whose updates arrived in time;
+2. **chain**: rank 0 opens the round's
+   :class:`~pl_parablock.simulation.aggregation.ServerRound` and adds its
+   own on-time updates in client-id order, sends what it has added (the
+   float64 sums and weight totals; a robust rule's kept updates; the
+   clipped clients) to the next worker holding on-time updates, which adds
+   its own and passes it on; the last sends it back to rank 0. Since the
+   map is contiguous, this adds every update in client-id order, exactly as
+   one process does: float64 addition is not associative, so summing per
+   worker and then adding the partial sums would not be bitwise the same;
+3. **share**: rank 0 closes the blocks (the server optimizer's state lives
+   there) and sends their new values to every worker, which installs them
+   in its own :class:`~pl_parablock.simulation.virtual.ServerBlocks` (a
+   deterministic step, so every worker's copy, the server's download
+   residual included, stays identical to rank 0's).
+
+Only blocks and sums cross processes. An error a user can cause (a refused
+update, bad data) on any worker travels with these messages and stops every
+worker with the same message; a worker that dies ends the others' waits
+(its connections close, or ``simulation.worker_timeout_s`` passes).
+
+:class:`Solo` is the one-process case: the same calls, no messages.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from pl_parablock import errors
+from pl_parablock.errors import FederationError, ParaBlockError
+
+__all__ = [
+    "ENV_KEYS",
+    "Group",
+    "Solo",
+    "Workers",
+    "free_cores",
+    "join_group",
+    "launched_by_torchrun",
+    "owner_of",
+    "rss_mb",
+    "spawn_group",
+    "worker_threads",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+ENV_KEYS = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+"""What ``torchrun`` sets for each process it starts."""
+
+
+def owner_of(client: int, workers: int, clients: int) -> int:
+    """The worker that holds ``client``: contiguous runs of clients, so a sorted sample is one run per worker."""
+    return client * workers // clients
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process was started by ``torchrun`` (its environment names a world size and a rank)."""
+    return all(k in os.environ for k in ENV_KEYS)
+
+
+def free_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def worker_threads(local_workers: int) -> int:
+    """The default CPU threads of each of ``local_workers`` workers on this machine: the free cores shared among them."""
+    return max(1, free_cores() // max(1, local_workers))
+
+
+def rss_mb() -> float:
+    """This process's resident memory now, in MiB (0 where ``/proc`` is missing)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+# ---------------------------------------------------------------------------------------------------- errors on the wire
+
+
+def _wire_error(exc: ParaBlockError, rank: int) -> tuple[str, str]:
+    return type(exc).__name__, f"{exc} (on worker {rank})"
+
+
+def _raise(err: tuple[str, str]) -> None:
+    name, message = err
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, ParaBlockError)):
+        cls = ParaBlockError
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, message)
+    if isinstance(exc, errors.ConfigError):
+        exc.problems, exc.source = [message], None
+    raise exc
+
+
+# ---------------------------------------------------------------------------------------------------- groups
+
+
+class Solo:
+    """One process holds every client: no messages (the simulator as it always ran)."""
+
+    rank = 0
+    size = 1
+    is_root = True
+    train_device = None
+
+    def owns(self, client: int) -> bool:
+        return True
+
+    def gather(self, work: Callable[[], T]) -> tuple[list[T], None]:
+        return [work()], None
+
+    def share(self, value: T, error: tuple[str, str] | None = None) -> T:
+        if error is not None:
+            _raise(error)
+        return value
+
+    def chain(self, holders: Sequence[int], start: Callable[[], Any], add: Callable[[Any], None]) -> tuple[Any, None]:
+        step = start()
+        add(step)
+        return step, None
+
+    def close(self) -> None:
+        return None
+
+
+class Workers:
+    """This process's place among ``size`` workers of one ``torch.distributed`` group (see the module's description).
+
+    Args:
+        rank: this worker.
+        size: the workers.
+        clients: ``federation.clients`` (for :func:`owner_of`).
+        device: where the group's tensors travel (CPU for gloo, this worker's GPU for NCCL).
+    """
+
+    def __init__(self, rank: int, size: int, clients: int, device: torch.device, train_device: torch.device | None = None) -> None:
+        self.rank = rank
+        self.size = size
+        self.clients = clients
+        self.device = device
+        self.train_device = train_device or device
+        self.is_root = rank == 0
+
+    @classmethod
+    def join(
+        cls,
+        rank: int,
+        size: int,
+        clients: int,
+        *,
+        timeout_s: float,
+        device: torch.device,
+        init_method: str | None = None,
+        store: Any = None,
+    ) -> Workers:
+        """Join the group (``init_method`` ``env://`` under torchrun, or a store); NCCL when ``device`` is a GPU, else gloo."""
+        if clients < size:
+            raise errors.ConfigError(f"{size} worker processes but {clients} clients; use at most one worker per client")
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        try:
+            dist.init_process_group(
+                backend,
+                init_method=init_method,
+                store=store,
+                rank=rank,
+                world_size=size,
+                timeout=datetime.timedelta(seconds=timeout_s),
+            )
+        except (RuntimeError, ValueError) as exc:  # torch's DistError and store timeouts are RuntimeErrors
+            raise FederationError(
+                f"worker {rank} of {size} could not join the others within simulation.worker_timeout_s={timeout_s:g} s: {exc}"
+            ) from None
+        return cls(rank, size, clients, device)
+
+    def owns(self, client: int) -> bool:
+        return owner_of(client, self.size, self.clients) == self.rank
+
+    # ------------------------------------------------------------ exchanges
+
+    def gather(self, work: Callable[[], T]) -> tuple[list[T] | None, tuple[str, str] | None]:
+        """Run ``work`` here; rank 0 gets every worker's value, in rank order, and the first error (others: ``None``)."""
+        try:
+            mine: tuple[Any, Any] = (work(), None)
+        except ParaBlockError as exc:
+            mine = (None, _wire_error(exc, self.rank))
+        out: list[Any] | None = [None] * self.size if self.is_root else None
+        self._wait(lambda: dist.gather_object(mine, out, dst=0))
+        if out is None:
+            return None, None
+        error = next((e for _, e in out if e is not None), None)
+        return [v for v, _ in out], error
+
+    def share(self, value: T, error: tuple[str, str] | None = None) -> T:
+        """Rank 0's ``value`` (tensors in it travel as tensors), or its ``error`` raised on every worker."""
+        box: list[Any] = [(_skeleton(value), error) if self.is_root else None]
+        self._wait(lambda: dist.broadcast_object_list(box, src=0, device=torch.device("cpu")))
+        skeleton, err = box[0]
+        if err is not None:
+            _raise(err)
+        tensors = _tensors(value) if self.is_root else _empty(skeleton)
+        for t in tensors:
+            self._move(t, lambda x: dist.broadcast(x, src=0))
+        return _filled(skeleton, tensors)
+
+    def chain(self, holders: Sequence[int], start: Callable[[], Any], add: Callable[[Any], None]) -> tuple[Any, tuple[str, str] | None]:
+        """The round's step through rank 0, then every worker in ``holders`` (ascending), then back to rank 0.
+
+        ``start()`` opens a step (every worker the same way); ``add(step)``
+        adds this worker's on-time updates. Returns, on rank 0, the step
+        with everything added and the first error (others: ``None``).
+        """
+        order = [0, *sorted(w for w in set(holders) if w != 0)]
+        if self.rank not in order:
+            return None, None
+        at = order.index(self.rank)
+        step, error = start(), None
+        if at > 0:
+            state, error = self._receive(order[at - 1])
+            if state is not None:
+                step.resume(state)
+        if error is None:
+            try:
+                add(step)
+            except ParaBlockError as exc:
+                error = _wire_error(exc, self.rank)
+        if len(order) == 1:
+            return step, error
+        self._send(order[at + 1] if at + 1 < len(order) else 0, None if error else step.export(), error)
+        if self.rank != 0:
+            return None, None
+        state, error = self._receive(order[-1])  # the round's sums, every on-time update added, back on rank 0
+        step = start()
+        if state is not None:
+            step.resume(state)
+        return step, error
+
+    def close(self) -> None:
+        """Leave the group."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ------------------------------------------------------------ transport
+
+    def _send(self, dst: int, value: Any, error: tuple[str, str] | None) -> None:
+        skeleton = _skeleton(value)
+        self._wait(lambda: dist.send_object_list([(skeleton, error)], dst=dst, device=torch.device("cpu")))
+        for t in _tensors(value):
+            self._move(t, lambda x: dist.send(x, dst=dst))
+
+    def _receive(self, src: int) -> tuple[Any, tuple[str, str] | None]:
+        box: list[Any] = [None]
+        self._wait(lambda: dist.recv_object_list(box, src=src, device=torch.device("cpu")))
+        skeleton, error = box[0]
+        tensors = _empty(skeleton)
+        for t in tensors:
+            self._move(t, lambda x: dist.recv(x, src=src))
+        return _filled(skeleton, tensors), error
+
+    def _move(self, t: Tensor, op: Callable[[Tensor], Any]) -> None:
+        """``op`` on ``t`` (in place), through this worker's device when the group is NCCL's."""
+        if self.device.type == "cpu":
+            self._wait(lambda: op(t))
+            return
+        on = t.to(self.device)
+        self._wait(lambda: op(on))
+        t.copy_(on.cpu())
+
+    def _wait(self, op: Callable[[], Any]) -> None:
+        try:
+            op()
+        except (RuntimeError, ValueError) as exc:  # a peer died (its connections closed) or the wait timed out
+            raise FederationError(
+                f"worker {self.rank} of {self.size}: another worker stopped or did not answer within "
+                f"simulation.worker_timeout_s ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                "see that worker's own error"
+            ) from None
+
+
+# ---------------------------------------------------------------------------------------------------- tensors in messages
+
+
+class _Slot:
+    """Where a tensor was in a message: its index, shape and dtype (the tensor itself travels on its own)."""
+
+    __slots__ = ("dtype", "index", "shape")
+
+    def __init__(self, index: int, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.index, self.shape, self.dtype = index, shape, dtype
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _Slot, (self.index, self.shape, self.dtype)
+
+
+def _walk(value: Any, on_tensor: Callable[[Tensor], Any]) -> Any:
+    if isinstance(value, Tensor):
+        return on_tensor(value)
+    if isinstance(value, dict):
+        return {k: _walk(v, on_tensor) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        out = [_walk(v, on_tensor) for v in value]
+        return out if isinstance(value, list) else tuple(out)
+    return value
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    """The tensors of ``value``, in the order :func:`_skeleton` numbers them (contiguous, on the CPU)."""
+    found: list[Tensor] = []
+    _walk(value, lambda t: found.append(t.detach().to("cpu").contiguous()))
+    return found
+
+
+def _skeleton(value: Any) -> Any:
+    """``value`` with each tensor replaced by its :class:`_Slot`."""
+    count = [0]
+
+    def slot(t: Tensor) -> _Slot:
+        count[0] += 1
+        return _Slot(count[0] - 1, tuple(t.shape), t.dtype)
+
+    return _walk(value, slot)
+
+
+def _empty(skeleton: Any) -> list[Tensor]:
+    slots: list[_Slot] = []
+    _walk_slots(skeleton, slots.append)
+    return [torch.empty(s.shape, dtype=s.dtype) for s in sorted(slots, key=lambda s: s.index)]
+
+
+def _walk_slots(value: Any, on_slot: Callable[[_Slot], Any]) -> Any:
+    if isinstance(value, _Slot):
+        return on_slot(value)
+    if isinstance(value, dict):
+        return {k: _walk_slots(v, on_slot) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        out = [_walk_slots(v, on_slot) for v in value]
+        return out if isinstance(value, list) else tuple(out)
+    return value
+
+
+def _filled(skeleton: Any, tensors: list[Tensor]) -> Any:
+    return _walk_slots(skeleton, lambda s: tensors[s.index])
+
+
+Group = Solo | Workers
+
+
+# ---------------------------------------------------------------------------------------------------- starting workers
+
+
+def _devices(accelerator: str, local_rank: int, local_size: int) -> tuple[torch.device, torch.device]:
+    """The device a worker trains on and the one its messages travel through (its GPU for NCCL, else the CPU)."""
+    from pl_parablock.simulation.driver import device_of
+
+    device = device_of(accelerator)
+    if device.type != "cuda":
+        return device, torch.device("cpu")
+    count = torch.cuda.device_count()
+    own = torch.device("cuda", local_rank % max(1, count))
+    torch.cuda.set_device(own)
+    return own, (own if count >= local_size else torch.device("cpu"))  # NCCL only when every worker has its own GPU
+
+
+def join_group(
+    rank: int,
+    size: int,
+    recipe: Any,
+    *,
+    local_rank: int,
+    local_size: int,
+    timeout_s: float,
+    init_method: str | None = None,
+    port: int | None = None,
+    store: Any = None,
+) -> Workers:
+    """Join the workers' group as ``rank`` of ``size``: by ``init_method`` (``env://`` under torchrun), rank 0's ``port`` or a ``store``."""
+    train, comm = _devices(recipe.train.accelerator, local_rank, local_size)
+    if store is None and port is not None:
+        try:
+            store = dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+            store.set(f"ready/{rank}", "1")
+        except (RuntimeError, ValueError) as exc:
+            raise FederationError(f"worker {rank} could not reach rank 0 at 127.0.0.1:{port}: {exc}") from None
+    group = Workers.join(rank, size, recipe.federation.clients, timeout_s=timeout_s, device=comm, init_method=init_method, store=store)
+    group.train_device = train
+    return group
+
+
+def spawn_group(size: int, timeout_s: float, recipes: Sequence[Any], target: Callable[..., None], body: Callable[[Workers], T]) -> T:
+    """This process as rank 0 of ``size`` workers, the others started here (spawn), all joined when ``body`` returns or fails.
+
+    ``target(rank, size, port, recipes, timeout_s)`` runs in each started
+    process. A worker that exits before joining stops the start with its
+    exit code; one that dies later ends rank 0's next exchange (its
+    connections close; at worst ``timeout_s`` passes). Every started
+    process is joined (terminated if it has not ended within a few seconds
+    of the group's end).
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    td = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, timeout=td, wait_for_workers=False)
+    procs = [ctx.Process(target=target, args=(r, size, store.port, list(recipes), timeout_s), daemon=True) for r in range(1, size)]
+    for p in procs:
+        p.start()
+    group: Workers | None = None
+    try:
+        _await_ready(store, procs, timeout_s)
+        group = join_group(0, size, recipes[0], local_rank=0, local_size=size, timeout_s=timeout_s, store=store)
+        return body(group)
+    except FederationError as exc:
+        dead = [f"worker {r} exited with status {p.exitcode}" for r, p in enumerate(procs, 1) if p.exitcode not in (None, 0)]
+        if dead and group is not None:
+            raise FederationError(f"{'; '.join(dead)} (its error is printed above); {exc}") from None
+        raise
+    finally:
+        if group is not None:
+            group.close()
+        for p in procs:
+            p.join(timeout=10)
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+
+
+def _await_ready(store: Any, procs: Sequence[Any], timeout_s: float) -> None:
+    """Wait until every started worker has reached the store; a worker that exits first stops the wait with its status."""
+    deadline = time.monotonic() + timeout_s
+    keys = [f"ready/{r}" for r in range(1, len(procs) + 1)]
+    while not store.check(keys):
+        for r, p in enumerate(procs, 1):
+            if not p.is_alive():
+                raise FederationError(f"worker {r} exited with status {p.exitcode} before joining (its error is printed above)")
+        if time.monotonic() > deadline:
+            raise FederationError(f"the worker processes did not start within simulation.worker_timeout_s={timeout_s:g} s")
+        time.sleep(0.05)
