@@ -51,13 +51,13 @@ from torch import Tensor
 
 from pl_parablock import errors
 from pl_parablock.errors import FederationError, ParaBlockError
+from pl_parablock.recipe.build import available_cores
 
 __all__ = [
     "ENV_KEYS",
     "Group",
     "Solo",
     "Workers",
-    "free_cores",
     "join_group",
     "launched_by_torchrun",
     "owner_of",
@@ -83,17 +83,9 @@ def launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ENV_KEYS)
 
 
-def free_cores() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def worker_threads(local_workers: int) -> int:
-    """The default CPU threads of each of ``local_workers`` workers on this machine: the free cores shared among them."""
-    return max(1, free_cores() // max(1, local_workers))
+    """The default CPU threads of each of ``local_workers`` workers on this machine: the available cores shared among them."""
+    return max(1, available_cores() // max(1, local_workers))
 
 
 def rss_mb() -> float:
