@@ -29,30 +29,19 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
-from pl_parablock.client.inprocess import InProcessTransport
-from pl_parablock.core.plan import mode_of
 from pl_parablock.errors import ParaBlockError
-from pl_parablock.recipe.build import (
-    client_threads,
-    client_token,
-    compression_of,
-    min_upload_mbps,
-    run_loggers,
-    server_optimizer_of,
-    server_token,
-    weight_bound,
-)
-from pl_parablock.recipe.docs import reference_markdown
-from pl_parablock.recipe.load import load_recipe, to_yaml
-from pl_parablock.recipe.schema import Recipe
-from pl_parablock.server.aggregator import Aggregator
-from pl_parablock.server.grpc_server import FederationServer, tune_server_memory
-from pl_parablock.server.service import FederationService
-from pl_parablock.wire.channel import TLS
-from pl_parablock.wire.framing import MAX_LARGE_HEADER_BYTES
-from pl_parablock.wire.link import Link
+
+if TYPE_CHECKING:
+    from pl_parablock.forkserver import ForkServer
+    from pl_parablock.recipe.schema import Recipe
+    from pl_parablock.server.aggregator import Aggregator
+    from pl_parablock.server.grpc_server import FederationServer
+    from pl_parablock.server.service import FederationService
+
+# torch, Lightning, transformers, gRPC and the package's modules that need them are imported where they are used:
+# the launcher starts its clients' fork server before it pays for them (pl_parablock.forkserver).
 
 log = logging.getLogger("pl_parablock")
 
@@ -93,6 +82,8 @@ class RoundPrinter:
     """
 
     def __init__(self, recipe: Recipe, progress: bool) -> None:
+        from pl_parablock.recipe.build import run_loggers
+
         self.total = recipe.federation.rounds
         self.progress = progress
         self.tty = progress and sys.stdout.isatty()
@@ -134,6 +125,10 @@ class RoundPrinter:
 
 def _aggregator(recipe: Recipe, progress: bool) -> Aggregator:
     """The server state of a recipe, resumed from OUTPUT_DIR/server when a checkpoint is there."""
+    from pl_parablock.core.plan import mode_of
+    from pl_parablock.recipe.build import compression_of, server_optimizer_of, weight_bound
+    from pl_parablock.server.aggregator import Aggregator
+
     f = recipe.federation
     schedule = mode_of(recipe.mode).schedule(recipe.blocks.schedule)
     checkpoint_dir = os.path.join(recipe.output_dir, "server")
@@ -177,11 +172,19 @@ def _aggregator(recipe: Recipe, progress: bool) -> Aggregator:
 
 
 def _service(recipe: Recipe, agg: Aggregator) -> FederationService:
+    from pl_parablock.recipe.build import server_token
+    from pl_parablock.server.service import FederationService
+
     f = recipe.federation
     return FederationService(agg, chunk_bytes=f.chunk_kb * 1024, token=server_token(recipe), max_wait_s=f.timeout_s)
 
 
 def _server(recipe: Recipe, agg: Aggregator, listen: str) -> FederationServer:
+    from pl_parablock.recipe.build import min_upload_mbps
+    from pl_parablock.server.grpc_server import FederationServer
+    from pl_parablock.wire.channel import TLS
+    from pl_parablock.wire.framing import MAX_LARGE_HEADER_BYTES
+
     f = recipe.federation
     tls = TLS(cert=f.tls.cert, key=f.tls.key) if f.tls.cert else None
     tune_server_memory()  # this process serves; its clients train in their own processes
@@ -202,6 +205,13 @@ def _server(recipe: Recipe, agg: Aggregator, listen: str) -> FederationServer:
     )
 
 
+def tune_server_memory() -> bool:
+    """Tune this process's allocator for serving (:func:`pl_parablock.server.grpc_server.tune_server_memory`)."""
+    from pl_parablock.server.grpc_server import tune_server_memory as tune
+
+    return tune()
+
+
 def _client_address(address: str, recipe: Recipe) -> str:
     """Where local client processes reach a server bound to ``address``."""
     host, _, port = address.rpartition(":")
@@ -220,6 +230,7 @@ def _describe_data(recipe: Recipe) -> str:
 
 def _finish(recipe: Recipe, agg: Aggregator, wall_s: float) -> int:
     from pl_parablock.report import build_report, format_summary, write_pictures, write_report
+    from pl_parablock.wire.link import Link
 
     if isinstance(agg.on_round_closed, RoundPrinter):
         agg.on_round_closed.close()
@@ -236,6 +247,8 @@ def _finish(recipe: Recipe, agg: Aggregator, wall_s: float) -> int:
 
 
 def _banner(recipe: Recipe, where: str, data: str | None = None) -> None:
+    from pl_parablock.wire.link import Link
+
     f = recipe.federation
     steps = recipe.train.local_steps
     _say(f"pl_parablock: mode={recipe.mode}, {f.clients} clients, {f.rounds} rounds, {steps} local steps per round ({where})")
@@ -248,30 +261,73 @@ def _quorum_survives(recipe: Recipe, alive: int) -> bool:
     return f.round_timeout_s is not None and alive >= (f.min_clients or f.clients)
 
 
-def _local_processes(recipe: Recipe) -> int:
-    f = recipe.federation
+def _fork_server(recipe: Recipe, fork: ForkServer | None) -> ForkServer | None:
+    """The fork server started early if its thread count is the recipe's, else a new one (or none where fork is unsafe)."""
+    from pl_parablock import forkserver
+    from pl_parablock.recipe.build import client_threads
+
+    threads = client_threads(recipe)
+    if fork is not None and fork.threads == threads:
+        return fork
+    if fork is not None:
+        fork.close()
+    return forkserver.ForkServer(threads) if forkserver.available() else None
+
+
+def _start_clients(
+    recipe: Recipe, fork: ForkServer | None, resolved: str, address: str, logs: str
+) -> dict[int, tuple[Any, IO[bytes] | None]]:
+    """One process per client: forked from the fork server once it is ready, else ``python -m pl_parablock.fit --role client``."""
+    from pl_parablock.forkserver import client_env
+    from pl_parablock.recipe.build import client_threads
+
+    argv = [resolved, "--role", "client", "--server", address]
+    procs: dict[int, tuple[Any, IO[bytes] | None]] = {}
+    if fork is not None and not fork.wait_ready():
+        _say(f"warning: starting each client as a process of its own: the fork server cannot fork them ({fork.reason})")
+        fork = None
+    for i in range(recipe.federation.clients):
+        log_path = os.path.join(logs, f"client_{i}.log")
+        if fork is not None:
+            procs[i] = (fork.spawn(i, [*argv, "--client-id", str(i)], log_path), None)
+            continue
+        log_file = open(log_path, "wb")
+        cmd = [sys.executable, "-m", "pl_parablock.fit", *argv, "--client-id", str(i)]
+        procs[i] = (subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=client_env(client_threads(recipe))), log_file)
+    return procs
+
+
+def _local_processes(recipe: Recipe, fork: ForkServer | None = None) -> int:
+    from pl_parablock.recipe.build import client_threads
+    from pl_parablock.recipe.load import to_yaml
+
     recipe.train.threads = client_threads(recipe)
+    fork = _fork_server(recipe, fork)  # it imports while this process reads the data and starts the server
+    try:
+        return _run_local(recipe, fork, to_yaml(recipe))
+    finally:
+        if fork is not None:
+            fork.close()
+
+
+def _run_local(recipe: Recipe, fork: ForkServer | None, resolved_yaml: str) -> int:
     out = recipe.output_dir
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
     resolved = os.path.join(out, "recipe.yaml")
     with open(resolved, "w", encoding="utf-8") as fh:
-        fh.write(to_yaml(recipe))
+        fh.write(resolved_yaml)
     data = _describe_data(recipe)  # reads the data: a bad file stops the run before the server starts
     agg = _aggregator(recipe, progress=True)
     server = _server(recipe, agg, "127.0.0.1:0")
     address = _client_address(server.start(), recipe)
     _banner(recipe, f"server {address}, client logs in {logs}", data)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(recipe.train.threads), "TOKENIZERS_PARALLELISM": "false"}
-    procs: dict[int, tuple[subprocess.Popen[bytes], Any]] = {}
+    procs: dict[int, tuple[Any, IO[bytes] | None]] = {}
     start = time.perf_counter()
     failed: tuple[int, int] | None = None
     dropped: list[int] = []
     try:
-        for i in range(f.clients):
-            log_file = open(os.path.join(logs, f"client_{i}.log"), "wb")
-            cmd = [sys.executable, "-m", "pl_parablock.fit", resolved, "--role", "client", "--client-id", str(i), "--server", address]
-            procs[i] = (subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env), log_file)
+        procs = _start_clients(recipe, fork, resolved, address, logs)
         while any(p.poll() is None for p, _ in procs.values()):
             for i, (p, _) in procs.items():
                 rc = p.poll()
@@ -303,7 +359,8 @@ def _local_processes(recipe: Recipe) -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(5)
-            log_file.close()
+            if log_file is not None:
+                log_file.close()
         server.stop()
     wall = time.perf_counter() - start
     if failed is not None:
@@ -329,7 +386,10 @@ def federate_in_process(recipe: Recipe, progress: bool = False) -> tuple[Aggrega
     Returns the aggregator, the client runs and the wall time. The first
     client failure is raised (a :class:`ParaBlockError` as it is).
     """
+    from pl_parablock.client.inprocess import InProcessTransport
     from pl_parablock.client.runner import prepare_client, quiet_third_party
+    from pl_parablock.recipe.build import client_threads, client_token
+    from pl_parablock.wire.link import Link
 
     quiet_third_party()
     f = recipe.federation
@@ -394,6 +454,8 @@ def _waiting_for(clients: list[int], grace_s: float) -> None:
 
 
 def _serve(recipe: Recipe, listen: str) -> int:
+    from pl_parablock.recipe.build import server_token
+
     f = recipe.federation
     agg = _aggregator(recipe, progress=True)
     server = _server(recipe, agg, listen)
@@ -419,8 +481,9 @@ def _serve(recipe: Recipe, listen: str) -> int:
     return _finish(recipe, agg, time.perf_counter() - start)
 
 
-def _client(recipe: Recipe, client_id: int | None, server: str | None) -> int:
+def _client(recipe: Recipe, client_id: int | None, server: str | None, preloaded: list[str] | None = None) -> int:
     from pl_parablock.client.runner import prepare_client, quiet_third_party
+    from pl_parablock.forkserver import started_from_fork_server
 
     if client_id is None or server is None:
         raise ParaBlockError("--role client needs --client-id I and --server HOST:PORT")
@@ -434,7 +497,8 @@ def _client(recipe: Recipe, client_id: int | None, server: str | None) -> int:
     path = os.path.join(recipe.output_dir, "clients", f"client_{client_id}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as fh:
-        json.dump(run.report(), fh, indent=1, default=str)
+        start = {"forked": started_from_fork_server(), "preloaded": preloaded or []}
+        json.dump({**run.report(), "process_start": start}, fh, indent=1, default=str)
     log.info("client %d done; report in %s", client_id, path)
     return 0
 
@@ -442,6 +506,8 @@ def _client(recipe: Recipe, client_id: int | None, server: str | None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.reference:
+        from pl_parablock.recipe.docs import reference_markdown
+
         print(reference_markdown())
         return 0
     recipe_path = args.recipe
@@ -449,21 +515,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     if recipe_path is not None and "=" in recipe_path and not os.path.exists(recipe_path):
         overrides.insert(0, recipe_path)
         recipe_path = None
+    preloaded = [m for m in _PRELOADED if m in sys.modules]  # before this process imports anything for its role
     _setup_logging(verbose=args.role == "client")
+    fork = _early_fork_server(recipe_path, overrides) if args.role == "local" and not args.inprocess else None
     try:
+        from pl_parablock.recipe.load import load_recipe
+
         recipe = load_recipe(recipe_path, overrides)
         if args.role == "client":
-            return _client(recipe, args.client_id, args.server)
+            return _client(recipe, args.client_id, args.server, preloaded)
         if args.role == "server":
             return _serve(recipe, args.listen)
         if args.inprocess:
             return _local_inprocess(recipe)
-        return _local_processes(recipe)
+        used, fork = fork, None
+        return _local_processes(recipe, used)
     except ParaBlockError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        if fork is not None:
+            fork.close()
+
+
+_PRELOADED = ("torch", "lightning", "transformers")
+"""Modules a client's report says were imported before its code began (by the fork server it was forked from)."""
+
+
+def _early_fork_server(recipe_path: str | None, overrides: list[str]) -> ForkServer | None:
+    """The launcher's first act: start the clients' fork server, so that it imports while the launcher starts the server."""
+    from pl_parablock import forkserver
+
+    threads = forkserver.peek_threads(recipe_path, overrides) if forkserver.available() else None
+    return forkserver.ForkServer(threads) if threads is not None else None
 
 
 if __name__ == "__main__":
