@@ -87,7 +87,9 @@ def quickstart(args: argparse.Namespace, work: str) -> dict[str, Any]:
     summary = {}
     for variant, flag in (("fork_server", True), ("own_processes", False)):
         mine = [r for r in runs if r["fork_server"] is flag]
-        summary[variant] = {k: round(median(r[k] for r in mine), 3) for k in ("round1_started_at", "launch_to_round1_s", "wall_s", "process_s")}
+        summary[variant] = {
+            k: round(median(r[k] for r in mine), 3) for k in ("round1_started_at", "launch_to_round1_s", "wall_s", "process_s")
+        }
     return {
         "benchmark": "startup",
         "recipe": os.path.relpath(QUICKSTART, REPO),

@@ -81,14 +81,30 @@ class RoundPrinter:
     otherwise one plain line per round.
     """
 
-    def __init__(self, recipe: Recipe, progress: bool) -> None:
-        from pl_parablock.recipe.build import run_loggers
-
+    def __init__(self, recipe: Recipe, progress: bool, open_loggers: bool = True) -> None:
+        self.recipe = recipe
         self.total = recipe.federation.rounds
         self.progress = progress
         self.tty = progress and sys.stdout.isatty()
-        self.loggers = run_loggers(recipe, "server")
+        self._loggers: list[Any] | None = None
+        self._lock = threading.Lock()
         self.start = time.time()
+        if open_loggers:
+            self.open()
+
+    def open(self) -> None:
+        """Create the loggers (they import Lightning: the launcher does it once its clients are started)."""
+        from pl_parablock.recipe.build import run_loggers
+
+        with self._lock:  # the launcher's thread, or the server's at a round's close
+            if self._loggers is None:
+                self._loggers = run_loggers(self.recipe, "server")
+
+    @property
+    def loggers(self) -> list[Any]:
+        self.open()
+        assert self._loggers is not None
+        return self._loggers
 
     def __call__(self, rec: dict[str, Any]) -> None:
         metrics = {
@@ -123,7 +139,7 @@ class RoundPrinter:
             logger.finalize("success")
 
 
-def _aggregator(recipe: Recipe, progress: bool) -> Aggregator:
+def _aggregator(recipe: Recipe, progress: bool, open_loggers: bool = True) -> Aggregator:
     """The server state of a recipe, resumed from OUTPUT_DIR/server when a checkpoint is there."""
     from pl_parablock.core.plan import mode_of
     from pl_parablock.recipe.build import compression_of, server_optimizer_of, weight_bound
@@ -153,7 +169,7 @@ def _aggregator(recipe: Recipe, progress: bool) -> Aggregator:
         max_update_norm=f.max_update_norm,
         checkpoint_dir=checkpoint_dir if f.checkpoint_every > 0 else None,
         checkpoint_every=f.checkpoint_every,
-        on_round_closed=RoundPrinter(recipe, progress),
+        on_round_closed=RoundPrinter(recipe, progress, open_loggers),
         weighting=f.weighting,
         max_weight=weight_bound(recipe),
         compression=compression_of(recipe),
@@ -275,14 +291,21 @@ def _fork_server(recipe: Recipe, fork: ForkServer | None) -> ForkServer | None:
 
 
 def _start_clients(
-    recipe: Recipe, fork: ForkServer | None, resolved: str, address: str, logs: str
+    recipe: Recipe, fork: ForkServer | None, resolved: str, address: str, logs: str, meanwhile: Any = None
 ) -> dict[int, tuple[Any, IO[bytes] | None]]:
-    """One process per client: forked from the fork server once it is ready, else ``python -m pl_parablock.fit --role client``."""
+    """One process per client: forked from the fork server once it is ready, else ``python -m pl_parablock.fit --role client``.
+
+    ``meanwhile`` is called first if the fork server is still importing (work for this process while it waits).
+    """
     from pl_parablock.forkserver import client_env
     from pl_parablock.recipe.build import client_threads
 
     argv = [resolved, "--role", "client", "--server", address]
     procs: dict[int, tuple[Any, IO[bytes] | None]] = {}
+    if fork is not None and meanwhile is not None:
+        fork.pump(0.0)
+        if fork.ready is None:
+            meanwhile()
     if fork is not None and not fork.wait_ready():
         _say(f"warning: starting each client as a process of its own: the fork server cannot fork them ({fork.reason})")
         fork = None
@@ -318,7 +341,7 @@ def _run_local(recipe: Recipe, fork: ForkServer | None, resolved_yaml: str) -> i
     with open(resolved, "w", encoding="utf-8") as fh:
         fh.write(resolved_yaml)
     data = _describe_data(recipe)  # reads the data: a bad file stops the run before the server starts
-    agg = _aggregator(recipe, progress=True)
+    agg = _aggregator(recipe, progress=True, open_loggers=False)  # Lightning's loggers: once the clients are started
     server = _server(recipe, agg, "127.0.0.1:0")
     address = _client_address(server.start(), recipe)
     _banner(recipe, f"server {address}, client logs in {logs}", data)
@@ -327,7 +350,10 @@ def _run_local(recipe: Recipe, fork: ForkServer | None, resolved_yaml: str) -> i
     failed: tuple[int, int] | None = None
     dropped: list[int] = []
     try:
-        procs = _start_clients(recipe, fork, resolved, address, logs)
+        printer = agg.on_round_closed if isinstance(agg.on_round_closed, RoundPrinter) else None
+        procs = _start_clients(recipe, fork, resolved, address, logs, meanwhile=printer.open if printer else None)
+        if printer is not None:
+            printer.open()
         while any(p.poll() is None for p, _ in procs.values()):
             for i, (p, _) in procs.items():
                 rc = p.poll()
