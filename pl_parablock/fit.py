@@ -32,32 +32,19 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
-from pl_parablock.client.inprocess import InProcessTransport
-from pl_parablock.core.plan import mode_of
 from pl_parablock.errors import ParaBlockError
-from pl_parablock.recipe.build import (
-    client_threads,
-    client_token,
-    compression_of,
-    evaluation_points,
-    evaluator_of,
-    min_upload_mbps,
-    run_loggers,
-    server_optimizer_of,
-    server_token,
-    weight_bound,
-)
-from pl_parablock.recipe.docs import reference_markdown
-from pl_parablock.recipe.load import load_recipe, to_yaml
-from pl_parablock.recipe.schema import Recipe
-from pl_parablock.server.aggregator import Aggregator
-from pl_parablock.server.grpc_server import FederationServer, tune_server_memory
-from pl_parablock.server.service import FederationService
-from pl_parablock.wire.channel import TLS
-from pl_parablock.wire.framing import MAX_LARGE_HEADER_BYTES
-from pl_parablock.wire.link import Link
+
+if TYPE_CHECKING:
+    from pl_parablock.forkserver import ForkServer
+    from pl_parablock.recipe.schema import Recipe
+    from pl_parablock.server.aggregator import Aggregator
+    from pl_parablock.server.grpc_server import FederationServer
+    from pl_parablock.server.service import FederationService
+
+# torch, Lightning, transformers, gRPC and the package's modules that need them are imported where they are used:
+# the launcher starts its clients' fork server before it pays for them (pl_parablock.forkserver).
 
 log = logging.getLogger("pl_parablock")
 
@@ -99,12 +86,30 @@ class RoundPrinter:
     otherwise one plain line per round.
     """
 
-    def __init__(self, recipe: Recipe, progress: bool) -> None:
+    def __init__(self, recipe: Recipe, progress: bool, open_loggers: bool = True) -> None:
+        self.recipe = recipe
         self.total = recipe.federation.rounds
         self.progress = progress
         self.tty = progress and sys.stdout.isatty()
-        self.loggers = run_loggers(recipe, "server")
+        self._loggers: list[Any] | None = None
+        self._lock = threading.Lock()
         self.start = time.time()
+        if open_loggers:
+            self.open()
+
+    def open(self) -> None:
+        """Create the loggers (they import Lightning: the launcher does it once its clients are started)."""
+        from pl_parablock.recipe.build import run_loggers
+
+        with self._lock:  # the launcher's thread, or the server's at a round's close
+            if self._loggers is None:
+                self._loggers = run_loggers(self.recipe, "server")
+
+    @property
+    def loggers(self) -> list[Any]:
+        self.open()
+        assert self._loggers is not None
+        return self._loggers
 
     def __call__(self, rec: dict[str, Any]) -> None:
         metrics = {
@@ -139,12 +144,16 @@ class RoundPrinter:
             logger.finalize("success")
 
 
-def _aggregator(recipe: Recipe, progress: bool, launcher: bool = False) -> Aggregator:
+def _aggregator(recipe: Recipe, progress: bool, launcher: bool = False, open_loggers: bool = True) -> Aggregator:
     """The server state of a recipe, resumed from OUTPUT_DIR/server when a checkpoint is there.
 
     With an evaluator of its own (``eval.evaluator``; ``launcher``: the local
     launcher starts the processes), the server holds the curve's points for it.
     """
+    from pl_parablock.core.plan import mode_of
+    from pl_parablock.recipe.build import compression_of, evaluation_points, evaluator_of, server_optimizer_of, weight_bound
+    from pl_parablock.server.aggregator import Aggregator
+
     f = recipe.federation
     schedule = mode_of(recipe.mode).schedule(recipe.blocks.schedule)
     checkpoint_dir = os.path.join(recipe.output_dir, "server")
@@ -169,7 +178,7 @@ def _aggregator(recipe: Recipe, progress: bool, launcher: bool = False) -> Aggre
         max_update_norm=f.max_update_norm,
         checkpoint_dir=checkpoint_dir if f.checkpoint_every > 0 else None,
         checkpoint_every=f.checkpoint_every,
-        on_round_closed=RoundPrinter(recipe, progress),
+        on_round_closed=RoundPrinter(recipe, progress, open_loggers),
         weighting=f.weighting,
         max_weight=weight_bound(recipe),
         compression=compression_of(recipe),
@@ -190,11 +199,19 @@ def _aggregator(recipe: Recipe, progress: bool, launcher: bool = False) -> Aggre
 
 
 def _service(recipe: Recipe, agg: Aggregator) -> FederationService:
+    from pl_parablock.recipe.build import server_token
+    from pl_parablock.server.service import FederationService
+
     f = recipe.federation
     return FederationService(agg, chunk_bytes=f.chunk_kb * 1024, token=server_token(recipe), max_wait_s=f.timeout_s)
 
 
 def _server(recipe: Recipe, agg: Aggregator, listen: str) -> FederationServer:
+    from pl_parablock.recipe.build import min_upload_mbps
+    from pl_parablock.server.grpc_server import FederationServer
+    from pl_parablock.wire.channel import TLS
+    from pl_parablock.wire.framing import MAX_LARGE_HEADER_BYTES
+
     f = recipe.federation
     tls = TLS(cert=f.tls.cert, key=f.tls.key) if f.tls.cert else None
     tune_server_memory()  # this process serves; its clients train in their own processes
@@ -215,6 +232,13 @@ def _server(recipe: Recipe, agg: Aggregator, listen: str) -> FederationServer:
     )
 
 
+def tune_server_memory() -> bool:
+    """Tune this process's allocator for serving (:func:`pl_parablock.server.grpc_server.tune_server_memory`)."""
+    from pl_parablock.server.grpc_server import tune_server_memory as tune
+
+    return tune()
+
+
 def _client_address(address: str, recipe: Recipe) -> str:
     """Where local client processes reach a server bound to ``address``."""
     host, _, port = address.rpartition(":")
@@ -233,6 +257,7 @@ def _describe_data(recipe: Recipe) -> str:
 
 def _finish(recipe: Recipe, agg: Aggregator, wall_s: float) -> int:
     from pl_parablock.report import build_report, format_summary, write_pictures, write_report
+    from pl_parablock.wire.link import Link
 
     if isinstance(agg.on_round_closed, RoundPrinter):
         agg.on_round_closed.close()
@@ -249,6 +274,8 @@ def _finish(recipe: Recipe, agg: Aggregator, wall_s: float) -> int:
 
 
 def _banner(recipe: Recipe, where: str, data: str | None = None) -> None:
+    from pl_parablock.wire.link import Link
+
     f = recipe.federation
     steps = recipe.train.local_steps
     _say(f"pl_parablock: mode={recipe.mode}, {f.clients} clients, {f.rounds} rounds, {steps} local steps per round ({where})")
@@ -261,14 +288,24 @@ def _quorum_survives(recipe: Recipe, alive: int) -> bool:
     return f.round_timeout_s is not None and alive >= (f.min_clients or f.clients)
 
 
-def _start_evaluator(resolved: str, address: str, logs: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], Any]:
-    """Start the evaluator process (``--role evaluator``) against the server at ``address``; its log goes to logs/evaluator.log."""
-    log_file = open(os.path.join(logs, "evaluator.log"), "wb")
-    cmd = [sys.executable, "-m", "pl_parablock.fit", resolved, "--role", "evaluator", "--server", address]
-    return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env), log_file
+def _start_evaluator(recipe: Recipe, fork: ForkServer | None, resolved: str, address: str, logs: str) -> tuple[Any, IO[bytes] | None]:
+    """Start the evaluator process (``--role evaluator``) against the server at ``address``; its log goes to logs/evaluator.log.
+
+    Forked from the fork server like a client when there is one, else ``python -m pl_parablock.fit --role evaluator``.
+    """
+    from pl_parablock.forkserver import EVALUATOR_ID, client_env
+    from pl_parablock.recipe.build import client_threads
+
+    argv = [resolved, "--role", "evaluator", "--server", address]
+    log_path = os.path.join(logs, "evaluator.log")
+    if fork is not None and fork.ready:
+        return fork.spawn(EVALUATOR_ID, argv, log_path), None
+    log_file = open(log_path, "wb")
+    cmd = [sys.executable, "-m", "pl_parablock.fit", *argv]
+    return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=client_env(client_threads(recipe))), log_file
 
 
-def _end_evaluator(evaluator: tuple[subprocess.Popen[bytes], Any] | None, grace_s: float, logs: str, wait: bool) -> None:
+def _end_evaluator(evaluator: tuple[Any, IO[bytes] | None] | None, grace_s: float, logs: str, wait: bool) -> None:
     """The clients are done: give the evaluator ``grace_s`` to finish (``wait``), else stop it; it never fails the run."""
     if evaluator is None:
         return
@@ -277,50 +314,104 @@ def _end_evaluator(evaluator: tuple[subprocess.Popen[bytes], Any] | None, grace_
         if wait and p.poll() is None:
             _say("training done; the evaluator evaluates and saves the final model")
             p.wait(grace_s)
-    except subprocess.TimeoutExpired:
+    except (subprocess.TimeoutExpired, TimeoutError):
         _say(f"the evaluator did not finish within {grace_s:g} s (federation.timeout_s): stopped, the report has no final evaluation")
     finally:
         if p.poll() is None:
             p.terminate()
             try:
                 p.wait(10)
-            except subprocess.TimeoutExpired:
+            except (subprocess.TimeoutExpired, TimeoutError):
                 p.kill()
                 p.wait(5)
-        log_file.close()
+        if log_file is not None:
+            log_file.close()
     if wait and p.returncode not in (0, None, -15):
         where = os.path.join(logs, "evaluator.log")
         _say(f"the evaluator failed (exit status {p.returncode}); the report has no final evaluation. Its log ({where}):\n{_tail(where)}")
 
 
-def _local_processes(recipe: Recipe) -> int:
-    f = recipe.federation
+def _fork_server(recipe: Recipe, fork: ForkServer | None) -> ForkServer | None:
+    """The fork server started early if its thread count is the recipe's, else a new one (or none where fork is unsafe)."""
+    from pl_parablock import forkserver
+    from pl_parablock.recipe.build import client_threads
+
+    threads = client_threads(recipe)
+    if fork is not None and fork.threads == threads:
+        return fork
+    if fork is not None:
+        fork.close()
+    return forkserver.ForkServer(threads) if forkserver.available() else None
+
+
+def _start_clients(
+    recipe: Recipe, fork: ForkServer | None, resolved: str, address: str, logs: str, meanwhile: Any = None
+) -> dict[int, tuple[Any, IO[bytes] | None]]:
+    """One process per client: forked from the fork server once it is ready, else ``python -m pl_parablock.fit --role client``.
+
+    ``meanwhile`` is called first if the fork server is still importing (work for this process while it waits).
+    """
+    from pl_parablock.forkserver import client_env
+    from pl_parablock.recipe.build import client_threads
+
+    argv = [resolved, "--role", "client", "--server", address]
+    procs: dict[int, tuple[Any, IO[bytes] | None]] = {}
+    if fork is not None and meanwhile is not None:
+        fork.pump(0.0)
+        if fork.ready is None:
+            meanwhile()
+    if fork is not None and not fork.wait_ready():
+        _say(f"warning: starting each client as a process of its own: the fork server cannot fork them ({fork.reason})")
+        fork = None
+    for i in range(recipe.federation.clients):
+        log_path = os.path.join(logs, f"client_{i}.log")
+        if fork is not None:
+            procs[i] = (fork.spawn(i, [*argv, "--client-id", str(i)], log_path), None)
+            continue
+        log_file = open(log_path, "wb")
+        cmd = [sys.executable, "-m", "pl_parablock.fit", *argv, "--client-id", str(i)]
+        procs[i] = (subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=client_env(client_threads(recipe))), log_file)
+    return procs
+
+
+def _local_processes(recipe: Recipe, fork: ForkServer | None = None) -> int:
+    from pl_parablock.recipe.build import client_threads, evaluator_of
+    from pl_parablock.recipe.load import to_yaml
+
     recipe.train.threads = client_threads(recipe)
     recipe.eval.evaluator = evaluator_of(recipe, launcher=True)  # the clients read it from the resolved recipe
+    fork = _fork_server(recipe, fork)  # it imports while this process reads the data and starts the server
+    try:
+        return _run_local(recipe, fork, to_yaml(recipe))
+    finally:
+        if fork is not None:
+            fork.close()
+
+
+def _run_local(recipe: Recipe, fork: ForkServer | None, resolved_yaml: str) -> int:
     out = recipe.output_dir
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
     resolved = os.path.join(out, "recipe.yaml")
     with open(resolved, "w", encoding="utf-8") as fh:
-        fh.write(to_yaml(recipe))
+        fh.write(resolved_yaml)
     data = _describe_data(recipe)  # reads the data: a bad file stops the run before the server starts
-    agg = _aggregator(recipe, progress=True, launcher=True)
+    agg = _aggregator(recipe, progress=True, launcher=True, open_loggers=False)  # Lightning's loggers: once the clients are started
     server = _server(recipe, agg, "127.0.0.1:0")
     address = _client_address(server.start(), recipe)
     _banner(recipe, f"server {address}, client logs in {logs}", data)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(recipe.train.threads), "TOKENIZERS_PARALLELISM": "false"}
-    procs: dict[int, tuple[subprocess.Popen[bytes], Any]] = {}
+    procs: dict[int, tuple[Any, IO[bytes] | None]] = {}
     evaluator = None
     start = time.perf_counter()
     failed: tuple[int, int] | None = None
     dropped: list[int] = []
     try:
+        printer = agg.on_round_closed if isinstance(agg.on_round_closed, RoundPrinter) else None
+        procs = _start_clients(recipe, fork, resolved, address, logs, meanwhile=printer.open if printer else None)
         if recipe.eval.evaluator == "process":
-            evaluator = _start_evaluator(resolved, address, logs, env)
-        for i in range(f.clients):
-            log_file = open(os.path.join(logs, f"client_{i}.log"), "wb")
-            cmd = [sys.executable, "-m", "pl_parablock.fit", resolved, "--role", "client", "--client-id", str(i), "--server", address]
-            procs[i] = (subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env), log_file)
+            evaluator = _start_evaluator(recipe, fork, resolved, address, logs)
+        if printer is not None:
+            printer.open()
         while any(p.poll() is None for p, _ in procs.values()):
             for i, (p, _) in procs.items():
                 rc = p.poll()
@@ -353,7 +444,8 @@ def _local_processes(recipe: Recipe) -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(5)
-            log_file.close()
+            if log_file is not None:
+                log_file.close()
         server.stop()
     wall = time.perf_counter() - start
     if failed is not None:
@@ -379,9 +471,13 @@ def federate_in_process(recipe: Recipe, progress: bool = False) -> tuple[Aggrega
     Returns the aggregator, the client runs and the wall time. The first
     client failure is raised (a :class:`ParaBlockError` as it is). With
     ``eval.evaluator: process`` an evaluator runs as one more thread
-    (:func:`evaluate_in_thread`); ``auto`` is client 0 here.
+    (:func:`~pl_parablock.client.evaluator.evaluate_in_thread`); ``auto`` is client 0 here.
     """
+    from pl_parablock.client.evaluator import evaluate_in_thread
+    from pl_parablock.client.inprocess import InProcessTransport
     from pl_parablock.client.runner import prepare_client, quiet_third_party
+    from pl_parablock.recipe.build import client_threads, client_token, evaluator_of
+    from pl_parablock.wire.link import Link
 
     quiet_third_party()
     f = recipe.federation
@@ -428,30 +524,6 @@ def federate_in_process(recipe: Recipe, progress: bool = False) -> tuple[Aggrega
     return agg, runs, wall
 
 
-def evaluate_in_thread(recipe: Recipe, service: FederationService) -> threading.Thread:
-    """Start an evaluator (:class:`~pl_parablock.client.evaluator.Evaluator`) as a thread of this process, on ``service``.
-
-    It never fails the federation: an error is logged (and kept in the thread's ``error``).
-    """
-    from pl_parablock.client.evaluator import Evaluator
-
-    f = recipe.federation
-    transport = InProcessTransport(service, chunk_bytes=f.chunk_kb * 1024, token=client_token(recipe, 0))  # no emulated link: not a client
-    evaluator = Evaluator(recipe, transport)  # builds the model here: a bad recipe stops the run before it starts
-
-    def target() -> None:
-        try:
-            evaluator.run()
-        except BaseException as exc:  # the federation goes on without its evaluation
-            thread.error = exc  # type: ignore[attr-defined]
-            log.warning("the evaluator failed: %r", exc)
-
-    thread = threading.Thread(target=target, name="pl_parablock-evaluator", daemon=True)
-    thread.error = None  # type: ignore[attr-defined]
-    thread.start()
-    return thread
-
-
 def _local_inprocess(recipe: Recipe) -> int:
     _banner(recipe, "one process, clients as threads")
     agg, _, wall = federate_in_process(recipe, progress=True)
@@ -477,6 +549,8 @@ def _waiting_for(clients: list[int], grace_s: float) -> None:
 
 
 def _serve(recipe: Recipe, listen: str) -> int:
+    from pl_parablock.recipe.build import server_token
+
     f = recipe.federation
     agg = _aggregator(recipe, progress=True)
     server = _server(recipe, agg, listen)
@@ -513,8 +587,9 @@ def _await_evaluator(agg: Aggregator, grace_s: float) -> None:
         time.sleep(0.2)
 
 
-def _client(recipe: Recipe, client_id: int | None, server: str | None) -> int:
+def _client(recipe: Recipe, client_id: int | None, server: str | None, preloaded: list[str] | None = None) -> int:
     from pl_parablock.client.runner import prepare_client, quiet_third_party
+    from pl_parablock.forkserver import started_from_fork_server
 
     if client_id is None or server is None:
         raise ParaBlockError("--role client needs --client-id I and --server HOST:PORT")
@@ -528,16 +603,17 @@ def _client(recipe: Recipe, client_id: int | None, server: str | None) -> int:
     path = os.path.join(recipe.output_dir, "clients", f"client_{client_id}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as fh:
-        json.dump(run.report(), fh, indent=1, default=str)
+        start = {"forked": started_from_fork_server(), "preloaded": preloaded or []}
+        json.dump({**run.report(), "process_start": start}, fh, indent=1, default=str)
     log.info("client %d done; report in %s", client_id, path)
     return 0
 
 
 def _evaluate(recipe: Recipe, server: str | None) -> int:
     """``--role evaluator``: evaluate the global model of the federation at ``server`` off the training path, and save it."""
-    from pl_parablock.client.evaluator import Evaluator
+    from pl_parablock.client.evaluator import evaluate_remote
     from pl_parablock.client.runner import quiet_third_party
-    from pl_parablock.client.transport import GrpcTransport
+    from pl_parablock.recipe.build import evaluator_of
 
     if server is None:
         raise ParaBlockError("--role evaluator needs --server HOST:PORT (the address the server printed)")
@@ -547,18 +623,7 @@ def _evaluate(recipe: Recipe, server: str | None) -> int:
             f"warning: eval.evaluator is {recipe.eval.evaluator}: client 0 evaluates and saves the model too; "
             "give every host eval.evaluator=process"
         )
-    f = recipe.federation
-    recipe.train.threads = client_threads(recipe)
-    transport = GrpcTransport(
-        server,
-        chunk_bytes=f.chunk_kb * 1024,  # no emulated link: the clients' links are emulated, the evaluator's is its own
-        token=client_token(recipe, 0),
-        tls=TLS(ca=f.tls.ca) if f.tls.ca else None,
-    )
-    try:
-        report = Evaluator(recipe, transport).run()
-    finally:
-        transport.close()
+    report = evaluate_remote(recipe, server)
     path = os.path.join(recipe.output_dir, "evaluator.json")
     os.makedirs(recipe.output_dir, exist_ok=True)
     with open(path, "w", encoding="utf-8") as fh:
@@ -570,6 +635,8 @@ def _evaluate(recipe: Recipe, server: str | None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.reference:
+        from pl_parablock.recipe.docs import reference_markdown
+
         print(reference_markdown())
         return 0
     recipe_path = args.recipe
@@ -577,23 +644,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     if recipe_path is not None and "=" in recipe_path and not os.path.exists(recipe_path):
         overrides.insert(0, recipe_path)
         recipe_path = None
+    preloaded = [m for m in _PRELOADED if m in sys.modules]  # before this process imports anything for its role
     _setup_logging(verbose=args.role in ("client", "evaluator"))
+    fork = _early_fork_server(recipe_path, overrides) if args.role == "local" and not args.inprocess else None
     try:
+        from pl_parablock.recipe.load import load_recipe
+
         recipe = load_recipe(recipe_path, overrides)
         if args.role == "client":
-            return _client(recipe, args.client_id, args.server)
+            return _client(recipe, args.client_id, args.server, preloaded)
         if args.role == "evaluator":
             return _evaluate(recipe, args.server)
         if args.role == "server":
             return _serve(recipe, args.listen)
         if args.inprocess:
             return _local_inprocess(recipe)
-        return _local_processes(recipe)
+        used, fork = fork, None
+        return _local_processes(recipe, used)
     except ParaBlockError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        if fork is not None:
+            fork.close()
+
+
+_PRELOADED = ("torch", "lightning", "transformers")
+"""Modules a client's report says were imported before its code began (by the fork server it was forked from)."""
+
+
+def _early_fork_server(recipe_path: str | None, overrides: list[str]) -> ForkServer | None:
+    """The launcher's first act: start the clients' fork server, so that it imports while the launcher starts the server."""
+    from pl_parablock import forkserver
+
+    threads = forkserver.peek_threads(recipe_path, overrides) if forkserver.available() else None
+    return forkserver.ForkServer(threads) if threads is not None else None
 
 
 if __name__ == "__main__":

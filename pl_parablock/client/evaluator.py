@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from functools import partial
 from typing import Any
@@ -31,10 +32,10 @@ from pl_parablock.data import client_data
 from pl_parablock.errors import FederationError
 from pl_parablock.model.build import build_model, save_base, save_merged
 from pl_parablock.model.module import ParaBlockModule
-from pl_parablock.recipe.build import evaluation_points
+from pl_parablock.recipe.build import client_threads, client_token, evaluation_points
 from pl_parablock.recipe.schema import Recipe
 
-__all__ = ["Evaluator"]
+__all__ = ["Evaluator", "evaluate_in_thread", "evaluate_remote"]
 
 log = logging.getLogger(__name__)
 
@@ -147,3 +148,46 @@ class Evaluator:
         }
         self.transport.evaluator_leave(report, self.recipe.federation.timeout_s)
         return report
+
+
+def evaluate_in_thread(recipe: Recipe, service: Any) -> threading.Thread:
+    """Start an :class:`Evaluator` as a thread of this process, on ``service``.
+
+    It never fails the federation: an error is logged (and kept in the thread's ``error``).
+    """
+    from pl_parablock.client.inprocess import InProcessTransport
+
+    f = recipe.federation
+    transport = InProcessTransport(service, chunk_bytes=f.chunk_kb * 1024, token=client_token(recipe, 0))  # no emulated link: not a client
+    evaluator = Evaluator(recipe, transport)  # builds the model here: a bad recipe stops the run before it starts
+
+    def target() -> None:
+        try:
+            evaluator.run()
+        except BaseException as exc:  # the federation goes on without its evaluation
+            thread.error = exc  # type: ignore[attr-defined]
+            log.warning("the evaluator failed: %r", exc)
+
+    thread = threading.Thread(target=target, name="pl_parablock-evaluator", daemon=True)
+    thread.error = None  # type: ignore[attr-defined]
+    thread.start()
+    return thread
+
+
+def evaluate_remote(recipe: Recipe, server: str) -> dict[str, Any]:
+    """Evaluate the federation at ``server`` (``HOST:PORT``) over gRPC, as ``--role evaluator`` does; its report."""
+    from pl_parablock.client.transport import GrpcTransport
+    from pl_parablock.wire.channel import TLS
+
+    f = recipe.federation
+    recipe.train.threads = client_threads(recipe)
+    transport = GrpcTransport(
+        server,
+        chunk_bytes=f.chunk_kb * 1024,  # no emulated link: the clients' links are emulated, the evaluator's is its own
+        token=client_token(recipe, 0),
+        tls=TLS(ca=f.tls.ca) if f.tls.ca else None,
+    )
+    try:
+        return Evaluator(recipe, transport).run()
+    finally:
+        transport.close()

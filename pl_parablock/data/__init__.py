@@ -20,21 +20,45 @@ training records too) — never the whole recipe.
 
 from __future__ import annotations
 
+import importlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pl_parablock.data.chat import chat_prompt, chat_segments
 from pl_parablock.data.formats import WHERE, LoadedRecords, load_records, make_record, read_records
-from pl_parablock.data.module import ClientDataModule, collate, encode_example, encode_prompt, encode_record, pack_examples
 from pl_parablock.data.partition import dirichlet_partition, iid_partition
 from pl_parablock.data.synthetic import MATH_CATEGORIES, synthetic_records
 from pl_parablock.errors import DataError
 
 if TYPE_CHECKING:  # the recipe's schema imports the data formats from this package
+    from pl_parablock.data.chat import chat_prompt, chat_segments
+    from pl_parablock.data.module import ClientDataModule, collate, encode_example, encode_prompt, encode_record, pack_examples
     from pl_parablock.recipe.schema import DataSection, EvalSection
+
+_LATE = {
+    "chat_prompt": "pl_parablock.data.chat",
+    "chat_segments": "pl_parablock.data.chat",
+    "ClientDataModule": "pl_parablock.data.module",
+    "collate": "pl_parablock.data.module",
+    "encode_example": "pl_parablock.data.module",
+    "encode_prompt": "pl_parablock.data.module",
+    "encode_record": "pl_parablock.data.module",
+    "pack_examples": "pl_parablock.data.module",
+}
+"""Names that need transformers or Lightning, imported on first use: reading and partitioning data (the recipe's
+checks, the launcher, the server) needs neither."""
+
+
+def __getattr__(name: str) -> Any:
+    home = _LATE.get(name)
+    if home is None:
+        raise AttributeError(f"module 'pl_parablock.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "MATH_CATEGORIES",

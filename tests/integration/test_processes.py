@@ -57,7 +57,10 @@ def test_launcher_runs_server_and_client_processes_over_grpc(recipe, tmp_path):
     assert torch.isfinite(model(input_ids=ids).logits).all()
     for i in range(2):
         assert (out / "logs" / f"client_{i}.log").exists()
-        assert json.loads((out / "clients" / f"client_{i}.json").read_text())["client_id"] == i
+        client = json.loads((out / "clients" / f"client_{i}.json").read_text())
+        assert client["client_id"] == i
+        # the fast start: each client is a process forked from the fork server, which imported torch & co. for it
+        assert client["process_start"] == {"forked": True, "preloaded": ["torch", "lightning", "transformers"]}, client["process_start"]
 
 
 def test_separate_server_and_client_roles(recipe, tmp_path):
@@ -116,6 +119,8 @@ def test_separate_server_and_client_roles(recipe, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["mode"] == "sync" and len(report["rounds"]) == 4
     assert report["final"]["model_dir"].endswith("model")
+    # a client started on its own imports what it needs itself
+    assert json.loads((out / "clients" / "client_0.json").read_text())["process_start"] == {"forked": False, "preloaded": []}
 
 
 def test_bad_recipe_exits_2_with_one_clear_message(tmp_path):
