@@ -11,9 +11,6 @@ import pytest
 import yaml
 
 from pl_parablock.cli import CLI_DATA_FIELDS, CLI_MODEL_FIELDS, CausalLM, FederatedData
-from pl_parablock.server.aggregator import Aggregator
-from pl_parablock.server.grpc_server import FederationServer
-from pl_parablock.server.service import FederationService
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -67,27 +64,7 @@ def test_print_config_and_documented_callback_help(tmp_path):
     assert "optimizer steps per round" in help_text and "--trainer.callbacks.local_steps" in help_text
 
 
-def test_two_cli_clients_federate_against_a_running_server(tmp_path):
-    agg = Aggregator(clients=2, rounds=4, mode="sync")
-    server = FederationServer(FederationService(agg))
-    address = server.start()
-    procs = []
-    try:
-        for i in range(2):
-            path = tmp_path / f"client{i}.yaml"
-            path.write_text(yaml.safe_dump(client_config(address, i)))
-            procs.append(cli("fit", "--config", str(path), wait=False, cwd=str(tmp_path)))
-        for p in procs:
-            out, _ = p.communicate(timeout=180)
-            assert p.returncode == 0, out[-3000:]
-        assert agg.finished
-        assert all(r["arrived"] == 2 for r in agg.report()["rounds"])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
-        server.stop()
+# two CLI client processes federating: tests/integration/test_readme.py runs the documented configuration so
 
 
 @pytest.mark.parametrize(

@@ -99,7 +99,8 @@ def test_the_api_reference_has_a_page_per_public_module():
     assert len(names) == len(public)
 
 
-def test_the_cli_client_runs_against_a_server(tmp_path):
+def test_the_documented_cli_client_federates_against_a_server(tmp_path):
+    """The documented Lightning CLI configuration, as two client processes (ids 0 and 1) against one server."""
     import yaml
 
     from pl_parablock.server.aggregator import Aggregator
@@ -108,26 +109,29 @@ def test_the_cli_client_runs_against_a_server(tmp_path):
 
     blocks = [code for _, code in _blocks("yaml") if "class_path" in code]
     assert len(blocks) == 1, "one Lightning CLI client configuration, in the README or a docs page"
-    config = yaml.safe_load(blocks[0])
-    agg = Aggregator(clients=1, rounds=2, mode="parablock")
+    agg = Aggregator(clients=2, rounds=2, mode="parablock")
     server = FederationServer(FederationService(agg))
     address = server.start()
+    # the clients import this checkout's package, whatever is installed
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p), "OMP_NUM_THREADS": "1"}
+    procs = []
     try:
-        config["trainer"]["callbacks"][0]["init_args"]["server"] = address  # this test's server, with one client
-        config["data"]["clients"] = 1
-        path = tmp_path / "client.yaml"
-        path.write_text(yaml.safe_dump(config))
-        # the client imports this checkout's package, whatever is installed
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
-        done = subprocess.run(
-            [sys.executable, "-m", "pl_parablock.cli", "fit", "--config", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            cwd=tmp_path,
-            env=env,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert agg.next_round() == 2
+        for i in range(2):
+            config = yaml.safe_load(blocks[0])
+            config["trainer"]["callbacks"][0]["init_args"].update(server=address, client_id=i)  # this test's server
+            config["data"]["clients"] = 2
+            path = tmp_path / f"client{i}.yaml"
+            path.write_text(yaml.safe_dump(config))
+            cmd = [sys.executable, "-m", "pl_parablock.cli", "fit", "--config", str(path)]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env))
+        for p in procs:
+            out, _ = p.communicate(timeout=300)
+            assert p.returncode == 0, out[-3000:]
+        assert agg.finished and agg.next_round() == 2
+        assert all(r["arrived"] == 2 for r in agg.report()["rounds"])
     finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
         server.stop()
