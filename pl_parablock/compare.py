@@ -256,6 +256,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ParaBlockError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        _close_fork_server()
+
+
+_FORK: Any = None  # the simulations' fork server, started on the first --simulate run; False: none can be had
+_RUNS = 0
+
+
+def _simulations_fork_server() -> Any:
+    """The fork server the simulations of this command are forked from (``None`` where fork is unsafe or it failed).
+
+    A run forked from it is a process of its own, as one started with ``python -m pl_parablock.simulate``
+    (the same ``main`` and arguments; the simulator sets its threads itself), without paying the imports again.
+    """
+    global _FORK
+    if _FORK is None:
+        from pl_parablock import forkserver
+
+        _FORK = False
+        if forkserver.available():
+            fork = forkserver.ForkServer(None, preload=("pl_parablock.simulate",))
+            if fork.wait_ready():
+                _FORK = fork
+            else:
+                fork.close()
+    return _FORK or None
+
+
+def _close_fork_server() -> None:
+    global _FORK
+    if _FORK:
+        _FORK.close()
+    _FORK = None
 
 
 def _run(args: argparse.Namespace, path: str, overrides: list[str], run_dir: str, tag: str, out_dir: str) -> dict[str, Any]:
@@ -266,10 +299,16 @@ def _run(args: argparse.Namespace, path: str, overrides: list[str], run_dir: str
         cmd.append("--inprocess")
     print(f"  running {tag}: {' '.join(cmd[1:])}", flush=True)
     log_path = os.path.join(out_dir, f"{tag}.log")
-    with open(log_path, "w", encoding="utf-8") as log:
-        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
-    if done.returncode != 0:
-        raise ParaBlockError(f"recipe {path} failed (exit {done.returncode}); its output is in {log_path}")
+    fork = _simulations_fork_server() if args.simulate else None
+    if fork is not None:  # a fresh process per run, forked from one that imported torch & co. once
+        global _RUNS
+        _RUNS += 1
+        returncode = fork.spawn(_RUNS, cmd[3:], log_path, module=entry).wait()
+    else:
+        with open(log_path, "w", encoding="utf-8") as log:
+            returncode = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+    if returncode != 0:
+        raise ParaBlockError(f"recipe {path} failed (exit {returncode}); its output is in {log_path}")
     with open(os.path.join(run_dir, "report.json"), encoding="utf-8") as f:
         report: dict[str, Any] = json.load(f)
     return report

@@ -34,6 +34,8 @@ import time
 from collections.abc import Sequence
 from typing import IO, Any
 
+from pl_parablock.recipe.cores import available_cores
+
 __all__ = ["EVALUATOR_ID", "PRELOAD", "ForkServer", "ForkedClient", "available", "client_env", "peek_threads", "started_from_fork_server"]
 
 EVALUATOR_ID = -1  # the evaluator, forked like a client (client ids are 0..N-1)
@@ -74,6 +76,31 @@ def client_env(threads: int) -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
 
 
+CHILD_OMP = "PL_PARABLOCK_CHILD_OMP_NUM_THREADS"
+"""The children's ``OMP_NUM_THREADS`` (empty: unset), kept aside while the fork server imports with one thread."""
+
+
+def _importing_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for the fork server's imports: one OpenMP thread, the children's own count kept in :data:`CHILD_OMP`.
+
+    Importing torch with ``OMP_NUM_THREADS`` above 1 starts OpenMP's worker threads, and a process with threads
+    must not fork. Each child gets its count back (:func:`_restore_threads`) before any of its code runs.
+    """
+    return {**env, CHILD_OMP: env.get("OMP_NUM_THREADS", ""), "OMP_NUM_THREADS": "1"}
+
+
+def _restore_threads() -> None:
+    """In a child: the environment and torch's thread count a process of its own would have started with."""
+    wanted = os.environ.pop(CHILD_OMP, "")
+    if wanted:
+        os.environ["OMP_NUM_THREADS"] = wanted
+    else:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    import torch
+
+    torch.set_num_threads(int(wanted) if wanted else available_cores())
+
+
 def peek_threads(recipe_path: str | None, overrides: Sequence[str]) -> int | None:
     """The clients' thread count read from the recipe's YAML without loading it (no torch), or ``None`` if unsure.
 
@@ -99,7 +126,7 @@ def peek_threads(recipe_path: str | None, overrides: Sequence[str]) -> int | Non
                 clients = yaml.safe_load(value)
         if threads:
             return int(threads)
-        return None if clients is None else max(1, (os.cpu_count() or 1) // int(clients))
+        return None if clients is None else max(1, available_cores() // int(clients))
     except Exception:  # a recipe this cannot read is the loader's to report
         return None
 
@@ -145,14 +172,14 @@ class ForkServer:
             server, set before it imports torch).
     """
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int | None, preload: Sequence[str] = ()) -> None:
         self.threads = threads
         cmd_r, self._cmd_w = os.pipe()
         self._ev_r, ev_w = os.pipe()
         self._output: IO[bytes] = tempfile.TemporaryFile()
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "pl_parablock.forkserver", str(cmd_r), str(ev_w)],
-            env=client_env(threads),
+            [sys.executable, "-m", "pl_parablock.forkserver", str(cmd_r), str(ev_w), *preload],
+            env=_importing_env(client_env(threads) if threads is not None else {**os.environ, "PYTHONUNBUFFERED": "1"}),
             pass_fds=(cmd_r, ev_w),
             stdin=subprocess.DEVNULL,
             stdout=self._output,
@@ -181,10 +208,10 @@ class ForkServer:
             self.reason = self.reason or f"it exited with status {self._proc.poll()}: {self.output_tail()}"
         return self.ready
 
-    def spawn(self, client_id: int, argv: Sequence[str], log_path: str) -> ForkedClient:
-        """Fork client ``client_id``: ``python -m pl_parablock.fit *argv`` with its output to ``log_path``."""
+    def spawn(self, client_id: int, argv: Sequence[str], log_path: str, module: str = "pl_parablock.fit") -> ForkedClient:
+        """Fork child ``client_id``: ``python -m MODULE *argv`` (``main(argv)`` of ``module``) with its output to ``log_path``."""
         client = self.clients[client_id] = ForkedClient(self, client_id)
-        self.command({"op": "spawn", "id": client_id, "argv": list(argv), "log": os.path.abspath(log_path)})
+        self.command({"op": "spawn", "id": client_id, "argv": list(argv), "log": os.path.abspath(log_path), "module": module})
         return client
 
     def command(self, msg: dict[str, Any]) -> None:
@@ -323,7 +350,7 @@ def _report(fd: int, ev: dict[str, Any]) -> None:
 
 
 def _run_client(msg: dict[str, Any], on_interrupt: Any) -> int:
-    """In a forked child: become ``python -m pl_parablock.fit *argv`` with its output in its log."""
+    """In a forked child: become ``python -m MODULE *argv`` (``pl_parablock.fit`` unless told) with its output in its log."""
     global _FORKED
     _FORKED = True
     signal.signal(signal.SIGINT, on_interrupt)  # as the interpreter set it up: a KeyboardInterrupt, or ignored as the launcher's
@@ -331,18 +358,18 @@ def _run_client(msg: dict[str, Any], on_interrupt: Any) -> int:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    from pl_parablock import fit
-
-    sys.argv = [fit.__file__, *msg["argv"]]
-    return fit.main(msg["argv"])
+    _restore_threads()
+    entry = importlib.import_module(msg.get("module", "pl_parablock.fit"))
+    sys.argv = [str(entry.__file__), *msg["argv"]]
+    return int(entry.main(msg["argv"]))
 
 
 def main(argv: Sequence[str]) -> int:
     """The fork server: import :data:`PRELOAD`, say whether it can fork, then fork clients on command."""
-    cmd_fd, ev_fd = int(argv[0]), int(argv[1])
+    cmd_fd, ev_fd, extra = int(argv[0]), int(argv[1]), list(argv[2:])  # extra: modules its children run besides fit
     on_interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the launcher and the clients; this one reaps them
     try:
-        for name in PRELOAD:
+        for name in (*PRELOAD, *extra):
             importlib.import_module(name)
     except Exception as exc:
         _report(ev_fd, {"ev": "nofork", "reason": f"importing {name} failed: {type(exc).__name__}: {exc}"})

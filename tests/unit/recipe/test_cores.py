@@ -6,8 +6,9 @@ import os
 
 import pytest
 
-from pl_parablock.recipe import build
-from pl_parablock.recipe.build import _cgroup_quota, available_cores, client_threads
+from pl_parablock.recipe import cores
+from pl_parablock.recipe.build import client_threads
+from pl_parablock.recipe.cores import _cgroup_quota, available_cores
 from pl_parablock.recipe.schema import Recipe
 
 
@@ -34,7 +35,7 @@ def test_a_cgroup_quota_caps_the_cores(tmp_path, monkeypatch) -> None:
     quota.write_text("garbage\n")
     assert _cgroup_quota(str(quota)) is None
     assert _cgroup_quota(str(tmp_path / "absent")) is None
-    monkeypatch.setattr(build, "_cgroup_quota", lambda: 1.0)
+    monkeypatch.setattr(cores, "_cgroup_quota", lambda: 1.0)
     assert available_cores() == 1  # a quota of one core, whatever the affinity
 
 
