@@ -16,7 +16,9 @@ launch): ``imported`` (its first log line: imports and reading its data),
 that lists the blocks), ``joined`` (the fingerprint hashed, the join, the
 initial state uploaded to the server, the gather), ``round1`` (round 1's
 start). ``in_process`` times the pieces alone in this process: building or
-loading the model, and hashing it for its fingerprint.
+loading the model, hashing it for its fingerprint, and a server in this
+process taking its initial state (``server_takes_state_s``: the blocks
+framed, received, checked and installed).
 """
 
 from __future__ import annotations
@@ -91,9 +93,29 @@ def _in_process(folder: str) -> dict[str, float]:
     out["load_checkpoint_s"] = round(time.perf_counter() - t0, 2)
     partition = partition_model(model, layers_per_block=10)
     t0 = time.perf_counter()
-    model_fingerprint(model, partition, "parablock")
+    fingerprint = model_fingerprint(model, partition, "parablock")
     out["fingerprint_hash_s"] = round(time.perf_counter() - t0, 2)
+    out["server_takes_state_s"] = _server_takes_state(model, partition, fingerprint)
     return out
+
+
+def _server_takes_state(model: Any, partition: Any, fingerprint: dict[str, Any]) -> float:
+    """The initial state of every block sent to a server in this process until it holds it (framing, checks, install)."""
+    from pl_parablock.client.inprocess import InProcessTransport
+    from pl_parablock.server.aggregator import Aggregator
+    from pl_parablock.server.service import FederationService
+
+    params = dict(model.named_parameters())
+    state = {n: params[n].detach() for n in partition.param_names}
+    aggregator = Aggregator(clients=2, rounds=2)
+    transport = InProcessTransport(FederationService(aggregator))
+    assert transport.join(0, fingerprint, 60)["need_state"]
+    t0 = time.perf_counter()
+    transport.upload_state(0, state, 600)
+    took = time.perf_counter() - t0
+    assert aggregator.versions() == [-1] * len(partition)
+    aggregator.shutdown()
+    return round(took, 2)
 
 
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")

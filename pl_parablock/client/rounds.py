@@ -107,7 +107,8 @@ class ClientRounds:
         session = self.session
         assert session is not None
         params = {n: p for blk in self.blocks for n, p in blk.items()}
-        reply = session.join(fingerprint, lambda: {n: p.detach().to("cpu", copy=True) for n, p in params.items()})
+        # the initial state is sent from the parameters themselves (copied only off the CPU): the upload ends before training goes on
+        reply = session.join(fingerprint, lambda: {n: p.detach().to("cpu") for n, p in params.items()})
         old = self.core
         core = self.use_plan(session.plan_of(reply, self.mode, len(self.blocks), self.keep_optimizer_state))
         if restored is not None:

@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from pl_parablock.core.blocks import Partition
 from pl_parablock.core.plan import Plan, make_plan, participants_of
+from pl_parablock.core.tensors import finite
 from pl_parablock.errors import ParaBlockError
 from pl_parablock.server._ratelimit import RateLimitedLog
 from pl_parablock.server.validation import RefusedError, _itemsize
@@ -484,7 +484,7 @@ class Admission:
         for name, t in loaded.items():
             if [str(t.dtype).removeprefix("torch."), list(t.shape)] != [specs[name]["dtype"], specs[name]["shape"]]:
                 raise RefusedError(f"initial tensor {name!r} does not match the fingerprint", "invalid")
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if t.is_floating_point() and not finite(t):
                 raise RefusedError(f"initial tensor {name!r} holds NaN or infinite values", "invalid")
         return [{n: loaded[n] for n in b.params} for b in partition.blocks]
 

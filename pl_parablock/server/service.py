@@ -74,6 +74,7 @@ from pl_parablock.wire.framing import (
     header_bytes,
     parse_header,
     receive_pieces,
+    receive_tensors,
     short,
 )
 
@@ -236,11 +237,10 @@ class FederationService:
         except FederationError as exc:
             raise RefusedError(str(exc), "invalid") from None
         agg.begin_upload(client, specs)  # from the client asked for it, exactly the fingerprint's tensors (so their size)
-        limit = agg.state_nbytes()
         try:
-            staged = StagedTensors.receive(h, it, max_bytes=limit, what=f"initial state of client {client}")
-            with staged:
-                agg.set_initial_state(client, staged)
+            # read into memory, where the state is kept: no spooling to a file and reading it back
+            tensors = receive_tensors(specs, it, what=f"initial state of client {client}")
+            agg.set_initial_state(client, tensors)
         except CorruptStream as exc:
             raise RefusedError(str(exc), "invalid") from None
         finally:

@@ -14,13 +14,14 @@ above its bound is refused before anything is read or allocated, a longer or
 shorter body is refused, and a body whose checksum differs from the trailer is
 refused as corrupt. :func:`encode` takes each chunk's bytes with one copy from
 views over the tensors' storage and computes the checksum once over the same
-views. :func:`decode` reads a stream into memory (clients);
+views. :func:`decode` reads a stream into memory (clients;
+:func:`receive_tensors` its body, the server for the initial state);
 :func:`receive_pieces` hands a stream's elements to a consumer chunk by chunk
 as they arrive (the server checks and sums an update that way, holding one
 chunk per stream); :class:`StagedTensors` spools a stream to an unnamed
 temporary file and reads it back in pieces of a bounded number of elements
 (the server, for what it must keep whole: clipped updates, robust
-aggregation, the initial state).
+aggregation).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ __all__ = [
     "header_bytes",
     "parse_header",
     "receive_pieces",
+    "receive_tensors",
     "tensor_specs",
 ]
 
@@ -344,20 +346,41 @@ def decode(messages: Iterable[bytes], *, max_bytes: int | None = None, what: str
     """
     header, it = _first(messages, what)
     specs = check_specs(header.get("tensors", []), max_bytes)
+    return header, receive_tensors(specs, it, what=what)
+
+
+def receive_tensors(specs: list[Spec], rest: Iterator[bytes], *, what: str) -> dict[str, Tensor]:
+    """Read the body that follows a header (already read, its ``specs`` checked) into memory.
+
+    Each tensor is a new buffer, allocated when its first bytes arrive: the
+    memory taken grows with the bytes received, not with what the header
+    declares. The tensors are returned only once the trailer's checksum
+    matched.
+
+    Raises:
+        CorruptStream: the body is shorter or longer than the specs, or its
+            checksum differs from the trailer's.
+    """
     total = sum(s.nbytes for s in specs)
-    buffers = [torch.empty(s.nbytes, dtype=torch.uint8) for s in specs]
-    views = [b.numpy() for b in buffers]
-    idx, filled = 0, 0
-    for mv in _body(it, total, what):
+    buffers: list[Tensor | None] = [None] * len(specs)
+    view: Any = None  # the numpy view of the buffer being filled
+    idx, filled = -1, 0  # the tensor being read (none yet) and its bytes read so far
+    for mv in _body(rest, total, what):
         off = 0
         while off < len(mv):
-            while specs[idx].nbytes == filled:
+            while idx < 0 or specs[idx].nbytes == filled:
                 idx, filled = idx + 1, 0
+                if specs[idx].nbytes:
+                    buffers[idx] = buf = torch.empty(specs[idx].nbytes, dtype=torch.uint8)
+                    view = buf.numpy()
             take = min(specs[idx].nbytes - filled, len(mv) - off)
-            views[idx][filled : filled + take] = mv[off : off + take]
+            view[filled : filled + take] = mv[off : off + take]
             filled += take
             off += take
-    return header, {s.name: b.view(s.dtype).reshape(s.shape) for s, b in zip(specs, buffers)}
+    out = {}
+    for s, b in zip(specs, buffers):
+        out[s.name] = (b if b is not None else torch.empty(s.nbytes, dtype=torch.uint8)).view(s.dtype).reshape(s.shape)
+    return out
 
 
 Consumer = Callable[[int, int, Tensor], None]
