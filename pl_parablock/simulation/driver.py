@@ -15,6 +15,7 @@ late depends on the measured compute times, as in a real run).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import resource
@@ -110,6 +111,34 @@ def _check(recipe: Recipe) -> None:
         )
     if problems:
         raise ConfigError(problems)
+
+
+RELEASE_EVERY = 1
+"""Rounds between two returns of freed heap memory to the system (:func:`release_freed_memory`)."""
+
+
+def release_freed_memory() -> bool:
+    """Give the heap memory freed since the last call back to the system (glibc's ``malloc_trim``); ``False`` elsewhere.
+
+    Every round builds and drops its clients' cores, batches and sums; glibc keeps what they freed in its arenas,
+    so without this a long simulation's resident memory creeps up round after round (0.3 MB a round on the
+    quickstart's model, 100 clients, 10 a round, 150 rounds) although nothing is kept. With it every round: 0.008 MB
+    a round (the report's own records), for 4.5 ms a call; every 10 rounds left 0.1 MB a round.
+    """
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - glibc only: other C libraries have no malloc_trim
+        except (OSError, AttributeError):
+            _LIBC = False
+    if not _LIBC:
+        return False
+    _LIBC.malloc_trim(0)
+    return True
+
+
+_LIBC: Any = None
 
 
 def device_of(accelerator: str) -> torch.device:
@@ -225,6 +254,8 @@ def run_simulation(
     t_loop = time.perf_counter()
     pool = PiecePool()  # the round sums' buffers, reused round after round (one thread)
     for t in range(plan.rounds):
+        if t and t % RELEASE_EVERY == 0:
+            release_freed_memory()
         block = plan.schedule[t]
         sampled = plan.participants[t] if plan.participants is not None else range(f.clients)
         chosen = {i for i in sampled if group.owns(i)}
