@@ -315,13 +315,14 @@ class _Slot:
         return _Slot, (self.index, self.shape, self.dtype)
 
 
-def _walk(value: Any, on_tensor: Callable[[Tensor], Any]) -> Any:
-    if isinstance(value, Tensor):
-        return on_tensor(value)
+def _walk(value: Any, on_leaf: Callable[[Any], Any], leaf: type = Tensor) -> Any:
+    """``value`` rebuilt with each ``leaf`` (a tensor, or a :class:`_Slot`) replaced by ``on_leaf(leaf)``."""
+    if isinstance(value, leaf):
+        return on_leaf(value)
     if isinstance(value, dict):
-        return {k: _walk(v, on_tensor) for k, v in value.items()}
+        return {k: _walk(v, on_leaf, leaf) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        out = [_walk(v, on_tensor) for v in value]
+        out = [_walk(v, on_leaf, leaf) for v in value]
         return out if isinstance(value, list) else tuple(out)
     return value
 
@@ -346,23 +347,12 @@ def _skeleton(value: Any) -> Any:
 
 def _empty(skeleton: Any) -> list[Tensor]:
     slots: list[_Slot] = []
-    _walk_slots(skeleton, slots.append)
+    _walk(skeleton, slots.append, _Slot)
     return [torch.empty(s.shape, dtype=s.dtype) for s in sorted(slots, key=lambda s: s.index)]
 
 
-def _walk_slots(value: Any, on_slot: Callable[[_Slot], Any]) -> Any:
-    if isinstance(value, _Slot):
-        return on_slot(value)
-    if isinstance(value, dict):
-        return {k: _walk_slots(v, on_slot) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        out = [_walk_slots(v, on_slot) for v in value]
-        return out if isinstance(value, list) else tuple(out)
-    return value
-
-
 def _filled(skeleton: Any, tensors: list[Tensor]) -> Any:
-    return _walk_slots(skeleton, lambda s: tensors[s.index])
+    return _walk(skeleton, lambda s: tensors[s.index], _Slot)
 
 
 Group = Solo | Workers
