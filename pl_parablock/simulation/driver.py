@@ -42,7 +42,7 @@ from pl_parablock.server.validation import MAX_WEIGHT, UpdateLimits
 from pl_parablock.simulation.aggregation import ServerRound
 from pl_parablock.simulation.clock import RoundClose, SimClock
 from pl_parablock.simulation.virtual import ClientShards, RoundExecutor, RoundResult, ServerBlocks, SharedModelExecutor, VirtualClient
-from pl_parablock.simulation.workers import Group, Solo, owner_of, rss_mb
+from pl_parablock.simulation.workers import Group, Placement, Solo, rss_mb
 
 __all__ = ["SimulationResult", "device_of", "run_simulation"]
 
@@ -232,6 +232,9 @@ def run_simulation(
         device=device,
     )
     clients = [VirtualClient(i) for i in range(f.clients)]
+    window = max(plan.staleness, 1)
+    placement = Placement(f.clients, group.size, window)
+    moved_clients = moved_bytes = 0
     clock = SimClock(
         resolve_profiles(recipe.simulation.profile, f.clients, recipe.link, recipe.seed),
         staleness=plan.staleness,
@@ -258,13 +261,16 @@ def run_simulation(
             release_freed_memory()
         block = plan.schedule[t]
         sampled = plan.participants[t] if plan.participants is not None else range(f.clients)
-        chosen = {i for i in sampled if group.owns(i)}
+        moves = placement.place(t, sampled)
+        chosen = {i for i in sampled if placement.trains(i, group.rank)}
         # a client not sampled is retired once no round it trained is still in its window (t >= last + k): nothing of
         # its is needed before it is sampled again, when its core is rebuilt; until then its core skips the round
-        window = max(plan.staleness, 1)
         for i in [i for i in live if i not in chosen and t >= clients[i].last_trained + window]:
             clients[i].retire()
             live.discard(i)
+        if moves:
+            moved_clients += len(moves)
+            moved_bytes += group.move(moves, lambda i: clients[i].export(shards), lambda i, state: _arrive(clients, i, state, shards))
         ups: dict[int, Update] = {}
 
         def train(t: int = t, chosen: set[int] = chosen, ups: dict[int, Update] = ups) -> tuple[list[_Sent], int, float]:
@@ -307,15 +313,13 @@ def run_simulation(
                 pool=pool,
             )
 
-        def add(step: ServerRound, on_time: list[int] = on_time, ups: dict[int, Update] = ups) -> None:
-            for i in on_time:  # client-id order, as the reference and the server add them
-                if group.owns(i):
-                    u = ups[i]
-                    assert u.tensors is not None
-                    step.add(i, u.block, u.tensors, u.weight, u.kind, u.codec, server.current(u.block))
+        def add(step: ServerRound, run: Sequence[int], ups: dict[int, Update] = ups) -> None:
+            for i in run:  # client-id order, as the reference and the server add them
+                u = ups[i]
+                assert u.tensors is not None
+                step.add(i, u.block, u.tensors, u.weight, u.kind, u.codec, server.current(u.block))
 
-        holders = sorted({owner_of(i, group.size, f.clients) for i in on_time})
-        step, error = group.chain(holders, start, add)
+        step, error = group.chain(placement.runs(on_time), start, add)
         # a block nobody trained keeps its value; rank 0 closes the blocks (the server optimizer's state lives there)
         news = {m: step.close(m, server.current(m)) for m in moved} if step is not None and error is None else {}
         news = group.share(news, error)
@@ -357,6 +361,7 @@ def run_simulation(
         "state_sha256": digest({**globals_, **(downlink.state_tensors("residual/") if downlink is not None else {})}),
         "read_skipped": len(shards.read_skipped) - read_skipped_at_start,
         "encode_skipped": len(shards.encode_skipped) - encode_skipped_at_start,
+        "client_bytes_moved": moved_bytes,
     }
     ends, _ = group.gather(lambda: mine)
     if ends is None:  # another worker than rank 0: it only trained its clients
@@ -366,6 +371,8 @@ def run_simulation(
         "peak_rss_mb": [e["peak_rss_mb"] for e in ends],
         "state_sha256": [e["state_sha256"] for e in ends],
         "rss_mb_per_round": rss,
+        "clients_moved": moved_clients,  # to balance the rounds (simulation/workers.py: Placement); the same count on every worker
+        "client_bytes_moved": sum(e["client_bytes_moved"] for e in ends),
     }
     wall = clock.finish()
     _merge_clock(reports, clock.records)
@@ -415,6 +422,10 @@ def run_simulation(
         steps,
         workers,
     )
+
+
+def _arrive(clients: list[VirtualClient], client: int, state: dict[str, Any], shards: ClientShards) -> None:
+    clients[client] = VirtualClient.restore(client, state, shards)
 
 
 def _round_record(

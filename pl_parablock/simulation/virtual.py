@@ -68,6 +68,7 @@ class ClientShards:
         self.read_skipped: list[str] = []
         self.encode_skipped: list[str] = []
         self._own: dict[int, list[Example | None]] = {}
+        self._counted: set[int] = set()  # clients whose file another worker read and counted (they moved here)
         if self.natural:
             first = self._client_data(0, evaluate=True)
             self.evals = first.evals
@@ -107,9 +108,24 @@ class ClientShards:
     def _natural(self, client: int) -> list[Example | None]:
         if client not in self._own:
             data = self._client_data(client, evaluate=False)
-            self.read_skipped.extend(data.skipped)
+            encode_skipped = len(self.encode_skipped)
             self._own[client] = [self._encode(r) for r in data.train]
+            if client in self._counted:  # another worker read this file first and counted what it skipped
+                del self.encode_skipped[encode_skipped:]
+            else:
+                self.read_skipped.extend(data.skipped)
         return self._own[client]
+
+    def release(self, client: int) -> bool:
+        """Forget the client's own file (it moves to another worker); whether its skipped records were counted here."""
+        read = self._own.pop(client, None) is not None or client in self._counted
+        self._counted.discard(client)
+        return read
+
+    def adopt(self, client: int, *, counted: bool) -> None:
+        """The client moved here: with ``counted``, its file's skipped records were counted by another worker already."""
+        if counted:
+            self._counted.add(client)
 
     def examples(self, client: int) -> list[Example]:
         """The client's dataset as its data module builds it (encoded, then packed when ``train.packing``)."""
@@ -173,6 +189,42 @@ class VirtualClient:
             if self.position >= n:
                 self.epoch, self.position = self.epoch + 1, 0
             yield collate([examples[j] for j in idx], pad)
+
+    def export(self, shards: ClientShards) -> dict[str, Any]:
+        """Its state, to go on in another worker process (:meth:`restore`); this copy is dropped (it holds nothing after).
+
+        Only a client with nothing in flight moves (no core, no held blocks).
+        """
+        if self.core is not None or self.held:
+            raise AlgorithmError(f"client {self.client_id} has a round in flight; it cannot move to another worker")
+        state = {
+            "epoch": self.epoch,
+            "position": self.position,
+            "rng": self.rng,
+            "cuda_rng": self.cuda_rng,
+            "optimizer_state": self.optimizer_state,
+            "last_trained": self.last_trained,
+            "residuals": self.residuals,
+            "data_read": shards.release(self.client_id),
+        }
+        self.rng = self.cuda_rng = None
+        self.optimizer_state, self.residuals = {}, {}
+        return state
+
+    @classmethod
+    def restore(cls, client_id: int, state: dict[str, Any], shards: ClientShards) -> VirtualClient:
+        """The client as :meth:`export` gave it."""
+        shards.adopt(client_id, counted=bool(state["data_read"]))
+        return cls(
+            client_id,
+            epoch=int(state["epoch"]),
+            position=int(state["position"]),
+            rng=state["rng"],
+            cuda_rng=state["cuda_rng"],
+            optimizer_state=state["optimizer_state"],
+            last_trained=int(state["last_trained"]),
+            residuals=state["residuals"],
+        )
 
     def retire(self) -> None:
         """Nothing in flight any more: drop the core and the held blocks (it holds the global when next sampled).

@@ -1,37 +1,51 @@
 """The simulator over several processes and machines: one worker per process, on ``torch.distributed``.
 
 ``simulation.workers: W`` (or ``torchrun``'s ``WORLD_SIZE``) splits the
-virtual clients among ``W`` processes, contiguously: client ``i`` lives on
-worker ``i * W // N`` (:func:`owner_of`), with its data position, RNG,
-optimizer state and upload residuals, as plain CPU data, for the whole run.
-Every worker builds the model once and runs the driver's round loop over
-its own clients; the plan, the schedule and the sampling are the same
-everywhere (seeded), so each knows which of its clients train a round.
+virtual clients among ``W`` processes. A client's state between its rounds
+(data position, RNG, optimizer state, upload residuals: plain CPU data)
+lives on one worker at a time; every worker builds the model once and runs
+the driver's round loop over the clients placed on it. The plan, the
+schedule and the sampling are the same everywhere (seeded), and so is the
+placement (:class:`Placement`), which every worker computes alike:
 
-A round's exchanges (:class:`Workers`), all from or to rank 0:
+* each round's sampled clients are dealt to the workers in client-id order,
+  in contiguous runs of equal size (the first ``k mod W`` workers one
+  more), so every worker trains as many clients as any other (a round waits
+  for its slowest worker; a fixed map would give one worker 6.2 of 10
+  sampled clients on average);
+* a client with a round in flight (``parablock``: sampled in consecutive
+  rounds) keeps its worker, and the others' runs are balanced around it;
+* a client placed on another worker than the one holding its state moves
+  there first (its :meth:`~pl_parablock.simulation.virtual.VirtualClient.export`,
+  a few kB without error feedback or kept optimizer state); every move is
+  counted in the report (``clients_moved``, ``client_bytes_moved``).
+
+A round's exchanges (:class:`Workers`):
 
 1. **gather**: each worker's results without their tensors (client, compute
    time, bytes, samples, tokens, weight, loss) reach rank 0, which runs the
    simulated clock and **shares** the clients whose updates arrived in time;
-2. **chain**: rank 0 opens the round's
-   :class:`~pl_parablock.simulation.aggregation.ServerRound` and adds its
-   own on-time updates in client-id order, sends what it has added (the
-   float64 sums and weight totals; a robust rule's kept updates; the
-   clipped clients) to the next worker holding on-time updates, which adds
-   its own and passes it on; the last sends it back to rank 0. Since the
-   map is contiguous, this adds every update in client-id order, exactly as
-   one process does: float64 addition is not associative, so summing per
-   worker and then adding the partial sums would not be bitwise the same;
+2. **chain**: the on-time updates, in client-id order, fall into runs of
+   clients trained on one worker (:meth:`Placement.runs`); the run's worker
+   opens the round's :class:`~pl_parablock.simulation.aggregation.ServerRound`
+   (or resumes it from the previous run's worker), adds its run's updates
+   and sends what it has added (the float64 sums and weight totals; a robust
+   rule's kept updates; the clipped clients) to the next run's worker; the
+   last sends it to rank 0. So every update is added in client-id order,
+   exactly as one process adds them: float64 addition is not associative,
+   so summing per worker and then adding the partial sums would not be
+   bitwise the same;
 3. **share**: rank 0 closes the blocks (the server optimizer's state lives
    there) and sends their new values to every worker, which installs them
    in its own :class:`~pl_parablock.simulation.virtual.ServerBlocks` (a
    deterministic step, so every worker's copy, the server's download
    residual included, stays identical to rank 0's).
 
-Only blocks and sums cross processes. An error a user can cause (a refused
-update, bad data) on any worker travels with these messages and stops every
-worker with the same message; a worker that dies ends the others' waits
-(its connections close, or ``simulation.worker_timeout_s`` passes).
+Only blocks, sums and the state of a client that moves cross processes. An
+error a user can cause (a refused update, bad data) on any worker travels
+with these messages and stops every worker with the same message; a worker
+that dies ends the others' waits (its connections close, or
+``simulation.worker_timeout_s`` passes).
 
 :class:`Solo` is the one-process case: the same calls, no messages.
 """
@@ -56,6 +70,7 @@ from pl_parablock.recipe.build import available_cores
 __all__ = [
     "ENV_KEYS",
     "Group",
+    "Placement",
     "Solo",
     "Workers",
     "join_group",
@@ -73,9 +88,85 @@ ENV_KEYS = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
 """What ``torchrun`` sets for each process it starts."""
 
 
+def _counts(items: int, workers: int) -> list[int]:
+    """``items`` dealt to ``workers`` as evenly as can be, the first ``items mod workers`` one more."""
+    base, extra = divmod(items, workers)
+    return [base + (w < extra) for w in range(workers)]
+
+
 def owner_of(client: int, workers: int, clients: int) -> int:
-    """The worker that holds ``client``: contiguous runs of clients, so a sorted sample is one run per worker."""
-    return client * workers // clients
+    """The worker that holds ``client`` before the first round: contiguous runs of :func:`_counts` sizes."""
+    base, extra = divmod(clients, workers)
+    edge = extra * (base + 1)
+    return client // (base + 1) if client < edge else extra + (client - edge) // base
+
+
+class Placement:
+    """Which worker holds each client's state, and which trains each sampled client of a round (see the module's text).
+
+    Every worker keeps its own copy and calls :meth:`place` with the same
+    rounds, so all copies agree without a message.
+
+    Args:
+        clients: ``federation.clients``.
+        workers: the workers.
+        window: the rounds a client's core outlives its last round (the driver's retiring rule: a client not
+            sampled at ``t`` is retired once ``t >= last + window``).
+    """
+
+    def __init__(self, clients: int, workers: int, window: int) -> None:
+        self.workers = workers
+        self.window = window
+        self.holder = [owner_of(i, workers, clients) for i in range(clients)]
+        self.last: dict[int, int] = {}
+        self.in_flight: set[int] = set()  # clients whose core may live on (a superset of every worker's own `live`)
+        self.trainer: dict[int, int] = {}
+
+    def place(self, round_index: int, sampled: Sequence[int]) -> list[tuple[int, int, int]]:
+        """Place round ``round_index``'s ``sampled`` clients; the moves it takes, ``(client, from, to)`` in client order.
+
+        A worker's own retiring happens no earlier than here (it counts only
+        rounds a client trained), so a client not kept here has no core.
+        """
+        t, chosen = round_index, sorted(set(sampled))
+        picked = set(chosen)
+        self.in_flight = {i for i in self.in_flight if i in picked or t < self.last[i] + self.window}
+        kept = [i for i in chosen if i in self.in_flight]
+        loads = [0] * self.workers
+        for i in kept:
+            loads[self.holder[i]] += 1
+        counts = [0] * self.workers
+        for _ in range(len(chosen) - len(kept)):  # each next client to the least loaded worker (the lowest rank on a tie)
+            w = min(range(self.workers), key=lambda w: (loads[w], w))
+            loads[w] += 1
+            counts[w] += 1
+        trainer: dict[int, int] = {i: self.holder[i] for i in kept}
+        free = iter(i for i in chosen if i not in trainer)
+        for w, n in enumerate(counts):
+            for _ in range(n):
+                trainer[next(free)] = w
+        moves = [(i, self.holder[i], trainer[i]) for i in chosen if trainer[i] != self.holder[i]]
+        for i in chosen:
+            self.holder[i] = trainer[i]
+            self.last[i] = t
+            self.in_flight.add(i)
+        self.trainer = trainer
+        return moves
+
+    def trains(self, client: int, rank: int) -> bool:
+        """Whether worker ``rank`` trains ``client`` this round (placed by the last :meth:`place`)."""
+        return self.trainer.get(client) == rank
+
+    def runs(self, clients: Sequence[int]) -> list[tuple[int, list[int]]]:
+        """``clients`` (sampled this round) in client-id order, cut into runs trained on one worker: ``(worker, run)``."""
+        out: list[tuple[int, list[int]]] = []
+        for i in sorted(clients):
+            w = self.trainer[i]
+            if out and out[-1][0] == w:
+                out[-1][1].append(i)
+            else:
+                out.append((w, [i]))
+        return out
 
 
 def launched_by_torchrun() -> bool:
@@ -127,9 +218,6 @@ class Solo:
     is_root = True
     train_device = None
 
-    def owns(self, client: int) -> bool:
-        return True
-
     def gather(self, work: Callable[[], T]) -> tuple[list[T], None]:
         return [work()], None
 
@@ -138,9 +226,15 @@ class Solo:
             _raise(error)
         return value
 
-    def chain(self, holders: Sequence[int], start: Callable[[], Any], add: Callable[[Any], None]) -> tuple[Any, None]:
+    def move(self, moves: Sequence[tuple[int, int, int]], send: Callable[[int], Any], receive: Callable[[int, Any], None]) -> int:
+        return 0
+
+    def chain(
+        self, runs: Sequence[tuple[int, Sequence[int]]], start: Callable[[], Any], add: Callable[[Any, Sequence[int]], None]
+    ) -> tuple[Any, None]:
         step = start()
-        add(step)
+        for _, run in runs:
+            add(step, run)
         return step, None
 
     def close(self) -> None:
@@ -153,7 +247,7 @@ class Workers:
     Args:
         rank: this worker.
         size: the workers.
-        clients: ``federation.clients`` (for :func:`owner_of`).
+        clients: ``federation.clients``.
         device: where the group's tensors travel (CPU for gloo, this worker's GPU for NCCL).
     """
 
@@ -196,9 +290,6 @@ class Workers:
             ) from None
         return cls(rank, size, clients, device)
 
-    def owns(self, client: int) -> bool:
-        return owner_of(client, self.size, self.clients) == self.rank
-
     # ------------------------------------------------------------ exchanges
 
     def gather(self, work: Callable[[], T]) -> tuple[list[T] | None, tuple[str, str] | None]:
@@ -226,36 +317,62 @@ class Workers:
             self._move(t, lambda x: dist.broadcast(x, src=0))
         return _filled(skeleton, tensors)
 
-    def chain(self, holders: Sequence[int], start: Callable[[], Any], add: Callable[[Any], None]) -> tuple[Any, tuple[str, str] | None]:
-        """The round's step through rank 0, then every worker in ``holders`` (ascending), then back to rank 0.
+    def move(self, moves: Sequence[tuple[int, int, int]], send: Callable[[int], Any], receive: Callable[[int, Any], None]) -> int:
+        """Carry out the round's ``moves`` (``(client, from, to)``, the same list on every worker, in its order).
 
-        ``start()`` opens a step (every worker the same way); ``add(step)``
-        adds this worker's on-time updates. Returns, on rank 0, the step
-        with everything added and the first error (others: ``None``).
+        The worker a client leaves sends ``send(client)``; the one it comes to
+        gets it through ``receive(client, state)``. Returns the bytes of
+        tensors this worker sent.
         """
-        order = [0, *sorted(w for w in set(holders) if w != 0)]
-        if self.rank not in order:
-            return None, None
-        at = order.index(self.rank)
-        step, error = start(), None
-        if at > 0:
-            state, error = self._receive(order[at - 1])
-            if state is not None:
-                step.resume(state)
-        if error is None:
-            try:
-                add(step)
-            except ParaBlockError as exc:
-                error = _wire_error(exc, self.rank)
-        if len(order) == 1:
-            return step, error
-        self._send(order[at + 1] if at + 1 < len(order) else 0, None if error else step.export(), error)
+        sent = 0
+        for client, src, dst in moves:
+            if self.rank == src:
+                state = send(client)
+                sent += sum(t.numel() * t.element_size() for t in _tensors(state))
+                self._send(dst, state, None)
+            elif self.rank == dst:
+                state, _ = self._receive(src)
+                receive(client, state)
+        return sent
+
+    def chain(
+        self, runs: Sequence[tuple[int, Sequence[int]]], start: Callable[[], Any], add: Callable[[Any, Sequence[int]], None]
+    ) -> tuple[Any, tuple[str, str] | None]:
+        """The round's step through each run's worker in turn (``runs``: ``(worker, clients)``, in client order), then rank 0.
+
+        ``start()`` opens a step (every worker the same way); ``add(step,
+        clients)`` adds this worker's on-time updates of a run. Returns, on
+        rank 0, the step with everything added and the first error
+        (others: ``None``).
+        """
+        if not runs:
+            return (start(), None) if self.rank == 0 else (None, None)
+        step, error = None, None
+        last = len(runs) - 1
+        for at, (worker, clients) in enumerate(runs):
+            if worker != self.rank:
+                continue
+            step = start()
+            if at > 0:
+                state, error = self._receive(runs[at - 1][0])
+                if state is not None:
+                    step.resume(state)
+            if error is None:
+                try:
+                    add(step, clients)
+                except ParaBlockError as exc:
+                    error = _wire_error(exc, self.rank)
+            if at < last:
+                self._send(runs[at + 1][0], None if error else step.export(), error)
+            elif self.rank != 0:
+                self._send(0, None if error else step.export(), error)
         if self.rank != 0:
             return None, None
-        state, error = self._receive(order[-1])  # the round's sums, every on-time update added, back on rank 0
-        step = start()
-        if state is not None:
-            step.resume(state)
+        if runs[last][0] != 0:  # the round's sums, every on-time update added, back on rank 0
+            state, error = self._receive(runs[last][0])
+            step = start()
+            if state is not None:
+                step.resume(state)
         return step, error
 
     def close(self) -> None:

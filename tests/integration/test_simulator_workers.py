@@ -69,19 +69,46 @@ def _torchrun_two_nodes(tmp_path, overrides: list[str]) -> list[subprocess.Popen
     return procs
 
 
+def _natural_partition(tmp_path) -> list[str]:
+    """Three clients' own files, one with a record that is not JSON (skipped): its count must not double when the client moves."""
+    from tests.helpers import ALPACA_ROWS
+
+    paths = []
+    for i in range(3):
+        rows = [json.dumps(dict(r, instruction=f"{r['instruction']} ({i}-{k})")) for k in range(3 + 2 * i) for r in ALPACA_ROWS]
+        path = tmp_path / f"client{i}.jsonl"
+        path.write_text("\n".join(rows[:3] + (["{not json"] if i == 0 else []) + rows[3:]) + "\n")
+        paths.append(str(path))
+    return [
+        "mode=parablock",
+        "federation.clients=3",
+        "federation.clients_per_round=2",
+        "federation.rounds=6",
+        "data.format=alpaca",
+        "data.on_error=skip",
+        "data.partition.kind=natural",
+        f"data.client_paths=[{','.join(paths)}]",
+    ]
+
+
 def test_workers_end_bitwise_where_one_process_ends(tmp_path):
     (tmp_path / "nodes").mkdir()
     nodes = _torchrun_two_nodes(tmp_path / "nodes", CASES["parablock-sampled"])
     try:
-        recipes = {name: tiny_recipe(tmp_path, *ov, "simulation.workers=2", output=f"w2-{name}") for name, ov in CASES.items()}
+        cases = {**CASES, "natural-sampled": _natural_partition(tmp_path)}
+        recipes = {name: tiny_recipe(tmp_path, *ov, "simulation.workers=2", output=f"w2-{name}") for name, ov in cases.items()}
         refused = tiny_recipe(tmp_path, *REFUSED, "simulation.workers=2", output="w2-refused")
         with pytest.raises(FederationError, match="the server rejected the update of round 0: update norm .* exceeds the bound"):
             simulate_many([*recipes.values(), refused])
-        for name, ov in CASES.items():
+        for name, ov in cases.items():
             one = run_simulation(tiny_recipe(tmp_path, *ov, output=f"w1-{name}"))
             with open(os.path.join(recipes[name].output_dir, "report.json")) as fh:
                 two = json.load(fh)
             assert two["federation"]["globals_sha256"] == one.server["globals_sha256"], name
+            # a sampled round is dealt evenly, so clients move between the workers (with their residuals, their data's place)
+            assert (two["simulation"]["clients_moved"] > 0) == ("sampled" in name), name
+            skipped = sum(rep["final"]["client_data"]["read_skipped"] for rep in one.server["client_reports"].values())
+            assert two["data"]["skipped"] == skipped == (1 if name.startswith("natural") else 0), name
             assert [r["clients"] for r in two["rounds"]] == [r["clients"] for r in one.server["rounds"]], name
             # every worker holds the server's state (globals and download residual) bitwise as rank 0 does
             ranks = two["simulation"]["state_sha256"]

@@ -24,7 +24,7 @@ from pl_parablock.errors import ConfigError, DataError, FederationError
 from pl_parablock.recipe.load import load_recipe
 from pl_parablock.server.validation import MAX_WEIGHT, UpdateLimits
 from pl_parablock.simulation.aggregation import ServerRound
-from pl_parablock.simulation.workers import Workers, _empty, _filled, _raise, _skeleton, _tensors, _wire_error, owner_of
+from pl_parablock.simulation.workers import Placement, Workers, _empty, _filled, _raise, _skeleton, _tensors, _wire_error, owner_of
 
 
 def test_the_client_map_is_contiguous_and_balanced():
@@ -135,8 +135,24 @@ class _Loopback(Workers):
         return self.queues[(src, self.rank)].get(timeout=30)
 
 
-def test_the_workers_chain_adds_a_round_in_client_order_bitwise():
-    """Three workers, each adding its contiguous run of the round's clients, end bitwise where one process ends."""
+def _chain_on_threads(size: int, runs, add_of) -> dict[int, object]:
+    """``Workers.chain`` on ``size`` ranks, one thread each, through in-memory queues; each rank's result."""
+    queues = {(a, b): queue.Queue() for a in range(size) for b in range(size)}
+    out: dict[int, object] = {}
+
+    def worker(rank: int) -> None:
+        out[rank] = _Loopback(rank, size, 9, queues).chain(runs, _round, add_of(rank))
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert all(q.empty() for q in queues.values()), "a message was sent that nobody received"
+    return out
+
+
+def _rounding_updates():
     current = {"w": torch.zeros(64, 8), "b": torch.zeros(8)}
     g = torch.Generator().manual_seed(1)
     ups = [({n: torch.randn(t.shape, generator=g) * 10.0 ** (i % 5 - 4) for n, t in current.items()}, 3.0 + i % 4) for i in range(9)]
@@ -144,30 +160,104 @@ def test_the_workers_chain_adds_a_round_in_client_order_bitwise():
     # client 0's and client 8's large values cancel in the mean: how the float64 sums rounded between them shows in float32
     ups[0] = ({n: big[n] + ups[0][0][n] for n in big}, ups[0][1])
     ups[8] = ({n: ups[8][0][n] - big[n] for n in big}, ups[8][1])
+    return current, ups
 
-    size, on_time = 3, [0, 1, 2, 4, 5, 7, 8]  # client 3 and 6 late: worker 1 holds one of its three
-    queues = {(a, b): queue.Queue() for a in range(size) for b in range(size)}
-    holders = sorted({owner_of(i, size, len(ups)) for i in on_time})
-    out: dict[int, object] = {}
 
-    def worker(rank: int) -> None:
-        w = _Loopback(rank, size, len(ups), queues)
+@pytest.mark.parametrize(
+    "trainers",
+    [
+        [0, 0, 0, 1, 1, 1, 2, 2, 2],  # one run per worker, rank 0 first
+        [1, 1, 0, 0, 2, 2, 0, 1, 2],  # a worker's clients in two runs; the last run on another worker than rank 0
+        [2, 2, 2, 1, 1, 1, 0, 0, 0],  # rank 0 last
+    ],
+)
+def test_the_workers_chain_adds_a_round_in_client_order_bitwise(trainers):
+    """Three workers, each adding its runs of the round's clients, end bitwise where one process ends."""
+    current, ups = _rounding_updates()
+    on_time = [0, 1, 2, 4, 5, 7, 8]  # client 3 and 6 late
+    runs: list[tuple[int, list[int]]] = []
+    for i in on_time:
+        if runs and runs[-1][0] == trainers[i]:
+            runs[-1][1].append(i)
+        else:
+            runs.append((trainers[i], [i]))
 
-        def add(step: ServerRound) -> None:
-            for i in on_time:
-                if w.owns(i):
-                    step.add(i, 0, *ups[i], "value", "none", current)
+    def add_of(rank):
+        def add(step: ServerRound, run) -> None:
+            assert all(trainers[i] == rank for i in run)
+            for i in run:
+                step.add(i, 0, *ups[i], "value", "none", current)
 
-        out[rank] = w.chain(holders, _round, add)
+        return add
 
-    threads = [threading.Thread(target=worker, args=(r,)) for r in range(size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
+    out = _chain_on_threads(3, runs, add_of)
     step, error = out[0]
     assert error is None and all(out[r] == (None, None) for r in (1, 2))
     wanted = _round()
     for i in on_time:
         wanted.add(i, 0, *ups[i], "value", "none", current)
     assert digest(step.close(0, current)) == digest(wanted.close(0, current))
+
+
+def test_an_error_in_the_chain_reaches_rank_0_and_nothing_is_added_after_it():
+    runs = [(1, [0, 1]), (2, [2]), (1, [3])]
+    added: list[int] = []
+
+    def add_of(rank):
+        def add(step: ServerRound, run) -> None:
+            if rank == 2:
+                raise FederationError("client 2: refused")
+            added.extend(run)
+
+        return add
+
+    out = _chain_on_threads(3, runs, add_of)
+    assert out[0][1] is not None and "client 2: refused (on worker 2)" in out[0][1][1]
+    assert added == [0, 1]
+
+
+def _layout(placement: Placement, clients: int) -> list[int]:
+    return [placement.holder[i] for i in range(clients)]
+
+
+def test_a_round_is_dealt_evenly_in_client_order_and_clients_in_flight_stay():
+    p = Placement(1000, 2, window=1)
+    assert _layout(p, 1000) == [owner_of(i, 2, 1000) for i in range(1000)]
+    sample = [3, 40, 100, 250, 300, 420, 480, 700, 900, 950]  # seven of the ten held by worker 0
+    moves = p.place(0, sample)
+    assert [p.trainer[i] for i in sample] == [0] * 5 + [1] * 5
+    assert moves == [(420, 0, 1), (480, 0, 1)] and p.holder[480] == 1
+    assert p.runs([3, 480, 40, 900]) == [(0, [3, 40]), (1, [480, 900])]
+    # round 1: 480 and 700 were sampled in round 0 too (a round in flight): they stay where they trained
+    moves = p.place(1, [0, 1, 2, 480, 700, 5, 6])
+    assert p.trainer[480] == 1 and p.trainer[700] == 1
+    assert sorted(p.trainer[i] for i in [0, 1, 2, 5, 6]) == [0, 0, 0, 0, 1]  # four on worker 0, two + one on worker 1
+    assert [(i, a, b) for i, a, b in moves] == [(6, 0, 1)]
+    # a client not sampled for `window` rounds has nothing in flight: it can move again
+    p.place(2, [10])
+    moves = p.place(3, [480, 990])
+    assert p.trainer[480] == 0 and moves[0] == (480, 1, 0)
+
+
+@pytest.mark.parametrize(("clients", "workers", "window"), [(1000, 2, 1), (50, 3, 2), (10, 4, 1), (6, 2, 1)])
+def test_every_round_is_balanced_and_every_copy_of_the_placement_agrees(clients, workers, window):
+    g = torch.Generator().manual_seed(clients)
+    a, b = Placement(clients, workers, window), Placement(clients, workers, window)
+    held_by = {i: owner_of(i, workers, clients) for i in range(clients)}
+    last: dict[int, int] = {}
+    for t in range(200):
+        k = int(torch.randint(1, min(clients, 12) + 1, (1,), generator=g))
+        sample = sorted(torch.randperm(clients, generator=g)[:k].tolist())
+        in_flight = {i for i in sample if i in last and t - last[i] <= window}  # its core lives on: it must stay
+        moves = a.place(t, sample)
+        assert b.place(t, list(reversed(sample))) == moves and a.trainer == b.trainer
+        for i, src, dst in moves:
+            assert held_by[i] == src and src != dst and i not in in_flight
+            held_by[i] = dst
+        assert all(held_by[i] == a.trainer[i] for i in sample)
+        loads = [sum(a.trainer[i] == w for i in sample) for w in range(workers)]
+        pinned = [sum(a.trainer[i] == w for i in sample if i in in_flight) for w in range(workers)]
+        # the most loaded worker has no more than an even share, unless clients in flight alone put it there
+        assert max(loads) <= max(-(-k // workers), max(pinned)), (t, loads, pinned)
+        for i in sample:
+            last[i] = t
