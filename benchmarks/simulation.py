@@ -31,9 +31,15 @@
 
 3. ``workers`` (``simulation.workers``, not in ``--smoke``): the quickstart
    recipe (``parablock``) with 1 and 2 worker processes on the same cores
-   (W = 1 with ``train.threads`` = 2, W = 2 with 1 thread each), the runs
-   alternated (W1, W2, W1, W2): ``workers_speedup`` = rounds per second of
-   the round loop with 2 workers over 1 (ideal 2.0, target >= 1.5);
+   (W = 1 with ``train.threads`` = 2, W = 2 with 1 thread each), and W = 1
+   with one thread, the runs alternated (W1x2, W2x1, W1x1, twice):
+   ``workers_speedup`` = rounds per second of the round loop with 2 workers
+   over 1 (ideal 2.0, target >= 1.5); ``threads_speedup`` = what the second
+   thread gives W = 1, so that ``workers_speedup_ceiling`` = 2 / it is what
+   perfect workers (no overhead, every round evenly dealt) would reach, and
+   ``workers_speedup_one_thread`` = W = 2 over W = 1 with one thread (ideal
+   2.0); ``clients_moved_per_round`` and ``client_bytes_moved_per_round``: the
+   clients that moved between workers to balance the rounds;
    ``peak_rss_mb_per_worker`` with 1000 clients, 10 per round, against one
    worker's (``peak_rss_ratio``, target <= 1.1); ``rss_slope_kb_per_round``:
    each worker's resident memory sampled every round, the least-squares
@@ -308,6 +314,9 @@ def _child_workers(workers: int, threads: int, clients: int, per_round: int, rou
         "peak_rss_mb": sim["peak_rss_mb"],
         "rss_mb_per_round": sim["rss_mb_per_round"],
         "globals_sha256": report["federation"]["globals_sha256"],
+        "clients_seen": len(report["clients"]),  # the clients that trained at least once (each keeps its state)
+        "clients_moved": sim.get("clients_moved", 0),
+        "client_bytes_moved": sim.get("client_bytes_moved", 0),
     }
 
 
@@ -323,23 +332,45 @@ def _slope_kb(samples: list[float]) -> float:
 
 def workers_check(rounds: int, slope_rounds: int, root: str, clients: int = 1000, per_round: int = 10) -> dict[str, Any]:
     runs = []
-    for k in range(2):  # alternated, so that a change of the machine's load falls on both
-        for w, threads in ((1, 2), (2, 1)):
+    configs = ((1, 2), (2, 1), (1, 1))  # W = 1 and W = 2 on the same two cores; W = 1 on one core: what one thread does
+    for k in range(2):  # alternated, so that a change of the machine's load falls on every configuration
+        for w, threads in configs:
             say(f"workers: W={w} x {threads} thread(s), {clients} clients, {per_round} per round, {rounds} rounds (run {k + 1})")
-            out = os.path.join(root, f"workers-{w}-{k}")
+            out = os.path.join(root, f"workers-{w}x{threads}-{k}")
             runs.append(_run_child(["workers", str(w), str(threads), str(clients), str(per_round), str(rounds), out]))
-    one = [r for r in runs if r["workers"] == 1]
+
+    def rate(w: int, threads: int) -> float:
+        return sum(r["rounds_per_s"] for r in runs if (r["workers"], r["threads"]) == (w, threads))
+
+    one = [r for r in runs if (r["workers"], r["threads"]) == (1, 2)]
     two = [r for r in runs if r["workers"] == 2]
     say(f"workers: W=2 x 1 thread, {slope_rounds} rounds (memory over time)")
     long = _run_child(["workers", "2", "1", str(clients), str(per_round), str(slope_rounds), os.path.join(root, "workers-long")])
     per_worker = [list(col) for col in zip(*long["rss_mb_per_round"])]
+    # the same with clients // 10 clients, every one of which has trained (and holds its state) after a few rounds
+    few = clients // 10
+    say(f"workers: W=2 x 1 thread, {few} clients, {slope_rounds} rounds (memory over time, every client seen)")
+    seen = _run_child(["workers", "2", "1", str(few), str(per_round), str(slope_rounds), os.path.join(root, "workers-long-few")])
+    per_worker_seen = [list(col) for col in zip(*seen["rss_mb_per_round"])]
+    threads_speedup = rate(1, 2) / rate(1, 1)
     return {
-        "workers_speedup": round(sum(r["rounds_per_s"] for r in two) / sum(r["rounds_per_s"] for r in one), 3),
+        "workers_speedup": round(rate(2, 1) / rate(1, 2), 3),
         "workers_speedup_ideal": 2.0,
+        # what two threads give one worker; W = 2 can beat W = 1 x 2 threads by at most 2 / that (perfect workers)
+        "threads_speedup": round(threads_speedup, 3),
+        "workers_speedup_ceiling": round(2.0 / threads_speedup, 3),
+        # W = 2 (one thread each) over W = 1 with one thread: the workers' parallel efficiency is half of it (ideal 1.0)
+        "workers_speedup_one_thread": round(rate(2, 1) / rate(1, 1), 3),
         "peak_rss_mb_per_worker": [round(x, 1) for x in two[-1]["peak_rss_mb"]],
         "peak_rss_mb_one_worker": round(one[-1]["peak_rss_mb"][0], 1),
         "peak_rss_ratio": round(max(two[-1]["peak_rss_mb"]) / one[-1]["peak_rss_mb"][0], 3),
         "rss_slope_kb_per_round": [round(_slope_kb(col), 2) for col in per_worker],
+        "rss_mb_long_run": [[round(col[0], 1), round(col[-1], 1)] for col in per_worker],
+        "clients_seen_long_run": [long["clients_seen"], clients],
+        "rss_slope_kb_per_round_every_client_seen": [round(_slope_kb(col), 2) for col in per_worker_seen],
+        "rss_mb_long_run_every_client_seen": [[round(col[0], 1), round(col[-1], 1)] for col in per_worker_seen],
+        "clients_moved_per_round": round(long["clients_moved"] / slope_rounds, 3),
+        "client_bytes_moved_per_round": round(long["client_bytes_moved"] / slope_rounds),
         "workers_runs": [{k: v for k, v in r.items() if k != "rss_mb_per_round"} for r in runs],
     }
 

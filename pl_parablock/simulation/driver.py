@@ -249,7 +249,7 @@ def run_simulation(
     rounds: list[dict[str, Any]] = []
     reports: dict[int, dict[str, Any]] = {}
     shard_sizes: dict[int, int] = {}
-    rss: list[list[float]] = []  # per round, each worker's resident memory once its clients trained
+    rss: list[list[float]] = []  # per round, each worker's resident memory at the round's start, freed memory returned
     peak = tokens = steps = 0
     results: list[_Sent] = []
     live: set[int] = set()  # this worker's clients holding a core: those sampled last round
@@ -259,6 +259,7 @@ def run_simulation(
     for t in range(plan.rounds):
         if t and t % RELEASE_EVERY == 0:
             release_freed_memory()
+        kept_mb = rss_mb()  # what the run keeps between rounds (the round's own buffers come and go)
         block = plan.schedule[t]
         sampled = plan.participants[t] if plan.participants is not None else range(f.clients)
         moves = placement.place(t, sampled)
@@ -273,7 +274,9 @@ def run_simulation(
             moved_bytes += group.move(moves, lambda i: clients[i].export(shards), lambda i, state: _arrive(clients, i, state, shards))
         ups: dict[int, Update] = {}
 
-        def train(t: int = t, chosen: set[int] = chosen, ups: dict[int, Update] = ups) -> tuple[list[_Sent], int, float]:
+        def train(
+            t: int = t, chosen: set[int] = chosen, ups: dict[int, Update] = ups, kept_mb: float = kept_mb
+        ) -> tuple[list[_Sent], int, float]:
             for i in sorted(chosen):
                 c = clients[i]
                 if c.core is None:
@@ -284,7 +287,7 @@ def run_simulation(
             for r in results:
                 r.update.encode()
                 ups[r.client_id] = r.update
-            return [_Sent.of(r, shards.shard_size(r.client_id)) for r in results], held, rss_mb()
+            return [_Sent.of(r, shards.shard_size(r.client_id)) for r in results], held, kept_mb
 
         gathered, error = group.gather(train)
         t0 = time.perf_counter()

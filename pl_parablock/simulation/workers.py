@@ -88,14 +88,8 @@ ENV_KEYS = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
 """What ``torchrun`` sets for each process it starts."""
 
 
-def _counts(items: int, workers: int) -> list[int]:
-    """``items`` dealt to ``workers`` as evenly as can be, the first ``items mod workers`` one more."""
-    base, extra = divmod(items, workers)
-    return [base + (w < extra) for w in range(workers)]
-
-
 def owner_of(client: int, workers: int, clients: int) -> int:
-    """The worker that holds ``client`` before the first round: contiguous runs of :func:`_counts` sizes."""
+    """The worker that holds ``client`` before the first round: contiguous runs as even as can be (the first ``N mod W`` one longer)."""
     base, extra = divmod(clients, workers)
     edge = extra * (base + 1)
     return client // (base + 1) if client < edge else extra + (client - edge) // base
