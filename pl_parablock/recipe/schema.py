@@ -43,6 +43,8 @@ PEFT_METHODS = ("lora", "ffa_lora")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
 EVALUATORS = ("auto", "process", "client")
 """Who evaluates the global model (``eval.evaluator``)."""
+PLACEMENTS = ("balanced", "fixed")
+"""Which simulator worker trains which virtual client (``simulation.placement``)."""
 
 
 def _quickstart_model() -> dict[str, Any]:
@@ -585,9 +587,18 @@ class SimulationSection:
         default=1,
         metadata=_help(
             "Worker processes (torch.distributed: gloo on CPU, NCCL when each has its own GPU) that train the virtual "
-            "clients, client i on worker i * workers // clients; the global stays bitwise the one-process run's at equal "
+            "clients (see simulation.placement); the global stays bitwise the one-process run's at equal "
             "train.threads (default threads per worker: max(1, free cores // workers)). 1 <= workers <= federation.clients. "
             "Started by torchrun (WORLD_SIZE set), the simulator uses torchrun's processes instead."
+        ),
+    )
+    placement: str = field(
+        default="balanced",
+        metadata=_help(
+            "With several workers: balanced: each round's sampled clients are dealt out evenly in client-id order, a "
+            "client moving to the worker that trains it with its state (RNG; upload residuals with error feedback; "
+            "optimizer state when kept), except one with a round in flight | fixed: client i stays on worker "
+            "i * workers // clients (nothing but blocks and sums crosses processes; a round waits for the busier worker)."
         ),
     )
     worker_timeout_s: float = field(

@@ -42,6 +42,7 @@ from pl_parablock.recipe.schema import (
     ON_ERROR,
     PARTITIONS,
     PEFT_METHODS,
+    PLACEMENTS,
     PRECISIONS,
     BlocksSection,
     DataSection,
@@ -355,6 +356,7 @@ def _simulation_problems(sim: SimulationSection, *, clients: int, link: LinkSect
     if sim.workers > clients:
         p.append(f"`simulation.workers` is {sim.workers} but there are {clients} clients; use at most one worker per client")
     _at_least(p, "simulation.worker_timeout_s", sim.worker_timeout_s, 0.0, strict=True)
+    _one_of(p, "simulation.placement", sim.placement, PLACEMENTS)
     return p
 
 

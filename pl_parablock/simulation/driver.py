@@ -233,7 +233,7 @@ def run_simulation(
     )
     clients = [VirtualClient(i) for i in range(f.clients)]
     window = max(plan.staleness, 1)
-    placement = Placement(f.clients, group.size, window)
+    placement = Placement(f.clients, group.size, window, balanced=recipe.simulation.placement == "balanced")
     moved_clients = moved_bytes = 0
     clock = SimClock(
         resolve_profiles(recipe.simulation.profile, f.clients, recipe.link, recipe.seed),

@@ -106,11 +106,14 @@ class Placement:
         workers: the workers.
         window: the rounds a client's core outlives its last round (the driver's retiring rule: a client not
             sampled at ``t`` is retired once ``t >= last + window``).
+        balanced: deal every round evenly (``simulation.placement: balanced``); ``False``: every client stays
+            where it was before the first round (``fixed``), and nothing moves.
     """
 
-    def __init__(self, clients: int, workers: int, window: int) -> None:
+    def __init__(self, clients: int, workers: int, window: int, *, balanced: bool = True) -> None:
         self.workers = workers
         self.window = window
+        self.balanced = balanced
         self.holder = [owner_of(i, workers, clients) for i in range(clients)]
         self.last: dict[int, int] = {}
         self.in_flight: set[int] = set()  # clients whose core may live on (a superset of every worker's own `live`)
@@ -123,6 +126,9 @@ class Placement:
         rounds a client trained), so a client not kept here has no core.
         """
         t, chosen = round_index, sorted(set(sampled))
+        if not self.balanced:
+            self.trainer = {i: self.holder[i] for i in chosen}
+            return []
         picked = set(chosen)
         self.in_flight = {i for i in self.in_flight if i in picked or t < self.last[i] + self.window}
         kept = [i for i in chosen if i in self.in_flight]

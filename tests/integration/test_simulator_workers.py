@@ -95,7 +95,11 @@ def test_workers_end_bitwise_where_one_process_ends(tmp_path):
     (tmp_path / "nodes").mkdir()
     nodes = _torchrun_two_nodes(tmp_path / "nodes", CASES["parablock-sampled"])
     try:
-        cases = {**CASES, "natural-sampled": _natural_partition(tmp_path)}
+        cases = {
+            **CASES,
+            "natural-sampled": _natural_partition(tmp_path),
+            "fixed-placement": [*CASES["parablock-sampled"], "simulation.placement=fixed"],
+        }
         recipes = {name: tiny_recipe(tmp_path, *ov, "simulation.workers=2", output=f"w2-{name}") for name, ov in cases.items()}
         refused = tiny_recipe(tmp_path, *REFUSED, "simulation.workers=2", output="w2-refused")
         with pytest.raises(FederationError, match="the server rejected the update of round 0: update norm .* exceeds the bound"):

@@ -119,6 +119,8 @@ def test_workers_are_checked_against_the_clients():
         load_recipe(None, ["simulation.workers=9", "federation.clients=4"])
     with pytest.raises(ConfigError, match="simulation.worker_timeout_s"):
         load_recipe(None, ["simulation.worker_timeout_s=0"])
+    with pytest.raises(ConfigError, match=r"simulation.placement.*balanced.*fixed"):
+        load_recipe(None, ["simulation.placement=even"])
 
 
 class _Loopback(Workers):
@@ -261,3 +263,11 @@ def test_every_round_is_balanced_and_every_copy_of_the_placement_agrees(clients,
         assert max(loads) <= max(-(-k // workers), max(pinned)), (t, loads, pinned)
         for i in sample:
             last[i] = t
+
+
+def test_a_fixed_placement_keeps_every_client_where_it_started():
+    p = Placement(1000, 2, window=1, balanced=False)
+    sample = [3, 40, 100, 250, 300, 420, 480, 700, 900, 950]
+    assert p.place(0, sample) == [] and p.place(1, [480, 481, 999]) == []
+    assert all(p.trainer[i] == owner_of(i, 2, 1000) for i in [480, 481, 999])
+    assert p.runs([999, 480, 481]) == [(0, [480, 481]), (1, [999])]
