@@ -42,12 +42,15 @@
    clients that moved between workers to balance the rounds;
    ``peak_rss_mb_per_worker`` with 1000 clients, 10 per round, against one
    worker's (``peak_rss_ratio``, target <= 1.1); ``rss_slope_kb_per_round``:
-   each worker's resident memory sampled every round, the least-squares
-   slope after the first fifth (the warm-up), over 200 rounds.
+   each worker's resident memory sampled at every round's start, the
+   least-squares slope after the first fifth (the warm-up), over 200 rounds;
+   ``rss_slope_kb_per_round_every_client_seen``: the same with a tenth of the
+   clients, every one of which has trained (and keeps its state) early on.
 
 The last output line is JSON (keys ``clock``: a list of ``{mode, measured_s,
 simulated_s, ratio, compute_factor, ...}``, ``throughput_ratio``, ``rss_ratio``,
-``workers_speedup``, ``peak_rss_mb_per_worker``, ``rss_slope_kb_per_round``).
+``workers_speedup``, ``workers_speedup_ceiling``, ``peak_rss_mb_per_worker``,
+``rss_slope_kb_per_round``).
 """
 
 from __future__ import annotations
