@@ -119,11 +119,9 @@ def simulate(recipe: Recipe, *, progress: bool = False, group: Any = None) -> di
     f = recipe.federation
     if group is None:
         recipe.train.threads = client_threads(recipe)  # what `fit` gives each local client: the same model, bitwise
-    else:
-        group.clients = f.clients
-        if not group.is_root:
-            run_simulation(recipe, group=group, device=group.train_device)
-            return {}
+    elif not group.is_root:
+        run_simulation(recipe, group=group, device=group.train_device)
+        return {}
     os.makedirs(recipe.output_dir, exist_ok=True)
     with open(os.path.join(recipe.output_dir, "recipe.yaml"), "w", encoding="utf-8") as fh:
         fh.write(to_yaml(recipe))

@@ -247,14 +247,12 @@ class Workers:
     Args:
         rank: this worker.
         size: the workers.
-        clients: ``federation.clients``.
         device: where the group's tensors travel (CPU for gloo, this worker's GPU for NCCL).
     """
 
-    def __init__(self, rank: int, size: int, clients: int, device: torch.device, train_device: torch.device | None = None) -> None:
+    def __init__(self, rank: int, size: int, device: torch.device, train_device: torch.device | None = None) -> None:
         self.rank = rank
         self.size = size
-        self.clients = clients
         self.device = device
         self.train_device = train_device or device
         self.is_root = rank == 0
@@ -288,7 +286,7 @@ class Workers:
             raise FederationError(
                 f"worker {rank} of {size} could not join the others within simulation.worker_timeout_s={timeout_s:g} s: {exc}"
             ) from None
-        return cls(rank, size, clients, device)
+        return cls(rank, size, device)
 
     # ------------------------------------------------------------ exchanges
 
@@ -314,7 +312,7 @@ class Workers:
             _raise(err)
         tensors = _tensors(value) if self.is_root else _empty(skeleton)
         for t in tensors:
-            self._move(t, lambda x: dist.broadcast(x, src=0))
+            self._transfer(t, lambda x: dist.broadcast(x, src=0))
         return _filled(skeleton, tensors)
 
     def move(self, moves: Sequence[tuple[int, int, int]], send: Callable[[int], Any], receive: Callable[[int, Any], None]) -> int:
@@ -327,9 +325,7 @@ class Workers:
         sent = 0
         for client, src, dst in moves:
             if self.rank == src:
-                state = send(client)
-                sent += sum(t.numel() * t.element_size() for t in _tensors(state))
-                self._send(dst, state, None)
+                sent += self._send(dst, send(client), None)
             elif self.rank == dst:
                 state, _ = self._receive(src)
                 receive(client, state)
@@ -382,11 +378,14 @@ class Workers:
 
     # ------------------------------------------------------------ transport
 
-    def _send(self, dst: int, value: Any, error: tuple[str, str] | None) -> None:
+    def _send(self, dst: int, value: Any, error: tuple[str, str] | None) -> int:
+        """``value`` (or ``error``) to worker ``dst``; the bytes of its tensors."""
         skeleton = _skeleton(value)
         self._wait(lambda: dist.send_object_list([(skeleton, error)], dst=dst, device=torch.device("cpu")))
-        for t in _tensors(value):
-            self._move(t, lambda x: dist.send(x, dst=dst))
+        tensors = _tensors(value)
+        for t in tensors:
+            self._transfer(t, lambda x: dist.send(x, dst=dst))
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def _receive(self, src: int) -> tuple[Any, tuple[str, str] | None]:
         box: list[Any] = [None]
@@ -394,10 +393,10 @@ class Workers:
         skeleton, error = box[0]
         tensors = _empty(skeleton)
         for t in tensors:
-            self._move(t, lambda x: dist.recv(x, src=src))
+            self._transfer(t, lambda x: dist.recv(x, src=src))
         return _filled(skeleton, tensors), error
 
-    def _move(self, t: Tensor, op: Callable[[Tensor], Any]) -> None:
+    def _transfer(self, t: Tensor, op: Callable[[Tensor], Any]) -> None:
         """``op`` on ``t`` (in place), through this worker's device when the group is NCCL's."""
         if self.device.type == "cpu":
             self._wait(lambda: op(t))

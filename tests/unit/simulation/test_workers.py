@@ -126,12 +126,13 @@ def test_workers_are_checked_against_the_clients():
 class _Loopback(Workers):
     """Workers whose messages go through in-memory queues (one thread per rank), with the wire's encoding."""
 
-    def __init__(self, rank: int, size: int, clients: int, queues: dict) -> None:
-        super().__init__(rank, size, clients, torch.device("cpu"))
+    def __init__(self, rank: int, size: int, queues: dict) -> None:
+        super().__init__(rank, size, torch.device("cpu"))
         self.queues = queues
 
     def _send(self, dst, value, error):
         self.queues[(self.rank, dst)].put((_through_the_wire(value), error))
+        return 0
 
     def _receive(self, src):
         return self.queues[(src, self.rank)].get(timeout=30)
@@ -143,7 +144,7 @@ def _chain_on_threads(size: int, runs, add_of) -> dict[int, object]:
     out: dict[int, object] = {}
 
     def worker(rank: int) -> None:
-        out[rank] = _Loopback(rank, size, 9, queues).chain(runs, _round, add_of(rank))
+        out[rank] = _Loopback(rank, size, queues).chain(runs, _round, add_of(rank))
 
     threads = [threading.Thread(target=worker, args=(r,)) for r in range(size)]
     for t in threads:
