@@ -514,7 +514,7 @@ def federate_in_process(recipe: Recipe, progress: bool = False) -> tuple[Aggrega
         if evaluator.is_alive():  # its waits end at the shutdown
             log.warning("the evaluator did not finish within %g s: stopped", leave_grace_s(recipe))
             agg.shutdown()
-            evaluator.join()
+            evaluator.join(leave_grace_s(recipe))  # a daemon: one still evaluating a model ends with the process
     wall = time.perf_counter() - start
     if errors:
         first, exc = errors[0]
